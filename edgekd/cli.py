@@ -102,11 +102,13 @@ def teachers() -> None:
     from edgekd.teachers import KNOWN_TEACHERS
 
     table = Table(title="Known teachers")
-    for col in ("name", "installed", "description", "install / path"):
-        table.add_column(col)
+    table.add_column("name", no_wrap=True)
+    table.add_column("installed", no_wrap=True)
+    table.add_column("what / where", overflow="fold")
     for t in KNOWN_TEACHERS.values():
         path = t.path()
-        table.add_row(t.name, "[green]yes[/green]" if path else "[red]no[/red]", t.description, str(path) if path else t.install)
+        where = f"installed at {path}" if path else f"install with: {t.install}"
+        table.add_row(t.name, "[green]yes[/green]" if path else "[red]no[/red]", f"{t.description}\n{where}")
     console.print(table)
     console.print("Any Hugging Face folder, cached hub id (org/name) or .gguf file works too.")
 

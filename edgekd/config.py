@@ -111,7 +111,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", p
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise UsageError(
-            f"{where}: unknown key {prefix}{unknown[0]!r} (known: {', '.join(sorted(fields))})"
+            f"{where}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(fields))})"
         )
     kwargs = {name: _coerce(value, hints[name], prefix + name, where) for name, value in data.items()}
     try:
