@@ -148,6 +148,95 @@ def inspect(
     console.print(table)
 
 
+def _opt(name: str, *flags: str, **kw):
+    """A `distill` option whose help text is the DistillConfig field's (said once, in config.py)."""
+    from edgekd.distill.config import help_of
+
+    return typer.Option(*flags, help=help_of(name), show_default=False, **kw)
+
+
+@command("distill")
+def distill(
+    out: Annotated[Optional[str], _opt("out", "--out", "-o")] = None,
+    teacher: Annotated[Optional[str], _opt("teacher", "--teacher")] = None,
+    student: Annotated[Optional[str], _opt("student", "--student")] = None,
+    data: Annotated[Optional[list[str]], _opt("data", "--data")] = None,
+    prompts: Annotated[Optional[str], _opt("prompts", "--prompts")] = None,
+    heldout: Annotated[Optional[str], _opt("heldout", "--heldout")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="A TOML file of settings (the same names as the flags, with _); flags override it.")] = None,
+    loss: Annotated[Optional[str], _opt("loss", "--loss")] = None,
+    alpha: Annotated[Optional[float], _opt("alpha", "--alpha")] = None,
+    temperature: Annotated[Optional[float], _opt("temperature", "--temperature")] = None,
+    beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
+    skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
+    epochs: Annotated[Optional[int], _opt("epochs", "--epochs")] = None,
+    max_steps: Annotated[Optional[int], _opt("max_steps", "--max-steps")] = None,
+    lr: Annotated[Optional[float], _opt("lr", "--lr")] = None,
+    batch_size: Annotated[Optional[int], _opt("batch_size", "--batch-size")] = None,
+    grad_accum: Annotated[Optional[int], _opt("grad_accum", "--grad-accum")] = None,
+    max_length: Annotated[Optional[int], _opt("max_length", "--max-length")] = None,
+    max_prompts: Annotated[Optional[int], _opt("max_prompts", "--max-prompts")] = None,
+    max_heldout: Annotated[Optional[int], _opt("max_heldout", "--max-heldout")] = None,
+    max_new_tokens: Annotated[Optional[int], _opt("max_new_tokens", "--max-new-tokens")] = None,
+    cache_teacher: Annotated[Optional[bool], _opt("cache_teacher", "--cache-teacher/--no-cache-teacher")] = None,
+    top_k: Annotated[Optional[int], _opt("top_k", "--top-k")] = None,
+    eval_every: Annotated[Optional[int], _opt("eval_every", "--eval-every")] = None,
+    checkpoint_every: Annotated[Optional[int], _opt("checkpoint_every", "--checkpoint-every")] = None,
+    seed: Annotated[Optional[int], _opt("seed", "--seed")] = None,
+    teacher_dtype: Annotated[Optional[str], _opt("teacher_dtype", "--teacher-dtype")] = None,
+    student_dtype: Annotated[Optional[str], _opt("student_dtype", "--student-dtype")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "--gradient-checkpointing")] = None,
+    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "--trust-remote-code")] = None,
+    allow_pickle: Annotated[Optional[bool], _opt("allow_pickle", "--allow-pickle")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier distill run in --out (its data/ and cache/ are reused when they match).")] = False,
+) -> None:
+    """Distill a small student from a teacher: the teacher answers prompts (or you give data), the
+    student learns its token distributions, and --out gets a Hugging Face folder + distill.json.
+
+    With no flags but --out: SmolLM2-135M-Instruct teaches a 6-layer copy of itself on the shipped
+    prompts (about 5 minutes on 2 CPU cores). Runs unchanged under `accelerate launch`.
+    """
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
+    from edgekd.distill.config_io import resolve
+    from edgekd.distill.loop import distill as run_distill
+
+    if flags["data"] is not None:
+        flags["data"] = tuple(flags["data"])
+    resume_from = Path(out) if resume and out else None
+    cfg = resolve(config, flags, resume_from=resume_from)
+    result = run_distill(cfg, resume=resume, overwrite=overwrite, console=err_console)
+    after = result["metrics"]["after"]
+    console.print(
+        f"[green]done[/green] in {result['timing']['wall_s']:.0f} s: {cfg.out} (held-out top-1 agreement "
+        f"{after['top1_agreement']:.3f}, KL {after['kl']:.3f}, perplexity ratio {after['ppl_ratio']:.2f})",
+        highlight=False,
+    )
+
+
+@command("export")
+def export(
+    model: Annotated[str, typer.Argument(help="A Hugging Face folder (e.g. a distilled student), a .gguf file, a cached hub id, or a known teacher name.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="A shipped profile (cpu, mobile, cuda) or a path to a profile .toml.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+) -> None:
+    """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer and manifest."""
+    from edgekd.export import export_bundle
+
+    with console.status("exporting ...") as status:
+        manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                 log=lambda msg: status.update(msg))
+    check = manifest["export_check"]
+    console.print(
+        f"[green]wrote[/green] {out} ({manifest['target']['name']}): {manifest['model']['file']} "
+        f"{_fmt_bytes(check['model_bytes'])} ({check['size_ratio_vs_fp32']:.0%} of fp32), "
+        f"probe top-1 vs PyTorch {check['top1_agreement']:.3f}, max |dlogit| {check['max_abs_logit_diff']:.3g}"
+    )
+    console.print(f"next: edgekd validate {out}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,179 @@
+"""``edgekd export``: a model -> a bundle an app can ship, tuned for a target profile.
+
+Top to bottom: load the profile and the model; export fp32 ONNX with the KV cache and check it
+against PyTorch; run the profile's steps (each ``path in -> path out``); check the final model
+against PyTorch; write model, tokenizer, configs, ``genai_config.json`` and ``manifest.json`` into a
+temporary folder that replaces ``out`` only when everything succeeded.
+
+``manifest["source"]``: ``spec`` (absolute path for a folder or file, the name for a known teacher
+or hub id), ``kind``, ``sha256``; ``teacher`` and ``heldout`` come from the model folder's
+``distill.json`` (written by ``edgekd distill``). For a model that was not distilled, ``teacher`` is
+the model's own spec (it is its own teacher: validate compares against it) and ``heldout`` is null.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekd import __version__
+from edgekd.config import to_dict
+from edgekd.errors import EdgekdError, UsageError
+from edgekd.targets import TargetProfile, load_target
+
+__all__ = ["export_bundle", "source_info"]
+
+MODEL_FILE = "model.onnx"
+ORT_FILE = "model.ort"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def source_info(source) -> dict[str, Any]:
+    """The manifest's ``source`` table (see the module docstring)."""
+    from edgekd.teachers import KNOWN_TEACHERS
+
+    if source.spec in KNOWN_TEACHERS or source.kind == "hub":
+        spec = source.spec
+    else:
+        spec = str(Path(source.spec).expanduser().resolve())
+    teacher, heldout = spec, None
+    if source.kind == "folder":
+        meta = source.path / "distill.json"
+        if meta.is_file():
+            try:
+                data = json.loads(meta.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"{meta} is not valid JSON ({e}): re-run `edgekd distill` or remove it") from None
+            teacher = data.get("teacher")
+            held = data.get("heldout")
+            heldout = str((source.path / held).resolve()) if held else None
+    return {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
+
+
+def _io_table(sess) -> tuple[list[dict], list[dict]]:
+    dtypes = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+    def rows(items):
+        return [{"name": x.name, "dtype": dtypes.get(x.type, x.type),
+                 "shape": [d if isinstance(d, int) else str(d) for d in x.shape]} for x in items]
+
+    return rows(sess.get_inputs()), rows(sess.get_outputs())
+
+
+def export_bundle(
+    model: str,
+    target: str | Path,
+    out: Path,
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` for ``target`` into the bundle folder ``out``; return the manifest.
+
+    ``model``: a Hugging Face folder, a .gguf file, a cached hub id or a known teacher name.
+    ``target``: ``cpu``, ``mobile``, ``cuda`` or a path to a profile ``.toml``.
+    """
+    from edgekd.bundle import check_external_data, write_manifest
+    from edgekd.export import bundle as files
+    from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
+    from edgekd.export.steps import STEPS
+    from edgekd.io import atomic_dir, check_output_dir
+    from edgekd.teachers import load_model, resolve_source
+
+    say = log or (lambda msg: None)
+    out = Path(out)
+    profile: TargetProfile = load_target(target)
+    check_output_dir(out, overwrite)  # before minutes of work
+    source = resolve_source(model)
+    t0 = time.time()
+    say(f"loading {model}")
+    torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
+    facts = model_facts(torch_model.config)
+
+    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as work_dir, atomic_dir(out, overwrite) as tmp:
+        work = Path(work_dir)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is meant to be shared
+        say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
+        path = export_onnx(torch_model, work / "export", profile.opset)
+
+        ids = probe_ids(tok)
+        reference = torch_probe(torch_model, ids)
+        next_ids = reference[:, ids.shape[1] - 1 : ids.shape[1]].argmax(-1).astype("int64")
+        fp32 = compare(reference, ort_probe(session(path), ids, facts, next_ids))
+        if fp32["max_abs_logit_diff"] > profile.check.atol_fp32:
+            raise EdgekdError(
+                f"the fp32 ONNX export differs from PyTorch by {fp32['max_abs_logit_diff']:.2g} logits "
+                f"(> check.atol_fp32 = {profile.check.atol_fp32}): the exporter mis-traced this model"
+            )
+        fp32_bytes = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
+
+        recipe: list[dict[str, Any]] = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}]
+        for i, name in enumerate(profile.steps):
+            st = STEPS[name]
+            settings = profile.step_settings(name)
+            say(f"step {i + 1}/{len(profile.steps)}: {name}")
+            dst = work / f"{i + 1}-{name}" / f"model{st.suffix}"
+            info = st.fn(path, dst, settings, profile)
+            recipe.append({"step": name, **(to_dict(settings) if settings is not None else {}), **info})
+            path = dst
+
+        model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE
+        say(f"writing the bundle ({model_file})")
+        files.copy_model(path, tmp, model_file, profile.external_data)
+        if model_file.endswith(".onnx"):
+            check_external_data(tmp / model_file)
+        sess = session(tmp / model_file, profile.execution_providers)
+        final = compare(reference, ort_probe(sess, ids, facts, next_ids))
+        if final["max_abs_logit_diff"] > profile.check.max_abs_logit_diff:
+            raise EdgekdError(
+                f"the exported model drifts from PyTorch by {final['max_abs_logit_diff']:.3g} logits on the probe "
+                f"(> check.max_abs_logit_diff = {profile.check.max_abs_logit_diff} in {profile.name}): "
+                "use a higher precision recipe or relax the check"
+            )
+        inputs, outputs = _io_table(sess)
+        files.write_tokenizer_and_configs(torch_model, tok, tmp)
+        files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
+                                                         profile.execution_providers, tok.pad_token_id))
+        model_bytes = sum(p.stat().st_size for p in tmp.glob(model_file + "*"))
+        manifest = {
+            "edgekd_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": source_info(source),
+            "target": to_dict(profile),
+            "recipe": recipe,
+            "model": {
+                "file": model_file,
+                "opset": profile.opset,
+                "architecture": (torch_model.config.architectures or [type(torch_model).__name__])[0],
+                "model_type": torch_model.config.model_type,
+                "inputs": inputs,
+                "outputs": outputs,
+                **facts,
+                "pad_token_id": tok.pad_token_id,
+            },
+            "export_check": {
+                "probe_tokens": int(ids.shape[1] + 1),
+                "fp32_max_abs_logit_diff": fp32["max_abs_logit_diff"],
+                "max_abs_logit_diff": final["max_abs_logit_diff"],
+                "top1_agreement": final["top1_agreement"],
+                "fp32_model_bytes": fp32_bytes,
+                "model_bytes": model_bytes,
+                "size_ratio_vs_fp32": model_bytes / fp32_bytes,
+                "seconds": round(time.time() - t0, 1),
+            },
+        }
+        manifest = write_manifest(tmp, manifest)
+    budget = profile.gates.max_size_mb
+    if budget is not None and model_bytes / 1e6 > budget:
+        say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")
+    return manifest

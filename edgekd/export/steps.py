@@ -1,0 +1,327 @@
+"""The export steps a profile names, in one registry. Each step is ``path in -> path out``.
+
+A step is a function ``fn(src, dst, settings, profile) -> dict``: it reads the ONNX model at
+``src``, writes its result at ``dst`` (``.onnx`` with external data beside it, or ``.ort`` for
+``to_ort``), and returns facts worth recording in the manifest's recipe. ``settings`` is the
+profile's table of the same name as the step (``None`` when the step has none). Register a step
+where it is defined, with ``@step("name")``; ``tests/test_export_steps.py`` checks every name a
+shipped profile uses is here.
+
+Sources: MatMulNBits / GatherBlockQuantized are onnxruntime contrib ops (docs/ContribOperators.md);
+HQQ is Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+from edgekd.errors import EdgekdError
+
+StepFn = Callable[[Path, Path, Any, Any], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    fn: StepFn
+    suffix: str = ".onnx"  # the file the step writes
+    doc: str = ""
+
+
+STEPS: dict[str, Step] = {}
+
+
+def step(name: str, suffix: str = ".onnx") -> Callable[[StepFn], StepFn]:
+    def deco(fn: StepFn) -> StepFn:
+        if name in STEPS:
+            raise RuntimeError(f"step {name!r} registered twice")
+        STEPS[name] = Step(name, fn, suffix, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: every intermediate and final .onnx keeps its weights in one external file beside it when
+# asked or when the protobuf limit (2 GB) forces it.
+PROTOBUF_LIMIT = 2_000_000_000
+
+
+def save_onnx(model, path: Path, external: bool | None = None) -> None:
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = model.ByteSize() > PROTOBUF_LIMIT
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def _ensure_ms_domain(model) -> None:
+    import onnx
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_head_embedding: the largest size win left by the stock quantizer (FACTS.md).
+def _quantize_rows(w, bits: int, block_size: int):
+    """Symmetric block-wise quantization of ``w`` (rows, K) along K, MatMulNBits' layout.
+
+    Returns ``packed`` uint8 (rows, K/block, block*bits/8) with the zero point 2**(bits-1) implied
+    (the default both MatMulNBits and GatherBlockQuantized assume) and ``scales`` float32
+    (rows, K/block). 4-bit values are packed two per byte, low nibble first.
+    """
+    import numpy as np
+
+    rows, k = w.shape
+    blocks = w.reshape(rows, k // block_size, block_size).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    scales = np.abs(blocks).max(axis=-1) / qmax
+    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
+    q = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)
+    q = q.astype(np.uint8)
+    if bits == 4:
+        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return q, scales
+
+
+@step("quantize_head_embedding")
+def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
+    """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
+
+    A tied pair at the same precision shares one quantized matrix, stored once: the head reads it as
+    ``B`` (vocab, K/block, block*bits/8), the embedding gathers rows of the same tensor. The stock
+    quantizer cannot do this: it skips a head fed by a Transpose and refuses 8-bit Gathers.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = load_onnx(src)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    bs = settings.block_size
+
+    gather = next((n for n in g.node if n.op_type == "Gather" and len(n.input) == 2
+                   and n.input[0] in inits and n.input[1] == "input_ids"), None)
+    if gather is None:
+        raise EdgekdError("quantize_head_embedding: found no embedding Gather on input_ids in the exported graph")
+    emb_name = gather.input[0]
+    vocab, hidden = inits[emb_name].dims
+
+    # The head: a MatMul producing (..., vocab) from a constant (K, vocab), possibly Transpose(embedding).
+    head, head_w_name, head_transposed, transpose_node = None, None, False, None
+    for n in g.node:
+        if n.op_type != "MatMul":
+            continue
+        b = n.input[1]
+        if b in inits and list(inits[b].dims) == [hidden, vocab]:
+            head, head_w_name = n, b
+        elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits \
+                and list(inits[producers[b].input[0]].dims) == [vocab, hidden]:
+            head, head_w_name, head_transposed, transpose_node = n, producers[b].input[0], True, producers[b]
+    tied = head is not None and head_transposed and head_w_name == emb_name
+    if hidden % bs:
+        raise EdgekdError(f"quantize_head_embedding: hidden size {hidden} is not a multiple of block_size {bs}: "
+                          "choose a block_size that divides it")
+
+    new_inits, new_nodes, remove_nodes, info = [], [], [], {"tied": bool(tied)}
+    emb = numpy_helper.to_array(inits[emb_name])
+    bits_of = {"int8": 8, "int4": 4}
+    shared = tied and settings.head == settings.embedding and settings.head != "fp32"
+
+    def quantized(tag: str, rows_w, bits: int):
+        q, s = _quantize_rows(rows_w, bits, bs)
+        qn, sn = f"{tag}.q{bits}", f"{tag}.scales"
+        new_inits.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(s.reshape(-1), sn)])
+        return qn, sn, q.shape
+
+    if head is not None and settings.head != "fp32":
+        bits = bits_of[settings.head]
+        w = emb if head_transposed else numpy_helper.to_array(inits[head_w_name]).T  # (vocab, hidden)
+        qn, sn, _ = quantized("shared_embedding" if shared else "lm_head", np.ascontiguousarray(w), bits)
+        node = helper.make_node("MatMulNBits", [head.input[0], qn, sn], list(head.output), name=head.name + "_Q",
+                                domain="com.microsoft", K=int(hidden), N=int(vocab), bits=bits, block_size=bs)
+        new_nodes.append((head, [node]))
+        if transpose_node is not None:
+            remove_nodes.append(transpose_node)
+        info["head"] = settings.head
+        head_q = (qn, sn, bits)
+    else:
+        info["head"] = "fp32" if head is not None else "not found"
+        head_q = None
+
+    if settings.embedding != "fp32":
+        bits = bits_of[settings.embedding]
+        if shared:
+            qn, sn, bits = head_q
+        else:
+            qn, sn, _ = quantized("embedding", emb, bits)
+        kb = hidden // bs
+        scales_3d = f"{sn}.gather_shape"
+        shape_3d, shape_out = f"{emb_name}.scales_shape", f"{emb_name}.out_shape"
+        new_inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), shape_3d))
+        new_inits.append(numpy_helper.from_array(np.array([0, 0, hidden], dtype=np.int64), shape_out))
+        out = gather.output[0]
+        nodes = [
+            helper.make_node("Reshape", [sn, shape_3d], [scales_3d], name=gather.name + "_scales"),
+            helper.make_node("GatherBlockQuantized", [qn, gather.input[1], scales_3d], [out + ".blocks"],
+                             name=gather.name + "_Q", domain="com.microsoft", bits=bits, block_size=bs,
+                             gather_axis=0, quantize_axis=2),
+            helper.make_node("Reshape", [out + ".blocks", shape_out], [out], name=gather.name + "_flat"),
+        ]
+        new_nodes.append((gather, nodes))
+        info["embedding"] = settings.embedding
+        info["shared"] = bool(shared)
+    else:
+        info["embedding"] = "fp32"
+
+    # Splice: replace each old node by its new nodes in place (keeps topological order).
+    replace = {id(old): new for old, new in new_nodes}
+    drop = {id(n) for n in remove_nodes}
+    nodes = []
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        nodes.extend(replace.get(id(n), [n]))
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    _ensure_ms_domain(model)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.checker.check_model(model)
+    save_onnx(model, dst, external=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+@step("matmul_nbits")
+def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
+    """Block-wise weight-only quantization of every MatMul with a constant weight (MatMulNBits)."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    model = load_onnx(src)
+
+    def run(model, bits: int, include: list[str] | None, exclude: list[str]):
+        if settings.algorithm == "hqq" and bits == 4:
+            algo = mq.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=4)
+        else:
+            algo = mq.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                                   accuracy_level=settings.accuracy_level, bits=bits)
+        q = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                    accuracy_level=settings.accuracy_level, nodes_to_include=include,
+                                    nodes_to_exclude=exclude, algo_config=algo)
+        q.process()
+        return q.model.model
+
+    with _quiet_quantizer():
+        int8_nodes = []
+        if settings.bits == 4 and settings.int8_nodes:
+            int8_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                          and any(p in n.name for p in settings.int8_nodes)]
+            if int8_nodes:
+                model = run(model, 8, int8_nodes, [])
+        model = run(model, settings.bits, None, int8_nodes)
+    count = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    left = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+    save_onnx(model, dst, external=True)
+    return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_matmuls_left": left}
+
+
+class _quiet_quantizer:
+    """onnxruntime's quantizers log every node at INFO; keep the console for what matters."""
+
+    def __enter__(self):
+        import logging
+
+        self._old = logging.root.manager.disable
+        logging.disable(logging.INFO)
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.disable(self._old)
+
+
+@step("quantize_dynamic")
+def quantize_dynamic(src: Path, dst: Path, settings, profile) -> dict:
+    """onnxruntime's dynamic int8 quantization (weights int8, activations quantized at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic as qd
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_quantizer():
+        qd(str(src), str(dst), per_channel=settings.per_channel, weight_type=QuantType.QInt8,
+           op_types_to_quantize=list(settings.op_types), use_external_data_format=True)
+    return {}
+
+
+@step("fp16")
+def fp16(src: Path, dst: Path, settings, profile) -> dict:
+    """Weights and ops in float16; inputs/outputs and the listed (overflow-prone) ops stay float32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = load_onnx(src)
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(settings.keep_fp32_ops))
+    with _quiet_quantizer():
+        model = convert_float_to_float16(model, keep_io_types=settings.keep_io_types, op_block_list=block,
+                                         disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT)
+    save_onnx(model, dst, external=True)
+    return {"op_block_list": block}
+
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool) -> None:
+    import onnxruntime as ort
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    so.optimized_model_filepath = str(dst)
+    if ort_format:
+        so.add_session_config_entry("session.save_model_format", "ORT")
+    else:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    avail = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in avail] or ["CPUExecutionProvider"]
+    try:
+        ort.InferenceSession(str(src), so, providers=chosen)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise EdgekdError(f"onnxruntime could not optimize/convert the model: {first}") from None
+
+
+@step("optimize")
+def optimize(src: Path, dst: Path, settings, profile) -> dict:
+    """onnxruntime's offline graph optimizations (fusions) for the profile's first execution provider."""
+    _ort_save(src, dst, settings.level, profile.execution_providers, ort_format=False)
+    return {}
+
+
+@step("to_ort", suffix=".ort")
+def to_ort(src: Path, dst: Path, settings, profile) -> dict:
+    """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds."""
+    _ort_save(src, dst, settings.level, ["CPUExecutionProvider"], ort_format=True)
+    return {}

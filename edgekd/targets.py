@@ -1,0 +1,185 @@
+"""Target profiles: what a device needs from a bundle, as data.
+
+A profile is a TOML file (``targets/cpu.toml``, ``mobile.toml``, ``cuda.toml``, or a user's copy)
+loaded into the frozen ``TargetProfile`` below. It names the export steps to run, in order
+(``steps``); each step reads its settings from the table of the same name. ``[gates]`` holds the
+fidelity thresholds ``edgekd validate`` applies. Every key is documented in the shipped files.
+
+    load_target("cpu")                # a shipped profile, by name
+    load_target("my-phone.toml")      # a file
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal, Optional
+
+from edgekd.config import from_mapping, read_toml
+from edgekd.errors import UsageError
+
+SHIPPED = ("cpu", "mobile", "cuda")
+
+HeadPrecision = Literal["fp32", "int8", "int4"]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeHeadEmbedding:
+    """Step ``quantize_head_embedding``: the lm_head as ``MatMulNBits`` and the embedding as
+    ``GatherBlockQuantized``, symmetric block-wise. A tied pair at the same precision shares one
+    quantized matrix (stored once)."""
+
+    head: HeadPrecision = "int8"
+    embedding: HeadPrecision = "int8"
+    block_size: int = 32
+
+    def __post_init__(self):
+        _check(_power_of_two(self.block_size) and self.block_size >= 16,
+               f"quantize_head_embedding.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatMulNBits:
+    """Step ``matmul_nbits``: block-wise weight-only quantization of every constant-weight MatMul."""
+
+    bits: int = 8
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    algorithm: Literal["rtn", "hqq"] = "rtn"
+    int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
+
+    def __post_init__(self):
+        _check(self.bits in (4, 8), f"matmul_nbits.bits = {self.bits}: use 4 or 8")
+        _check(_power_of_two(self.block_size) and self.block_size >= 16,
+               f"matmul_nbits.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
+        _check(self.accuracy_level in (0, 1, 2, 3, 4),
+               f"matmul_nbits.accuracy_level = {self.accuracy_level}: use 0 (default), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+        _check(not (self.algorithm == "hqq" and self.bits != 4), "matmul_nbits: algorithm 'hqq' needs bits = 4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeDynamic:
+    """Step ``quantize_dynamic``: onnxruntime's dynamic int8 (the naive anchor; see FACTS.md)."""
+
+    per_channel: bool = True
+    op_types: tuple[str, ...] = ("MatMul", "Gather")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp16:
+    """Step ``fp16``: weights and most ops in float16."""
+
+    keep_io_types: bool = True
+    keep_fp32_ops: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimize:
+    """Step ``optimize``: onnxruntime's offline graph optimization for the first execution provider."""
+
+    level: Literal["basic", "extended", "all"] = "basic"
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtFormat:
+    """Step ``to_ort``: convert to the ORT flatbuffer format (smaller runtime, mobile builds)."""
+
+    level: Literal["disable", "basic", "extended", "all"] = "basic"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """What export measures against PyTorch on a short probe (prompt + one cached decode step)."""
+
+    atol_fp32: float = 1e-3  # the unquantized ONNX export must match PyTorch this closely (else: a bug)
+    max_abs_logit_diff: float = 1.0  # the final model may drift this far; export fails beyond it
+
+    def __post_init__(self):
+        _check(self.atol_fp32 > 0, "check.atol_fp32 must be > 0")
+        _check(self.max_abs_logit_diff > 0, "check.max_abs_logit_diff must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """Thresholds ``edgekd validate`` applies; None = not checked. "reference" = the unquantized
+    PyTorch model that was exported."""
+
+    min_top1_vs_reference: Optional[float] = None
+    max_kl_vs_reference: Optional[float] = None
+    max_ppl_ratio_vs_reference: Optional[float] = None
+    min_greedy_prefix_vs_reference: Optional[float] = None
+    min_top1_vs_teacher: Optional[float] = None
+    max_kl_vs_teacher: Optional[float] = None
+    max_ppl_ratio_vs_teacher: Optional[float] = None
+    max_size_mb: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("min_top1_vs_reference", "min_top1_vs_teacher"):
+            v = getattr(self, name)
+            _check(v is None or 0.0 <= v <= 1.0, f"gates.{name} = {v}: use a fraction between 0 and 1")
+        for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0.0, f"gates.{name} = {v}: must be >= 0")
+        for name in ("max_ppl_ratio_vs_reference", "max_ppl_ratio_vs_teacher", "max_size_mb"):
+            v = getattr(self, name)
+            _check(v is None or v > 0.0, f"gates.{name} = {v}: must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str = ""
+    opset: int = 17
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    steps: tuple[str, ...] = ()
+    external_data: bool = False  # weights in model.onnx.data beside the graph (forced above 2 GB)
+    check: Check = Check()
+    quantize_head_embedding: QuantizeHeadEmbedding = QuantizeHeadEmbedding()
+    matmul_nbits: MatMulNBits = MatMulNBits()
+    quantize_dynamic: QuantizeDynamic = QuantizeDynamic()
+    fp16: Fp16 = Fp16()
+    optimize: Optimize = Optimize()
+    to_ort: OrtFormat = OrtFormat()
+    gates: Gates = Gates()
+
+    def __post_init__(self):
+        _check(14 <= self.opset <= 21, f"opset = {self.opset}: use 14..21 (17 is what optimum-onnx tests)")
+        _check(len(self.execution_providers) > 0, "execution_providers is empty: list at least CPUExecutionProvider")
+        from edgekd.export.steps import STEPS
+
+        for s in self.steps:
+            _check(s in STEPS, f"unknown step {s!r} in steps (known: {', '.join(STEPS)})")
+        _check(len(set(self.steps)) == len(self.steps), "steps lists a step twice")
+        _check("to_ort" not in self.steps or self.steps[-1] == "to_ort", "to_ort must be the last step")
+
+    def step_settings(self, step: str):
+        """The settings table a step reads: the field of the same name, or None for none."""
+        return getattr(self, step, None)
+
+
+def load_target(target: str | Path) -> TargetProfile:
+    """A shipped profile by name (``cpu``, ``mobile``, ``cuda``) or a path to a ``.toml`` file."""
+    from edgekd.paths import resource
+
+    text = str(target)
+    if text in SHIPPED:
+        path = resource(f"targets/{text}.toml")
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UsageError(
+                f"target {text!r} is neither a shipped profile ({', '.join(SHIPPED)}) nor an existing .toml file"
+            )
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    return from_mapping(TargetProfile, data, where=str(path))
