@@ -1,0 +1,115 @@
+"""``DistillConfig``: every setting of ``edgekd distill``, its default, the reason for it, and its help.
+
+Filled the same way from a TOML file, CLI flags (which override the file) or Python, through
+``edgekd.config.from_mapping``. Each field's ``help`` metadata is what ``edgekd distill --help``
+shows, so a setting is described once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+from typing import Literal
+
+from edgekd.errors import UsageError
+
+Loss = Literal["fkl", "rkl", "jsd", "skl"]
+DType = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    # --- what to distill -----------------------------------------------------------------
+    out: str = _f("", "Output folder: the student (Hugging Face format), distill.json, metrics, checkpoints.")
+    teacher: str = _f("smollm2-135m-instruct", "Teacher: a known name, a Hugging Face folder, a .gguf file or a cached hub id.")
+    # 6 of SmolLM2's 30 layers: 2.7x smaller and ~3x faster per token, still 0.70 top-1 after a short run (FACTS.md).
+    student: str = _f("layers:6", "Student: layers:N or layers:0,6,... (depth-pruned teacher), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
+    # --- data ----------------------------------------------------------------------------
+    data: tuple[str, ...] = _f((), "Training files: .txt, or .jsonl with text / messages / prompt+response records.")
+    prompts: str = _f("", "A .jsonl of {\"prompt\"} records (or a .txt, one prompt a line): the teacher writes the answers. Default with no --data: the shipped prompt set.")
+    heldout: str = _f("", "A .jsonl of held-out prompts (answered by the teacher) or prompt/response records. Default: the shipped held-out prompts.")
+    # 96 shipped prompts x 64 tokens keeps the default run (teacher answers + 3 epochs) under 10 minutes on 2 CPU cores.
+    max_prompts: int = _f(96, "How many prompts the teacher answers for training (0 = all of them).")
+    max_heldout: int = _f(32, "How many held-out prompts to evaluate on (0 = all of them).")
+    max_new_tokens: int = _f(64, "Longest teacher answer, in tokens, when the teacher writes the answers.")
+    # Sampling (not greedy) keeps answers varied and stops a 135M teacher from looping.
+    gen_temperature: float = _f(0.7, "Sampling temperature for teacher answers (0 = greedy).")
+    gen_top_p: float = _f(0.9, "Nucleus sampling for teacher answers.")
+    gen_batch_size: int = _f(32, "Prompts answered together (batched sampling: ~100 tokens/s at 32 on 2 CPU cores).")
+    max_length: int = _f(512, "Longest training sequence in tokens; longer ones are truncated (and counted).")
+    # The prompt is the user's words, not the teacher's: learning to predict it wastes capacity.
+    train_on_prompt: bool = _f(False, "Also put loss on prompt tokens of chat data (off: loss on responses only).")
+    # --- loss ----------------------------------------------------------------------------
+    loss: Loss = _f("fkl", "Distillation loss: fkl (forward KL, Hinton), rkl (reverse KL, MiniLLM), jsd (generalized JSD, GKD), skl (skew KL, DistiLLM).")
+    # Pure KD: with teacher-written data the labels are teacher samples, so CE only adds sampling noise.
+    alpha: float = _f(1.0, "Weight of the distillation loss; 1 - alpha goes to cross-entropy on the labels (0 = plain SFT).")
+    temperature: float = _f(1.0, "Softmax temperature of both models in the distillation loss (scaled back by T^2).")
+    beta: float = _f(0.5, "jsd only: mixture weight of the teacher, M = beta*P + (1-beta)*Q.")
+    skew: float = _f(0.1, "skl only: skew alpha, KL(P || a*P + (1-a)*Q).")
+    # --- optimisation --------------------------------------------------------------------
+    epochs: int = _f(3, "Passes over the training data (ignored when --max-steps is set).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
+    # 5e-4 reached 0.70 top-1 in 3 epochs on this teacher (FACTS.md); a pruned student starts close to a good model.
+    lr: float = _f(5e-4, "Peak learning rate of AdamW.")
+    # No decay: short runs, and decaying the tied 49k-token embedding hurts rare tokens.
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup: float = _f(0.05, "Warmup, as a fraction of the total steps, before the cosine decay.")
+    min_lr_ratio: float = _f(0.1, "The cosine schedule ends at lr * min_lr_ratio.")
+    batch_size: int = _f(4, "Sequences per micro-batch per process (the global batch is this x grad_accum x processes).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    seed: int = _f(0, "Seed for student init, data order and teacher sampling.")
+    # --- teacher-logit cache -------------------------------------------------------------
+    # On by default: from epoch 2 on, the 30-layer teacher forward is skipped.
+    cache_teacher: bool = _f(True, "Store the teacher's top-k log-probs per position in OUT/cache and reuse them (epochs 2+ and reruns skip the teacher).")
+    top_k: int = _f(64, "How many teacher log-probs per position the cache keeps (the rest is one tail bucket).")
+    # 1024 positions x 49k vocab x 4 B = 200 MB per tensor: bounded whatever the batch.
+    chunk_size: int = _f(1024, "Positions per chunk in the loss: bounds the (positions x vocab) memory.")
+    # --- evaluation, logging, checkpoints ------------------------------------------------
+    eval_every: int = _f(0, "Evaluate on the held-out set every N steps (0 = only at start and end).")
+    checkpoint_every: int = _f(50, "Write a checkpoint every N optimizer steps (0 = never) for --resume.")
+    keep_checkpoints: int = _f(2, "How many recent checkpoints to keep.")
+    # --- devices -------------------------------------------------------------------------
+    teacher_dtype: DType = _f("auto", "Teacher weights: auto = fp32 on CPU, bf16 on CUDA.")
+    student_dtype: DType = _f("auto", "Student compute: auto = fp32 on CPU, bf16 autocast over fp32 master weights on CUDA.")
+    gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory (GPU, long sequences).")
+    trust_remote_code: bool = _f(False, "Run model code shipped in a model folder (off: it can run anything).")
+    allow_pickle: bool = _f(False, "Load pickle-only *.bin weights (off: unpickling can run code).")
+
+    def __post_init__(self):
+        positive = ["epochs", "batch_size", "grad_accum", "top_k", "chunk_size", "max_length", "max_new_tokens",
+                    "gen_batch_size", "keep_checkpoints"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name} = {getattr(self, name)} must be at least 1")
+        for name in ["max_steps", "max_prompts", "max_heldout", "eval_every", "checkpoint_every", "weight_decay",
+                     "max_grad_norm", "gen_temperature"]:
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} = {getattr(self, name)} must not be negative")
+        if self.temperature <= 0:
+            raise UsageError(f"temperature = {self.temperature} must be > 0")
+        if self.lr <= 0:
+            raise UsageError(f"lr = {self.lr} must be > 0")
+        for name in ["alpha", "warmup", "min_lr_ratio", "gen_top_p"]:
+            if not 0 <= getattr(self, name) <= 1:
+                raise UsageError(f"{name} = {getattr(self, name)} must be between 0 and 1")
+        for name in ["beta", "skew"]:
+            if not 0 < getattr(self, name) < 1:
+                raise UsageError(f"{name} = {getattr(self, name)} must be strictly between 0 and 1")
+        if self.data and self.prompts:
+            raise UsageError("pass either --data (text the student learns from) or --prompts (the teacher answers them), not both")
+
+
+def help_of(name: str) -> str:
+    """The help text of a ``DistillConfig`` field, for the CLI (said once, here)."""
+    for f in dataclasses.fields(DistillConfig):
+        if f.name == name:
+            default = f.default if f.default is not dataclasses.MISSING else ()
+            return f"{f.metadata['help']} [default: {default!r}]" if default not in ("", ()) else f.metadata["help"]
+    raise KeyError(name)

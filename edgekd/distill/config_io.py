@@ -1,0 +1,58 @@
+"""Read a ``DistillConfig`` from TOML + flags, and write the resolved one back as TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgekd.config import from_mapping, read_toml, to_dict
+from edgekd.distill.config import DistillConfig
+from edgekd.errors import UsageError
+from edgekd.io import atomic_write_bytes
+
+# Settings a --resume may change: they do not change what the finished steps computed.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "out"}
+
+
+def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: Path | None = None) -> DistillConfig:
+    """Defaults < the run's saved ``distill.toml`` (with --resume) < ``--config`` file < flags."""
+    data: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
+    if resume_from is not None and (resume_from / "distill.toml").is_file():
+        saved = read_toml(resume_from / "distill.toml")
+        data.update(saved)
+    where = "flags"
+    if config_file is not None:
+        data.update(read_toml(Path(config_file)))
+        where = str(config_file)
+    data.update({k: v for k, v in flags.items() if v is not None})
+    cfg = from_mapping(DistillConfig, data, where)
+    if saved:
+        before = from_mapping(DistillConfig, saved, str(resume_from / "distill.toml"))
+        for f in dataclasses.fields(DistillConfig):
+            if f.name not in RESUMABLE_CHANGES and getattr(before, f.name) != getattr(cfg, f.name):
+                raise UsageError(
+                    f"--resume: {f.name} was {getattr(before, f.name)!r} in {resume_from / 'distill.toml'} and is now "
+                    f"{getattr(cfg, f.name)!r}; resume with the same settings or start a new run"
+                )
+    return cfg
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def write_config_toml(path: Path, cfg: DistillConfig) -> None:
+    lines = ["# The resolved config of this run: `edgekd distill --config distill.toml` reruns it.\n"]
+    lines += [f"{k} = {_toml_value(v)}\n" for k, v in to_dict(cfg).items()]
+    atomic_write_bytes(Path(path), "".join(lines).encode())

@@ -1,0 +1,264 @@
+"""Distillation losses: small functions of tensors, each with its shapes and its source.
+
+Notation: ``P`` is the teacher's next-token distribution, ``Q`` the student's (``Q_theta``).
+Every divergence takes log-probabilities over the same last dimension ``K`` (the vocabulary, or
+the teacher's top-k plus one tail bucket, see ``topk_support``) and returns one value per position.
+
+- ``fkl``  forward KL(P || Q), mean-seeking.        Hinton, Vinyals, Dean 2015, "Distilling the
+           Knowledge in a Neural Network" (temperature T and the T^2 factor).
+- ``rkl``  reverse KL(Q || P), mode-seeking.        Gu et al. 2024, "MiniLLM: Knowledge
+           Distillation of Large Language Models".
+- ``jsd``  generalized JSD with weight beta:         Agarwal et al. 2024, "On-Policy Distillation of
+           beta KL(P || M) + (1-beta) KL(Q || M),    Language Models: Learning from Self-Generated
+           M = beta P + (1-beta) Q.                  Mistakes" (GKD); as in TRL's GKDTrainer.
+- ``skl``  skew KL(P || a P + (1-a) Q), a = skew.    Ko et al. 2024, "DistiLLM: Towards Streamlined
+                                                     Distillation for Large Language Models".
+
+``fused_head_loss`` computes any of them (mixed with cross-entropy by ``alpha``) straight from the
+student's last hidden states, ``chunk_size`` positions at a time, so the ``(positions x vocab)``
+logits of teacher and student never all exist at once, in forward or backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgekd.errors import UsageError
+
+Divergence = Callable[..., torch.Tensor]
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def divergence(name: str) -> Callable[[Divergence], Divergence]:
+    """Register a divergence under the name ``--loss`` uses."""
+
+    def deco(fn: Divergence) -> Divergence:
+        DIVERGENCES[name] = fn
+        return fn
+
+    return deco
+
+
+def kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per position. ``(..., K), (..., K) -> (...)``; inputs are finite log-probs."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def _mix(p_logp: torch.Tensor, q_logp: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w p + (1-w) q), computed in log space. ``(..., K) -> (..., K)``."""
+    return torch.logaddexp(p_logp + math.log(w), q_logp + math.log1p(-w))
+
+
+@divergence("fkl")
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, **_) -> torch.Tensor:
+    """KL(P || Q) (Hinton et al. 2015). ``(N, K), (N, K) -> (N,)``."""
+    return kl(teacher_logp, student_logp)
+
+
+@divergence("rkl")
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, **_) -> torch.Tensor:
+    """KL(Q || P) (MiniLLM, Gu et al. 2024). ``(N, K), (N, K) -> (N,)``."""
+    return kl(student_logp, teacher_logp)
+
+
+@divergence("jsd")
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.5, **_) -> torch.Tensor:
+    """beta KL(P || M) + (1-beta) KL(Q || M), M = beta P + (1-beta) Q (GKD, Agarwal et al. 2024).
+    ``(N, K), (N, K) -> (N,)``; beta = 0.5 is the symmetric Jensen-Shannon divergence."""
+    m = _mix(teacher_logp, student_logp, beta)
+    return beta * kl(teacher_logp, m) + (1 - beta) * kl(student_logp, m)
+
+
+@divergence("skl")
+def skew_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, skew: float = 0.1, **_) -> torch.Tensor:
+    """KL(P || a P + (1-a) Q), a = ``skew`` (skew KL, DistiLLM, Ko et al. 2024).
+    ``(N, K), (N, K) -> (N,)``; a = 0 is forward KL; a > 0 keeps the gradient bounded where Q ~ 0."""
+    return kl(teacher_logp, _mix(teacher_logp, student_logp, skew))
+
+
+def topk_support(student_logp: torch.Tensor, topk_logp: torch.Tensor, topk_idx: torch.Tensor):
+    """Project both distributions onto the teacher's top-k tokens plus one tail bucket.
+
+    ``student_logp (N, V)`` full log-probs, ``topk_logp (N, k)`` the teacher's largest log-probs and
+    ``topk_idx (N, k)`` their token ids -> ``(student (N, k+1), teacher (N, k+1))`` log-probs.
+
+    How the tail is handled: the teacher's mass outside its top-k (1 - sum of the k probs, known
+    exactly because the cached log-probs are normalized over the full vocabulary) becomes one
+    bucket, and the student's mass on those same tokens becomes its tail bucket. Both are proper
+    distributions over k+1 outcomes, so every divergence applies unchanged. By the data-processing
+    inequality the result is a lower bound on the full-vocabulary divergence; it is exact when the
+    tail carries no mass, and only the *shape* of the tail is lost, never its total.
+    """
+    s_top = student_logp.gather(-1, topk_idx)
+    return torch.cat([s_top, _tail(s_top)], -1), torch.cat([topk_logp, _tail(topk_logp)], -1)
+
+
+def _tail(top_logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum(exp(top_logp))) as a ``(N, 1)`` column, floored at 1e-12 to stay finite."""
+    covered = torch.logsumexp(top_logp, -1, keepdim=True).exp()
+    return torch.log((1 - covered).clamp_min(1e-12))
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    loss: str = "fkl",
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    **kw,
+) -> torch.Tensor:
+    """Mean divergence over the unmasked positions, with temperature and the T^2 factor (Hinton 2015).
+
+    ``student_logits, teacher_logits (..., V)``, ``mask (...)`` (1 = counts) -> scalar.
+    The T^2 factor keeps gradient magnitudes comparable across temperatures.
+    """
+    fn = get_divergence(loss)
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
+    per_pos = fn(s, t, **kw) * temperature**2
+    if mask is None:
+        return per_pos.mean()
+    mask = mask.to(per_pos.dtype)
+    return (per_pos * mask).sum() / mask.sum().clamp_min(1)
+
+
+def get_divergence(name: str) -> Divergence:
+    if name not in DIVERGENCES:
+        raise UsageError(f"unknown loss {name!r}: choose one of {', '.join(DIVERGENCES)}")
+    return DIVERGENCES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """Which divergence, how it is mixed with cross-entropy, and over how many vocabulary entries."""
+
+    loss: str = "fkl"
+    alpha: float = 1.0  # weight of the divergence; 1 - alpha goes to cross-entropy on the labels
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    vocab: int | None = None  # compare only the first `vocab` logits (teacher and student padded differently)
+
+    def __post_init__(self):
+        get_divergence(self.loss)
+
+
+@dataclasses.dataclass
+class TeacherTargets:
+    """What the teacher says at the selected positions: either its last hidden states and head
+    (full vocabulary, logits computed a chunk at a time) or cached top-k log-probs at ``temperature``.
+
+    Full: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None.
+    Cached: ``topk_logp (N, k)`` log_softmax(teacher_logits / T) of the k largest, ``topk_idx (N, k)``.
+    """
+
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    topk_logp: torch.Tensor | None = None
+    topk_idx: torch.Tensor | None = None
+
+    def chunk(self, start: int, end: int, vocab: int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        if self.topk_logp is not None:
+            return "topk", self.topk_logp[start:end].float(), self.topk_idx[start:end].long()
+        with torch.no_grad():
+            w = self.weight[:vocab] if vocab else self.weight
+            b = None if self.bias is None else (self.bias[:vocab] if vocab else self.bias)
+            return "full", F.linear(self.hidden[start:end], w, b).float(), None
+
+
+def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec: LossSpec):
+    """Summed loss and top-1 agreement over one chunk.
+
+    ``student_logits (c, V)`` float, ``labels (c,)``, ``teacher``: ``("full", logits (c, V), None)``
+    or ``("topk", logp (c, k), idx (c, k))`` -> ``(loss_sum scalar, n_agree scalar)``.
+    Per position: ``alpha * T^2 * D(P_T, Q_T) + (1 - alpha) * CE(labels)``.
+    """
+    total = student_logits.new_zeros(())
+    kind, t_val, t_idx = teacher
+    if spec.alpha > 0:
+        T = spec.temperature
+        s_logp = F.log_softmax(student_logits / T, -1)
+        if kind == "full":
+            t_logp = F.log_softmax(t_val / T, -1)
+            t_top1 = t_val.argmax(-1)
+        else:
+            s_logp, t_logp = topk_support(s_logp, t_val, t_idx)
+            t_top1 = t_idx[:, 0]
+        div = get_divergence(spec.loss)(s_logp, t_logp, beta=spec.beta, skew=spec.skew)
+        total = total + spec.alpha * T * T * div.sum()
+    else:
+        t_top1 = t_val.argmax(-1) if kind == "full" else t_idx[:, 0]
+    if spec.alpha < 1:
+        total = total + (1 - spec.alpha) * F.cross_entropy(student_logits, labels, reduction="sum")
+    agree = (student_logits.argmax(-1) == t_top1).sum()
+    return total, agree
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Head + loss a chunk at a time; each chunk's gradient is taken in forward and its logits freed.
+
+    The same idea as Liger-Kernel's fused linear cross-entropy: peak memory holds one chunk's
+    ``(chunk x vocab)`` logits, and nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, teacher, spec, chunk_size):
+        vocab = spec.vocab
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight)
+        grad_b = None if bias is None else torch.zeros_like(bias)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        agree = torch.zeros((), dtype=torch.long, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            with torch.enable_grad():
+                h = hidden[start:end].detach().requires_grad_()
+                w = weight.detach().requires_grad_()
+                b = None if bias is None else bias.detach().requires_grad_()
+                logits = F.linear(h, w[:vocab] if vocab else w, None if b is None else (b[:vocab] if vocab else b))
+                loss, n_agree = chunk_loss(logits.float(), labels[start:end], teacher.chunk(start, end, vocab), spec)
+                grads = torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+            grad_h[start:end] = grads[0]
+            grad_w += grads[1]
+            if grad_b is not None:
+                grad_b += grads[2]
+            total += loss.detach()
+            agree += n_agree
+        ctx.save_for_backward(grad_h, grad_w, *([grad_b] if grad_b is not None else []))
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(agree)
+        return total, agree
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_agree):
+        saved = ctx.saved_tensors
+        grad_b = saved[2] * grad_total if ctx.has_bias else None
+        return saved[0] * grad_total, saved[1] * grad_total, grad_b, None, None, None, None
+
+
+def fused_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: TeacherTargets,
+    spec: LossSpec,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss over positions, computed from the student's last hidden states in chunks.
+
+    ``hidden (N, H)`` the student's final-norm outputs at the N positions that carry loss,
+    ``weight (V, H)`` (and ``bias (V,)``) its output head, ``labels (N,)`` the next tokens ->
+    ``(loss_sum, n_agree)``: a differentiable scalar (divide by the token count yourself) and the
+    number of positions where the student's top-1 token equals the teacher's.
+    """
+    if hidden.shape[0] == 0:
+        zero = hidden.sum() * 0.0 + weight.sum() * 0.0
+        return zero, torch.zeros((), dtype=torch.long, device=hidden.device)
+    return _FusedHeadLoss.apply(hidden, weight, bias, labels, teacher, spec, chunk_size)
