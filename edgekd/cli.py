@@ -237,6 +237,101 @@ def export(
     console.print(f"next: edgekd validate {out}")
 
 
+Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
+
+
+@command("generate")
+def generate(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edgekd export`.")],
+    prompt: Annotated[str, typer.Argument(help="The user message; the bundle's chat template is applied.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop after this many new tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic); > 0 samples.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this mass (1 = all).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (repeatable answers).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as it is, without the chat template.")] = False,
+    threads: Threads = None,
+) -> None:
+    """Answer a prompt with a bundle (onnxruntime, KV cache), streaming the text, then print tokens/s."""
+    from edgekd.runtime import Runtime, Sampling
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    rt = Runtime(bundle, threads=threads)
+    for note in rt.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+    for piece in rt.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=not raw):
+        console.out(piece, end="", highlight=False)
+        console.file.flush()
+    t = rt.last
+    console.out("")
+    err_console.print(
+        f"[dim]{t.new_tokens} tokens; prefill {t.prompt_tokens} tokens in {1000 * t.prefill_s:.0f} ms; "
+        f"decode {t.decode_tokens_per_s:.1f} tokens/s ({', '.join(rt.session.get_providers())})[/dim]",
+        highlight=False,
+    )
+
+
+@command("validate")
+def validate(
+    bundles: Annotated[list[Path], typer.Argument(help="One or more bundle folders; several are compared side by side.")],
+    teacher: Annotated[Optional[str], typer.Option("--teacher", help="The teacher to compare with (default: from the manifest; else the reference).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="The unquantized model (default: the manifest's source model).")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="A jsonl of {\"prompt\", \"response\"?} (default: the distillation's held-out split, else shipped prompts).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: <first bundle>-report).")] = None,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Held-out prompts to compare.")] = 8,
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = 32,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
+    threads: Threads = None,
+) -> None:
+    """Check that a bundle is still the model: fidelity against the reference and the teacher,
+    speed and cost, and the target's gates. Exit 0 when every gate passes, 1 when one fails."""
+    import shlex
+    import sys
+
+    from edgekd.validate import ValidateConfig, failed_gates
+    from edgekd.validate import validate as run_validate
+    from edgekd.validate.gates import GateFailed
+    from edgekd.validate.report import rich_tables
+
+    config = ValidateConfig(
+        teacher=teacher, reference=reference, data=data, num_prompts=num_prompts,
+        answer_tokens=answer_tokens, speed=speed, threads=threads,
+    )
+    command_line = "edgekd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    with console.status("validating ...") as status:
+        reports, out_dir = run_validate(
+            bundles, config, out, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)), command=command_line
+        )
+    for table in rich_tables(reports):
+        console.print(table)
+    console.print(f"report: {out_dir}/report.md, report.json, plots")
+    failed = failed_gates(reports)
+    if failed:
+        raise GateFailed(f"{len(failed)} gate(s) failed: " + "; ".join(failed))
+    console.print("[green]all gates pass[/green]" if any(r["gates"] for r in reports) else "no gates in the bundle's target")
+
+
+@command("bench")
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edgekd export`.")],
+    reference: Annotated[Optional[str], typer.Option("--reference", help="The PyTorch model to compare with (default: the manifest's source model).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Decode steps timed.")] = 64,
+    threads: Threads = None,
+) -> None:
+    """Decode tokens/s of the bundle against PyTorch eager `generate` of its model, same process, as a ratio."""
+    from edgekd.validate.speed import bench as run_bench
+
+    with console.status("benchmarking ..."):
+        r = run_bench(bundle, reference=reference, max_new_tokens=tokens, threads=threads)
+    table = Table(title=f"decode, batch 1, greedy, {tokens} tokens")
+    for col in ("engine", "decode tokens/s", "ratio"):
+        table.add_column(col)
+    table.add_row(f"edgekd runtime ({', '.join(r['providers'])})", f"{r['edgekd_decode_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x")
+    table.add_row(f"PyTorch eager generate ({r['reference']})", f"{r['torch_decode_tokens_per_s']:.1f}", "1.00x")
+    console.print(table)
+    console.print(f"prefill {r['prefill_tokens']} tokens: {r['edgekd_prefill_ms']:.1f} ms (edgekd runtime)")
+
+
 def main() -> None:
     app()
 

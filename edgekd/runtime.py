@@ -1,0 +1,472 @@
+"""Run a bundle the way an app would: onnxruntime, numpy, ``tokenizers`` and jinja2 only.
+
+No torch, no transformers: an app can copy this file and the bundle and generate::
+
+    rt = Runtime("bundle/")
+    for piece in rt.stream("What is the capital of France?", max_new_tokens=32):
+        print(piece, end="", flush=True)
+
+How a token is made: the prompt is formatted with the bundle's chat template and encoded; one
+*prefill* run computes the KV cache of the whole prompt; then each *decode* run feeds one token
+and the cache, and gets the next logits and the cache grown by one position.
+
+The exported decoder (optimum's ``text-generation-with-past``) takes ``past_key_values.{i}.key``
+of shape ``(batch, kv_heads, past, head_dim)`` and returns ``present.{i}.key`` with ``past + 1``
+positions. The cache lives in two preallocated flat buffers per tensor, bound with IO binding:
+step t reads ``past`` from buffer A and onnxruntime writes ``present`` straight into buffer B,
+which becomes the next step's ``past``. No array is allocated or copied by Python per token, and
+on CUDA the cache never leaves the GPU (only the logits come back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from edgekd.bundle import check_external_data, read_manifest
+from edgekd.errors import UsageError
+from edgekd.paths import inside
+
+_KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is picked. ``temperature == 0`` is greedy (argmax).
+
+    ``top_k == 0`` and ``top_p == 1.0`` keep the whole vocabulary; ``seed`` makes sampling
+    repeatable.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """The next token id from one row of logits ``(vocab,)``."""
+    if sampling.temperature == 0.0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / sampling.temperature
+    if 0 < sampling.top_k < x.shape[0]:
+        idx = np.argpartition(x, -sampling.top_k)[-sampling.top_k :]
+    else:
+        idx = np.arange(x.shape[0])
+    vals = x[idx]
+    order = np.argsort(-vals, kind="stable")
+    idx, vals = idx[order], vals[order]
+    p = np.exp(vals - vals[0])
+    p /= p.sum()
+    if sampling.top_p < 1.0:
+        keep = (np.cumsum(p) - p) < sampling.top_p  # smallest prefix whose mass reaches top_p
+        idx, p = idx[keep], p[keep] / p[keep].sum()
+    return int(idx[rng.choice(idx.shape[0], p=p)])
+
+
+class TextStream:
+    """Turns token ids into text pieces as they arrive, never splitting a UTF-8 character.
+
+    Decodes a short window of recent ids and emits only what is new (the method of
+    huggingface/text-generation-inference's ``decode_token``).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+def _special_token(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class ChatTemplate:
+    """The bundle's chat template, rendered with jinja2 as transformers does (sandboxed,
+    ``trim_blocks``/``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``)."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str | None]):
+        from jinja2 import ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise UsageError(f"the bundle's chat template refused the messages: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            return time.strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        self.source = source
+        self.template = env.from_string(source)
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+
+
+def load_chat_template(root: Path) -> ChatTemplate | None:
+    """From ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``; None without one."""
+    cfg_path = root / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    source = None
+    if (root / "chat_template.jinja").is_file():
+        source = (root / "chat_template.jinja").read_text(encoding="utf-8")
+    elif isinstance(cfg.get("chat_template"), str):
+        source = cfg["chat_template"]
+    elif isinstance(cfg.get("chat_template"), list):  # named templates: use "default"
+        named = {t.get("name"): t.get("template") for t in cfg["chat_template"]}
+        source = named.get("default")
+    if not source:
+        return None
+    specials = {k: _special_token(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return ChatTemplate(source, specials)
+
+
+@dataclasses.dataclass
+class Timing:
+    """What the last ``generate_ids`` call measured (seconds and token counts)."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0  # one-token runs (the first new token comes from the prefill)
+    decode_s: float = 0.0
+    stop_token: int | None = None  # the eos token that ended the answer (not yielded), if one did
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class _KVBuffers:
+    """Two flat buffers per cache tensor, swapped each step (A is read as past, B written as present).
+
+    Sized for ``capacity`` positions; a tensor of ``n`` positions occupies the first
+    ``kv_heads * n * head_dim`` elements, which is exactly the contiguous layout
+    ``(1, kv_heads, n, head_dim)`` that the graph reads and writes.
+    """
+
+    def __init__(self, rt: "Runtime", capacity: int):
+        import onnxruntime as ort
+
+        self.capacity = capacity
+        n = rt.num_kv_heads * capacity * rt.head_dim
+        self.buffers = [
+            [ort.OrtValue.ortvalue_from_shape_and_type([n], rt.kv_dtype, rt.device, 0) for _ in rt.past_names]
+            for _ in range(2)
+        ]
+        self.pointers = [[v.data_ptr() for v in group] for group in self.buffers]
+        self.current = 0  # which of the two sets holds the valid past
+
+
+class Runtime:
+    """A loaded bundle: tokenizer, chat template and one onnxruntime session.
+
+    ``providers`` overrides the bundle target's execution providers; one that this onnxruntime
+    build lacks is dropped with a warning naming it (kept in ``self.warnings``), and the CPU
+    provider is always last. ``threads`` sets intra-op threads (None: onnxruntime's default, one
+    per physical core). ``verify`` checks every file's SHA-256 against the manifest first.
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        verify: bool = True,
+    ):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        t0 = time.perf_counter()
+        self.root = Path(bundle)
+        self.manifest = read_manifest(self.root, verify=verify)
+        model = self.manifest.get("model") or {}
+        self.model_path = inside(self.root, model.get("file", "model.onnx"))
+        if not self.model_path.is_file():
+            raise UsageError(f"bundle {self.root} has no model file {model.get('file')!r}")
+        if self.model_path.suffix == ".onnx":  # an .ort flatbuffer holds its weights inside
+            check_external_data(self.model_path)
+        tok_path = self.root / "tokenizer.json"
+        if not tok_path.is_file():
+            raise UsageError(f"bundle {self.root} has no tokenizer.json: re-export it with `edgekd export`")
+        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.chat_template = load_chat_template(self.root)
+        self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
+        self.context_length = int(model.get("context_length") or 0) or None
+
+        wanted = list(providers) if providers else list((self.manifest.get("target") or {}).get("execution_providers") or [])
+        self.providers, self.warnings = choose_providers(wanted)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UsageError(f"onnxruntime could not load {self.model_path}: {first}") from None
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._bind_names()
+        self._make_binding()
+        self.load_s = time.perf_counter() - t0
+        self.last = Timing()
+
+    # -- graph introspection ------------------------------------------------------------------
+
+    def _bind_names(self) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        for needed in ("input_ids", "attention_mask"):
+            if needed not in inputs:
+                raise UsageError(f"{self.model_path} has no {needed!r} input: it is not a decoder exported with its KV cache")
+        if "logits" not in outputs:
+            raise UsageError(f"{self.model_path} has no 'logits' output")
+        past = sorted((n for n in inputs if _KV_NAME.match(n)), key=_kv_key)
+        if not past:
+            raise UsageError(
+                f"{self.model_path} has no past_key_values inputs: export it with its KV cache "
+                "(task text-generation-with-past)"
+            )
+        present = [re.sub(r"^past_key_values\.", "present.", n) for n in past]
+        missing = [n for n in present if n not in outputs]
+        if missing:
+            raise UsageError(f"{self.model_path} lacks cache outputs {missing[:2]}: not a KV-cache decoder")
+        self.past_names, self.present_names = past, present
+        self.has_position_ids = "position_ids" in inputs
+        first = inputs[past[0]]
+        self.kv_dtype = _ORT_TO_NUMPY.get(first.type)
+        if self.kv_dtype is None:
+            raise UsageError(f"{self.model_path}: cache type {first.type} is not supported by the runtime")
+        model = self.manifest.get("model") or {}
+        shape = first.shape  # (batch, kv_heads, past, head_dim)
+        self.num_kv_heads = int(model.get("num_kv_heads") or shape[1])
+        self.head_dim = int(model.get("head_dim") or shape[3])
+        self.num_layers = len(past) // 2
+        self.vocab_size = int(model.get("vocab_size") or self.session.get_outputs()[0].shape[-1])
+
+    def _make_binding(self) -> None:
+        """One IOBinding reused for every run. Binding 2 x layers cache tensors per token through
+        the public wrapper costs about as much as a small model's run, so bind through its
+        underlying object with the device built once (public API as the fallback)."""
+        import onnxruntime as ort
+
+        self._binding = self.session.io_binding()
+        out_meta = {o.name: o for o in self.session.get_outputs()}
+        self.logits_dtype = _ORT_TO_NUMPY.get(out_meta["logits"].type) or np.float32
+        self._logits = np.empty((1, 1, self.vocab_size), dtype=self.logits_dtype)
+        raw = getattr(self._binding, "_iobinding", None)
+        try:
+            make = ort.capi.onnxruntime_inference_collection.OrtDevice.make
+            self._device = make(self.device, 0)._get_c_device()
+            self._cpu = make("cpu", 0)._get_c_device()
+            self._bind_in, self._bind_out = raw.bind_input, raw.bind_output
+        except AttributeError:  # another onnxruntime version: the public, slower path
+            b = self._binding
+            self._device, self._cpu = self.device, "cpu"
+            self._bind_in = lambda n, d, t, shape, ptr: b.bind_input(n, d, 0, t, shape, ptr)
+            self._bind_out = lambda n, d, t, shape, ptr: b.bind_output(n, d, 0, t, shape, ptr)
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def format_prompt(self, prompt: str, chat: bool = True) -> str:
+        """The prompt as the model sees it: the chat template around one user message."""
+        if chat and self.chat_template is not None:
+            return self.chat_template.render([{"role": "user", "content": prompt}])
+        return prompt
+
+    def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; refuses an empty one and one that leaves no room to answer."""
+        if not prompt or not prompt.strip():
+            raise UsageError("the prompt is empty: pass some text to answer")
+        templated = chat and self.chat_template is not None
+        # A chat template writes its own special tokens, as transformers' apply_chat_template does.
+        ids = self.tokenizer.encode(self.format_prompt(prompt, chat), add_special_tokens=not templated).ids
+        if self.context_length and len(ids) >= self.context_length:
+            raise UsageError(
+                f"the prompt is {len(ids)} tokens but the model's context is {self.context_length}: shorten it"
+            )
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # -- the decoder loop -------------------------------------------------------------------------
+
+    def _start(self, prompt_ids: Sequence[int], capacity: int) -> np.ndarray:
+        """Prefill: run the whole prompt, fill the cache; return its logits ``(seq, vocab)``."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise UsageError("the prompt has no tokens")
+        if self.context_length and capacity > self.context_length:
+            capacity = self.context_length
+        capacity = max(capacity, n + 1)
+        kv = getattr(self, "_kv", None)
+        if kv is None or kv.capacity < capacity:
+            kv = self._kv = _KVBuffers(self, capacity)
+        kv.current = 0
+        self._mask = np.ones((1, capacity), dtype=np.int64)
+        self._len = 0
+        self._capacity = capacity
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(1, n)
+        return self._run(ids)[0]
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        """One run over ``ids (1, s)`` after ``self._len`` cached positions; returns logits ``(1, s, vocab)``.
+
+        The logits land in a preallocated host buffer; the cache goes from one buffer set to the
+        other. Python allocates nothing per step but the small ids/positions arrays.
+        """
+        s = ids.shape[1]
+        past, total = self._len, self._len + s
+        if total > self._capacity:
+            raise UsageError(f"the context is full ({self._capacity} tokens)")
+        kv = self._kv
+        bind_in, bind_out = self._bind_in, self._bind_out
+        self._binding.bind_cpu_input("input_ids", ids)
+        self._binding.bind_cpu_input("attention_mask", self._mask[:, :total])
+        if self.has_position_ids:
+            self._binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64).reshape(1, s))
+        src, dst = kv.pointers[kv.current], kv.pointers[1 - kv.current]
+        past_shape = [1, self.num_kv_heads, past, self.head_dim]
+        present_shape = [1, self.num_kv_heads, total, self.head_dim]
+        for name, ptr in zip(self.past_names, src):
+            bind_in(name, self._device, self.kv_dtype, past_shape, ptr)
+        for name, ptr in zip(self.present_names, dst):
+            bind_out(name, self._device, self.kv_dtype, present_shape, ptr)
+        logits = self._logits if s == 1 else np.empty((1, s, self.vocab_size), dtype=self.logits_dtype)
+        bind_out("logits", self._cpu, self.logits_dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(self._binding)
+        kv.current = 1 - kv.current
+        self._len = total
+        return logits
+
+    def _step(self, token: int) -> np.ndarray:
+        """Decode: feed one token, grow the cache by one; return the next logits ``(vocab,)``."""
+        return self._run(np.array([[token]], dtype=np.int64))[0, -1]
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int = 128,
+        sampling: Sampling = Sampling(),
+        stop_at_eos: bool = True,
+    ) -> Iterator[int]:
+        """Yield new token ids one by one until an eos token (not yielded; see
+        ``self.last.stop_token``), ``max_new_tokens``, or the end of the context. Fills
+        ``self.last`` with the timing. ``stop_at_eos=False`` is for speed measurements."""
+        if max_new_tokens < 1:
+            raise UsageError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+        if self.context_length and len(prompt_ids) >= self.context_length:
+            raise UsageError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {self.context_length}: shorten it")
+        rng = np.random.default_rng(sampling.seed)
+        timing = self.last = Timing(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        logits = self._start(prompt_ids, len(prompt_ids) + max_new_tokens)[-1]
+        timing.prefill_s = time.perf_counter() - t0
+        for i in range(max_new_tokens):
+            token = pick_token(logits, sampling, rng)
+            if stop_at_eos and token in self.eos_token_ids:
+                timing.stop_token = token
+                break
+            timing.new_tokens += 1
+            yield token  # the consumer's time between yields is not counted
+            if i + 1 == max_new_tokens or self._len >= self._capacity:
+                break
+            t = time.perf_counter()
+            logits = self._step(token)
+            timing.decode_s += time.perf_counter() - t
+            timing.decode_steps += 1
+
+    def stream(
+        self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(), chat: bool = True
+    ) -> Iterator[str]:
+        """Yield the answer to ``prompt`` as text pieces while it is generated."""
+        text = TextStream(self.tokenizer)
+        for token in self.generate_ids(self.encode_prompt(prompt, chat), max_new_tokens, sampling):
+            piece = text.push(token)
+            if piece:
+                yield piece
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(), chat: bool = True) -> str:
+        return "".join(self.stream(prompt, max_new_tokens, sampling, chat))
+
+    def score(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits through the KV cache, as an app's decode loop sees them.
+
+        Prefills the prompt, then feeds the response one token at a time. Returns float32
+        ``(len(response_ids), vocab)``: row ``i`` is the prediction of ``response_ids[i]``.
+        """
+        if not response_ids:
+            raise UsageError("nothing to score: the response has no tokens")
+        rows = [self._start(prompt_ids, len(prompt_ids) + len(response_ids))[-1]]
+        for token in response_ids[:-1]:
+            rows.append(self._step(int(token)))
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits ``(seq, vocab)`` of one prefill run over ``ids`` (used for prefill timing)."""
+        return self._start(ids, len(ids) + 1)
+
+
+def _kv_key(name: str) -> tuple[int, int]:
+    m = _KV_NAME.match(name)
+    return int(m.group(2)), 0 if m.group(3) == "key" else 1
+
+
+def choose_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Keep the providers this onnxruntime build has, CPU last; warn for each one it lacks."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    chosen, notes = [], []
+    for p in wanted:
+        if p in available:
+            if p not in chosen and p != "CPUExecutionProvider":
+                chosen.append(p)
+        else:
+            notes.append(
+                f"execution provider {p} is not in this onnxruntime build ({ort.__version__}, has "
+                f"{', '.join(sorted(available))}): falling back to CPUExecutionProvider"
+            )
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return chosen + ["CPUExecutionProvider"], notes

@@ -1,0 +1,209 @@
+"""``edgekd validate``: is the shipped bundle still the model, and what does it cost to run?
+
+Top to bottom, for each bundle: open it with the runtime (hashes checked, execution providers
+from its target); measure speed and memory in a fresh process; pick the held-out prompts; load
+the reference (the unquantized model it was exported from) and the teacher with PyTorch, refusing
+a tokenizer that differs from the bundle's; answer the prompts with the reference when the data
+has no answers; compare logits (teacher-forced through the bundle's KV cache) and greedy answers;
+apply the target's gates; write ``report.json``, ``report.md`` and plots.
+
+Imports stay lazy here: ``edgekd.validate.speed`` runs in a process that must not load torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from edgekd.errors import UsageError
+
+__all__ = ["ValidateConfig", "validate", "failed_gates"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """What ``edgekd validate`` compares and how much. Defaults are sized so a validate of the
+    SmolLM2 teacher's cpu bundle takes a minute or two on 2 cores (CI runs it)."""
+
+    teacher: str | None = None  # default: the manifest's source.teacher, else the reference itself
+    reference: str | None = None  # default: the manifest's source.spec (the unquantized model)
+    data: Path | None = None  # default: the distillation's held-out split, else the shipped prompts
+    num_prompts: int = 8  # held-out prompts compared (logits and greedy answers)
+    answer_tokens: int = 32  # answer length scored and generated per prompt
+    speed: bool = True  # measure load time, prefill, decode and peak memory (a separate process)
+    providers: tuple[str, ...] | None = None  # override the target's execution providers
+    threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
+    batch_size: int = 8  # PyTorch batch for the reference/teacher forward and greedy answers
+
+    def __post_init__(self):
+        if self.num_prompts < 1:
+            raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if self.answer_tokens < 1:
+            raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
+
+
+def _bundle_name(path: Path, taken: set[str]) -> str:
+    name = Path(path).resolve().name or str(path)
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class _Models:
+    """PyTorch models loaded once per spec, with their answers and logits cached per prompt set."""
+
+    def __init__(self, batch_size: int, log: Callable[[str], None]):
+        self.batch_size, self.log = batch_size, log
+        self.models: dict[str, Any] = {}
+        self.cache: dict[tuple, Any] = {}
+
+    def get(self, spec: str, role: str):
+        if spec not in self.models:
+            from edgekd.validate.fidelity import TorchModel
+
+            self.log(f"loading the {role} {spec} with PyTorch ...")
+            self.models[spec] = TorchModel(spec, role, self.batch_size)
+        return self.models[spec]
+
+    def memo(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+
+def validate(
+    bundles: Sequence[str | Path],
+    config: ValidateConfig = ValidateConfig(),
+    out: Path | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+    command: str | None = None,
+) -> tuple[list[dict[str, Any]], Path]:
+    """Validate each bundle; write the report into ``out`` (default: ``<first bundle>-report``).
+
+    Returns ``(reports, out)``: one report dict per bundle (as in ``report.json``, each with
+    ``passed`` and ``gates``) and the folder written.
+    Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
+    ``failed_gates``), so the report is always written first.
+    """
+    from edgekd.runtime import Runtime
+    from edgekd.validate.data import choose_data, load_records
+    from edgekd.validate.fidelity import (
+        Example,
+        bundle_greedy,
+        bundle_logits,
+        compare_greedy,
+        compare_logits,
+    )
+    from edgekd.validate.gates import apply_gates
+    from edgekd.validate.report import check_out, write_report
+    from edgekd.validate.speed import bundle_bytes, measure_speed, model_bytes
+
+    if not bundles:
+        raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
+    paths = [Path(b) for b in bundles]
+    out = Path(out) if out is not None else paths[0].resolve().with_name(paths[0].resolve().name + "-report")
+    check_out(out)
+
+    # Open every bundle first: a tampered or foreign folder fails before minutes of work.
+    runtimes = []
+    for p in paths:
+        log(f"opening {p} (checking file hashes) ...")
+        runtimes.append(Runtime(p, providers=config.providers, threads=config.threads))
+    for rt in runtimes:
+        for note in rt.warnings:
+            log(f"warning: {rt.root}: {note}")
+
+    data_path, data_source, data_notes = choose_data(runtimes[0].manifest, config.data)
+    records = load_records(data_path, limit=config.num_prompts)
+    log(f"{len(records)} held-out prompts from {data_source} ({data_path})")
+    models = _Models(config.batch_size, log)
+    reports, kls, taken = [], {}, set()
+
+    for p, rt in zip(paths, runtimes):
+        name = _bundle_name(p, taken)
+        manifest = rt.manifest
+        source = manifest.get("source") or {}
+        notes = list(data_notes)
+        ref_spec = config.reference or source.get("spec")
+        if not ref_spec:
+            raise UsageError(f"{p}'s manifest names no source model: pass --reference MODEL")
+        teacher_spec = config.teacher or source.get("teacher")
+        if not teacher_spec:
+            teacher_spec = ref_spec
+            notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
+
+        cost: dict[str, Any] = {"size_mb": model_bytes(manifest) / 1e6, "bundle_mb": bundle_bytes(manifest) / 1e6}
+        if config.speed:
+            log(f"{name}: measuring load time, prefill, decode and peak memory ...")
+            speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
+            cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
+            cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
+
+        reference = models.get(ref_spec, "reference")
+        reference.check_tokenizer(rt.tokenizer)
+        teacher = models.get(teacher_spec, "teacher")
+        teacher.check_tokenizer(rt.tokenizer)
+
+        # The same token ids go to the bundle and to PyTorch: encoded once, by the bundle's tokenizer.
+        prompts = [rt.encode_prompt(r["prompt"]) for r in records]
+        eos = sorted(rt.eos_token_ids)
+        n = config.answer_tokens
+        if all("response" in r for r in records):
+            answers = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
+            answers_from = f"{data_source} (teacher-forced)"
+        else:
+            log(f"{name}: answering the prompts with the reference (greedy, {n} tokens) ...")
+            answers = models.memo(("greedy", ref_spec, n), lambda: reference.greedy(prompts, n, eos))
+            answers_from = "the reference's greedy answers"
+        examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
+
+        log(f"{name}: running the bundle through its KV cache ({sum(len(a) for a in answers)} answer tokens) ...")
+        ours = bundle_logits(rt, examples)
+        ours_greedy = bundle_greedy(rt, prompts, n)
+        fidelity: dict[str, Any] = {}
+        for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
+            log(f"{name}: comparing with the {role} ...")
+            key = (spec, tuple(map(tuple, answers)))
+            theirs = models.memo(("logits",) + key, lambda: model.logits(examples))
+            metrics, kl = compare_logits(ours, theirs, answers)
+            their_greedy = models.memo(("greedy", spec, n), lambda: model.greedy(prompts, n, eos))
+            greedy = compare_greedy(ours_greedy, their_greedy, n)
+            fidelity[role] = {**metrics, **greedy, "model": spec}
+            if role == "reference":
+                kls[name] = kl
+
+        report = {
+            "name": name,
+            "bundle": str(p.resolve()),
+            "target": (manifest.get("target") or {}).get("name"),
+            "providers": rt.session.get_providers(),
+            "warnings": list(rt.warnings),
+            "reference": ref_spec,
+            "teacher": teacher_spec,
+            "data": {"file": str(data_path), "source": data_source, "prompts": len(records), "answer_tokens": n, "answers_from": answers_from},
+            "fidelity": fidelity,
+            "cost": cost,
+            "notes": notes,
+        }
+        gates = apply_gates((manifest.get("target") or {}).get("gates") or {}, report)
+        report["gates"] = [dataclasses.asdict(g) for g in gates]
+        report["passed"] = all(g.passed for g in gates)
+        reports.append(report)
+
+    write_report(out, reports, kls, command)
+    return reports, out
+
+
+def failed_gates(reports: Sequence[dict[str, Any]]) -> list[str]:
+    """``"bundle: gate: value (needs op threshold)"`` for every failed gate."""
+    from edgekd.validate.gates import GateResult
+
+    lines = []
+    for r in reports:
+        for g in r["gates"]:
+            if not g["passed"]:
+                lines.append(f"{r['name']}: {GateResult(**g).line()}")
+    return lines

@@ -1,0 +1,57 @@
+"""Held-out text for validation: which file, and its records as ``{"prompt", "response"?}``.
+
+Where the records come from, first found wins: ``--data FILE``; the held-out split that
+``edgekd distill`` wrote (the manifest's ``source.heldout``); the shipped held-out prompts
+(``examples/prompts/heldout.jsonl``, prompts only: the reference answers them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from edgekd.errors import UsageError
+from edgekd.paths import resource
+
+SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"
+
+
+def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Read a jsonl of ``{"prompt": str, "response": str (optional)}``; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"held-out data {path} does not exist: pass a jsonl of {{\"prompt\", \"response\"}} records")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}): one object per line") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise UsageError(f"{path}:{n} has no non-empty \"prompt\" string")
+            response = rec.get("response")
+            if response is not None and not isinstance(response, str):
+                raise UsageError(f"{path}:{n}: \"response\" must be a string")
+            records.append({"prompt": rec["prompt"], **({"response": response} if response else {})})
+            if limit and len(records) >= limit:
+                break
+    if not records:
+        raise UsageError(f"{path} holds no records: add lines like {{\"prompt\": \"...\"}}")
+    return records
+
+
+def choose_data(manifest: dict[str, Any], data: Path | None) -> tuple[Path, str, list[str]]:
+    """``(file, where it came from, notes)`` for a bundle, by the order in the module docstring."""
+    notes: list[str] = []
+    if data is not None:
+        return Path(data), "--data", notes
+    heldout = (manifest.get("source") or {}).get("heldout")
+    if heldout:
+        if Path(heldout).is_file():
+            return Path(heldout), "the distillation's held-out split (manifest source.heldout)", notes
+        notes.append(f"the held-out split {heldout} named in the manifest is gone: using the shipped held-out prompts")
+    return resource(SHIPPED_HELDOUT), "the shipped held-out prompts", notes

@@ -1,0 +1,209 @@
+"""What ``edgekd validate`` writes and prints: ``report.json``, ``report.md``, PNG plots and a rich
+table, one column per bundle (side by side when several are given)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgekd.errors import UsageError
+from edgekd.io import atomic_write_bytes, write_json
+
+# (label, section, key, format) of the rows shown per bundle
+ROWS: list[tuple[str, str, str, str]] = [
+    ("top-1 vs reference", "reference", "top1", "{:.3f}"),
+    ("mean KL vs reference", "reference", "kl_mean", "{:.4f}"),
+    ("p95 KL vs reference", "reference", "kl_p95", "{:.4f}"),
+    ("perplexity (bundle)", "reference", "ppl_bundle", "{:.2f}"),
+    ("perplexity (reference)", "reference", "ppl_model", "{:.2f}"),
+    ("ppl ratio vs reference", "reference", "ppl_ratio", "{:.3f}"),
+    ("max abs logit error vs reference", "reference", "max_abs_logit_error", "{:.3f}"),
+    ("greedy exact match vs reference", "reference", "greedy_exact", "{:.2f}"),
+    ("greedy common prefix vs reference (tokens)", "reference", "greedy_prefix_tokens", "{:.1f}"),
+    ("top-1 vs teacher", "teacher", "top1", "{:.3f}"),
+    ("mean KL vs teacher", "teacher", "kl_mean", "{:.4f}"),
+    ("p95 KL vs teacher", "teacher", "kl_p95", "{:.4f}"),
+    ("perplexity (teacher)", "teacher", "ppl_model", "{:.2f}"),
+    ("ppl ratio vs teacher", "teacher", "ppl_ratio", "{:.3f}"),
+    ("greedy exact match vs teacher", "teacher", "greedy_exact", "{:.2f}"),
+    ("greedy common prefix vs teacher (tokens)", "teacher", "greedy_prefix_tokens", "{:.1f}"),
+    ("model size (MB)", "cost", "size_mb", "{:.1f}"),
+    ("bundle size (MB)", "cost", "bundle_mb", "{:.1f}"),
+    ("load time (s)", "cost", "load_s", "{:.2f}"),
+    ("prefill (ms, 128 tokens)", "cost", "prefill_ms", "{:.1f}"),
+    ("decode (tokens/s, batch 1)", "cost", "decode_tokens_per_s", "{:.1f}"),
+    ("peak RSS (MB)", "cost", "peak_rss_mb", "{:.0f}"),
+]
+
+
+def _value(report: dict[str, Any], section: str, key: str) -> Any:
+    node = report["cost"] if section == "cost" else (report["fidelity"].get(section) or {})
+    return node.get(key)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def metric_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for label, section, key, fmt in ROWS:
+        values = [_value(r, section, key) for r in reports]
+        if all(v is None for v in values):
+            continue
+        if section == "cost" and key == "prefill_ms":
+            label = f"prefill (ms, {reports[0]['cost'].get('prefill_tokens', 128)} tokens)"
+        rows.append([label] + [_fmt(v, fmt) for v in values])
+    return rows
+
+
+def gate_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One row per gate name: threshold, then value and PASS/FAIL per bundle."""
+    names: list[str] = []
+    for r in reports:
+        names += [g["name"] for g in r["gates"] if g["name"] not in names]
+    rows = []
+    for name in names:
+        row = [name]
+        for r in reports:
+            g = next((g for g in r["gates"] if g["name"] == name), None)
+            if g is None:
+                row.append("–")
+            else:
+                value = "n/a" if g["value"] is None else f"{g['value']:.4g}"
+                op = ">=" if name.startswith("min_") else "<="
+                row.append(f"{'PASS' if g['passed'] else 'FAIL'} {value} ({op} {g['threshold']:g})")
+        rows.append(row)
+    return rows
+
+
+def rich_tables(reports: Sequence[dict[str, Any]]):
+    from rich.table import Table
+
+    names = [r["name"] for r in reports]
+    metrics = Table(title="edgekd validate")
+    metrics.add_column("metric", style="bold")
+    for n in names:
+        metrics.add_column(n, justify="right")
+    for row in metric_rows(reports):
+        metrics.add_row(*row)
+    gates = Table(title="gates (from each bundle's target)")
+    gates.add_column("gate", style="bold")
+    for n in names:
+        gates.add_column(n)
+    for row in gate_rows(reports):
+        gates.add_row(row[0], *[c.replace("PASS", "[green]PASS[/green]").replace("FAIL", "[red]FAIL[/red]") for c in row[1:]])
+    return metrics, gates
+
+
+def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> str:
+    names = [r["name"] for r in reports]
+
+    def table(header: list[str], rows: list[list[str]]) -> str:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+
+    parts = ["# edgekd validate report", ""]
+    if command:
+        parts += [f"Command: `{command}`", ""]
+    for r in reports:
+        parts.append(
+            f"- **{r['name']}** ({r['bundle']}): target `{r['target']}`, providers {', '.join(r['providers'])}; "
+            f"reference `{r['reference']}`, teacher `{r['teacher']}`; {r['data']['prompts']} prompts from "
+            f"{r['data']['source']}, answers of up to {r['data']['answer_tokens']} tokens ({r['data']['answers_from']})"
+        )
+        for note in r.get("notes", []):
+            parts.append(f"  - note: {note}")
+    parts += ["", table(["metric"] + names, metric_rows(reports)), ""]
+    gates = gate_rows(reports)
+    if gates:
+        parts += ["## Gates", "", table(["gate"] + names, gates), ""]
+    verdicts = ", ".join(f"{r['name']}: {'PASS' if r['passed'] else 'FAIL'}" for r in reports)
+    parts += [f"Verdict: {verdicts}", ""]
+    return "\n".join(parts)
+
+
+def plot_kl(path: Path, kls: dict[str, np.ndarray]) -> None:
+    """Histogram of per-position KL(reference || bundle), one series per bundle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    top = max((float(k.max()) for k in kls.values() if k.size), default=1.0)
+    bins = np.logspace(-6, np.log10(max(top, 1e-5)) + 0.05, 40)
+    for name, kl in kls.items():
+        ax.hist(np.clip(kl, 1e-6, None), bins=bins, alpha=0.6, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(reference || bundle) per position, nats (clipped at 1e-6)")
+    ax.set_ylabel("positions")
+    ax.set_title("Per-position KL against the reference")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_size_vs_agreement(path: Path, reports: Sequence[dict[str, Any]]) -> None:
+    """Bundle size against top-1 agreement with the teacher, one point per bundle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in reports:
+        x, y = r["cost"]["size_mb"], r["fidelity"]["teacher"]["top1"]
+        ax.scatter([x], [y])
+        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("model size (MB)")
+    ax.set_ylabel("top-1 agreement with the teacher")
+    ax.set_title("Size against agreement")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output that is a file, or a non-empty folder without an earlier ``report.json``
+    (it is not ours to overwrite). Checked before any work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        raise UsageError(f"{out} is not empty and holds no earlier report: choose another --out")
+
+
+def prepare_out(out: Path) -> Path:
+    """An output folder for a report: new, empty, or holding a previous report (replaced)."""
+    out = Path(out)
+    check_out(out)
+    if out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, np.ndarray], command: str | None = None) -> list[Path]:
+    """Write report.json, report.md and the plots into ``out``; return the paths written."""
+    out = prepare_out(out)
+    written = []
+    plot = out / "kl_per_position.png"
+    plot_kl(plot, kls)
+    written.append(plot)
+    if len(reports) > 1:
+        plot = out / "size_vs_agreement.png"
+        plot_size_vs_agreement(plot, reports)
+        written.append(plot)
+    atomic_write_bytes(out / "report.md", markdown(reports, command).encode())
+    written.append(out / "report.md")
+    verdict = all(r["passed"] for r in reports)
+    write_json(out / "report.json", {"passed": verdict, "command": command, "bundles": list(reports)})
+    written.append(out / "report.json")
+    return written
