@@ -26,7 +26,7 @@ from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.targets import TargetProfile, load_target
 
-__all__ = ["export_bundle", "source_info"]
+__all__ = ["export_bundle", "run_steps", "source_info"]
 
 MODEL_FILE = "model.onnx"
 ORT_FILE = "model.ort"
@@ -70,6 +70,23 @@ def _io_table(sess) -> tuple[list[dict], list[dict]]:
     return rows(sess.get_inputs()), rows(sess.get_outputs())
 
 
+def run_steps(path: Path, profile: TargetProfile, work: Path, say: Callable[[str], None] = lambda m: None):
+    """Run the profile's steps on the ONNX model at ``path``, each writing under ``work``.
+    Returns the final model's path and the recipe entries (settings + what each step reported)."""
+    from edgekd.export.steps import STEPS
+
+    recipe = []
+    for i, name in enumerate(profile.steps):
+        st = STEPS[name]
+        settings = profile.step_settings(name)
+        say(f"step {i + 1}/{len(profile.steps)}: {name}")
+        dst = Path(work) / f"{i + 1}-{name}" / f"model{st.suffix}"
+        info = st.fn(path, dst, settings, profile)
+        recipe.append({"step": name, **(to_dict(settings) if settings is not None else {}), **info})
+        path = dst
+    return path, recipe
+
+
 def export_bundle(
     model: str,
     target: str | Path,
@@ -86,7 +103,6 @@ def export_bundle(
     from edgekd.bundle import check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.export.steps import STEPS
     from edgekd.io import atomic_dir, check_output_dir
     from edgekd.teachers import load_model, resolve_source
 
@@ -117,15 +133,8 @@ def export_bundle(
             )
         fp32_bytes = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
 
-        recipe: list[dict[str, Any]] = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}]
-        for i, name in enumerate(profile.steps):
-            st = STEPS[name]
-            settings = profile.step_settings(name)
-            say(f"step {i + 1}/{len(profile.steps)}: {name}")
-            dst = work / f"{i + 1}-{name}" / f"model{st.suffix}"
-            info = st.fn(path, dst, settings, profile)
-            recipe.append({"step": name, **(to_dict(settings) if settings is not None else {}), **info})
-            path = dst
+        path, steps_run = run_steps(path, profile, work, say)
+        recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
 
         model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE
         say(f"writing the bundle ({model_file})")

@@ -251,13 +251,18 @@ class _quiet_quantizer:
 
     def __enter__(self):
         import logging
+        import warnings
 
         self._old = logging.root.manager.disable
         logging.disable(logging.INFO)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("ignore")
 
     def __exit__(self, *exc):
         import logging
 
+        self._warnings.__exit__(*exc)
         logging.disable(self._old)
 
 

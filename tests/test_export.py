@@ -1,0 +1,195 @@
+"""`edgekd export` end to end on a tiny random Llama, for every shipped profile.
+
+Each bundle is checked the way an app would use it: the exact files, the manifest's hashes, an
+onnxruntime session that runs a prompt and a cached decode step, logits close to PyTorch within
+the profile's tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.bundle import check_external_data, read_manifest
+from edgekd.cli import app
+from edgekd.config import to_dict
+from edgekd.errors import EdgekdError, UsageError
+from edgekd.export import export_bundle, source_info
+from edgekd.export.onnx import model_facts, ort_forward, session
+from edgekd.targets import SHIPPED, load_target
+from edgekd.teachers import load_model, resolve_source
+
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json"}
+TEXT = "Write a short poem about the sea. The capital of Italy is Rome."
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
+    """One bundle per shipped profile; the cpu one through the real CLI."""
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for name in SHIPPED:
+        out[name] = root / name
+        if name == "cpu":
+            result = CliRunner().invoke(app, ["export", str(tiny_teacher_dir), "--target", "cpu", "--out", str(out[name])])
+            assert result.exit_code == 0, result.output
+            assert "wrote" in result.output and "edgekd validate" in result.output
+        else:
+            export_bundle(str(tiny_teacher_dir), name, out[name])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_teacher_dir):
+    model, tok = load_model(str(tiny_teacher_dir))
+    return model, tok
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bundle_files_and_manifest(bundles, tiny_teacher_dir, name):
+    root = bundles[name]
+    manifest = read_manifest(root, verify=True)  # every file present with its size and SHA-256
+    model_file = "model.ort" if name == "mobile" else "model.onnx"
+    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | {model_file}
+    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | {model_file}
+
+    assert manifest["target"] == to_dict(load_target(name))
+    assert manifest["target"]["gates"]["min_top1_vs_reference"] is not None
+    assert [r["step"] for r in manifest["recipe"]] == ["export", *load_target(name).steps]
+    src = manifest["source"]
+    assert src["spec"] == str(Path(tiny_teacher_dir).resolve()) and src["kind"] == "folder"
+    assert src["sha256"] == resolve_source(str(tiny_teacher_dir)).fingerprint()
+    assert src["teacher"] == src["spec"] and src["heldout"] is None  # not distilled: its own teacher
+
+    m = manifest["model"]
+    assert m["file"] == model_file and m["opset"] == 17
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (4, 2, 16, 384)
+    assert m["eos_token_ids"] == [2] and m["pad_token_id"] is not None
+    inputs = {i["name"]: i for i in m["inputs"]}
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert inputs["past_key_values.3.value"]["dtype"] == "float32"  # fp32 I/O, also for cuda's fp16
+    assert inputs["past_key_values.0.key"]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert [o["name"] for o in m["outputs"]][:2] == ["logits", "present.0.key"]
+    assert manifest["export_check"]["fp32_max_abs_logit_diff"] < 1e-3
+
+    genai = json.loads((root / "genai_config.json").read_text())
+    dec = genai["model"]["decoder"]
+    assert dec["filename"] == model_file and dec["num_hidden_layers"] == 4 and dec["head_size"] == 16
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert genai["search"]["past_present_share_buffer"] is False
+    assert "{% for message in messages %}" in (root / "chat_template.jinja").read_text()
+    if model_file.endswith(".onnx"):
+        check_external_data(root / model_file)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bundle_runs_close_to_pytorch(bundles, reference, name):
+    """Prompt + 3 cached decode steps in onnxruntime against PyTorch on a text the probe did not use."""
+    import torch
+
+    model, tok = reference
+    manifest = read_manifest(bundles[name])
+    sess = session(bundles[name] / manifest["model"]["file"], ["CPUExecutionProvider"])
+    facts = model_facts(model.config)
+    ids = np.asarray([tok(TEXT)["input_ids"]], dtype=np.int64)
+    logits, past = ort_forward(sess, ids, None, facts)
+    got, want = [logits], []
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), use_cache=True)
+        want.append(out.logits.numpy())
+        kv = out.past_key_values
+        for _ in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=nxt, past_key_values=kv, use_cache=True)
+            kv = out.past_key_values
+            want.append(out.logits.numpy())
+            logits, past = ort_forward(sess, nxt.numpy(), past, facts)
+            got.append(logits)
+    got, want = np.concatenate(got, 1), np.concatenate(want, 1)
+    assert got.shape == want.shape
+    tol = load_target(name).check.max_abs_logit_diff
+    assert np.abs(got - want).max() <= tol
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+
+
+def test_cpu_bundle_quantizes_head_and_embedding_once(bundles):
+    import onnx
+
+    model = onnx.load(str(bundles["cpu"] / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GatherBlockQuantized") == 1 and "MatMul" not in [
+        n.op_type for n in model.graph.node if any(i.endswith("weight") for i in n.input)
+    ]
+    vocab_rows = [t for t in model.graph.initializer if t.dims and t.dims[0] == 384]
+    assert [(t.data_type, list(t.dims)) for t in vocab_rows] == [(onnx.TensorProto.UINT8, [384, 2, 32])]  # stored once
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
+                   for t in model.graph.initializer)  # no fp32 weight matrix left
+
+
+def test_cuda_bundle_is_fp16(bundles):
+    import onnx
+
+    model = onnx.load(str(bundles["cuda"] / "model.onnx"))
+    weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+
+
+def test_existing_out_is_refused_before_work(bundles, tiny_teacher_dir):
+    result = CliRunner().invoke(app, ["export", str(tiny_teacher_dir), "--target", "cpu", "--out", str(bundles["cpu"])])
+    assert result.exit_code == 2
+    assert "exists and is not empty: pass --overwrite" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/model", "--target", "cpu"], "does not exist"),
+        (["{teacher}", "--target", "gpu"], "neither a shipped profile"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, tiny_teacher_dir, args, message):
+    args = [a.format(teacher=tiny_teacher_dir) for a in args]
+    result = CliRunner().invoke(app, ["export", *args, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+def test_unsupported_architecture_is_named(tmp_path, tokenizer):
+    from transformers import BertConfig, BertLMHeadModel
+
+    folder = tmp_path / "bert"
+    cfg = BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, is_decoder=True)
+    BertLMHeadModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(UsageError, match="BertLMHeadModel.*cannot be exported") as e:
+        export_bundle(str(folder), "cpu", tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_drift_beyond_tolerance_fails_and_leaves_nothing(tmp_path, tiny_teacher_dir):
+    profile = tmp_path / "strict.toml"
+    profile.write_text('steps = ["quantize_dynamic"]\n[check]\nmax_abs_logit_diff = 1e-9\n')
+    with pytest.raises(EdgekdError, match="drifts from PyTorch"):
+        export_bundle(str(tiny_teacher_dir), profile, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [profile]  # no bundle, no partial folder
+
+
+def test_source_info_reads_distill_json(tmp_path, tiny_student_dir):
+    import shutil
+
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_student_dir, folder)
+    (folder / "distill.json").write_text(json.dumps({"teacher": "smollm2-135m-instruct", "heldout": "heldout.jsonl"}))
+    info = source_info(resolve_source(str(folder)))
+    assert info["teacher"] == "smollm2-135m-instruct"
+    assert info["heldout"] == str((folder / "heldout.jsonl").resolve())
+    assert info["spec"] == str(folder.resolve())
