@@ -221,9 +221,13 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).")] = False,
     trust_remote_code: TrustRemoteCode = False,
+    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's [[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).")] = False,
 ) -> None:
     """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer and manifest."""
     from edgekd.export import export_bundle
+
+    if search:
+        return _export_search(model, target, out, overwrite, trust_remote_code)
 
     with console.status("exporting ...") as status:
         manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
@@ -330,6 +334,30 @@ def bench(
     table.add_row(f"PyTorch eager generate ({r['reference']})", f"{r['torch_decode_tokens_per_s']:.1f}", "1.00x")
     console.print(table)
     console.print(f"prefill {r['prefill_tokens']} tokens: {r['edgekd_prefill_ms']:.1f} ms (edgekd runtime)")
+
+
+def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_remote_code: bool) -> None:
+    """`edgekd export --search`: the search, then its table (also when no candidate passes)."""
+    from edgekd.search import NoCandidatePasses, search_export, table_rows
+
+    def show(result) -> None:
+        table = Table(title=f"search: target {result.target}")
+        for col in ("candidate", "size MB", "decode tok/s", "top-1", "KL", "verdict"):
+            table.add_column(col, overflow="fold")
+        for row in table_rows(result):
+            table.add_row(*row[:5], row[5].replace("PASS", "[green]PASS[/green]").replace("FAIL", "[red]FAIL[/red]"))
+        console.print(table)
+
+    try:
+        with console.status("searching ...") as status:
+            result = search_export(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                                   log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)))
+    except NoCandidatePasses as e:
+        show(e.result)
+        raise
+    show(result)
+    console.print(f"[green]wrote[/green] {out}: candidate {result.chosen!r}, the smallest that passes the gates")
+    console.print(f"next: edgekd validate {out}")
 
 
 def main() -> None:

@@ -151,6 +151,9 @@ class TargetProfile:
     optimize: Optimize = Optimize()
     to_ort: OrtFormat = OrtFormat()
     gates: Gates = Gates()
+    # `edgekd export --search`: recipes to try, in order of preference, each a [[candidates]] table
+    # with a name and the tables it overrides (checked like the profile itself; see edgekd/search.py).
+    candidates: tuple[dict, ...] = ()
 
     def __post_init__(self):
         _check(14 <= self.opset <= 21, f"opset = {self.opset}: use 14..21 (17 is what optimum-onnx tests)")
@@ -161,6 +164,10 @@ class TargetProfile:
             _check(s in STEPS, f"unknown step {s!r} in steps (known: {', '.join(STEPS)})")
         _check(len(set(self.steps)) == len(self.steps), "steps lists a step twice")
         _check("to_ort" not in self.steps or self.steps[-1] == "to_ort", "to_ort must be the last step")
+        if self.candidates:
+            from edgekd.search import resolve_candidates
+
+            resolve_candidates(self)  # an unknown key or a wrong type in a candidate fails at load
 
     def step_settings(self, step: str):
         """The settings table a step reads: the field of the same name, or None for none."""

@@ -94,11 +94,14 @@ def export_bundle(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
+    fp32_onnx: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` for ``target`` into the bundle folder ``out``; return the manifest.
 
     ``model``: a Hugging Face folder, a .gguf file, a cached hub id or a known teacher name.
-    ``target``: ``cpu``, ``mobile``, ``cuda`` or a path to a profile ``.toml``.
+    ``target``: ``cpu``, ``mobile``, ``cuda``, a path to a profile ``.toml``, or a ``TargetProfile``.
+    ``fp32_onnx``: an fp32 export of this same model at the profile's opset, made earlier (the
+    search reuses one across candidates); it is checked against PyTorch like a fresh export.
     """
     from edgekd.bundle import check_external_data, write_manifest
     from edgekd.export import bundle as files
@@ -108,7 +111,7 @@ def export_bundle(
 
     say = log or (lambda msg: None)
     out = Path(out)
-    profile: TargetProfile = load_target(target)
+    profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
     check_output_dir(out, overwrite)  # before minutes of work
     source = resolve_source(model)
     t0 = time.time()
@@ -120,7 +123,7 @@ def export_bundle(
         work = Path(work_dir)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is meant to be shared
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
-        path = export_onnx(torch_model, work / "export", profile.opset)
+        path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)
 
         ids = probe_ids(tok)
         reference = torch_probe(torch_model, ids)
