@@ -262,7 +262,7 @@ def generate(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     rt = Runtime(bundle, threads=threads)
     for note in rt.warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {note}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
     for piece in rt.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=not raw):
         console.out(piece, end="", highlight=False)
         console.file.flush()
@@ -272,6 +272,7 @@ def generate(
         f"[dim]{t.new_tokens} tokens; prefill {t.prompt_tokens} tokens in {1000 * t.prefill_s:.0f} ms; "
         f"decode {t.decode_tokens_per_s:.1f} tokens/s ({', '.join(rt.session.get_providers())})[/dim]",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -290,7 +291,6 @@ def validate(
     """Check that a bundle is still the model: fidelity against the reference and the teacher,
     speed and cost, and the target's gates. Exit 0 when every gate passes, 1 when one fails."""
     import shlex
-    import sys
 
     from edgekd.validate import ValidateConfig, failed_gates
     from edgekd.validate import validate as run_validate
@@ -301,10 +301,15 @@ def validate(
         teacher=teacher, reference=reference, data=data, num_prompts=num_prompts,
         answer_tokens=answer_tokens, speed=speed, threads=threads,
     )
-    command_line = "edgekd " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
+             "--num-prompts": num_prompts if num_prompts != 8 else None,
+             "--answer-tokens": answer_tokens if answer_tokens != 32 else None, "--threads": threads}
+    words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
+    command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
     with console.status("validating ...") as status:
         reports, out_dir = run_validate(
-            bundles, config, out, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)), command=command_line
+            bundles, config, out, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=True)),
+            command=command_line,
         )
     for table in rich_tables(reports):
         console.print(table)

@@ -380,7 +380,8 @@ class Runtime:
         return logits
 
     def _step(self, token: int) -> np.ndarray:
-        """Decode: feed one token, grow the cache by one; return the next logits ``(vocab,)``."""
+        """Decode: feed one token, grow the cache by one; return the next logits ``(vocab,)``,
+        a view of the runtime's logits buffer that the next run overwrites (copy to keep it)."""
         return self._run(np.array([[token]], dtype=np.int64))[0, -1]
 
     def generate_ids(
@@ -409,7 +410,7 @@ class Runtime:
                 break
             timing.new_tokens += 1
             yield token  # the consumer's time between yields is not counted
-            if i + 1 == max_new_tokens or self._len >= self._capacity:
+            if i + 1 == max_new_tokens or self._len + 1 >= self._capacity:  # answered, or context full
                 break
             t = time.perf_counter()
             logits = self._step(token)
@@ -439,7 +440,7 @@ class Runtime:
             raise UsageError("nothing to score: the response has no tokens")
         rows = [self._start(prompt_ids, len(prompt_ids) + len(response_ids))[-1]]
         for token in response_ids[:-1]:
-            rows.append(self._step(int(token)))
+            rows.append(self._step(int(token)).copy())
         return np.stack(rows).astype(np.float32, copy=False)
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:

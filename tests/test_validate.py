@@ -1,0 +1,246 @@
+"""`edgekd validate`, `generate` and `bench` as a user runs them: real bundles from the exporter,
+real onnxruntime and PyTorch, the real CLI in a subprocess; exit codes and the files written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekd.errors import UsageError
+from edgekd.validate.fidelity import compare_greedy, compare_logits
+from edgekd.validate.gates import GATES, apply_gates
+from tests.conftest import requires_smollm2
+from tests.test_runtime import shared_fp32_bundle
+
+FAST = ["--num-prompts", "3", "--answer-tokens", "12"]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh process (slow: imports torch each time)."""
+    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The same CLI in this process (Typer's CliRunner): same exit codes and output streams."""
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
+def break_with_quantize_dynamic(good: Path, out: Path) -> Path:
+    """What a user reaches for first, onnxruntime's dynamic int8 (FACTS.md: it breaks models),
+    applied to a copy of the fp32 bundle, whose manifest is then re-written: a bundle that is
+    internally consistent, so only measuring it against the reference can catch it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgekd.bundle import read_manifest, write_manifest
+
+    shutil.copytree(good, out)
+    quantize_dynamic(
+        good / "model.onnx", out / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
+        op_types_to_quantize=["MatMul", "Gather"],
+    )
+    manifest = read_manifest(out, verify=False)
+    manifest["recipe"] = manifest["recipe"] + [{"step": "quantize_dynamic", "per_channel": True}]
+    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
+    good = shared_fp32_bundle(tmp_path_factory, tiny_teacher_dir)
+    return {"good": good, "broken": break_with_quantize_dynamic(good, tmp_path_factory.mktemp("validate") / "broken")}
+
+
+def test_good_bundle_passes_and_writes_the_report(bundles, tmp_path):
+    out = tmp_path / "report"
+    r = cli("validate", bundles["good"], "--out", out, *FAST)  # no --data: the shipped held-out prompts
+    assert r.returncode == 0, r.stderr
+    assert "all gates pass" in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["kl_per_position.png", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    (b,) = report["bundles"]
+    ref = b["fidelity"]["reference"]
+    assert ref["top1"] == 1.0 and ref["kl_mean"] < 1e-6 and abs(ref["ppl_ratio"] - 1) < 1e-3
+    assert ref["max_abs_logit_error"] < 1e-3 and ref["greedy_exact"] == 1.0 and ref["greedy_prefix_tokens"] == 12
+    assert b["data"]["prompts"] == 3 and "shipped" in b["data"]["source"]
+    assert b["data"]["answers_from"] == "the reference's greedy answers"
+    # Exported straight from a model (no distill.json): the model is its own teacher.
+    assert b["teacher"] == b["reference"] == str(Path(b["reference"]))
+    assert {g["name"] for g in b["gates"]} == {
+        "min_top1_vs_reference", "max_kl_vs_reference", "max_ppl_ratio_vs_reference",
+        "min_greedy_prefix_vs_reference", "max_size_mb",
+    }
+    cost = b["cost"]
+    assert cost["decode_tokens_per_s"] > 0 and cost["prefill_ms"] > 0 and cost["load_s"] > 0
+    assert 10 < cost["peak_rss_mb"] < 2000 and 0 < cost["size_mb"] <= cost["bundle_mb"]
+    md = (out / "report.md").read_text()
+    assert "| top-1 vs reference | 1.000 |" in md and f"Verdict: {bundles['good'].name}: PASS" in md and "Command: `edgekd validate " in md
+    assert (out / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_broken_bundle_fails_naming_the_gate_side_by_side(bundles, tmp_path):
+    out = tmp_path / "report"
+    data = tmp_path / "data.jsonl"  # answers given: teacher-forced on them, no reference greedy needed for scoring
+    pairs = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Explain why the sky is blue.", "Sunlight scatters off the air; blue scatters most."),
+    ]
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": a}) for p, a in pairs) + "\n")
+    r = cli("validate", bundles["good"], bundles["broken"], "--data", data, "--out", out, "--no-speed", *FAST)
+    assert r.returncode == 1, r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith("error:") and "broken: min_top1_vs_reference" in err and f"{bundles['good'].name}:" not in err
+    assert "Traceback" not in r.stderr
+    assert (out / "size_vs_agreement.png").is_file()
+    report = json.loads((out / "report.json").read_text())
+    good, broken = report["bundles"]
+    assert report["passed"] is False and good["passed"] is True and broken["passed"] is False
+    assert broken["fidelity"]["reference"]["top1"] < 0.99 and broken["cost"]["size_mb"] < good["cost"]["size_mb"]
+    assert good["data"]["answers_from"].endswith("(teacher-forced)")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundles["good"] / "tokenizer.json"))
+    scored = sum(min(12, len(tok.encode(a, add_special_tokens=False).ids)) for _, a in pairs)
+    assert good["fidelity"]["reference"]["positions"] == broken["fidelity"]["reference"]["positions"] == scored
+
+
+def test_teacher_with_another_tokenizer_is_refused(bundles, tmp_path, tokenizer, tiny_teacher_dir):
+    other = shutil.copytree(tiny_teacher_dir, tmp_path / "other-teacher")
+    tok = tokenizer.__class__.from_pretrained(str(other))
+    tok.add_tokens(["<|tool_call|>", "zebra-token"])
+    tok.save_pretrained(str(other))
+    r = cli("validate", bundles["good"], "--teacher", other, "--out", tmp_path / "r", "--no-speed", *FAST)
+    assert r.returncode == 2
+    assert "different tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_changed_bundle_and_foreign_out_are_refused(bundles, tmp_path):
+    copy = shutil.copytree(bundles["good"], tmp_path / "b")
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace("<|im_end|>", "<|im_END|>"))
+    r = cli("validate", copy, "--out", tmp_path / "r", "--no-speed")
+    assert r.returncode == 2 and "does not match its manifest hash" in r.stderr
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    r = cli("validate", bundles["good"], "--out", foreign, "--no-speed")
+    assert r.returncode == 2 and "holds no earlier report" in r.stderr
+    assert (foreign / "todo.txt").read_text() == "mine"
+    r = cli("validate", tmp_path)
+    assert r.returncode == 2 and "not an edgekd bundle" in r.stderr
+
+
+def test_cuda_bundle_on_a_machine_without_cuda_falls_back_with_a_message(bundles, tmp_path):
+    import onnxruntime as ort
+
+    from edgekd.bundle import read_manifest, write_manifest
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    copy = shutil.copytree(bundles["good"], tmp_path / "cuda")
+    manifest = read_manifest(copy)
+    manifest["target"]["execution_providers"] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    write_manifest(copy, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+    r = cli("generate", copy, "What is the capital of France?", "-n", "6")
+    assert r.returncode == 0, r.stderr
+    assert "CUDAExecutionProvider is not in this onnxruntime build" in r.stderr and "falling back to CPUExecutionProvider" in r.stderr
+    assert "tokens/s" in r.stderr
+
+
+def test_generate_streams_and_refuses_bad_prompts(bundles):
+    from edgekd.runtime import Runtime
+
+    rt = Runtime(bundles["good"])
+    expected = rt.generate("What is the capital of France?", max_new_tokens=10)
+    r = cli("generate", bundles["good"], "What is the capital of France?", "--max-new-tokens", "10")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip("\n") == expected.rstrip("\n")
+    assert "tokens/s" in r.stderr
+    r = cli("generate", bundles["good"], "Hello", "-n", "8", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.9", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    r = cli("generate", bundles["good"], "  ")
+    assert r.returncode == 2 and "the prompt is empty" in r.stderr
+    r = cli("generate", bundles["good"], "The sea. " * 200)
+    assert r.returncode == 2 and "context is 256" in r.stderr
+    r = cli("generate", bundles["good"], "Hi", "--top-p", "0")
+    assert r.returncode == 2 and "top-p" in r.stderr
+
+
+def test_bench_reports_a_ratio_against_pytorch(bundles):
+    r = cli("bench", bundles["good"], "--tokens", "16")
+    assert r.returncode == 0, r.stderr
+    assert "PyTorch eager generate" in r.stdout and "edgekd runtime" in r.stdout
+    assert "x" in r.stdout and "1.00x" in r.stdout
+
+
+def test_compare_logits_identical_and_shifted():
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(5, 11)).astype(np.float32) for _ in range(3)]
+    answers = [rng.integers(0, 11, size=5) for _ in range(3)]
+    m, kl = compare_logits(logits, logits, answers)
+    assert m["top1"] == 1.0 and m["kl_mean"] < 1e-12 and m["ppl_ratio"] == pytest.approx(1.0) and m["max_abs_logit_error"] == 0
+    assert kl.shape == (15,)
+    m, _ = compare_logits([x + 3.0 for x in logits], logits, answers)  # a constant shift: same distribution
+    assert m["top1"] == 1.0 and m["kl_mean"] < 1e-9 and m["max_abs_logit_error"] == pytest.approx(3.0)
+    flipped = [-x for x in logits]
+    m, _ = compare_logits(flipped, logits, answers)
+    assert m["top1"] == 0.0 and m["kl_mean"] > 0.5 and m["ppl_ratio"] > 1
+
+
+def test_compare_greedy_counts_identical_answers_as_the_whole_budget():
+    g = compare_greedy([[1, 2, 3], [1, 2, 9, 9], [5]], [[1, 2, 3], [1, 2, 3, 4], [6]], budget=10)
+    assert g["greedy_exact"] == pytest.approx(1 / 3)
+    assert g["greedy_prefix_tokens"] == pytest.approx((10 + 2 + 0) / 3)
+
+
+def test_gates_directions_missing_values_and_unknown_names():
+    report = {"fidelity": {"reference": {"top1": 0.95, "kl_mean": 0.01}, "teacher": None}, "cost": {"size_mb": 120.0}}
+    results = {g.name: g for g in apply_gates(
+        {"min_top1_vs_reference": 0.97, "max_kl_vs_reference": 0.02, "max_size_mb": 100, "min_top1_vs_teacher": 0.5,
+         "max_ppl_ratio_vs_reference": None}, report)}
+    assert not results["min_top1_vs_reference"].passed and results["max_kl_vs_reference"].passed
+    assert not results["max_size_mb"].passed
+    assert not results["min_top1_vs_teacher"].passed and results["min_top1_vs_teacher"].value is None
+    assert "max_ppl_ratio_vs_reference" not in results
+    with pytest.raises(UsageError, match="unknown gate"):
+        apply_gates({"min_vibes": 1.0}, report)
+
+
+def test_every_gate_of_the_target_profiles_is_known():
+    from edgekd.targets import SHIPPED, Gates, load_target
+
+    assert {f.name for f in __import__("dataclasses").fields(Gates)} == set(GATES)
+    for name in SHIPPED:
+        assert set(k for k, v in __import__("dataclasses").asdict(load_target(name).gates).items() if v is not None) <= set(GATES)
+
+
+@requires_smollm2
+@pytest.mark.smollm2
+def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path):
+    """The CI check: export the real teacher for the cpu target and validate it with defaults."""
+    from edgekd.export import export_bundle
+
+    export_bundle("smollm2-135m-instruct", "cpu", tmp_path / "cpu")
+    out = tmp_path / "report"
+    r = run("validate", tmp_path / "cpu", "--out", out, "--num-prompts", "6", "--answer-tokens", "24", timeout=600)
+    assert r.returncode in (0, 1), r.stderr
+    report = json.loads((out / "report.json").read_text())
+    (b,) = report["bundles"]
+    assert (r.returncode == 0) == report["passed"]
+    ref = b["fidelity"]["reference"]
+    # 8-bit weights with an int8 head: close to the fp32 model (FACTS.md: top-1 0.97-0.98, KL < 0.01)
+    assert ref["top1"] > 0.9 and ref["kl_mean"] < 0.05 and ref["ppl_ratio"] < 1.1
+    assert b["reference"] == b["teacher"] == "smollm2-135m-instruct"
+    assert b["cost"]["decode_tokens_per_s"] > 5 and b["cost"]["size_mb"] < 300
