@@ -365,6 +365,32 @@ def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_re
     console.print(f"next: edgekd validate {out}")
 
 
+@command("run")
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: [distill] (or model = ...), [[export]] per target, [validate].")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and run nothing.")] = False,
+) -> None:
+    """Distill -> export -> validate from one file; each stage is skipped when its output is up to
+    date (same config and inputs), so a rerun after a crash or an edit does only what is needed.
+    Exit 0 when every validated bundle passes its gates, 1 when one fails."""
+    from edgekd.pipeline import run_pipeline
+    from edgekd.validate.gates import GateFailed
+
+    results = run_pipeline(pipeline, dry_run=dry_run, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=True))
+    colors = {"ran": "green", "up to date": "cyan", "skipped": "yellow", "failed": "red", "would run": "magenta"}
+    table = Table(title=f"pipeline {pipeline}" + (" (dry run)" if dry_run else ""))
+    for col in ("stage", "output", "status", "verdict", "s", "why"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        verdict = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: ""}[r.passed]
+        table.add_row(r.stage, r.name, f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]", verdict,
+                      f"{r.seconds:.0f}" if r.seconds else "", r.detail)
+    console.print(table)
+    failed = [r for r in results if r.passed is False]
+    if failed:
+        raise GateFailed(f"{len(failed)} stage(s) failed: " + "; ".join(f"{r.stage} {r.name}: {r.detail}" for r in failed))
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,323 @@
+"""``edgekd run pipeline.toml``: distill -> export (one or several targets) -> validate, from one file.
+
+Each stage is skipped when its output is complete and was made from the same resolved config and
+the same inputs, so a rerun after a crash or an edit does only what is needed:
+
+- **distill** (``[distill]``, any ``edgekd distill`` setting): up to date when ``OUT/distill.json``
+  exists and the stage key (the resolved ``DistillConfig``, the teacher's SHA-256 and the SHA-256
+  of every data / prompts / held-out file named) matches the one recorded in ``OUT/.pipeline.json``.
+  A run that crashed with that key resumes from its last checkpoint.
+- **export** (``[[export]]``, one per target): up to date when the bundle's manifest (hashes
+  checked) records the same source model SHA-256 and the same resolved target profile (for
+  ``search = true``: the same profile and search validation settings under ``manifest.search``).
+- **validate** (``[validate]``, for every exported bundle): up to date when ``REPORT/report.json``
+  exists and ``REPORT/.pipeline.json`` records the same bundle manifest SHA-256 and settings.
+
+A bundle whose target's first execution provider this onnxruntime lacks (``cuda`` on a CPU-only
+machine) follows ``[validate] missing_provider``: ``skip`` (default: not validated, shown as
+skipped, does not fail the run), ``cpu`` (validated on the CPU provider: fidelity of the same
+graph, a proxy for the device) or ``fail``.
+
+Paths in the file are relative to the current folder, as on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from edgekd.config import from_mapping, read_toml, to_dict
+from edgekd.distill.config import DistillConfig
+from edgekd.errors import EdgekdError, UsageError
+from edgekd.io import sha256_file, write_json
+
+__all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "StageResult"]
+
+STAMP = ".pipeline.json"  # hidden: a model folder's fingerprint skips dot files, so it stays stable
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportStage:
+    """One ``[[export]]`` table: a bundle for one target."""
+
+    target: str  # cpu | mobile | cuda | path/to/profile.toml
+    out: str  # the bundle folder
+    search: bool = False  # try the target's [[candidates]]; keep the smallest that passes its gates
+    report: str = ""  # the validation report folder (default: OUT-report)
+
+    def __post_init__(self):
+        if not self.out:
+            raise UsageError(f"[[export]] for target {self.target!r} has no out: add out = \"path/to/bundle\"")
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.report) if self.report else Path(self.out + "-report")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateStage:
+    """``[validate]``: how every exported bundle is checked (see ``edgekd validate --help``)."""
+
+    enabled: bool = True  # false: stop after export
+    num_prompts: int = 8
+    answer_tokens: int = 32
+    speed: bool = True
+    threads: Optional[int] = None
+    data: str = ""  # default: the distillation's held-out split, else the shipped prompts
+    missing_provider: Literal["skip", "cpu", "fail"] = "skip"  # a target whose provider is absent here
+
+    def config(self, providers: tuple[str, ...] | None = None):
+        from edgekd.validate import ValidateConfig
+
+        return ValidateConfig(num_prompts=self.num_prompts, answer_tokens=self.answer_tokens, speed=self.speed,
+                              threads=self.threads, data=Path(self.data) if self.data else None, providers=providers)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    model: str = ""  # the model to export when there is no [distill] (a folder, .gguf, known teacher)
+    distill: Optional[DistillConfig] = None
+    export: tuple[ExportStage, ...] = ()
+    validate: ValidateStage = ValidateStage()
+
+    def __post_init__(self):
+        if bool(self.model) == (self.distill is not None):
+            raise UsageError("give either model = \"...\" (export it as it is) or a [distill] table (distill a student first), not both or neither")
+        if self.distill is not None and not self.distill.out:
+            raise UsageError("[distill] has no out: add out = \"path/to/student\"")
+        outs = [e.out for e in self.export] + [str(e.report_dir) for e in self.export]
+        if len(set(map(_norm, outs))) != len(outs):
+            raise UsageError("two [[export]] tables write the same out or report folder: give each its own")
+
+
+def _norm(p: str) -> str:
+    return str(Path(p).expanduser().resolve())
+
+
+def load_pipeline(path: Path) -> PipelineConfig:
+    """Read and check a pipeline file (unknown keys and wrong types name the key and the file)."""
+    path = Path(path)
+    return from_mapping(PipelineConfig, read_toml(path), where=str(path))
+
+
+@dataclasses.dataclass
+class StageResult:
+    stage: str  # distill | export | validate
+    name: str  # what it made: the folder
+    status: str  # ran | up to date | skipped | failed | would run
+    detail: str = ""
+    passed: Optional[bool] = None  # validate (and search) verdict
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage keys: what an output was made from
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def distill_key(cfg: DistillConfig) -> dict[str, Any]:
+    """The resolved config, the teacher's fingerprint and the hash of every input file named."""
+    from edgekd.teachers import resolve_source
+
+    files = [*cfg.data, cfg.prompts, cfg.heldout]
+    inputs = {}
+    for f in files:
+        if f:
+            if not Path(f).is_file():
+                raise UsageError(f"[distill] names {f}, which does not exist")
+            inputs[f] = sha256_file(Path(f))
+    return {"config": to_dict(cfg), "teacher_sha256": resolve_source(cfg.teacher).fingerprint(), "inputs": inputs}
+
+
+def export_up_to_date(stage: ExportStage, model_sha256: str, profile, search_validate: dict | None) -> tuple[bool, str]:
+    """Whether the bundle at ``stage.out`` was made from this model and this profile."""
+    from edgekd.bundle import read_manifest
+
+    out = Path(stage.out)
+    if not (out / "manifest.json").is_file():
+        return False, "no bundle yet"
+    try:
+        manifest = read_manifest(out, verify=True)
+    except UsageError as e:
+        return False, f"the bundle is damaged ({e})"
+    if (manifest.get("source") or {}).get("sha256") != model_sha256:
+        return False, "the model changed"
+    if stage.search:
+        record = manifest.get("search") or {}
+        if record.get("profile") != to_dict(profile):
+            return False, "the target profile changed" if record else "it was not made by a search"
+        if record.get("validate") != search_validate:
+            return False, "the search's validation settings changed"
+    else:
+        if "search" in manifest:
+            return False, "it was made by a search"
+        if manifest.get("target") != to_dict(profile):
+            return False, "the target profile changed"
+    return True, "same model and profile"
+
+
+def _can_resume(out: Path, cfg: DistillConfig, stamp: dict | None, key: dict) -> bool:
+    """A distill run in ``out`` that stopped before the end, with the same config (and, when one
+    was recorded, the same inputs): ``edgekd distill --resume`` continues it from its checkpoint."""
+    if (out / "distill.json").is_file() or not (out / "checkpoints").is_dir() or not (out / "distill.toml").is_file():
+        return False
+    try:
+        saved = from_mapping(DistillConfig, read_toml(out / "distill.toml"), str(out / "distill.toml"))
+    except UsageError:
+        return False
+    return saved == cfg and (stamp is None or stamp.get("key") == key)
+
+
+def _bundle_to_replace(out: Path) -> None:
+    """Refuse to replace a folder that is not an edgekd bundle (the user's files)."""
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise UsageError(f"{out} exists and is not an edgekd bundle: refusing to replace it; choose another out")
+
+
+# ---------------------------------------------------------------------------------------------
+def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] = lambda m: None) -> list[StageResult]:
+    """Run (or, with ``dry_run``, plan) every stage of the pipeline file; return what each did.
+
+    A failed gate is a ``passed = False`` result, not an exception: the other targets still run.
+    Bad input raises ``UsageError``; a failing distill or export raises ``EdgekdError``.
+    """
+    import onnxruntime as ort
+
+    from edgekd.targets import load_target
+    from edgekd.teachers import resolve_source
+
+    cfg = load_pipeline(Path(path))
+    results: list[StageResult] = []
+    profiles = {e.target: load_target(e.target) for e in cfg.export}  # bad profiles fail before work
+    rebuilt = False  # an upstream stage ran (or would run): everything below is stale
+
+    # ---- distill ------------------------------------------------------------------------
+    if cfg.distill is not None:
+        d = cfg.distill
+        out = Path(d.out)
+        key = distill_key(d)
+        stamp = _read_json(out / STAMP)
+        if (out / "distill.json").is_file() and stamp is not None and stamp.get("key") == key:
+            results.append(StageResult("distill", d.out, "up to date", "same config, teacher and data"))
+        else:
+            resume = _can_resume(out, d, stamp, key)
+            why = ("resuming a run that stopped" if resume else "no student yet" if not (out / "distill.json").is_file()
+                   else "the config, teacher or data changed")
+            rebuilt = True
+            if dry_run:
+                results.append(StageResult("distill", d.out, "would run", why))
+            else:
+                from edgekd.distill import distill
+
+                log(f"distill -> {d.out}: {why}")
+                t0 = time.time()
+                (out / STAMP).unlink(missing_ok=True)
+                overwrite = not resume and out.is_dir() and any(out.iterdir())
+                result = distill(d, resume=resume, overwrite=overwrite)
+                write_json(out / STAMP, {"key": key})  # after distill.json: the stage is complete
+                after = result["metrics"]["after"]
+                results.append(StageResult("distill", d.out, "ran", f"{why}; held-out top-1 {after['top1_agreement']:.3f}",
+                                           seconds=time.time() - t0))
+        model = d.out
+    else:
+        model = cfg.model
+
+    # ---- export and validate, per target ------------------------------------------------
+    model_sha = None if (rebuilt and dry_run) else resolve_source(model).fingerprint()
+    available = set(ort.get_available_providers())
+    for e in cfg.export:
+        profile = profiles[e.target]
+        search_validate = to_dict(cfg.validate.config()) if e.search else None
+        stale = rebuilt
+        if model_sha is None:
+            ok, why = False, "the model is rebuilt"
+        else:
+            ok, why = export_up_to_date(e, model_sha, profile, search_validate)
+        bundle_ok = True
+        if ok:
+            results.append(StageResult("export", e.out, "up to date", why))
+        elif dry_run:
+            stale = True
+            results.append(StageResult("export", e.out, "would run", why))
+        else:
+            stale = True
+            bundle_ok = _export(e, model, profile, why, results, log, cfg.validate.config())
+        if not bundle_ok:
+            continue
+        # ---- validate ------------------------------------------------------------------
+        if not cfg.validate.enabled:
+            continue
+        first = profile.execution_providers[0]
+        providers = None
+        if first not in available:
+            policy = cfg.validate.missing_provider
+            note = f"{first} is not available in this onnxruntime"
+            if policy == "skip":
+                results.append(StageResult("validate", str(e.report_dir), "skipped", f"{note} (missing_provider = skip)"))
+                continue
+            if policy == "fail":
+                results.append(StageResult("validate", str(e.report_dir), "failed", f"{note} (missing_provider = fail)", passed=False))
+                continue
+            providers = ("CPUExecutionProvider",)
+        vcfg = cfg.validate.config(providers)
+        report = e.report_dir
+        if dry_run and stale:
+            results.append(StageResult("validate", str(report), "would run", "the bundle is rebuilt"))
+            continue
+        key = {"bundle_manifest_sha256": sha256_file(Path(e.out) / "manifest.json"), "config": to_dict(vcfg)}
+        stamp = _read_json(report / STAMP) or {}
+        previous = _read_json(report / "report.json")
+        if previous is not None and stamp.get("key") == key:
+            failed = stamp.get("failed") or []
+            results.append(StageResult("validate", str(report), "up to date", "same bundle and settings; " + (
+                "all gates pass" if not failed else "fails " + "; ".join(failed)), passed=bool(previous.get("passed"))))
+            continue
+        why = "no report yet" if previous is None else "the bundle or the settings changed"
+        if dry_run:
+            results.append(StageResult("validate", str(report), "would run", why))
+            continue
+        results.append(_validate(e, vcfg, key, why, log))
+    return results
+
+
+def _export(e: ExportStage, model: str, profile, why: str, results: list[StageResult], log, search_config) -> bool:
+    """Run one export stage; a search that finds no passing candidate is a failed stage."""
+    from edgekd.export import export_bundle
+    from edgekd.search import NoCandidatePasses, search_export
+
+    out = Path(e.out)
+    _bundle_to_replace(out)
+    log(f"export -> {e.out} ({profile.name}{', search' if e.search else ''}): {why}")
+    t0 = time.time()
+    if e.search:
+        try:
+            result = search_export(model, profile, out, overwrite=True, validate_config=search_config, log=log)
+        except NoCandidatePasses as err:
+            results.append(StageResult("export", e.out, "failed", str(err), passed=False, seconds=time.time() - t0))
+            return False
+        detail = f"{why}; search kept {result.chosen!r}"
+    else:
+        manifest = export_bundle(model, profile, out, overwrite=True, log=log)
+        detail = f"{why}; {manifest['export_check']['model_bytes'] / 1e6:.1f} MB"
+    results.append(StageResult("export", e.out, "ran", detail, seconds=time.time() - t0))
+    return True
+
+
+def _validate(e: ExportStage, vcfg, key: dict, why: str, log) -> StageResult:
+    from edgekd.validate import failed_gates, validate
+
+    log(f"validate {e.out} -> {e.report_dir}: {why}")
+    t0 = time.time()
+    reports, out = validate([Path(e.out)], vcfg, out=e.report_dir, log=log)
+    failed = failed_gates(reports)
+    write_json(out / STAMP, {"key": key, "failed": failed})
+    detail = f"{why}; " + ("all gates pass" if not failed else "fails " + "; ".join(failed))
+    return StageResult("validate", str(e.report_dir), "ran", detail, passed=not failed, seconds=time.time() - t0)
