@@ -430,6 +430,22 @@ class NoCandidatePasses(GateFailed):
         self.result = result
 
 
+def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
+    """A report with only the failed size gate when the bundle is over ``max_size_mb``, else None."""
+    from edgekd.bundle import read_manifest
+    from edgekd.validate.gates import apply_gates
+    from edgekd.validate.speed import model_bytes
+
+    if max_size_mb is None:
+        return None
+    size = model_bytes(read_manifest(bundle, verify=False)) / 1e6
+    if size <= max_size_mb:
+        return None
+    report = {"passed": False, "validated": False, "cost": {"size_mb": size}, "fidelity": {}}
+    report["gates"] = [dataclasses.asdict(g) for g in apply_gates({"max_size_mb": max_size_mb}, report)]
+    return report
+
+
 def _pick(tried: Sequence[Tried]) -> Tried | None:
     """The smallest passing candidate; among those within ``SIZE_TIE`` of it, the fastest."""
     passing = [t for t in tried if t.passed]
@@ -500,6 +516,12 @@ def search_export(
         def check(tried: list[Tried]) -> None:
             nonlocal rounds
             todo = [t for t in tried if t.bundle is not None and t.report is None]
+            for t in todo:
+                over = _over_budget(t.bundle, profile.gates.max_size_mb)
+                if over is not None:  # cannot pass whatever it measures: not worth validating
+                    say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
+                    t.report = over
+            todo = [t for t in todo if t.report is None]
             if not todo:
                 return
             rounds += 1
@@ -566,6 +588,8 @@ def table_rows(result: SearchResult) -> list[list[str]]:
             from edgekd.validate.gates import GateResult
 
             verdict = "FAIL " + "; ".join(GateResult(**g).line() for g in t.report["gates"] if not g["passed"])
+            if t.report.get("validated") is False:
+                verdict += " (not validated)"
         rows.append([name, fmt(t.metric("cost", "size_mb"), "{:.1f}"), fmt(t.metric("cost", "decode_tokens_per_s"), "{:.1f}"),
                      fmt(t.metric("fidelity", "reference", "top1"), "{:.3f}"),
                      fmt(t.metric("fidelity", "reference", "kl_mean"), "{:.4f}"), verdict])

@@ -1,0 +1,158 @@
+"""`edgekd export --search` on a tiny random Llama: candidates checked like the profile, a search
+that keeps the smallest passing bundle (mixed precision included), and one where none passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.bundle import read_manifest
+from edgekd.cli import app
+from edgekd.errors import UsageError
+from edgekd.export.steps import STEPS
+from edgekd.search import resolve_candidates, search_export, splice, layer_prefixes
+from edgekd.targets import SHIPPED, load_target
+from edgekd.validate import ValidateConfig
+
+BASE = """
+description = "test search"
+steps = ["quantize_head_embedding", "matmul_nbits"]
+[matmul_nbits]
+bits = 4
+algorithm = "rtn"
+"""
+# Small validation: 2 held-out prompts x 8 tokens, no speed process (the CLI test measures speed).
+QUICK = ValidateConfig(num_prompts=2, answer_tokens=8, speed=False)
+
+
+def profile(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "search.toml"
+    path.write_text(BASE + text)
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_candidates_resolve_to_valid_profiles(name):
+    prof = load_target(name)
+    for c in resolve_candidates(prof):
+        assert c.profile.gates == prof.gates and c.profile.execution_providers == prof.execution_providers
+        assert c.profile.candidates == () and all(s in STEPS for s in c.profile.steps)
+    if name == "mobile":
+        by = {c.name: c for c in resolve_candidates(prof)}
+        assert by["rtn4"].profile.matmul_nbits.algorithm == "rtn" and by["rtn4"].profile.matmul_nbits.bits == 4
+        assert by["int8"].profile.matmul_nbits.bits == 8 and by["auto"].mixed_precision
+        assert by["rtn4"].profile.to_ort == prof.to_ort  # not overridden: the profile's own
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[[candidates]]\nname = "a"\n[candidates.matmul_nbits]\nbitz = 4\n', "candidate 'a': unknown key 'matmul_nbits.bitz'"),
+        ('[[candidates]]\nname = "a"\n[candidates.matmul_nbits]\nbits = "four"\n', "candidate 'a': matmul_nbits.bits must be an integer"),
+        ('[[candidates]]\nname = "a"\n[candidates.matmul_nbits]\nbits = 5\n', "matmul_nbits.bits = 5: use 4 or 8"),
+        ('[[candidates]]\nname = "a"\ncolour = "red"\n', "candidate 'a': unknown key 'colour'"),
+        ('[[candidates]]\nname = "a"\n[candidates.gates]\nmax_size_mb = 1\n', "'gates' cannot be set per candidate"),
+        ('[[candidates]]\ndescription = "no name"\n', "has no name"),
+        ('[[candidates]]\nname = "a"\n[[candidates]]\nname = "a"\n', "two candidates are named 'a'"),
+        ('[[candidates]]\nname = "a"\nmixed_precision = true\n[candidates.matmul_nbits]\nbits = 8\n', "mixed_precision needs"),
+    ],
+)
+def test_bad_candidates_are_one_line_usage_errors(tmp_path, text, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(".", r"\.")) as e:
+        load_target(profile(tmp_path, text))
+    assert "\n" not in str(e.value)
+
+
+def test_splice_takes_exactly_the_named_layers(tmp_path, tiny_teacher_dir):
+    """A spliced graph has the donor's nodes for the named layer and the base's elsewhere."""
+    import onnx
+
+    from edgekd.export.onnx import export_onnx
+    from edgekd.export.steps import load_onnx
+    from edgekd.teachers import load_model
+
+    model, _ = load_model(str(tiny_teacher_dir))
+    fp32 = export_onnx(model, tmp_path / "fp32", 17)
+    prof = load_target(profile(tmp_path, ""))
+    STEPS["matmul_nbits"].fn(fp32, tmp_path / "q4" / "model.onnx", prof.matmul_nbits, prof)
+    q4 = load_onnx(tmp_path / "q4" / "model.onnx")
+    base = load_onnx(fp32)
+    prefixes = layer_prefixes(q4)
+    assert list(prefixes) == [0, 1, 2, 3] and prefixes[2] == "/model/layers.2/"
+    mixed = splice(base, q4, [prefixes[2]])
+    quantized = {n.name for n in mixed.graph.node if n.op_type == "MatMulNBits"}
+    assert quantized and all("/layers.2/" in n for n in quantized)
+    weights = {t.name for t in base.graph.initializer}
+    linear = [n for n in base.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(quantized) == sum(1 for n in linear if "/layers.2/" in n.name) == 7  # q k v o gate up down
+    assert sum(1 for n in mixed.graph.node if n.op_type == "MatMul" and n.input[1] in weights) == len(linear) - 7
+    assert all(t.name.endswith("@donor") for t in mixed.graph.initializer if t.name not in weights)
+    onnx.checker.check_model(mixed)
+
+
+def test_search_keeps_the_smallest_passing_candidate(tmp_path, tiny_teacher_dir):
+    """rtn4 fails the KL gate; int8 passes; the mixed-precision candidate keeps the most sensitive
+    layers at 8 bits. The search keeps the smallest that passes, with the search in its manifest."""
+    path = profile(tmp_path, """
+[gates]
+max_kl_vs_reference = 0.003
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "auto"
+mixed_precision = true
+[[candidates]]
+name = "int8"
+[candidates.matmul_nbits]
+bits = 8
+""")
+    out = tmp_path / "bundle"
+    result = search_export(str(tiny_teacher_dir), path, out, validate_config=QUICK)
+    by = {t.name: t for t in result.tried}
+    assert set(by) == {"rtn4", "auto", "int8"}
+    assert not by["rtn4"].passed and by["int8"].passed
+    passing = [t for t in result.tried if t.passed]
+    kept = result.tried[result.chosen_index]
+    assert kept.passed and kept.metric("cost", "size_mb") == min(t.metric("cost", "size_mb") for t in passing)
+
+    manifest = read_manifest(out, verify=True)  # moved whole: every hash still holds
+    search = manifest["search"]
+    assert search["chosen"] == kept.name and search["profile"]["name"] == "search"
+    assert [c["name"] for c in search["candidates"]] == [t.name for t in result.tried]
+    sens = search["sensitivity"]["auto"]
+    assert sorted(r["layer"] for r in sens["layers"]) == [0, 1, 2, 3] and all(r["kl"] >= 0 for r in sens["layers"])
+    auto = [c for c in search["candidates"] if c["name"] == "auto"]
+    assert all(set(c["int8_layers"]) <= {0, 1, 2, 3} for c in auto)
+    nbits = next(r for r in manifest["recipe"] if r["step"] == "matmul_nbits")
+    assert nbits["int8_nodes"] == [f"/model/layers.{i}/" for i in (kept.int8_layers or [])]
+    assert manifest["target"]["candidates"] == []  # the kept recipe, resolved
+    assert not list(tmp_path.glob(".bundle.*"))  # the work folder is gone
+
+
+def test_cli_search_with_no_passing_candidate_exits_1_and_names_the_closest_gate(tmp_path, tiny_teacher_dir):
+    """rtn4 (0.30 MB) is validated and misses an impossible KL gate by far; int8 (0.41 MB) is over
+    the size budget, so it is not validated, and it is the closest to passing."""
+    path = profile(tmp_path, """
+[gates]
+max_kl_vs_reference = 1e-7
+max_size_mb = 0.36
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "int8"
+[candidates.matmul_nbits]
+bits = 8
+""")
+    out = tmp_path / "bundle"
+    r = CliRunner().invoke(app, ["export", str(tiny_teacher_dir), "--target", str(path), "--out", str(out), "--search"])
+    assert r.exit_code == 1, r.output
+    text = " ".join(r.output.split())
+    assert "no candidate of target 'search' passes its gates" in text
+    assert "closest: 'int8', which fails max_size_mb" in text
+    assert "(not validated)" in text and "max_kl_vs_reference" in text
+    rtn4 = next(line for line in r.output.splitlines() if line.startswith("│ rtn4"))
+    assert len([c for c in rtn4.split("│") if c.strip() and c.strip() != "–"]) >= 5  # size, tok/s, top-1, KL measured
+    assert not out.exists() and not list(tmp_path.glob(".bundle.*"))
