@@ -1,0 +1,212 @@
+"""`edgekd distill` end to end on tiny models: the real CLI, the files it writes, the cache,
+resume after a real SIGKILL, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.config import read_toml
+from edgekd.distill import checkpoint as ckpt
+from edgekd.distill.config import DistillConfig
+from edgekd.distill.config_io import resolve
+from edgekd.errors import UsageError
+from edgekd.paths import resource
+from edgekd.teachers import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_FILES = {
+    "distill.json", "distill.toml", "metrics.jsonl", "config.json", "generation_config.json", "model.safetensors",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "data", "cache",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """Prompts for the teacher, prompt/response records, and held-out prompts."""
+    d = tmp_path_factory.mktemp("data")
+    words = ["sea", "stars", "wind", "Paris", "Rome", "poem", "capital", "blue", "sky", "numbers"]
+    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Write about the {w} and the {words[(i * 3) % 10]}"}) + "\n" for i, w in enumerate(words * 2)))
+    (d / "pairs.jsonl").write_text("".join(
+        json.dumps({"prompt": f"Explain the {w}", "response": f"The {w} is blue and the {words[(i + 1) % 10]} is near. " * (1 + i % 3)}) + "\n"
+        for i, w in enumerate(words * 2)))
+    (d / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about the {w}"}) + "\n" for w in words[:4]))
+    return d
+
+
+def run_cli(*args: str) -> "CliRunner.Result":
+    return CliRunner().invoke(app, ["distill", *args])
+
+
+def tiny_args(teacher: Path, out: Path, data: Path, *extra: str) -> list[str]:
+    return ["--teacher", str(teacher), "--student", "layers:2", "--out", str(out), "--heldout", str(data / "heldout.jsonl"),
+            "--max-new-tokens", "12", "--batch-size", "4", "--lr", "3e-3", *extra]
+
+
+def test_cli_end_to_end_writes_a_loadable_student_and_distill_json(tiny_teacher_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*tiny_args(tiny_teacher_dir, out, tiny_data, "--prompts", str(tiny_data / "prompts.jsonl"), "--epochs", "3", "--eval-every", "4"))
+    assert r.exit_code == 0, r.output
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES  # checkpoints are gone once the run is complete
+    info = json.loads((out / "distill.json").read_text())
+    assert info["teacher"] == str(tiny_teacher_dir) and info["heldout"] == "data/heldout.jsonl"
+    assert len(info["teacher_fingerprint"]) == 64 and info["student"]["layers"] == [0, 3]
+    held = [json.loads(line) for line in (out / info["heldout"]).read_text().splitlines()]
+    assert len(held) == 4 and all({"prompt", "response"} <= set(h) for h in held)
+    before, after = info["metrics"]["before"], info["metrics"]["after"]
+    assert after["kl"] < before["kl"] and after["top1_agreement"] >= before["top1_agreement"]
+    assert info["data"]["train"]["examples"] == 20 and info["data"]["padding_waste"] < 0.5
+    cfg = read_toml(out / "distill.toml")
+    assert cfg["teacher"] == str(tiny_teacher_dir) and cfg["epochs"] == 3  # the resolved config, rerunnable
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, info["steps"] + 1)) and len([m for m in lines if "eval" in m]) >= 3
+    model, tok = load_model(str(out))
+    assert model.config.num_hidden_layers == 2 and tok.chat_template and tok.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+
+
+def test_default_config_and_shipped_examples_parse():
+    cfg = DistillConfig()
+    assert cfg.teacher == "smollm2-135m-instruct" and cfg.student == "layers:6" and cfg.loss == "fkl"
+    for toml in sorted((ROOT / "examples").glob("distill-*.toml")):
+        resolve(toml, {})
+    assert resource("examples/prompts/train.jsonl").is_file()
+
+
+def test_flags_override_the_config_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('lr = 0.01\nloss = "rkl"\nepochs = 2\n')
+    cfg = resolve(f, {"lr": 0.002, "epochs": None})
+    assert cfg.lr == 0.002 and cfg.loss == "rkl" and cfg.epochs == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("lr = -1\n", "lr = -1"), ("temperature = 0\n", "temperature = 0"), ("loss = 'kld'\n", "loss = 'kld' is not one of"),
+    ("epochs = 'two'\n", "epochs must be an integer"), ("lerning_rate = 1\n", "unknown key 'lerning_rate'"),
+    ("alpha = 2\n", "alpha = 2"), ("lr = [\n", "not valid TOML"),
+])
+def test_bad_config_values_are_one_line_usage_errors(tmp_path, content, message):
+    f = tmp_path / "c.toml"
+    f.write_text(content)
+    r = CliRunner().invoke(app, ["distill", "--config", str(f), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+def test_non_empty_out_is_refused_and_foreign_folders_never_overwritten(tiny_teacher_dir, tiny_data, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    args = tiny_args(tiny_teacher_dir, foreign, tiny_data, "--data", str(tiny_data / "pairs.jsonl"), "--max-steps", "1")
+    r = run_cli(*args)
+    assert r.exit_code == 2 and "exists and is not empty" in r.output
+    r = run_cli(*args, "--overwrite")
+    assert r.exit_code == 2 and "not an edgekd distill folder" in r.output
+    assert (foreign / "notes.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
+
+
+def test_overwrite_reuses_teacher_answers_and_cache(tiny_teacher_dir, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_teacher_dir, out, tiny_data, "--prompts", str(tiny_data / "prompts.jsonl"), "--max-steps", "2")
+    assert run_cli(*args).exit_code == 0
+    stamp = {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "cache").iterdir()]}
+    r = run_cli(*args, "--overwrite")
+    assert r.exit_code == 0, r.output
+    assert "reusing the teacher's training answers" in r.output and "teacher cache: reusing" in r.output
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "cache").iterdir()]}
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def test_cache_with_full_vocabulary_matches_no_cache(tiny_teacher_dir, tiny_data, tmp_path):
+    """Caching changes nothing beyond top-k truncation: with k = vocabulary the runs agree."""
+    common = ("--data", str(tiny_data / "pairs.jsonl"), "--max-steps", "4")
+    assert run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "a", tiny_data, *common, "--no-cache-teacher")).exit_code == 0
+    assert run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "b", tiny_data, *common, "--top-k", "384")).exit_code == 0
+    assert not (tmp_path / "a" / "cache").exists() and list((tmp_path / "b" / "cache").glob("topk-*.safetensors"))
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert la == pytest.approx(lb, abs=1e-4)
+
+
+def test_small_top_k_cache_still_trains(tiny_teacher_dir, tiny_data, tmp_path):
+    out = tmp_path / "k4"
+    assert run_cli(*tiny_args(tiny_teacher_dir, out, tiny_data, "--data", str(tiny_data / "pairs.jsonl"), "--top-k", "4", "--epochs", "3")).exit_code == 0
+    m = json.loads((out / "distill.json").read_text())["metrics"]
+    assert m["after"]["kl"] < m["before"]["kl"]
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_teacher_dir, tiny_data, tmp_path):
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "nan", tiny_data, "--data", str(tiny_data / "pairs.jsonl"),
+                           "--max-steps", "6", "--lr", "1e30", "--alpha", "0.5"), "--config", str(_no_clip(tmp_path)))
+    assert r.exit_code == 1 and "the loss became nan" in r.output.lower() and "lower --lr" in r.output
+    assert not (tmp_path / "nan" / "distill.json").exists()
+
+
+def _no_clip(tmp_path: Path) -> Path:
+    f = tmp_path / "noclip.toml"
+    f.write_text("max_grad_norm = 0.0\nwarmup = 0.0\n")
+    return f
+
+
+def test_torn_checkpoints_are_never_picked_up(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "checkpoints"
+    ckpt.save(folder, 2, model, opt)
+    (folder / ".step-0000004.tmp-99").mkdir()  # a write killed before its rename
+    (folder / ".step-0000004.tmp-99" / "model.safetensors").write_bytes(b"torn")
+    (folder / "step-0000006").mkdir()  # a folder missing its files
+    assert ckpt.latest(folder).name == "step-0000002"
+    ckpt.save(folder, 3, model, opt, keep=2)
+    assert not list(folder.glob(".step-*")) and ckpt.latest(folder).name == "step-0000003"
+
+
+def test_resume_requires_a_distill_folder(tmp_path):
+    r = run_cli("--out", str(tmp_path), "--resume")
+    assert r.exit_code == 2 and "holds no distill run" in r.output
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_weights(tiny_teacher_dir, tiny_data, tmp_path):
+    """A real subprocess killed with SIGKILL at a random moment (during or between checkpoint
+    writes), resumed with --resume, ends with exactly the weights of an uninterrupted run."""
+    args = tiny_args(tiny_teacher_dir, tmp_path / "x", tiny_data, "--data", str(tiny_data / "pairs.jsonl"), "--epochs", "8",
+                     "--checkpoint-every", "1", "--batch-size", "2")
+    full = tmp_path / "full"
+    assert run_cli(*[str(full) if a == str(tmp_path / "x") else a for a in args]).exit_code == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "edgekd", "distill", *[str(killed) if a == str(tmp_path / "x") else a for a in args]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(ckpt.complete(killed / "checkpoints")) < 1 and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.Random().uniform(0.0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "distill.json").exists(), "the run finished before the kill"
+    step = json.loads((ckpt.latest(killed / "checkpoints") / "state.json").read_text())["step"]
+
+    r = run_cli(*[str(killed) if a == str(tmp_path / "x") else a for a in args], "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"resuming from step-{step:07d}" in r.output or f"step {step}" in r.output
+    a, b = _final_weights(full), _final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

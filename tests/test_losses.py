@@ -1,0 +1,171 @@
+"""Every loss against a value computed by hand, the top-k tail bucket, and chunked == unchunked."""
+
+from __future__ import annotations
+
+import math
+import typing
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgekd.distill.config import DistillConfig
+from edgekd.distill.losses import (
+    DIVERGENCES,
+    LossSpec,
+    TeacherTargets,
+    chunk_loss,
+    distillation_loss,
+    fused_head_loss,
+    topk_support,
+)
+from edgekd.errors import UsageError
+
+P = [0.5, 0.5]  # teacher
+Q = [0.25, 0.75]  # student
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def _logits(probs):
+    return torch.tensor([probs]).log()  # log-probs are valid logits
+
+
+HAND = {
+    "fkl": _kl(P, Q),  # 0.5 ln 2 + 0.5 ln(2/3)
+    "rkl": _kl(Q, P),
+    "jsd": 0.5 * _kl(P, [0.375, 0.625]) + 0.5 * _kl(Q, [0.375, 0.625]),
+    "skl": _kl(P, [0.1 * 0.5 + 0.9 * 0.25, 0.1 * 0.5 + 0.9 * 0.75]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_each_loss_matches_hand_computed_value(name):
+    got = distillation_loss(_logits(Q), _logits(P), loss=name, beta=0.5, skew=0.1)
+    assert got.item() == pytest.approx(HAND[name], abs=1e-6)
+
+
+def test_every_config_loss_is_registered_and_tested():
+    assert set(typing.get_args(typing.get_type_hints(DistillConfig)["loss"])) == set(DIVERGENCES) == set(HAND)
+
+
+def test_temperature_softens_both_and_scales_by_t_squared():
+    teacher, student = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]])
+    p1 = math.exp(1) / (math.exp(1) + 1)  # softmax([2, 0] / 2)
+    expected = 4 * _kl([p1, 1 - p1], [0.5, 0.5])
+    assert distillation_loss(student, teacher, temperature=2.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_jsd_beta_weights_the_teacher_mixture():
+    m = [0.25 * 0.5 + 0.75 * 0.25, 0.25 * 0.5 + 0.75 * 0.75]  # beta = 0.25
+    expected = 0.25 * _kl(P, m) + 0.75 * _kl(Q, m)
+    assert distillation_loss(_logits(Q), _logits(P), loss="jsd", beta=0.25).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_mask_excludes_positions():
+    student = torch.cat([_logits(Q), torch.tensor([[9.0, -9.0]])])
+    teacher = torch.cat([_logits(P), torch.tensor([[-9.0, 9.0]])])
+    got = distillation_loss(student, teacher, mask=torch.tensor([1, 0]))
+    assert got.item() == pytest.approx(HAND["fkl"], abs=1e-6)
+
+
+def test_identical_distributions_give_zero():
+    x = torch.randn(5, 11)
+    for name in DIVERGENCES:
+        assert distillation_loss(x, x, loss=name).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unknown_loss_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown loss 'kld'"):
+        LossSpec(loss="kld")
+
+
+def test_topk_tail_bucket_by_hand():
+    teacher = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    student = torch.tensor([[0.2, 0.4, 0.4]]).log()
+    s, t = topk_support(student, teacher[:, :1], torch.tensor([[0]]))
+    assert torch.allclose(t.exp(), torch.tensor([[0.5, 0.5]]), atol=1e-6)
+    assert torch.allclose(s.exp(), torch.tensor([[0.2, 0.8]]), atol=1e-6)
+    kd = DIVERGENCES["fkl"](s, t)
+    assert kd.item() == pytest.approx(_kl([0.5, 0.5], [0.2, 0.8]), abs=1e-6)
+    full = _kl([0.5, 0.3, 0.2], [0.2, 0.4, 0.4])
+    assert kd.item() <= full + 1e-6  # a lower bound on the full divergence (data-processing inequality)
+
+
+def test_topk_with_full_vocabulary_equals_full_loss():
+    torch.manual_seed(0)
+    s_logits, t_logits = torch.randn(7, 13), torch.randn(7, 13)
+    t_logp = F.log_softmax(t_logits, -1)
+    top = t_logp.topk(13, -1)
+    for name in DIVERGENCES:
+        s, t = topk_support(F.log_softmax(s_logits, -1), top.values, top.indices)
+        got = DIVERGENCES[name](s, t).mean()
+        assert got.item() == pytest.approx(distillation_loss(s_logits, t_logits, loss=name).item(), abs=1e-5), name
+
+
+def _reference(hidden, weight, labels, teacher_logits, spec):
+    """The plain, unchunked computation: full logits, autograd end to end."""
+    logits = (hidden @ weight.T).float()
+    return chunk_loss(logits, labels, ("full", teacher_logits, None), spec)[0]
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.0])
+def test_chunked_equals_unchunked_loss_and_gradients(name, alpha):
+    torch.manual_seed(0)
+    N, H, V = 10, 8, 17
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    t_hidden, t_weight = torch.randn(N, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (N,))
+    spec = LossSpec(name, alpha=alpha, temperature=1.5)
+
+    ref = _reference(hidden, weight, labels, t_hidden @ t_weight.T, spec)
+    g_ref = torch.autograd.grad(ref, [hidden, weight])
+    for chunk in (1, 3, 100):
+        loss, agree = fused_head_loss(hidden, weight, labels, TeacherTargets(hidden=t_hidden, weight=t_weight), spec, chunk)
+        g = torch.autograd.grad(loss * 2.0, [hidden, weight])  # the upstream gradient is applied
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(g[0], 2 * g_ref[0], atol=1e-5) and torch.allclose(g[1], 2 * g_ref[1], atol=1e-5)
+        expected_agree = ((hidden @ weight.T).argmax(-1) == (t_hidden @ t_weight.T).argmax(-1)).sum()
+        assert agree.item() == expected_agree.item()
+
+
+def test_chunked_topk_equals_unchunked_topk():
+    torch.manual_seed(1)
+    N, H, V, k = 9, 6, 23, 5
+    hidden = torch.randn(N, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    top = F.log_softmax(torch.randn(N, V), -1).topk(k, -1)
+    spec = LossSpec("jsd", temperature=1.0)
+    labels = torch.randint(0, V, (N,))
+    s, t = topk_support(F.log_softmax(hidden @ weight.T, -1), top.values, top.indices)
+    ref = DIVERGENCES["jsd"](s, t, beta=0.5).sum()
+    loss, _ = fused_head_loss(hidden, weight, labels, TeacherTargets(topk_logp=top.values, topk_idx=top.indices), spec, 4)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    g_ref = torch.autograd.grad(ref, [hidden, weight])
+    g = torch.autograd.grad(loss, [hidden, weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g, g_ref))
+
+
+def test_vocab_slice_ignores_padded_rows():
+    torch.manual_seed(2)
+    hidden = torch.randn(4, 6, requires_grad=True)
+    weight = torch.randn(12, 6, requires_grad=True)  # student padded to 12 rows; only 10 are real tokens
+    t_hidden, t_weight = torch.randn(4, 6), torch.randn(10, 6)
+    labels = torch.randint(0, 10, (4,))
+    loss, _ = fused_head_loss(hidden, weight, labels, TeacherTargets(hidden=t_hidden, weight=t_weight), LossSpec(vocab=10), 2)
+    ref = _reference(hidden, weight[:10], labels, t_hidden @ t_weight.T, LossSpec())
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    (g_w,) = torch.autograd.grad(loss, [weight])
+    assert torch.all(g_w[10:] == 0)
+
+
+def test_empty_positions_give_zero_loss_with_a_gradient_path():
+    hidden = torch.randn(0, 4, requires_grad=True)
+    weight = torch.randn(5, 4, requires_grad=True)
+    loss, agree = fused_head_loss(hidden, weight, torch.zeros(0, dtype=torch.long), TeacherTargets(hidden=torch.zeros(0, 4), weight=weight.detach()), LossSpec())
+    loss.backward()
+    assert loss.item() == 0 and agree.item() == 0 and weight.grad is not None

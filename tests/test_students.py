@@ -1,0 +1,100 @@
+"""Students: depth-pruned copies, existing folders sharing the tokenizer, random init from a TOML."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgekd.distill.students import build_student, evenly_spaced, parse_layers
+from edgekd.errors import UsageError
+from edgekd.teachers import load_model
+from tests.conftest import build_model, build_tokenizer, save_model, tiny_llama_config
+
+
+def test_evenly_spaced_keeps_first_and_last():
+    assert evenly_spaced(30, 6) == [0, 6, 12, 18, 24, 29]  # the student measured in FACTS.md
+    assert evenly_spaced(4, 2) == [0, 3]
+    assert evenly_spaced(5, 5) == [0, 1, 2, 3, 4]
+    assert evenly_spaced(7, 1) == [0]
+    for n in range(2, 31):
+        picked = evenly_spaced(30, n)
+        assert len(set(picked)) == n and picked[0] == 0 and picked[-1] == 29 and picked == sorted(picked)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("layers:9", "between 1 and the teacher's 4"),
+    ("layers:0,7", "layer 7 does not exist"),
+    ("layers:1,1", "listed twice"),
+    ("layers:a", "integers"),
+    ("layers:", "no layers"),
+])
+def test_bad_layer_specs(spec, message):
+    with pytest.raises(UsageError, match=message):
+        parse_layers(spec, 4)
+
+
+def test_pruned_student_copies_the_chosen_layers(tiny_teacher_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = build_student("layers:0,3", teacher, tok)
+    assert student.describe["layers"] == [0, 3] and student.model.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.model.state_dict()
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert torch.equal(s["model.norm.weight"], t["model.norm.weight"])
+    assert student.model.lm_head.weight is student.model.model.embed_tokens.weight  # still tied
+    # a copy, not a view: training the student leaves the teacher alone
+    assert student.model.model.embed_tokens.weight.data_ptr() != teacher.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.filterwarnings("ignore:the student")
+def test_keeping_every_layer_reproduces_the_teacher(tiny_teacher_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = build_student("layers:4", teacher, tok).model.eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    assert torch.allclose(student(ids).logits, teacher(ids).logits, atol=1e-5)
+
+
+def test_folder_student_with_the_same_tokenizer(tiny_teacher_dir, tiny_student_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = build_student(str(tiny_student_dir), teacher, tok)
+    assert student.kind == "folder" and student.vocab == 384
+
+
+def test_padded_vocab_is_sliced_to_the_common_size(tiny_teacher_dir, tokenizer, tmp_path):
+    padded = save_model(build_model(tiny_llama_config(layers=2, vocab=400)), tokenizer, tmp_path / "padded")
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    assert build_student(str(padded), teacher, tok).vocab == 384
+
+
+def test_tokenizer_mismatch_is_refused(tiny_teacher_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["completely different words here"] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>"], show_progress=False))
+    other = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>")
+    folder = save_model(build_model(tiny_llama_config(layers=2, vocab=384)), other, tmp_path / "other")
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    with pytest.raises(UsageError, match="does not share the teacher's tokenizer"):
+        build_student(str(folder), teacher, tok)
+
+
+def test_random_student_from_toml(tiny_teacher_dir, tmp_path):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    arch = tmp_path / "arch.toml"
+    arch.write_text("num_hidden_layers = 1\nhidden_size = 32\nintermediate_size = 48\n")
+    student = build_student(str(arch), teacher, tok, seed=3)
+    assert student.kind == "random" and student.model.config.hidden_size == 32
+    assert student.model.config.vocab_size == teacher.config.vocab_size
+    arch.write_text("num_layers = 1\n")
+    with pytest.raises(UsageError, match="unknown architecture field 'num_layers'"):
+        build_student(str(arch), teacher, tok)
+
+
+def test_bigger_student_warns(tiny_teacher_dir, tmp_path):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    arch = tmp_path / "big.toml"
+    arch.write_text("num_hidden_layers = 8\n")
+    with pytest.warns(UserWarning, match="not smaller than the teacher"):
+        build_student(str(arch), teacher, tok)
