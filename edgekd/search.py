@@ -356,6 +356,7 @@ class Tried:
     report: dict | None = None
     error: str | None = None
     int8_layers: list[int] | None = None
+    skipped: str | None = None  # why it was not tried (it could not have won)
 
     @property
     def passed(self) -> bool:
@@ -382,7 +383,7 @@ class Tried:
     def record(self) -> dict:
         return {
             "name": self.name, "description": self.description, "overrides": self.overrides,
-            "int8_layers": self.int8_layers, "error": self.error, "passed": self.passed,
+            "int8_layers": self.int8_layers, "error": self.error, "skipped": self.skipped, "passed": self.passed,
             "size_mb": self.metric("cost", "size_mb"),
             "decode_tokens_per_s": self.metric("cost", "decode_tokens_per_s"),
             "top1_vs_reference": self.metric("fidelity", "reference", "top1"),
@@ -447,6 +448,23 @@ def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
     report = {"passed": False, "validated": False, "cost": {"size_mb": size}, "fidelity": {}}
     report["gates"] = [dataclasses.asdict(g) for g in apply_gates({"max_size_mb": max_size_mb}, report)]
     return report
+
+
+def _beaten(mixed: Candidate, cands: Sequence[Candidate], tried: Sequence[Tried]) -> str | None:
+    """Why ``mixed`` cannot win, or None. Its smallest form is its 4-bit base recipe (8-bit layers
+    only add bytes): when that recipe was tried as a fixed candidate, nothing at or below its size
+    that passes can be beaten."""
+    base = next((t for c, t in zip((c for c in cands if not c.mixed_precision), tried)
+                 if c.profile == mixed.profile and t.report is not None), None)
+    if base is None:
+        return None
+    floor = base.metric("cost", "size_mb")
+    winner = min((t for t in tried if t.passed and t.metric("cost", "size_mb") <= floor),
+                 key=lambda t: t.metric("cost", "size_mb"), default=None)
+    if winner is None:
+        return None
+    return (f"{winner.name!r} passes at {winner.metric('cost', 'size_mb'):.1f} MB, no more than its 4-bit base "
+            f"{base.name!r} ({floor:.1f} MB)")
 
 
 def _pick(tried: Sequence[Tried]) -> Tried | None:
@@ -539,6 +557,11 @@ def search_export(
         # 2. mixed precision: sensitivity, then as few 8-bit layers as the gates allow
         sensitivity: dict[str, dict] = {}
         for c in (c for c in cands if c.mixed_precision):
+            beaten = _beaten(c, cands, tried)
+            if beaten:
+                say(f"{c.name}: skipped: {beaten}")
+                tried.append(Tried(c.name, c.description, c.overrides, None, skipped=beaten))
+                continue
             sens = measure_sensitivity(c, fp32_for(c.profile), torch_model, tok, work / f"sens-{c.name}", say)
             sensitivity[c.name] = sens.record()
             n, k = len(sens.order), sens.first_k
@@ -583,7 +606,9 @@ def table_rows(result: SearchResult) -> list[list[str]]:
     rows = []
     for i, t in enumerate(result.tried):
         name = t.name + (f" ({len(t.int8_layers)} layers int8)" if t.int8_layers is not None else "")
-        if t.error:
+        if t.skipped:
+            verdict = f"skipped: {t.skipped}"
+        elif t.error:
             verdict = f"export failed: {t.error}"
         elif t.passed:
             verdict = "PASS" + (" (kept)" if i == result.chosen_index else "")

@@ -156,3 +156,29 @@ bits = 8
     rtn4 = next(line for line in r.output.splitlines() if line.startswith("│ rtn4"))
     assert len([c for c in rtn4.split("│") if c.strip() and c.strip() != "–"]) >= 5  # size, tok/s, top-1, KL measured
     assert not out.exists() and not list(tmp_path.glob(".bundle.*"))
+
+
+def test_mixed_precision_is_skipped_only_when_it_cannot_win(tmp_path):
+    """Its smallest form is its 4-bit base: skipped when a passing bundle is no bigger than that."""
+    from edgekd.search import Tried, _beaten
+
+    prof = load_target(profile(tmp_path, """
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "auto"
+mixed_precision = true
+[[candidates]]
+name = "int8"
+[candidates.matmul_nbits]
+bits = 8
+"""))
+    cands = resolve_candidates(prof)
+    auto = cands[1]
+
+    def tried(size: float, passed: bool, name: str) -> Tried:
+        return Tried(name, "", {}, tmp_path, report={"passed": passed, "gates": [], "cost": {"size_mb": size}})
+
+    assert _beaten(auto, cands, [tried(10, True, "rtn4"), tried(20, True, "int8")]).startswith("'rtn4' passes at 10.0 MB")
+    assert _beaten(auto, cands, [tried(10, False, "rtn4"), tried(20, True, "int8")]) is None  # auto may land in between
+    assert _beaten(auto, cands, [tried(10, False, "rtn4"), tried(9, True, "int8")]).startswith("'int8' passes at 9.0 MB")
