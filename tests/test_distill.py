@@ -78,11 +78,20 @@ def test_cli_end_to_end_writes_a_loadable_student_and_distill_json(tiny_teacher_
     assert model.generation_config.eos_token_id == tok.eos_token_id
 
 
-def test_default_config_and_shipped_examples_parse():
+@pytest.mark.filterwarnings("ignore:the student")
+def test_default_config_and_shipped_examples_parse(tiny_teacher_dir):
+    from edgekd.distill.students import build_student
+
     cfg = DistillConfig()
     assert cfg.teacher == "smollm2-135m-instruct" and cfg.student == "layers:6" and cfg.loss == "fkl"
-    for toml in sorted((ROOT / "examples").glob("distill-*.toml")):
-        resolve(toml, {})
+    tomls = sorted((ROOT / "examples").glob("distill-*.toml"))
+    assert len(tomls) >= 3
+    for toml in tomls:
+        if toml.name == "distill-student-arch.toml":  # an architecture for --student, not a run config
+            teacher, tok = load_model(str(tiny_teacher_dir))
+            assert build_student(str(toml), teacher, tok).model.config.num_hidden_layers == 4
+        else:
+            assert resolve(toml, {}).teacher == "smollm2-135m-instruct"
     assert resource("examples/prompts/train.jsonl").is_file()
 
 
@@ -210,3 +219,7 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_teacher_dir, tiny_data,
     assert f"resuming from step-{step:07d}" in r.output or f"step {step}" in r.output
     a, b = _final_weights(full), _final_weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == sorted(set(steps)) and len(steps) == json.loads((full / "distill.json").read_text())["steps"]
+    info = json.loads((killed / "distill.json").read_text())
+    assert info["metrics"]["before"] == json.loads((full / "distill.json").read_text())["metrics"]["before"]

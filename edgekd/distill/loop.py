@@ -87,8 +87,12 @@ def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, console=None) -> dict[str, Any]:
-    """Run a distillation as ``cfg`` says; return what ``distill.json`` records."""
+def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False, console=None, preloaded=None) -> dict[str, Any]:
+    """Run a distillation as ``cfg`` says; return what ``distill.json`` records.
+
+    ``preloaded``: an already loaded ``(teacher, tokenizer)`` for ``cfg.teacher`` (benchmarks that
+    run several configurations against one teacher); it is used as it is, so load it with the
+    dtype ``cfg.teacher_dtype`` asks for."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -112,8 +116,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     source = resolve_source(cfg.teacher)
     t_dtype = {"auto": torch.bfloat16 if device_is_cuda else torch.float32, "fp32": torch.float32,
                "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.teacher_dtype]
-    say(f"loading teacher {cfg.teacher} ...")
-    teacher, tok = load_model(source, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    if preloaded is None:
+        say(f"loading teacher {cfg.teacher} ...")
+        teacher, tok = load_model(source, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    else:
+        teacher, tok = preloaded
     teacher.requires_grad_(False)
     fingerprint = source.fingerprint()
     student = build_student(cfg.student, teacher, tok, cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
@@ -163,6 +170,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
         if found is not None:
             start_step = ckpt.load(found, accel.unwrap_model(wrapped).model, optimizer)
             say(f"resuming from {found.name} (step {start_step} of {total})")
+            if main:
+                _trim_metrics(out / "metrics.jsonl", start_step)
+            accel.wait_for_everyone()
         else:
             say("no complete checkpoint: starting from the beginning")
     reference = heldout_reference(teacher, held, rank, world, device, student.vocab)
@@ -176,8 +186,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
 
     # ---- the loop ------------------------------------------------------------------------
     metrics_path = out / "metrics.jsonl"
-    before = evaluate(accel.unwrap_model(wrapped).model, reference, held, rank, world, device, accel) if start_step == 0 else None
-    if before is not None:
+    before = _logged_eval(metrics_path, 0) if start_step else None
+    if before is None:
+        before = evaluate(accel.unwrap_model(wrapped).model, reference, held, rank, world, device, accel) if start_step == 0 else None
+    if before is not None and start_step == 0:
         say(f"before: top-1 agreement {before['top1_agreement']:.3f}, KL {before['kl']:.3f}, ppl {before['student_ppl']:.1f} (teacher {before['teacher_ppl']:.1f})")
         _log(metrics_path, main, {"step": 0, "eval": before})
     last_eval, epoch_times, epoch_t0, last_epoch = before, [], time.time(), None
@@ -494,6 +506,27 @@ def save_student(model, tok, teacher, out: Path) -> None:
     model.config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run logged after the checkpoint it resumes from."""
+    if path.is_file():
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        from edgekd.io import atomic_write_bytes
+
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
+def _logged_eval(path: Path, step: int) -> dict | None:
+    """The evaluation logged at ``step`` (the "before" metrics of a resumed run)."""
+    if not path.is_file():
+        return None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("step") == step and "eval" in row:
+            return row["eval"]
+    return None
 
 
 def _log(path: Path, main: bool, row: dict) -> None:

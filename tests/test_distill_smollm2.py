@@ -1,0 +1,33 @@
+"""`edgekd distill` on the real teacher (SmolLM2-135M-Instruct) at small settings: the whole
+road a user takes, from the packaged teacher to a loadable student that moved toward it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.teachers import load_model
+from tests.conftest import requires_smollm2
+
+
+@requires_smollm2
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_distill_real_teacher_small(tmp_path):
+    out = tmp_path / "student"
+    r = CliRunner().invoke(app, ["distill", "--out", str(out), "--max-prompts", "8", "--max-new-tokens", "24",
+                                 "--max-heldout", "4", "--epochs", "2", "--batch-size", "4", "--student", "layers:4"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "distill.json").read_text())
+    assert info["teacher"] == "smollm2-135m-instruct" and info["student"]["layers"] == [0, 10, 20, 29]
+    before, after = info["metrics"]["before"], info["metrics"]["after"]
+    assert before["top1_agreement"] < 0.2 and after["top1_agreement"] > before["top1_agreement"] + 0.1
+    assert after["kl"] < before["kl"]
+    held = [json.loads(line) for line in (out / info["heldout"]).read_text().splitlines()]
+    assert len(held) == 4 and all(h["response"] for h in held)
+    model, tok = load_model(str(out))
+    assert model.config.num_hidden_layers == 4 and model.config.vocab_size == 49152
+    assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
