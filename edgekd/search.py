@@ -18,7 +18,7 @@ kept at 8 bits (``matmul_nbits.int8_nodes``), as few as the gates allow.
 The search, top to bottom (``search_export``): export the fp32 ONNX once; export every fixed
 candidate from it (``export_bundle``) into a work folder beside ``out``; validate them together
 (``edgekd.validate``) on the held-out set; for a mixed-precision candidate, measure each layer's
-sensitivity, pick the int8 layers, export and validate it (adding layers while it fails); keep
+sensitivity, pick the int8 layers, export and validate it (bisecting their number); keep
 the smallest passing bundle (the fastest among those within ``SIZE_TIE`` of it) as ``out``,
 atomically, with the search recorded under ``manifest["search"]``. When none passes:
 ``NoCandidatePasses`` (exit 1) naming the candidate and the gate that came closest.
@@ -59,7 +59,7 @@ SIZE_TIE = 0.02  # passing bundles within 2% of the smallest size are ranked by 
 CALIBRATION_PROMPTS = 8  # prompts from the shipped training set (never the held-out set)
 CALIBRATION_TOKENS = 32  # greedy answer tokens the fp32 model writes for each, scored with the prompt
 PROXY_MARGIN = 0.8  # the proxy must pass gates tightened to 80% of their allowance (KL, 1 - top-1)
-MAX_ROUNDS = 3  # validations of the mixed-precision candidate, adding 8-bit layers after each failure
+MAX_ROUNDS = 3  # validations of the mixed-precision candidate (bisecting the number of 8-bit layers)
 LAYER_RE = re.compile(r"/(?:model/)?(?:layers|h|blocks|layer)\.(\d+)/")
 
 
@@ -564,17 +564,29 @@ def search_export(
                 continue
             sens = measure_sensitivity(c, fp32_for(c.profile), torch_model, tok, work / f"sens-{c.name}", say)
             sensitivity[c.name] = sens.record()
+            # Validation decides: start where the proxy says, then bisect on the real gates (fewer
+            # 8-bit layers after a pass, more after a failure) for at most MAX_ROUNDS validations.
             n, k = len(sens.order), sens.first_k
-            for attempt in range(MAX_ROUNDS):
+            failing, passing = -1, None  # the most 8-bit layers known to fail, the fewest known to pass
+            for _ in range(MAX_ROUNDS):
                 prof = dataclasses.replace(c.profile, matmul_nbits=dataclasses.replace(
                     c.profile.matmul_nbits, int8_nodes=sens.int8_nodes(k)))
                 t = export(c, prof, f"{c.name}-{k}")
                 t.int8_layers = sorted(sens.order[:k])
                 check([t])
                 tried.append(t)
-                if t.passed or k >= n or t.bundle is None:
+                if t.bundle is None:
                     break
-                k = min(n, k + max(1, math.ceil(n / 4)))
+                if t.passed:
+                    passing = k
+                else:
+                    failing = k
+                if passing is None:
+                    k = min(n, k + max(1, math.ceil(n / 4)))
+                else:
+                    k = (failing + passing) // 2
+                if k <= failing or k == passing:
+                    break
 
         # 3. keep the smallest passing bundle
         best = _pick(tried)
