@@ -223,3 +223,10 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_teacher_dir, tiny_data,
     assert steps == sorted(set(steps)) and len(steps) == json.loads((full / "distill.json").read_text())["steps"]
     info = json.loads((killed / "distill.json").read_text())
     assert info["metrics"]["before"] == json.loads((full / "distill.json").read_text())["metrics"]["before"]
+
+
+def test_a_run_that_cannot_fit_is_refused_early(tiny_teacher_dir, tiny_data, tmp_path):
+    f = tmp_path / "huge.toml"
+    f.write_text("chunk_size = 100000000000\n")
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "o", tiny_data, "--data", str(tiny_data / "pairs.jsonl")), "--config", str(f))
+    assert r.exit_code == 2 and "lower chunk_size" in r.output

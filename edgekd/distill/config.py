@@ -111,5 +111,5 @@ def help_of(name: str) -> str:
     for f in dataclasses.fields(DistillConfig):
         if f.name == name:
             default = f.default if f.default is not dataclasses.MISSING else ()
-            return f"{f.metadata['help']} [default: {default!r}]" if default not in ("", ()) else f.metadata["help"]
+            return f"{f.metadata['help']} (default: {default!r})" if default not in ("", ()) else f.metadata["help"]
     raise KeyError(name)

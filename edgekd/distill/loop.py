@@ -140,6 +140,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     if summary["truncated"]:
         say(f"[yellow]{summary['truncated']} training sequences were longer than max_length={cfg.max_length} and were truncated[/yellow]")
     lengths = [len(e.ids) for e in examples]
+    check_memory(cfg, student, sum(e.n_targets for e in held) // world + 1, max(lengths), device)
 
     # ---- teacher cache: top-k log-probs per loss position, computed once ----------------
     spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=student.vocab)
@@ -152,8 +153,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     # ---- the model on its device, the optimizer -----------------------------------------
     model = student.model
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()  # on the device before the optimizer: fused AdamW checks where params live
     wrapped = StudentLoss(model, spec, cfg.chunk_size)
     fused = {"fused": True} if device_is_cuda else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), **fused)
@@ -312,6 +313,8 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     if resume:
         if not ours:
             raise UsageError(f"--resume: {out} holds no distill run (no {CONFIG_TOML}); start without --resume")
+        if (out / DISTILL_JSON).is_file():
+            raise UsageError(f"--resume: the run in {out} is already complete ({DISTILL_JSON}); pass --overwrite to run it again")
     elif non_empty:
         if not overwrite:
             raise UsageError(f"{out} exists and is not empty: pass --overwrite to replace the run, --resume to continue it, or choose another --out")
@@ -436,6 +439,30 @@ def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab
     if table is None:
         raise EdgekdError(f"the teacher cache in {folder} could not be read back: is the disk full?")
     return table
+
+
+def check_memory(cfg: DistillConfig, student, heldout_positions: int, longest: int, device) -> None:
+    """Refuse early a run whose loss, activations or held-out reference cannot fit in free memory,
+    naming the setting to lower (rough upper estimates, fp32)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    c = student.model.config
+    needs = [
+        # one chunk: student logits, log-probs and their gradient, teacher logits
+        (5 * cfg.chunk_size * student.vocab * 4, "chunk_size (a --config setting)"),
+        # student activations kept for backward: ~34 floats per hidden unit per layer per token
+        (34 * cfg.batch_size * min(longest, cfg.max_length) * c.hidden_size * c.num_hidden_layers * 4, "--batch-size or --max-length"),
+        # the teacher's held-out log-probs, kept in fp16 for every evaluation
+        (heldout_positions * student.vocab * 2, "--max-heldout or --max-new-tokens"),
+    ]
+    for need, setting in needs:
+        if need > 0.6 * free:
+            raise UsageError(f"this run needs about {need / 1e9:.1f} GB for one part of it but only {free / 1e9:.1f} GB are free: lower {setting}")
 
 
 def _cat(parts: list[torch.Tensor], dummy: bool) -> torch.Tensor:
