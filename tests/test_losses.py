@@ -169,3 +169,13 @@ def test_empty_positions_give_zero_loss_with_a_gradient_path():
     loss, agree = fused_head_loss(hidden, weight, torch.zeros(0, dtype=torch.long), TeacherTargets(hidden=torch.zeros(0, 4), weight=weight.detach()), LossSpec())
     loss.backward()
     assert loss.item() == 0 and agree.item() == 0 and weight.grad is not None
+
+
+def test_pure_cross_entropy_needs_no_teacher():
+    torch.manual_seed(3)
+    hidden = torch.randn(5, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    labels = torch.randint(0, 9, (5,))
+    loss, agree = fused_head_loss(hidden, weight, labels, TeacherTargets(), LossSpec(alpha=0.0), 2)
+    assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.T, labels, reduction="sum").item(), rel=1e-5)
+    assert agree.item() == 0

@@ -217,6 +217,8 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
                 if cached is not None:
                     tt = TeacherTargets(topk_logp=_cat([cached[i][0] for i in rows], dummy).to(device),
                                         topk_idx=_cat([cached[i][1] for i in rows], dummy).to(device))
+                elif cfg.alpha == 0:  # plain SFT: the teacher is not needed in the loop
+                    tt = TeacherTargets()
                 else:
                     with torch.no_grad():
                         th = teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

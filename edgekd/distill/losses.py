@@ -166,6 +166,8 @@ class TeacherTargets:
     def chunk(self, start: int, end: int, vocab: int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         if self.topk_logp is not None:
             return "topk", self.topk_logp[start:end].float(), self.topk_idx[start:end].long()
+        if self.hidden is None:  # no teacher (alpha = 0: plain cross-entropy)
+            return "none", None, None
         with torch.no_grad():
             w = self.weight[:vocab] if vocab else self.weight
             b = None if self.bias is None else (self.bias[:vocab] if vocab else self.bias)
@@ -175,8 +177,8 @@ class TeacherTargets:
 def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec: LossSpec):
     """Summed loss and top-1 agreement over one chunk.
 
-    ``student_logits (c, V)`` float, ``labels (c,)``, ``teacher``: ``("full", logits (c, V), None)``
-    or ``("topk", logp (c, k), idx (c, k))`` -> ``(loss_sum scalar, n_agree scalar)``.
+    ``student_logits (c, V)`` float, ``labels (c,)``, ``teacher``: ``("full", logits (c, V), None)``,
+    ``("topk", logp (c, k), idx (c, k))`` or ``("none", None, None)`` (alpha = 0, agreement 0) -> ``(loss_sum scalar, n_agree scalar)``.
     Per position: ``alpha * T^2 * D(P_T, Q_T) + (1 - alpha) * CE(labels)``.
     """
     total = student_logits.new_zeros(())
@@ -192,11 +194,13 @@ def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec
             t_top1 = t_idx[:, 0]
         div = get_divergence(spec.loss)(s_logp, t_logp, beta=spec.beta, skew=spec.skew)
         total = total + spec.alpha * T * T * div.sum()
+    elif kind == "none":
+        t_top1 = None
     else:
         t_top1 = t_val.argmax(-1) if kind == "full" else t_idx[:, 0]
     if spec.alpha < 1:
         total = total + (1 - spec.alpha) * F.cross_entropy(student_logits, labels, reduction="sum")
-    agree = (student_logits.argmax(-1) == t_top1).sum()
+    agree = (student_logits.argmax(-1) == t_top1).sum() if t_top1 is not None else torch.zeros((), dtype=torch.long, device=student_logits.device)
     return total, agree
 
 
