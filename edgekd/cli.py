@@ -221,7 +221,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).")] = False,
     trust_remote_code: TrustRemoteCode = False,
-    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's [[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).")] = False,
+    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).")] = False,
 ) -> None:
     """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer and manifest."""
     from edgekd.export import export_bundle
@@ -367,7 +367,7 @@ def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_re
 
 @command("run")
 def run(
-    pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: [distill] (or model = ...), [[export]] per target, [validate].")],
+    pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: \\[distill] (or model = ...), \\[\\[export]] per target, \\[validate].")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and run nothing.")] = False,
 ) -> None:
     """Distill -> export -> validate from one file; each stage is skipped when its output is up to
