@@ -103,6 +103,14 @@ def validate(
 
     if not bundles:
         raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
+    import time
+
+    t_start = time.perf_counter()
+    user_log = log
+
+    def log(msg: str) -> None:  # every progress line carries the time since the start
+        user_log(f"[{time.perf_counter() - t_start:5.0f} s] {msg}")
+
     paths = [Path(b) for b in bundles]
     out = Path(out) if out is not None else paths[0].resolve().with_name(paths[0].resolve().name + "-report")
     check_out(out)
@@ -193,6 +201,9 @@ def validate(
         report["passed"] = all(g.passed for g in gates)
         reports.append(report)
 
+    log(f"writing the report into {out}")
+    for r in reports:
+        r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
     write_report(out, reports, kls, command)
     return reports, out
 
