@@ -185,6 +185,26 @@ def test_bench_reports_a_ratio_against_pytorch(bundles):
     assert "x" in r.stdout and "1.00x" in r.stdout
 
 
+def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
+    from edgekd.validate.data import choose_data, load_records
+
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text('{"prompt": "Hi?", "response": "Hello."}\n\n{"prompt": "Why?"}\n')
+    assert choose_data({"source": {"heldout": str(heldout)}}, None)[0] == heldout
+    assert choose_data({"source": {"heldout": str(heldout)}}, tmp_path / "x.jsonl")[1] == "--data"
+    path, where, notes = choose_data({"source": {"heldout": str(tmp_path / "gone.jsonl")}}, None)
+    assert path.name == "heldout.jsonl" and "shipped" in where and "gone" in notes[0]
+    assert len(load_records(path)) >= 8  # the default --num-prompts needs that many
+    assert load_records(heldout) == [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Why?"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(UsageError, match="bad.jsonl:2"):
+        load_records(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_records(bad)
+
+
 def test_compare_logits_identical_and_shifted():
     rng = np.random.default_rng(0)
     logits = [rng.normal(size=(5, 11)).astype(np.float32) for _ in range(3)]

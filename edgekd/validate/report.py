@@ -118,6 +118,8 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
         )
         for note in r.get("notes", []):
             parts.append(f"  - note: {note}")
+        for warning in r.get("warnings", []):
+            parts.append(f"  - warning: {warning}")
     parts += ["", table(["metric"] + names, metric_rows(reports)), ""]
     gates = gate_rows(reports)
     if gates:
