@@ -49,6 +49,33 @@ DECODE_PROMPT = "Write a short story about a robot who learns to paint."
 NAIVE = ("dynamic", "avx512")
 
 
+def eval_sequences(model, tok, new_tokens: int) -> list[np.ndarray]:
+    """The fixed texts, plus each held-out prompt (chat template) with the model's own greedy answer
+    (``new_tokens`` tokens, batched in PyTorch): in-distribution positions for the agreement."""
+    import json
+
+    import torch
+
+    from edgekd.paths import resource
+
+    seqs = [np.asarray([tok(t, add_special_tokens=False)["input_ids"]], dtype=np.int64) for t in TEXTS]
+    if new_tokens <= 0:
+        return seqs
+    prompts = [json.loads(line)["prompt"] for line in resource("examples/prompts/heldout.jsonl").read_text().splitlines() if line.strip()]
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    tok.padding_side = "left"
+    batch = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    for row, mask in zip(out, batch["attention_mask"]):
+        ids = row[int((mask == 0).sum()):].tolist()  # drop the left padding
+        while len(ids) > 1 and ids[-1] == tok.pad_token_id and ids[-2] == tok.pad_token_id:
+            ids.pop()  # drop padding after an early eos, keep the eos itself
+        seqs.append(np.asarray([ids], dtype=np.int64))
+    return seqs
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(-1, keepdims=True)
@@ -143,6 +170,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens generated for the decode timing")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode timing")
+    ap.add_argument("--answer-tokens", type=int, default=48,
+                    help="greedy answer length generated for each held-out prompt (0: the fixed texts only)")
     args = ap.parse_args()
 
     import torch
@@ -153,7 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     facts = model_facts(model.config)
-    ids_list = [np.asarray([tok(t, add_special_tokens=False)["input_ids"]], dtype=np.int64) for t in TEXTS]
+    ids_list = eval_sequences(model, tok, args.answer_tokens)
     ref = torch_logits(model, ids_list)
     prompt = np.asarray([tok(DECODE_PROMPT)["input_ids"]], dtype=np.int64)
     n_pos = sum(i.shape[1] for i in ids_list)
@@ -180,7 +209,8 @@ def main() -> None:
             print(f"# {name}: {file_mb(path):.1f} MB, top-1 {fid['top1']:.3f}, built in {built:.0f}s", flush=True)
             del sess
 
-    print(f"\nModel `{args.model}`; {len(TEXTS)} texts, {n_pos} teacher-forced positions; PyTorch fp32 "
+    print(f"\nModel `{args.model}`; {len(TEXTS)} texts + {len(ids_list) - len(TEXTS)} held-out prompts with "
+          f"{args.answer_tokens}-token greedy answers, {n_pos} teacher-forced positions; PyTorch fp32 "
           f"perplexity {torch_ppl(ref, ids_list):.2f}; fp32 ONNX {fp32_mb:.1f} MB; decode: greedy, batch 1, "
           f"{args.threads} threads, {args.new_tokens} tokens.\n")
     print("| variant | recipe | size MB | % of fp32 | top-1 vs fp32 PyTorch | mean KL | perplexity | decode tok/s |")

@@ -41,8 +41,11 @@ class QuantizeHeadEmbedding:
     head: HeadPrecision = "int8"
     embedding: HeadPrecision = "int8"
     block_size: int = 32
+    accuracy_level: int = 0  # the head's MatMulNBits; see MatMulNBits.accuracy_level
 
     def __post_init__(self):
+        _check(self.accuracy_level in (0, 1, 2, 3, 4),
+               f"quantize_head_embedding.accuracy_level = {self.accuracy_level}: use 0, 1, 2, 3 or 4")
         _check(_power_of_two(self.block_size) and self.block_size >= 16,
                f"quantize_head_embedding.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
 
@@ -57,6 +60,7 @@ class MatMulNBits:
     accuracy_level: int = 0
     algorithm: Literal["rtn", "hqq"] = "rtn"
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
+    fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
 
     def __post_init__(self):
         _check(self.bits in (4, 8), f"matmul_nbits.bits = {self.bits}: use 4 or 8")
@@ -81,6 +85,7 @@ class Fp16:
 
     keep_io_types: bool = True
     keep_fp32_ops: tuple[str, ...] = ()
+    keep_fp32_nodes: tuple[str, ...] = ()  # node-name substrings kept float32 (e.g. the norms)
 
 
 @dataclasses.dataclass(frozen=True)

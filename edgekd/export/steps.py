@@ -156,7 +156,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         w = emb if head_transposed else numpy_helper.to_array(inits[head_w_name]).T  # (vocab, hidden)
         qn, sn, _ = quantized("shared_embedding" if shared else "lm_head", np.ascontiguousarray(w), bits)
         node = helper.make_node("MatMulNBits", [head.input[0], qn, sn], list(head.output), name=head.name + "_Q",
-                                domain="com.microsoft", K=int(hidden), N=int(vocab), bits=bits, block_size=bs)
+                                domain="com.microsoft", K=int(hidden), N=int(vocab), bits=bits, block_size=bs,
+                                accuracy_level=settings.accuracy_level)
         new_nodes.append((head, [node]))
         if transpose_node is not None:
             remove_nodes.append(transpose_node)
@@ -190,6 +191,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         info["shared"] = bool(shared)
     else:
         info["embedding"] = "fp32"
+        info["shared"] = False
 
     # Splice: replace each old node by its new nodes in place (keeps topological order).
     replace = {id(old): new for old, new in new_nodes}
@@ -232,18 +234,37 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
         q.process()
         return q.model.model
 
+    def matching(patterns) -> list[str]:
+        return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in patterns)]
+
+    before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
     with _quiet_quantizer():
-        int8_nodes = []
-        if settings.bits == 4 and settings.int8_nodes:
-            int8_nodes = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                          and any(p in n.name for p in settings.int8_nodes)]
-            if int8_nodes:
-                model = run(model, 8, int8_nodes, [])
+        int8_nodes = matching(settings.int8_nodes) if settings.bits == 4 and settings.int8_nodes else []
+        if int8_nodes:
+            model = run(model, 8, int8_nodes, [])
         model = run(model, settings.bits, None, int8_nodes)
-    count = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
+    # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): 0 where asked.
+    count = 0
+    for n in model.graph.node:
+        original = n.name.rsplit("_Q", 1)[0]
+        if n.op_type == "MatMulNBits" and original in before:
+            _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else settings.accuracy_level)
+            count += 1
     left = sum(1 for n in model.graph.node if n.op_type == "MatMul")
     save_onnx(model, dst, external=True)
-    return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_matmuls_left": left}
+    return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
+            "fp32_matmuls_left": left}
+
+
+def _set_int_attr(node, name: str, value: int) -> None:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            a.i = value
+            return
+    node.attribute.append(helper.make_attribute(name, value))
 
 
 class _quiet_quantizer:
@@ -285,11 +306,12 @@ def fp16(src: Path, dst: Path, settings, profile) -> dict:
 
     model = load_onnx(src)
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(settings.keep_fp32_ops))
+    nodes = [n.name for n in model.graph.node if any(p in n.name for p in settings.keep_fp32_nodes)]
     with _quiet_quantizer():
         model = convert_float_to_float16(model, keep_io_types=settings.keep_io_types, op_block_list=block,
-                                         disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT)
+                                         node_block_list=nodes, disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT)
     save_onnx(model, dst, external=True)
-    return {"op_block_list": block}
+    return {"fp32_nodes": len(nodes)}
 
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",

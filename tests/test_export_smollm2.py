@@ -1,0 +1,25 @@
+"""The real teacher through `edgekd export --target cpu`, end to end (about 2 minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import requires_smollm2
+from edgekd.bundle import read_manifest
+from edgekd.export import export_bundle
+
+pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
+
+
+@requires_smollm2
+def test_smollm2_cpu_bundle(tmp_path):
+    manifest = export_bundle("smollm2-135m-instruct", "cpu", tmp_path / "bundle")
+    assert read_manifest(tmp_path / "bundle") == manifest
+    check = manifest["export_check"]
+    assert check["fp32_max_abs_logit_diff"] < 1e-3
+    assert check["size_ratio_vs_fp32"] <= 0.30  # the cpu goal: <= 30% of the fp32 export
+    assert check["top1_agreement"] >= 0.95  # on the short probe; the benchmark measures 0.98 on 8 texts
+    assert manifest["source"]["spec"] == "smollm2-135m-instruct" and manifest["source"]["kind"] == "gguf"
+    m = manifest["model"]
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (30, 3, 64, 49152)
+    assert manifest["recipe"][1] == {**manifest["recipe"][1], "tied": True, "shared": True}

@@ -1,0 +1,106 @@
+"""The step registry: every name a shipped profile uses exists, and every registered step is run here
+on a tiny fp32 export and checked against that export's own logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
+from edgekd.export.steps import STEPS, _quantize_rows
+from edgekd.targets import SHIPPED, MatMulNBits, QuantizeHeadEmbedding, load_target
+
+# Each registered step, the settings it is tested with, and how far its logits may move (tiny model).
+CASES = {
+    "quantize_head_embedding": [(QuantizeHeadEmbedding(), 0.1), (QuantizeHeadEmbedding(head="int4", embedding="int4"), 1.0),
+                                (QuantizeHeadEmbedding(head="int8", embedding="fp32"), 0.1)],
+    "matmul_nbits": [(MatMulNBits(bits=8), 0.1), (MatMulNBits(bits=4, algorithm="hqq"), 1.0),
+                     (MatMulNBits(bits=4, int8_nodes=("down_proj",)), 1.0),
+                     (MatMulNBits(bits=8, accuracy_level=4, fp32_activation_nodes=("down_proj",)), 0.2)],
+    "quantize_dynamic": [(load_target("cpu").quantize_dynamic, 1.5)],
+    "fp16": [(load_target("cuda").fp16, 0.05)],
+    "optimize": [(load_target("cpu").optimize, 1e-3)],
+    "to_ort": [(load_target("mobile").to_ort, 1e-3)],
+}
+
+
+def test_every_step_a_shipped_profile_names_is_registered():
+    for name in SHIPPED:
+        for step in load_target(name).steps:
+            assert step in STEPS, f"{name}.toml names unknown step {step}"
+
+
+def test_every_registered_step_has_a_test_case():
+    assert set(CASES) == set(STEPS)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_rows_round_trips_within_half_a_step(bits):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 64)).astype(np.float32)
+    packed, scales = _quantize_rows(w, bits, 32)
+    assert packed.dtype == np.uint8 and packed.shape == (6, 2, 32 * bits // 8) and scales.shape == (6, 2)
+    if bits == 4:  # low nibble first, as MatMulNBits and GatherBlockQuantized read it
+        q = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(6, 2, 32)
+    else:
+        q = packed
+    deq = (q.astype(np.float32) - 2 ** (bits - 1)) * scales[..., None]
+    assert np.abs(deq.reshape(6, 64) - w).max() <= scales.max() / 2 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def fp32_export(tmp_path_factory):
+    """A tiny Llama exported to fp32 ONNX, its facts, and the logits of a fixed input."""
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=2))
+    path = export_onnx(model, tmp_path_factory.mktemp("fp32"), 17)
+    facts = model_facts(model.config)
+    ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
+    logits, _ = ort_forward(session(path), ids, None, facts)
+    return path, facts, ids, logits
+
+
+@pytest.mark.parametrize("name, case", [(n, i) for n, cases in CASES.items() for i in range(len(cases))])
+def test_step_output_runs_and_stays_close(tmp_path, fp32_export, name, case):
+    src, facts, ids, want = fp32_export
+    settings, tol = CASES[name][case]
+    st = STEPS[name]
+    dst = tmp_path / f"model{st.suffix}"
+    info = st.fn(src, dst, settings, load_target("cpu"))
+    assert isinstance(info, dict) and dst.is_file()
+    got, present = ort_forward(session(dst), ids, None, facts)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= tol
+    assert set(present) == {f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    if name == "quantize_head_embedding":
+        assert info["tied"] is True
+        assert info["shared"] is (settings.embedding == settings.head)
+    if name == "matmul_nbits" and settings.int8_nodes:
+        assert info["int8_matmuls"] == 2  # one down_proj per layer
+    if name == "matmul_nbits":
+        import onnx
+
+        levels = {n.name: next(a.i for a in n.attribute if a.name == "accuracy_level")
+                  for n in onnx.load(str(dst)).graph.node if n.op_type == "MatMulNBits"}
+        assert len(levels) == info["quantized_matmuls"] == 14  # 7 per layer; the tied head is not a const MatMul
+        for node, level in levels.items():
+            fp32_act = any(p in node for p in settings.fp32_activation_nodes)
+            assert level == (0 if fp32_act else settings.accuracy_level), node
+
+
+def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=1, tie_word_embeddings=False))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[1, 2, 3, 4]], dtype=np.int64)
+    want, _ = ort_forward(session(src), ids, None, facts)
+    info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "q" / "model.onnx",
+                                              dataclasses.replace(QuantizeHeadEmbedding(), head="int8"), None)
+    assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False}
+    got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
+    assert np.abs(got - want).max() <= 0.1
