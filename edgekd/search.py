@@ -452,13 +452,16 @@ def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
 
 def _beaten(mixed: Candidate, cands: Sequence[Candidate], tried: Sequence[Tried]) -> str | None:
     """Why ``mixed`` cannot win, or None. Its smallest form is its 4-bit base recipe (8-bit layers
-    only add bytes): when that recipe was tried as a fixed candidate, nothing at or below its size
-    that passes can be beaten."""
+    only add bytes): when that recipe was tried as a fixed candidate and is over the size budget,
+    or something at or below its size passes, the mixed candidate cannot be the pick."""
     base = next((t for c, t in zip((c for c in cands if not c.mixed_precision), tried)
                  if c.profile == mixed.profile and t.report is not None), None)
     if base is None:
         return None
     floor = base.metric("cost", "size_mb")
+    budget = mixed.profile.gates.max_size_mb
+    if budget is not None and floor > budget:
+        return f"its 4-bit base {base.name!r} is already over max_size_mb ({floor:.1f} MB > {budget:g})"
     winner = min((t for t in tried if t.passed and t.metric("cost", "size_mb") <= floor),
                  key=lambda t: t.metric("cost", "size_mb"), default=None)
     if winner is None:

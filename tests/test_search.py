@@ -182,3 +182,20 @@ bits = 8
     assert _beaten(auto, cands, [tried(10, True, "rtn4"), tried(20, True, "int8")]).startswith("'rtn4' passes at 10.0 MB")
     assert _beaten(auto, cands, [tried(10, False, "rtn4"), tried(20, True, "int8")]) is None  # auto may land in between
     assert _beaten(auto, cands, [tried(10, False, "rtn4"), tried(9, True, "int8")]).startswith("'int8' passes at 9.0 MB")
+
+
+def test_mixed_precision_is_skipped_when_its_base_is_over_the_size_budget(tmp_path):
+    from edgekd.search import Tried, _beaten
+
+    prof = load_target(profile(tmp_path, """
+[gates]
+max_size_mb = 5
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "auto"
+mixed_precision = true
+"""))
+    cands = resolve_candidates(prof)
+    over = Tried("rtn4", "", {}, tmp_path, report={"passed": False, "gates": [], "cost": {"size_mb": 6.0}})
+    assert "already over max_size_mb (6.0 MB > 5)" in _beaten(cands[1], cands, [over])
