@@ -186,6 +186,11 @@ def encode_records(tok, records: list[dict], max_length: int, train_on_prompt: b
         if "messages" in rec:
             ex = encode_chat(tok, rec["messages"], train_on_prompt)
         else:
+            if "response" not in rec:
+                raise UsageError(
+                    "a training record has a 'prompt' but no 'response': add the answers, "
+                    "or pass the file with --prompts so the teacher writes them"
+                )
             msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
             ex = encode_chat(tok, msgs, train_on_prompt, finished=rec.get("finished", True))
         if len(ex.ids) > max_length:
