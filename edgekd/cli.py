@@ -242,6 +242,7 @@ def export(
 
 
 Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
+from edgekd.validate import ValidateConfig as _Validate  # noqa: E402  (light: its defaults are the flags' defaults)
 
 
 @command("generate")
@@ -283,8 +284,8 @@ def validate(
     reference: Annotated[Optional[str], typer.Option("--reference", help="The unquantized model (default: the manifest's source model).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="A jsonl of {\"prompt\", \"response\"?} (default: the distillation's held-out split, else shipped prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: <first bundle>-report).")] = None,
-    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Held-out prompts to compare.")] = 8,
-    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = 32,
+    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Held-out prompts to compare.")] = _Validate.num_prompts,
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = _Validate.answer_tokens,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
     threads: Threads = None,
 ) -> None:
@@ -302,8 +303,8 @@ def validate(
         answer_tokens=answer_tokens, speed=speed, threads=threads,
     )
     flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
-             "--num-prompts": num_prompts if num_prompts != 8 else None,
-             "--answer-tokens": answer_tokens if answer_tokens != 32 else None, "--threads": threads}
+             "--num-prompts": num_prompts if num_prompts != _Validate.num_prompts else None,
+             "--answer-tokens": answer_tokens if answer_tokens != _Validate.answer_tokens else None, "--threads": threads}
     words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
     with console.status("validating ...") as status:
