@@ -226,7 +226,6 @@ def test_sigkill_then_resume_gives_the_same_weights(tiny_teacher_dir, tiny_data,
 
 
 def test_a_run_that_cannot_fit_is_refused_early(tiny_teacher_dir, tiny_data, tmp_path):
-    f = tmp_path / "huge.toml"
-    f.write_text("chunk_size = 100000000000\n")
-    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "o", tiny_data, "--data", str(tiny_data / "pairs.jsonl")), "--config", str(f))
-    assert r.exit_code == 2 and "lower chunk_size" in r.output
+    args = tiny_args(tiny_teacher_dir, tmp_path / "o", tiny_data, "--data", str(tiny_data / "pairs.jsonl"))
+    r = run_cli(*args, "--batch-size", "100000000000")
+    assert r.exit_code == 2 and "lower --batch-size or --max-length" in r.output

@@ -446,17 +446,14 @@ def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab
 def check_memory(cfg: DistillConfig, student, heldout_positions: int, longest: int, device) -> None:
     """Refuse early a run whose loss, activations or held-out reference cannot fit in free memory,
     naming the setting to lower (rough upper estimates, fp32)."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return
+    free = _available_memory(device)
+    if free is None:
+        return
     c = student.model.config
+    chunk = min(cfg.chunk_size, cfg.batch_size * min(longest, cfg.max_length))  # positions in one chunk, at most
     needs = [
-        # one chunk: student logits, log-probs and their gradient, teacher logits
-        (5 * cfg.chunk_size * student.vocab * 4, "chunk_size (a --config setting)"),
+        # one chunk: student logits, log-probs and their gradient, teacher logits and log-probs
+        (5 * chunk * student.vocab * 4, "chunk_size (a --config setting)"),
         # student activations kept for backward: ~34 floats per hidden unit per layer per token
         (34 * cfg.batch_size * min(longest, cfg.max_length) * c.hidden_size * c.num_hidden_layers * 4, "--batch-size or --max-length"),
         # the teacher's held-out log-probs, kept in fp16 for every evaluation
@@ -465,6 +462,19 @@ def check_memory(cfg: DistillConfig, student, heldout_positions: int, longest: i
     for need, setting in needs:
         if need > 0.6 * free:
             raise UsageError(f"this run needs about {need / 1e9:.1f} GB for one part of it but only {free / 1e9:.1f} GB are free: lower {setting}")
+
+
+def _available_memory(device) -> int | None:
+    """Bytes that can still be allocated: free GPU memory, or MemAvailable (free + reclaimable cache)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _cat(parts: list[torch.Tensor], dummy: bool) -> torch.Tensor:
