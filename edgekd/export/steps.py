@@ -120,7 +120,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     gather = next((n for n in g.node if n.op_type == "Gather" and len(n.input) == 2
                    and n.input[0] in inits and n.input[1] == "input_ids"), None)
     if gather is None:
-        raise EdgekdError("quantize_head_embedding: found no embedding Gather on input_ids in the exported graph")
+        raise EdgekdError("quantize_head_embedding: found no embedding Gather on input_ids in this graph: "
+                          "remove the step from the profile's steps for this model")
     emb_name = gather.input[0]
     vocab, hidden = inits[emb_name].dims
 
