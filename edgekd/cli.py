@@ -238,6 +238,9 @@ def export(
         f"{_fmt_bytes(check['model_bytes'])} ({check['size_ratio_vs_fp32']:.0%} of fp32), "
         f"probe top-1 vs PyTorch {check['top1_agreement']:.3f}, max |dlogit| {check['max_abs_logit_diff']:.3g}"
     )
+    budget = manifest["target"]["gates"].get("max_size_mb")
+    if budget is not None and check["model_bytes"] / 1e6 > budget:
+        err_console.print(f"[yellow]warning:[/yellow] the model is over the target's size budget of {budget} MB: validate will fail it")
     console.print(f"next: edgekd validate {out}")
 
 
