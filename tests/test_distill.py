@@ -43,6 +43,7 @@ def tiny_data(tmp_path_factory):
         json.dumps({"prompt": f"Explain the {w}", "response": f"The {w} is blue and the {words[(i + 1) % 10]} is near. " * (1 + i % 3)}) + "\n"
         for i, w in enumerate(words * 2)))
     (d / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about the {w}"}) + "\n" for w in words[:4]))
+    (d / "heldout_pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about the {w}", "response": f"The {w} is blue."}) + "\n" for w in words[:4]))
     return d
 
 
@@ -51,7 +52,9 @@ def run_cli(*args: str) -> "CliRunner.Result":
 
 
 def tiny_args(teacher: Path, out: Path, data: Path, *extra: str) -> list[str]:
-    return ["--teacher", str(teacher), "--student", "layers:2", "--out", str(out), "--heldout", str(data / "heldout.jsonl"),
+    """Flags for a tiny run; with --data the held-out set has its responses (no generation)."""
+    held = "heldout_pairs.jsonl" if "--data" in extra else "heldout.jsonl"
+    return ["--teacher", str(teacher), "--student", "layers:2", "--out", str(out), "--heldout", str(data / held),
             "--max-new-tokens", "12", "--batch-size", "4", "--lr", "3e-3", *extra]
 
 
@@ -156,7 +159,7 @@ def test_cache_with_full_vocabulary_matches_no_cache(tiny_teacher_dir, tiny_data
 
 def test_small_top_k_cache_still_trains(tiny_teacher_dir, tiny_data, tmp_path):
     out = tmp_path / "k4"
-    assert run_cli(*tiny_args(tiny_teacher_dir, out, tiny_data, "--data", str(tiny_data / "pairs.jsonl"), "--top-k", "4", "--epochs", "3")).exit_code == 0
+    assert run_cli(*tiny_args(tiny_teacher_dir, out, tiny_data, "--data", str(tiny_data / "pairs.jsonl"), "--top-k", "4", "--max-steps", "6")).exit_code == 0
     m = json.loads((out / "distill.json").read_text())["metrics"]
     assert m["after"]["kl"] < m["before"]["kl"]
 
