@@ -453,7 +453,7 @@ def check_memory(cfg: DistillConfig, student, heldout_positions: int, longest: i
     chunk = min(cfg.chunk_size, cfg.batch_size * min(longest, cfg.max_length))  # positions in one chunk, at most
     needs = [
         # one chunk: student logits, log-probs and their gradient, teacher logits and log-probs
-        (5 * chunk * student.vocab * 4, "chunk_size (a --config setting)"),
+        (5 * chunk * student.vocab * 4, "--chunk-size"),
         # student activations kept for backward: ~34 floats per hidden unit per layer per token
         (34 * cfg.batch_size * min(longest, cfg.max_length) * c.hidden_size * c.num_hidden_layers * 4, "--batch-size or --max-length"),
         # the teacher's held-out log-probs, kept in fp16 for every evaluation
