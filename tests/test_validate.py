@@ -76,7 +76,7 @@ def test_good_bundle_passes_and_writes_the_report(bundles, tmp_path):
     assert ref["top1"] == 1.0 and ref["kl_mean"] < 1e-6 and abs(ref["ppl_ratio"] - 1) < 1e-3
     assert ref["max_abs_logit_error"] < 1e-3 and ref["greedy_exact"] == 1.0 and ref["greedy_prefix_tokens"] == 12
     assert b["data"]["prompts"] == 3 and "shipped" in b["data"]["source"]
-    assert b["data"]["answers_from"] == "the reference's greedy answers"
+    assert b["data"]["answers_from"] == "each compared model's own greedy answers"
     # Exported straight from a model (no distill.json): the model is its own teacher.
     assert b["teacher"] == b["reference"] == str(Path(b["reference"]))
     assert {g["name"] for g in b["gates"]} == {
@@ -85,7 +85,7 @@ def test_good_bundle_passes_and_writes_the_report(bundles, tmp_path):
     }
     cost = b["cost"]
     assert cost["decode_tokens_per_s"] > 0 and cost["prefill_ms"] > 0 and cost["load_s"] > 0
-    assert 10 < cost["peak_rss_mb"] < 2000 and 0 < cost["size_mb"] <= cost["bundle_mb"]
+    assert 10 < cost["peak_rss_mb"] < 250 and 0 < cost["size_mb"] <= cost["bundle_mb"]
     md = (out / "report.md").read_text()
     assert "| top-1 vs reference | 1.000 |" in md and f"Verdict: {bundles['good'].name}: PASS" in md and "Command: `edgekd validate " in md
     assert (out / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,8 +3,9 @@
 Top to bottom, for each bundle: open it with the runtime (hashes checked, execution providers
 from its target); measure speed and memory in a fresh process; pick the held-out prompts; load
 the reference (the unquantized model it was exported from) and the teacher with PyTorch, refusing
-a tokenizer that differs from the bundle's; answer the prompts with the reference when the data
-has no answers; compare logits (teacher-forced through the bundle's KV cache) and greedy answers;
+a tokenizer that differs from the bundle's; when the data has no answers, let each of them answer
+greedily; compare logits on those answers (teacher-forced through the bundle's KV cache) and the
+bundle's own greedy answers with theirs;
 apply the target's gates; write ``report.json``, ``report.md`` and plots.
 
 Imports stay lazy here: ``edgekd.validate.speed`` runs in a process that must not load torch.
@@ -157,27 +158,30 @@ def validate(
 
         # The same token ids go to the bundle and to PyTorch: encoded once, by the bundle's tokenizer.
         prompts = [rt.encode_prompt(r["prompt"]) for r in records]
+        pkey = tuple(map(tuple, prompts))
         eos = sorted(rt.eos_token_ids)
         n = config.answer_tokens
+        given = None
         if all("response" in r for r in records):
-            answers = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
+            given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
             answers_from = f"{data_source} (teacher-forced)"
         else:
-            log(f"{name}: answering the prompts with the reference (greedy, {n} tokens) ...")
-            answers = models.memo(("greedy", ref_spec, n), lambda: reference.greedy(prompts, n, eos))
-            answers_from = "the reference's greedy answers"
-        examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
+            # Each model is compared on its own greedy answers: the reference's for "vs reference",
+            # the teacher's for "vs teacher" (what a distilled student was trained to imitate).
+            answers_from = "each compared model's own greedy answers"
 
-        log(f"{name}: running the bundle through its KV cache ({sum(len(a) for a in answers)} answer tokens) ...")
-        ours = bundle_logits(rt, examples)
+        log(f"{name}: greedy answers of the bundle through its KV cache ...")
         ours_greedy = bundle_greedy(rt, prompts, n)
         fidelity: dict[str, Any] = {}
         for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
-            log(f"{name}: comparing with the {role} ...")
-            key = (spec, tuple(map(tuple, answers)))
-            theirs = models.memo(("logits",) + key, lambda: model.logits(examples))
+            log(f"{name}: comparing with the {role} ({spec}) ...")
+            their_greedy = models.memo(("greedy", spec, n, pkey), lambda: model.greedy(prompts, n, eos))
+            answers = given if given is not None else their_greedy
+            examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
+            akey = tuple(map(tuple, answers))
+            ours = models.memo(("bundle", str(p.resolve()), pkey, akey), lambda: bundle_logits(rt, examples))
+            theirs = models.memo(("logits", spec, pkey, akey), lambda: model.logits(examples))
             metrics, kl = compare_logits(ours, theirs, answers)
-            their_greedy = models.memo(("greedy", spec, n), lambda: model.greedy(prompts, n, eos))
             greedy = compare_greedy(ours_greedy, their_greedy, n)
             fidelity[role] = {**metrics, **greedy, "model": spec}
             if role == "reference":

@@ -68,6 +68,14 @@ def time_runtime(rt, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = 
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process. On Linux from ``VmHWM``: ``ru_maxrss`` would
+    include the parent's resident memory at fork (the kernel carries it across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
