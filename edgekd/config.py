@@ -118,6 +118,10 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", p
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise UsageError(f"{where}: {e}") from None
+    except UsageError as e:  # a range check in __post_init__: say which file it came from
+        if str(e).startswith(where):
+            raise
+        raise UsageError(f"{where}: {e}") from None
 
 
 def to_dict(obj: Any) -> Any:
