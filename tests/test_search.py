@@ -3,7 +3,9 @@ that keeps the smallest passing bundle (mixed precision included), and one where
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,23 @@ def test_splice_takes_exactly_the_named_layers(tmp_path, tiny_teacher_dir):
     assert all(t.name.endswith("@donor") for t in mixed.graph.initializer if t.name not in weights)
     onnx.checker.check_model(mixed)
 
+    # The export step keeps exactly the named layers at 8 bits (what the search's pick ships).
+    settings = dataclasses.replace(prof.matmul_nbits, int8_nodes=(prefixes[2],))
+    STEPS["matmul_nbits"].fn(fp32, tmp_path / "mixed" / "model.onnx", settings, prof)
+    assert layer_bits(tmp_path / "mixed" / "model.onnx") == {0: {4}, 1: {4}, 2: {8}, 3: {4}}
+
+
+def layer_bits(path: Path) -> dict[int, set[int]]:
+    """Decoder layer -> the MatMulNBits bit widths its nodes use, read from the ONNX graph."""
+    import onnx
+
+    bits: dict[int, set[int]] = {}
+    for n in onnx.load(str(path), load_external_data=False).graph.node:
+        m = re.search(r"/layers\.(\d+)/", n.name)
+        if n.op_type == "MatMulNBits" and m:
+            bits.setdefault(int(m.group(1)), set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    return bits
+
 
 def test_search_keeps_the_smallest_passing_candidate(tmp_path, tiny_teacher_dir):
     """rtn4 fails the KL gate; int8 passes; the mixed-precision candidate keeps the most sensitive
@@ -128,6 +147,8 @@ bits = 8
     assert all(set(c["int8_layers"]) <= {0, 1, 2, 3} for c in auto)
     nbits = next(r for r in manifest["recipe"] if r["step"] == "matmul_nbits")
     assert nbits["int8_nodes"] == [f"/model/layers.{i}/" for i in (kept.int8_layers or [])]
+    if kept.int8_layers is not None:  # the shipped graph has exactly those layers at 8 bits
+        assert layer_bits(out / "model.onnx") == {i: {8 if i in kept.int8_layers else 4} for i in range(4)}
     assert manifest["target"]["candidates"] == []  # the kept recipe, resolved
     assert not list(tmp_path.glob(".bundle.*"))  # the work folder is gone
 

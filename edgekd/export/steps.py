@@ -242,8 +242,8 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
     with _quiet_quantizer():
         int8_nodes = matching(settings.int8_nodes) if settings.bits == 4 and settings.int8_nodes else []
-        if int8_nodes:
-            model = run(model, 8, int8_nodes, [])
+        if int8_nodes:  # onnxruntime's nodes_to_include adds to its op types, it does not restrict: exclude the rest
+            model = run(model, 8, None, sorted(before - set(int8_nodes)))
         model = run(model, settings.bits, None, int8_nodes)
     # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): 0 where asked.
     count = 0
