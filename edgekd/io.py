@@ -39,6 +39,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file; a line that is not
+    one JSON object is a ``UsageError`` naming the file and line."""
+    path = Path(path)
+    if text is None:
+        text = path.read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise UsageError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        yield n, rec
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 

@@ -202,7 +202,7 @@ def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
     with pytest.raises(UsageError, match="bad.jsonl:2"):
         load_records(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(UsageError, match="not valid JSON"):
+    with pytest.raises(UsageError, match="not a JSON line"):
         load_records(bad)
 
 

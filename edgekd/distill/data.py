@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from edgekd.errors import UsageError
+from edgekd.io import iter_jsonl
 
 
 @dataclasses.dataclass
@@ -59,15 +60,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() not in (".jsonl", ".json"):
         raise UsageError(f"{path}: unsupported data file type {path.suffix!r}: use .txt or .jsonl")
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg}); each line must be one JSON object") from None
-        if not isinstance(rec, dict):
-            raise UsageError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+    for n, rec in iter_jsonl(path, text):
         _check_record(rec, f"{path}:{n}")
         records.append(rec)
     return records

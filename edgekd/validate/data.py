@@ -7,11 +7,11 @@ Where the records come from, first found wins: ``--data FILE``; the held-out spl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError
+from edgekd.io import iter_jsonl
 from edgekd.paths import resource
 
 SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"
@@ -23,22 +23,15 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     if not path.is_file():
         raise UsageError(f"held-out data {path} does not exist: pass a jsonl of {{\"prompt\", \"response\"}} records")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}): one object per line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
-                raise UsageError(f"{path}:{n} has no non-empty \"prompt\" string")
-            response = rec.get("response")
-            if response is not None and not isinstance(response, str):
-                raise UsageError(f"{path}:{n}: \"response\" must be a string")
-            records.append({"prompt": rec["prompt"], **({"response": response} if response else {})})
-            if limit and len(records) >= limit:
-                break
+    for n, rec in iter_jsonl(path):
+        if not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+            raise UsageError(f"{path}:{n} has no non-empty \"prompt\" string")
+        response = rec.get("response")
+        if response is not None and not isinstance(response, str):
+            raise UsageError(f"{path}:{n}: \"response\" must be a string")
+        records.append({"prompt": rec["prompt"], **({"response": response} if response else {})})
+        if limit and len(records) >= limit:
+            break
     if not records:
         raise UsageError(f"{path} holds no records: add lines like {{\"prompt\": \"...\"}}")
     return records
