@@ -30,6 +30,19 @@ algorithm = "rtn"
 QUICK = ValidateConfig(num_prompts=2, answer_tokens=8, speed=False)
 
 
+# Three candidates in order of preference: 4-bit RTN, measured mixed precision, 8-bit everywhere.
+RTN4_AUTO_INT8 = """
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "auto"
+mixed_precision = true
+[[candidates]]
+name = "int8"
+[candidates.matmul_nbits]
+bits = 8
+"""
+
 def profile(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "search.toml"
     path.write_text(BASE + text)
@@ -115,19 +128,7 @@ def layer_bits(path: Path) -> dict[int, set[int]]:
 def test_search_keeps_the_smallest_passing_candidate(tmp_path, tiny_teacher_dir):
     """rtn4 fails the KL gate; int8 passes; the mixed-precision candidate keeps the most sensitive
     layers at 8 bits. The search keeps the smallest that passes, with the search in its manifest."""
-    path = profile(tmp_path, """
-[gates]
-max_kl_vs_reference = 0.003
-[[candidates]]
-name = "rtn4"
-[[candidates]]
-name = "auto"
-mixed_precision = true
-[[candidates]]
-name = "int8"
-[candidates.matmul_nbits]
-bits = 8
-""")
+    path = profile(tmp_path, "[gates]\nmax_kl_vs_reference = 0.003\n" + RTN4_AUTO_INT8)
     out = tmp_path / "bundle"
     result = search_export(str(tiny_teacher_dir), path, out, validate_config=QUICK)
     by = {t.name: t for t in result.tried}
@@ -183,17 +184,7 @@ def test_mixed_precision_is_skipped_only_when_it_cannot_win(tmp_path):
     """Its smallest form is its 4-bit base: skipped when a passing bundle is no bigger than that."""
     from edgekd.search import Tried, _beaten
 
-    prof = load_target(profile(tmp_path, """
-[[candidates]]
-name = "rtn4"
-[[candidates]]
-name = "auto"
-mixed_precision = true
-[[candidates]]
-name = "int8"
-[candidates.matmul_nbits]
-bits = 8
-"""))
+    prof = load_target(profile(tmp_path, RTN4_AUTO_INT8))
     cands = resolve_candidates(prof)
     auto = cands[1]
 
