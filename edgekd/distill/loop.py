@@ -427,11 +427,17 @@ def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab
         return table
     rank, world = accel.process_index, accel.num_processes
     mine = list(range(rank, len(examples), world))
+    t0, seen = time.time(), [0]
+
+    def advance(n: int, tokens: int) -> None:
+        seen[0] += tokens
+        progress.update(task, advance=n, tps=seen[0] / max(time.time() - t0, 1e-9))
+
     with _progress(accel.is_main_process, None, tokens=True) as progress:
         task = progress.add_task("teacher cache (top-k)", total=len(mine), loss=float("nan"), tps=0.0)
         part = tcache.teacher_topk(teacher, examples, mine, k=cfg.top_k, temperature=cfg.temperature, vocab=vocab,
                                    batch_size=max(cfg.batch_size, 8), chunk_size=cfg.chunk_size, device=device,
-                                   on_batch=lambda n, _t: progress.update(task, advance=n))
+                                   on_batch=advance)
     tcache.write_part(folder, key, rank, world, part)
     accel.wait_for_everyone()
     if accel.is_main_process:
