@@ -182,6 +182,8 @@ def distill(
     cache_teacher: Annotated[Optional[bool], _opt("cache_teacher", "--cache-teacher/--no-cache-teacher")] = None,
     top_k: Annotated[Optional[int], _opt("top_k", "--top-k")] = None,
     chunk_size: Annotated[Optional[int], _opt("chunk_size", "--chunk-size")] = None,
+    qat_bits: Annotated[Optional[int], _opt("qat_bits", "--qat-bits")] = None,
+    qat_block_size: Annotated[Optional[int], _opt("qat_block_size", "--qat-block-size")] = None,
     eval_every: Annotated[Optional[int], _opt("eval_every", "--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], _opt("checkpoint_every", "--checkpoint-every")] = None,
     seed: Annotated[Optional[int], _opt("seed", "--seed")] = None,

@@ -71,6 +71,11 @@ class DistillConfig:
     top_k: int = _f(64, "How many teacher log-probs per position the cache keeps (the rest is one tail bucket).")
     # 1024 positions x 49k vocab x 4 B = 200 MB per tensor: bounded whatever the batch.
     chunk_size: int = _f(1024, "Positions per chunk in the loss: bounds the (positions x vocab) memory.")
+    # --- quantization-aware distillation (edgekd/quant.py) ---------------------------------
+    # Off by default: it trains for one export recipe. A 4-bit export of a student distilled without
+    # it lost most of its fidelity (benchmarks/RESULTS-export.md); with it, none.
+    qat_bits: int = _f(0, "Train the student's linear layers through onnxruntime's symmetric 4- or 8-bit block-wise grid and save them on it, so an export with matmul_nbits (rtn, symmetric, same bits and block size) reproduces the student exactly (0 = off).")
+    qat_block_size: int = _f(32, "Block size of the --qat-bits grid: the target profile's matmul_nbits.block_size.")
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = _f(0, "Evaluate on the held-out set every N steps (0 = only at start and end).")
     checkpoint_every: int = _f(50, "Write a checkpoint every N optimizer steps (0 = never) for --resume.")
@@ -102,6 +107,10 @@ class DistillConfig:
         for name in ["beta", "skew"]:
             if not 0 < getattr(self, name) < 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be strictly between 0 and 1")
+        if self.qat_bits not in (0, 4, 8):
+            raise UsageError(f"qat_bits = {self.qat_bits}: use 4 or 8 (the bit widths MatMulNBits runs), or 0 for off")
+        if self.qat_block_size < 16 or self.qat_block_size & (self.qat_block_size - 1):
+            raise UsageError(f"qat_block_size = {self.qat_block_size} must be a power of two >= 16 (MatMulNBits' block sizes)")
         if self.data and self.prompts:
             raise UsageError("pass either --data (text the student learns from) or --prompts (the teacher answers them), not both")
 

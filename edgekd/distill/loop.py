@@ -50,6 +50,7 @@ from edgekd.distill.data import (
 )
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss
 from edgekd.distill.students import build_student
+from edgekd.quant import GRID, attach_fake_quantize, bake_fake_quantize
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.io import write_json
 from edgekd.paths import resource
@@ -126,6 +127,10 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     student = build_student(cfg.student, teacher, tok, cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     teacher.to(device)
     say(f"student: {student.describe['num_hidden_layers']} layers, {student.describe['parameters'] / 1e6:.1f}M parameters ({student.kind})")
+    if cfg.qat_bits:
+        n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size)
+        student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID, "linear_layers": n}
+        say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}")
 
     # ---- data: files, or prompts the teacher answers ------------------------------------
     timings: dict[str, float] = {}
@@ -540,6 +545,7 @@ def save_student(model, tok, teacher, out: Path) -> None:
     """The student as a Hugging Face folder: safetensors weights, config, tokenizer (with its chat
     template) and a generation config whose eos and pad match the tokenizer."""
     model = model.float() if next(model.parameters()).dtype != torch.float32 else model
+    bake_fake_quantize(model)  # --qat-bits: the weights go out on their grid
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     gen = teacher.generation_config

@@ -1,0 +1,89 @@
+"""The block-wise weight grid that distillation trains on and export reproduces.
+
+onnxruntime's symmetric round-to-nearest ``MatMulNBits`` quantizer (``matmul_nbits`` with
+``algorithm = "rtn"`` and ``symmetric = true``) splits each output row of a weight into blocks of
+``block_size`` input features and stores integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` with one
+signed fp32 scale per block, chosen so that the block's largest-magnitude weight lands exactly on
+``-2**(bits-1)``: ``scale = extreme / -2**(bits-1)``, ``q = clamp(round(w / scale))``. (Read off
+onnxruntime 1.32's ``quantize_matmul_4bits``; ``tests/test_quant.py`` checks it against onnxruntime
+itself.)
+
+Quantization-aware distillation (``edgekd distill --qat-bits 4``, after LLM-QAT, Liu et al. 2023,
+which also distills from the full-precision model on model-written data) trains the student through
+:func:`fake_quantize` with a straight-through gradient, and saves the weights *on* the grid. The
+grid is a fixed point of the quantizer: exporting that student with the same bits and block size
+gives back exactly the weights it was trained and evaluated with, so 4-bit costs no fidelity
+against the PyTorch student, and what it costs against the teacher was paid, and measured, while
+distilling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+GRID = "onnxruntime MatMulNBits, symmetric round-to-nearest"
+
+
+def ort_symmetric_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """``w`` (out_features, in_features) rounded to onnxruntime's symmetric block-wise grid.
+
+    Blocks run along ``in_features`` (MatMulNBits' K); a short last block is padded with zeros, as
+    onnxruntime pads it. Returns a tensor of ``w``'s shape and dtype whose every block holds at most
+    ``2**bits`` distinct values. Idempotent: ``grid(grid(w)) == grid(w)``.
+    """
+    rows, k = w.shape
+    pad = (-k) % block_size
+    x = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.float()
+    blocks = x.reshape(rows, -1, block_size)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    scale = extreme / lo
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(blocks / scale), lo, hi)
+    return (q * scale).reshape(rows, -1)[:, :k].to(w.dtype)
+
+
+class FakeQuantize(nn.Module):
+    """A weight parametrization: the forward sees the grid, the gradient passes straight through
+    to the full-precision weight (Bengio et al. 2013's straight-through estimator)."""
+
+    def __init__(self, bits: int, block_size: int):
+        super().__init__()
+        self.bits, self.block_size = bits, block_size
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            delta = ort_symmetric_grid(w, self.bits, self.block_size) - w
+        return w + delta
+
+
+def quantizable_linears(model) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` layers that export's ``matmul_nbits`` step turns into MatMulNBits: every
+    linear layer but the output head (the head and the tied embedding are ``quantize_head_embedding``'s)."""
+    head = model.get_output_embeddings()
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not head]
+
+
+def attach_fake_quantize(model, bits: int, block_size: int) -> int:
+    """Train ``model``'s quantizable linear weights through the grid; returns how many."""
+    layers = quantizable_linears(model)
+    for _, mod in layers:
+        parametrize.register_parametrization(mod, "weight", FakeQuantize(bits, block_size))
+    return len(layers)
+
+
+def bake_fake_quantize(model) -> int:
+    """Remove the parametrizations, leaving each weight exactly on its grid; returns how many."""
+    n = 0
+    for _, mod in list(model.named_modules()):
+        if parametrize.is_parametrized(mod, "weight"):
+            fq = next(p for p in mod.parametrizations.weight if isinstance(p, FakeQuantize))
+            with torch.no_grad():
+                on_grid = ort_symmetric_grid(mod.parametrizations.weight.original, fq.bits, fq.block_size)
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            with torch.no_grad():
+                mod.weight.copy_(on_grid)
+            n += 1
+    return n

@@ -1,0 +1,88 @@
+"""The quantization grid that `--qat-bits` trains on is onnxruntime's own: checked against
+onnxruntime's quantizer, and end to end through `edgekd distill --qat-bits` and `edgekd export`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parametrize
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.export import export_bundle
+from edgekd.quant import attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid
+
+
+def ort_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """``w`` (out, in) through onnxruntime's symmetric MatMulNBits quantizer and back."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    n, k = w.shape
+    kb = (k + block - 1) // block
+    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
+    scales = np.zeros(n * kb, np.float32)
+    zero_points = np.zeros(n * ((kb * bits + 7) // 8), np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, np.ascontiguousarray(w.T.astype(np.float32)), scales, zero_points, block, n, k, True)
+    if bits == 4:
+        q = np.zeros((n, kb, block), np.int32)
+        q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
+    else:
+        q = packed.astype(np.int32)
+    return ((q - 2 ** (bits - 1)) * scales.reshape(n, kb, 1)).reshape(n, kb * block)[:, :k]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [64, 80])  # 80: a short last block, padded
+def test_grid_is_onnxruntimes_and_a_fixed_point(bits, k):
+    w = torch.randn(7, k, generator=torch.Generator().manual_seed(bits + k)) * 0.05
+    grid = ort_symmetric_grid(w, bits, 32)
+    np.testing.assert_allclose(grid.numpy(), ort_dequantized(w.numpy(), bits, 32), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(ort_dequantized(grid.numpy(), bits, 32), grid.numpy(), rtol=0, atol=1e-7)
+    assert torch.equal(ort_symmetric_grid(grid, bits, 32), grid)
+    levels = max(len(torch.unique(b)) for b in torch.nn.functional.pad(grid, (0, (-k) % 32)).reshape(-1, 32))
+    assert levels <= 2 ** bits and not torch.equal(grid, w)
+
+
+def test_fake_quantize_passes_gradients_straight_through_and_bakes_onto_the_grid():
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False))
+    lin.get_output_embeddings = lambda: None
+    w0 = lin[0].weight.detach().clone()
+    assert attach_fake_quantize(lin, 4, 32) == 1
+    x = torch.randn(3, 64)
+    assert torch.allclose(lin(x), x @ ort_symmetric_grid(w0, 4, 32).T, atol=1e-6)
+    lin(x).sum().backward()
+    grad = lin[0].parametrizations.weight.original.grad
+    assert torch.allclose(grad, x.sum(0).expand(8, 64))  # d(sum xW^T)/dW, as if unquantized
+    assert bake_fake_quantize(lin) == 1 and not parametrize.is_parametrized(lin[0])
+    assert torch.equal(lin[0].weight, ort_symmetric_grid(w0, 4, 32))
+
+
+def test_qat_student_exports_to_the_same_weights(tiny_teacher_dir, tmp_path):
+    """A --qat-bits 4 student leaves its linear weights on the grid; the rtn export reproduces them:
+    the bundle matches the PyTorch student as closely as an fp32 export would."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}", "response": f"The {w} is blue and calm. " * 2}) + "\n"
+                            for w in ["sea", "sky", "wind", "stars", "Rome", "Paris", "poem", "rain"]))
+    out = tmp_path / "student"
+    r = CliRunner().invoke(app, ["distill", "--teacher", str(tiny_teacher_dir), "--student", "layers:2", "--out", str(out),
+                                 "--data", str(data), "--heldout", str(data), "--max-steps", "3", "--lr", "3e-3",
+                                 "--qat-bits", "4"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((out / "distill.json").read_text())
+    assert info["student"]["quantization_aware"]["bits"] == 4 and info["config"]["qat_bits"] == 4
+    weights = load_file(str(out / "model.safetensors"))
+    linear = [k for k in weights if k.endswith("proj.weight")]
+    assert linear and all(torch.equal(ort_symmetric_grid(weights[k], 4, 32), weights[k]) for k in linear)
+
+    # The export: 4-bit RTN on the same grid, the head left fp32, so only the linear layers differ.
+    profile = tmp_path / "rtn4.toml"
+    profile.write_text('steps = ["matmul_nbits"]\n[matmul_nbits]\nbits = 4\nblock_size = 32\nsymmetric = true\n'
+                       'algorithm = "rtn"\naccuracy_level = 0\n[check]\nmax_abs_logit_diff = 100.0\n')
+    qat = export_bundle(str(out), str(profile), tmp_path / "qat-bundle")["export_check"]
+    plain = export_bundle(str(tiny_teacher_dir), str(profile), tmp_path / "plain-bundle")["export_check"]
+    assert qat["max_abs_logit_diff"] < 1e-3 < plain["max_abs_logit_diff"], (qat, plain)
