@@ -23,13 +23,16 @@ install: $(VENV)/.installed
 
 EDGEKD := $(VENV)/bin/edgekd
 
-# distill -> export -> validate -> generate on the packaged SmolLM2-135M-Instruct teacher.
+# distill (quantization-aware) -> export cpu + mobile -> validate both -> generate, on the packaged
+# SmolLM2-135M-Instruct teacher.
 demo: install
 	$(EDGEKD) inspect smollm2-135m-instruct
 	$(EDGEKD) distill --out $(DEMO_DIR)/student --overwrite
 	$(EDGEKD) export $(DEMO_DIR)/student --target cpu --out $(DEMO_DIR)/bundle-cpu --overwrite
 	$(EDGEKD) validate $(DEMO_DIR)/bundle-cpu --out $(DEMO_DIR)/report
-	$(EDGEKD) generate $(DEMO_DIR)/bundle-cpu "What is the capital of France?"
+	$(EDGEKD) export $(DEMO_DIR)/student --target mobile --out $(DEMO_DIR)/bundle-mobile --overwrite
+	$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
+	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "What is the capital of France?"
 
 test: install
 	$(PY) -m pytest -q -ra

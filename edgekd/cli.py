@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -36,12 +37,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one yellow line (no source line from deep inside a library)."""
+    err_console.print(f"[yellow]warning:[/yellow] {str(message).strip().splitlines()[0]}", highlight=False, soft_wrap=True)
+
+
 def command(*args, **kwargs) -> Callable:
     """Register a command whose ``EdgekdError`` becomes one red line and an exit code."""
 
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a, **k):
+            if not os.environ.get("EDGEKD_DEBUG"):
+                warnings.showwarning = _one_line_warning
             try:
                 return fn(*a, **k)
             except EdgekdError as e:
@@ -242,6 +250,11 @@ def export(
         f"{_fmt_bytes(check['model_bytes'])} ({check['size_ratio_vs_fp32']:.0%} of fp32), "
         f"probe top-1 vs PyTorch {check['top1_agreement']:.3f}, max |dlogit| {check['max_abs_logit_diff']:.3g}"
     )
+    qat = manifest["source"].get("quantization_aware")
+    if qat and not qat["reproduced_by_recipe"]:
+        err_console.print(f"[yellow]warning:[/yellow] this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
+                          f"(--qat-bits), but {manifest['target']['name']} quantizes differently: use matmul_nbits with "
+                          f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}")
     budget = manifest["target"]["gates"].get("max_size_mb")
     if budget is not None and check["model_bytes"] / 1e6 > budget:
         err_console.print(f"[yellow]warning:[/yellow] the model is over the target's size budget of {budget} MB: validate will fail it")

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from edgekd.bundle import read_manifest
 from edgekd.cli import app
 from edgekd.export import export_bundle
 from edgekd.quant import attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid
@@ -86,3 +87,9 @@ def test_qat_student_exports_to_the_same_weights(tiny_teacher_dir, tmp_path):
     qat = export_bundle(str(out), str(profile), tmp_path / "qat-bundle")["export_check"]
     plain = export_bundle(str(tiny_teacher_dir), str(profile), tmp_path / "plain-bundle")["export_check"]
     assert qat["max_abs_logit_diff"] < 1e-3 < plain["max_abs_logit_diff"], (qat, plain)
+    assert read_manifest(tmp_path / "qat-bundle")["source"]["quantization_aware"]["reproduced_by_recipe"] is True
+    # A recipe that re-fits the weights (HQQ) does not reproduce the grid: export says so.
+    hqq = tmp_path / "hqq4.toml"
+    hqq.write_text(profile.read_text().replace('"rtn"', '"hqq"'))
+    r = CliRunner().invoke(app, ["export", str(out), "--target", str(hqq), "--out", str(tmp_path / "hqq")])
+    assert r.exit_code == 0 and "distilled for the 4-bit grid" in r.output, r.output

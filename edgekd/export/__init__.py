@@ -46,7 +46,7 @@ def source_info(source) -> dict[str, Any]:
         spec = source.spec
     else:
         spec = str(Path(source.spec).expanduser().resolve())
-    teacher, heldout = spec, None
+    teacher, heldout, qat = spec, None, None
     if source.kind == "folder":
         meta = source.path / "distill.json"
         if meta.is_file():
@@ -57,7 +57,19 @@ def source_info(source) -> dict[str, Any]:
             teacher = data.get("teacher")
             held = data.get("heldout")
             heldout = str((source.path / held).resolve()) if held else None
-    return {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
+            qat = (data.get("student") or {}).get("quantization_aware")
+    info = {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
+    return {**info, "quantization_aware": qat} if qat else info
+
+
+def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
+    """Whether ``profile`` quantizes a ``--qat-bits`` student's linear layers exactly onto the grid it
+    was trained on: symmetric RTN with the same block size and at least as many bits (a 4-bit grid
+    point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16)."""
+    if "matmul_nbits" not in profile.steps:
+        return False
+    m = profile.step_settings("matmul_nbits")
+    return m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]
 
 
 def _io_table(sess) -> tuple[list[dict], list[dict]]:
@@ -114,6 +126,9 @@ def export_bundle(
     profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
     check_output_dir(out, overwrite)  # before minutes of work
     source = resolve_source(model)
+    origin = source_info(source)
+    if origin.get("quantization_aware"):
+        origin["quantization_aware"]["reproduced_by_recipe"] = reproduces_qat_grid(profile, origin["quantization_aware"])
     t0 = time.time()
     say(f"loading {model}")
     torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
@@ -160,7 +175,7 @@ def export_bundle(
         manifest = {
             "edgekd_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": source_info(source),
+            "source": origin,
             "target": to_dict(profile),
             "recipe": recipe,
             "model": {
