@@ -192,6 +192,7 @@ def distill(
     chunk_size: Annotated[Optional[int], _opt("chunk_size", "--chunk-size")] = None,
     qat_bits: Annotated[Optional[int], _opt("qat_bits", "--qat-bits")] = None,
     qat_block_size: Annotated[Optional[int], _opt("qat_block_size", "--qat-block-size")] = None,
+    qat_head_bits: Annotated[Optional[int], _opt("qat_head_bits", "--qat-head-bits")] = None,
     eval_every: Annotated[Optional[int], _opt("eval_every", "--eval-every")] = None,
     checkpoint_every: Annotated[Optional[int], _opt("checkpoint_every", "--checkpoint-every")] = None,
     seed: Annotated[Optional[int], _opt("seed", "--seed")] = None,

@@ -45,18 +45,43 @@ def ort_symmetric_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Ten
     return (q * scale).reshape(rows, -1)[:, :k].to(w.dtype)
 
 
+def absmax_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """``w`` (rows, hidden) rounded to the grid of export's ``quantize_head_embedding`` step (the
+    tied head and embedding, one matrix): symmetric, ``scale = max|block| / (2**(bits-1) - 1)``,
+    integers in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``, blocks along ``hidden`` (which the step
+    requires to be a multiple of ``block_size``). Idempotent."""
+    rows, k = w.shape
+    blocks = w.float().reshape(rows, k // block_size, block_size)
+    qmax = 2 ** (bits - 1) - 1
+    scale = blocks.abs().amax(-1, keepdim=True) / qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.clamp(torch.round(blocks / scale), -qmax, qmax) * scale).reshape(rows, k).to(w.dtype)
+
+
+GRIDS = {"matmul_nbits": ort_symmetric_grid, "head_embedding": absmax_grid}
+
+
 class FakeQuantize(nn.Module):
     """A weight parametrization: the forward sees the grid, the gradient passes straight through
     to the full-precision weight (Bengio et al. 2013's straight-through estimator)."""
 
-    def __init__(self, bits: int, block_size: int):
+    def __init__(self, bits: int, block_size: int, grid: str = "matmul_nbits"):
         super().__init__()
-        self.bits, self.block_size = bits, block_size
+        self.bits, self.block_size, self.grid = bits, block_size, grid
+        self._key, self._delta = None, None
+
+    def on_grid(self, w: torch.Tensor) -> torch.Tensor:
+        return GRIDS[self.grid](w, self.bits, self.block_size)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            delta = ort_symmetric_grid(w, self.bits, self.block_size) - w
-        return w + delta
+        # The grid changes only when the weight does (the optimizer's in-place step bumps _version):
+        # micro-batches, evaluation and a tied head/embedding sharing this module compute it once.
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if key != self._key:
+            with torch.no_grad():
+                self._delta = self.on_grid(w) - w
+            self._key = key
+        return w + self._delta
 
 
 def quantizable_linears(model) -> list[tuple[str, nn.Linear]]:
@@ -66,11 +91,21 @@ def quantizable_linears(model) -> list[tuple[str, nn.Linear]]:
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not head]
 
 
-def attach_fake_quantize(model, bits: int, block_size: int) -> int:
-    """Train ``model``'s quantizable linear weights through the grid; returns how many."""
+def attach_fake_quantize(model, bits: int, block_size: int, head_bits: int = 0) -> int:
+    """Train ``model``'s quantizable linear weights through the grid (and, with ``head_bits``, the
+    head and the embedding through ``quantize_head_embedding``'s); returns how many linear layers.
+
+    A tied head and embedding share one Parameter: both modules get the parametrization, so both
+    read the same quantized matrix and the optimizer still sees one weight."""
     layers = quantizable_linears(model)
     for _, mod in layers:
         parametrize.register_parametrization(mod, "weight", FakeQuantize(bits, block_size))
+    if head_bits:
+        pair = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+        tied = len(pair) == 2 and pair[0].weight is pair[1].weight
+        shared = FakeQuantize(head_bits, block_size, "head_embedding")
+        for mod in {id(m): m for m in pair}.values():
+            parametrize.register_parametrization(mod, "weight", shared if tied else FakeQuantize(head_bits, block_size, "head_embedding"))
     return len(layers)
 
 
@@ -81,7 +116,7 @@ def bake_fake_quantize(model) -> int:
         if parametrize.is_parametrized(mod, "weight"):
             fq = next(p for p in mod.parametrizations.weight if isinstance(p, FakeQuantize))
             with torch.no_grad():
-                on_grid = ort_symmetric_grid(mod.parametrizations.weight.original, fq.bits, fq.block_size)
+                on_grid = fq.on_grid(mod.parametrizations.weight.original)
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
             with torch.no_grad():
                 mod.weight.copy_(on_grid)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgekd.bundle import read_manifest
 from edgekd.cli import app
 from edgekd.export import export_bundle
-from edgekd.quant import attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid
+from edgekd.quant import absmax_grid, attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid
 
 
 def ort_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -61,6 +61,38 @@ def test_fake_quantize_passes_gradients_straight_through_and_bakes_onto_the_grid
     assert torch.allclose(grad, x.sum(0).expand(8, 64))  # d(sum xW^T)/dW, as if unquantized
     assert bake_fake_quantize(lin) == 1 and not parametrize.is_parametrized(lin[0])
     assert torch.equal(lin[0].weight, ort_symmetric_grid(w0, 4, 32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_head_grid_is_quantize_head_embeddings(bits):
+    from edgekd.export.steps import _quantize_rows
+
+    w = torch.randn(10, 64, generator=torch.Generator().manual_seed(bits)) * 0.1
+    packed, scales = _quantize_rows(w.numpy(), bits, 32)
+    if bits == 4:
+        q = np.zeros((10, 2, 32), np.int32)
+        q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
+    else:
+        q = packed.astype(np.int32)
+    deq = ((q - 2 ** (bits - 1)) * scales[..., None]).reshape(10, 64)
+    grid = absmax_grid(w, bits, 32)
+    np.testing.assert_allclose(grid.numpy(), deq, rtol=0, atol=1e-7)
+    assert torch.equal(absmax_grid(grid, bits, 32), grid)
+
+
+def test_tied_head_and_embedding_stay_one_weight_on_one_grid(tiny_teacher_dir):
+    from edgekd.teachers import load_model
+
+    model, _ = load_model(str(tiny_teacher_dir))
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    n_params = len(list(model.parameters()))
+    attach_fake_quantize(model, 4, 32, head_bits=8)
+    assert len(list(model.parameters())) == n_params  # still one tied matrix for the optimizer
+    assert torch.equal(model.get_output_embeddings().weight, absmax_grid(emb0, 8, 32))
+    assert torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    bake_fake_quantize(model)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight, absmax_grid(emb0, 8, 32))
 
 
 def test_qat_student_exports_to_the_same_weights(tiny_teacher_dir, tmp_path):

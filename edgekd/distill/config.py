@@ -78,6 +78,8 @@ class DistillConfig:
     # the student (benchmarks/RESULTS-export.md). Use 0 for a student meant to stay fp16/fp32 (cuda).
     qat_bits: int = _f(4, "Train the student's linear layers through onnxruntime's symmetric 4- or 8-bit block-wise grid and save them on it, so an export with matmul_nbits (rtn, symmetric, same bits and block size) reproduces the student exactly (0 = off).")
     qat_block_size: int = _f(32, "Block size of the --qat-bits grid: the target profile's matmul_nbits.block_size.")
+    # 8: the head/embedding int8 matrix that the cpu and mobile profiles ship is then exact too.
+    qat_head_bits: int = _f(8, "With --qat-bits: also train the tied head and embedding on export's quantize_head_embedding grid, 8 or 4 bits, block --qat-block-size (0 = leave them fp32).")
     # --- evaluation, logging, checkpoints ------------------------------------------------
     eval_every: int = _f(0, "Evaluate on the held-out set every N steps (0 = only at start and end).")
     checkpoint_every: int = _f(50, "Write a checkpoint every N optimizer steps (0 = never) for --resume.")
@@ -111,6 +113,8 @@ class DistillConfig:
                 raise UsageError(f"{name} = {getattr(self, name)} must be strictly between 0 and 1")
         if self.qat_bits not in (0, 4, 8):
             raise UsageError(f"qat_bits = {self.qat_bits}: use 4 or 8 (the bit widths MatMulNBits runs), or 0 for off")
+        if self.qat_head_bits not in (0, 4, 8):
+            raise UsageError(f"qat_head_bits = {self.qat_head_bits}: use 8 or 4 (quantize_head_embedding's int8 / int4), or 0 for off")
         if self.qat_block_size < 16 or self.qat_block_size & (self.qat_block_size - 1):
             raise UsageError(f"qat_block_size = {self.qat_block_size} must be a power of two >= 16 (MatMulNBits' block sizes)")
         if self.data and self.prompts:

@@ -128,9 +128,11 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     teacher.to(device)
     say(f"student: {student.describe['num_hidden_layers']} layers, {student.describe['parameters'] / 1e6:.1f}M parameters ({student.kind})")
     if cfg.qat_bits:
-        n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size)
-        student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID, "linear_layers": n}
-        say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}")
+        n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size, cfg.qat_head_bits)
+        student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID,
+                                                  "head_bits": cfg.qat_head_bits, "linear_layers": n}
+        head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
+        say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
 
     # ---- data: files, or prompts the teacher answers ------------------------------------
     timings: dict[str, float] = {}

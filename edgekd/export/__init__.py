@@ -63,13 +63,25 @@ def source_info(source) -> dict[str, Any]:
 
 
 def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
-    """Whether ``profile`` quantizes a ``--qat-bits`` student's linear layers exactly onto the grid it
-    was trained on: symmetric RTN with the same block size and at least as many bits (a 4-bit grid
-    point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16)."""
-    if "matmul_nbits" not in profile.steps:
+    """Whether ``profile`` keeps a ``--qat-bits`` student's weights on the grid it was trained on.
+
+    Weights a profile leaves in fp32 stay exact (fp16 rounds every weight alike and is not checked).
+    ``matmul_nbits`` must be symmetric RTN with the same block size and at least as many bits (a
+    4-bit grid point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16); a quantized
+    head or embedding must use the trained precision and block size (int4 points are not int8
+    points on that grid); ``quantize_dynamic`` re-rounds everything."""
+    if "quantize_dynamic" in profile.steps:
         return False
-    m = profile.step_settings("matmul_nbits")
-    return m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]
+    if "matmul_nbits" in profile.steps:
+        m = profile.step_settings("matmul_nbits")
+        if not (m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]):
+            return False
+    if "quantize_head_embedding" in profile.steps:
+        h = profile.step_settings("quantize_head_embedding")
+        want = f"int{qat.get('head_bits') or 0}"
+        if any(p != "fp32" and (p != want or h.block_size != qat["block_size"]) for p in (h.head, h.embedding)):
+            return False
+    return True
 
 
 def _io_table(sess) -> tuple[list[dict], list[dict]]:
