@@ -5,7 +5,8 @@
 The teacher (SmolLM2-135M-Instruct) answers the shipped prompts once; every row then trains a
 fresh 6-layer student (teacher layers 0,6,12,18,24,29) on exactly those answers and is evaluated on
 the same held-out teacher answers. Rows: no training, SFT (cross-entropy on the teacher's text),
-forward KL, reverse KL, JSD (beta 0.5), skew KL, and forward KL with the teacher-logit cache.
+forward KL, reverse KL, JSD (beta 0.5), skew KL, forward KL with the teacher-logit cache, and
+that with quantization-aware training (edgekd's defaults).
 Prints a Markdown table (top-1 agreement with the teacher, KL(teacher||student), perplexity ratio
 student/teacher, training tokens/s, time of the first and of later epochs).
 """
@@ -33,6 +34,7 @@ ROWS = [  # name, settings that differ from the forward-KL baseline
     ("JSD beta=0.5 (GKD)", {"loss": "jsd", "cache_teacher": False}),
     ("skew KL a=0.1 (DistiLLM)", {"loss": "skl", "cache_teacher": False}),
     ("forward KL + teacher cache (top-64)", {"loss": "fkl", "cache_teacher": True}),
+    ("forward KL + cache + QAT 4-bit, int8 head (the defaults)", {"loss": "fkl", "cache_teacher": True, "qat_bits": 4, "qat_head_bits": 8}),
 ]
 
 
@@ -53,7 +55,8 @@ def main() -> None:
     load_s = time.time() - t0
 
     base = DistillConfig(student=args.student, max_prompts=args.prompts, max_heldout=args.heldout,
-                         max_new_tokens=args.new_tokens, epochs=args.epochs, checkpoint_every=0)
+                         max_new_tokens=args.new_tokens, epochs=args.epochs, checkpoint_every=0,
+                         qat_bits=0)  # rows compare losses in full precision; the last row adds QAT
     # The teacher writes the answers once (this run is also the "forward KL + cache" row's twin).
     first = distill(dataclasses.replace(base, out=str(root / "answers"), max_steps=1), preloaded=teacher)
     train = root / "answers" / "data" / "train.jsonl"

@@ -78,7 +78,9 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         tags = [t for t, on in (("default recipe", r["default"]), ("kept by the search", r["kept"])) if on]
-        if r.get("error"):
+        if r.get("skipped"):
+            verdict = f"skipped: {r['skipped'][:90]}"
+        elif r.get("error"):
             verdict = f"export failed: {r['error'][:80]}"
         else:
             failed = [g["name"] for g in r["gates"] if not g["passed"]]
@@ -91,6 +93,7 @@ def markdown(res: dict) -> str:
     fixed = [r for r in res["rows"] if r["kind"] == "fixed" and r["passed"]]
     anchor = next(r for r in res["rows"] if r["kind"] == "anchor")
     smallest = min(fixed, key=lambda r: r["size_mb"]) if fixed else None
+    default = next((r for r in res["rows"] if r["default"]), None)
     lines.append("")
     if kept is None:
         lines.append("No candidate passes: the search exits 1.")
@@ -102,6 +105,9 @@ def markdown(res: dict) -> str:
                      f"smallest fixed candidate recipe that passes ({smallest['name']}, {smallest['size_mb']:.1f} MB); "
                      f"the quantize_dynamic anchor {'passes' if anchor['passed'] else 'fails'} at {anchor['size_mb']:.1f} MB. "
                      f"Search time {res['search_seconds']:.0f} s.")
+        if default is not None and default["passed"] and default is not kept:
+            lines.append(f"Against the profile's own default recipe ({default['name']}, {default['size_mb']:.1f} MB, passes): "
+                         f"{1 - kept['size_mb'] / default['size_mb']:.0%} smaller.")
     return "\n".join(lines)
 
 

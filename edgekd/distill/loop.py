@@ -133,6 +133,9 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
                                                   "head_bits": cfg.qat_head_bits, "linear_layers": n}
         head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
         say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
+        if n == 0:
+            say(f"[yellow]warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
+                "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body[/yellow]")
 
     # ---- data: files, or prompts the teacher answers ------------------------------------
     timings: dict[str, float] = {}
