@@ -37,9 +37,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one yellow line (no source line from deep inside a library)."""
-    err_console.print(f"[yellow]warning:[/yellow] {str(message).strip().splitlines()[0]}", highlight=False, soft_wrap=True)
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line (no file, line number or source line from deep inside a library)."""
+    return f"warning: {(str(message).strip().splitlines() or [''])[0]}\n"
 
 
 def command(*args, **kwargs) -> Callable:
@@ -49,7 +49,7 @@ def command(*args, **kwargs) -> Callable:
         @functools.wraps(fn)
         def wrapper(*a, **k):
             if not os.environ.get("EDGEKD_DEBUG"):
-                warnings.showwarning = _one_line_warning
+                warnings.formatwarning = _one_line_warning
             try:
                 return fn(*a, **k)
             except EdgekdError as e:

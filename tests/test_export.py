@@ -29,29 +29,40 @@ TEXT = "Write a short poem about the sea. The capital of Italy is Rome."
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
+def sources(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
+    """The model each profile exports. For mobile's 4-bit recipe, the tiny teacher baked onto the
+    grid `edgekd distill` trains on by default (--qat-bits 4 --qat-head-bits 8): the path a
+    distilled student takes. Random weights off the grid lose too much at 4 bits to compare argmaxes."""
+    from edgekd.quant import attach_fake_quantize, bake_fake_quantize
+
+    model, tok = load_model(str(tiny_teacher_dir))
+    attach_fake_quantize(model, 4, 32, head_bits=8)
+    bake_fake_quantize(model)
+    grid = tmp_path_factory.mktemp("grid-teacher")
+    model.save_pretrained(grid, safe_serialization=True)
+    tok.save_pretrained(grid)
+    return {name: grid if name == "mobile" else Path(tiny_teacher_dir) for name in SHIPPED}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, sources) -> dict[str, Path]:
     """One bundle per shipped profile; the cpu one through the real CLI."""
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     for name in SHIPPED:
         out[name] = root / name
         if name == "cpu":
-            result = CliRunner().invoke(app, ["export", str(tiny_teacher_dir), "--target", "cpu", "--out", str(out[name])])
+            result = CliRunner().invoke(app, ["export", str(sources[name]), "--target", "cpu", "--out", str(out[name])])
             assert result.exit_code == 0, result.output
             assert "wrote" in result.output and "edgekd validate" in result.output
         else:
-            export_bundle(str(tiny_teacher_dir), name, out[name])
+            export_bundle(str(sources[name]), name, out[name])
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_teacher_dir):
-    model, tok = load_model(str(tiny_teacher_dir))
-    return model, tok
-
-
 @pytest.mark.parametrize("name", SHIPPED)
-def test_bundle_files_and_manifest(bundles, tiny_teacher_dir, name):
+def test_bundle_files_and_manifest(bundles, sources, name):
+    tiny_teacher_dir = sources[name]
     root = bundles[name]
     manifest = read_manifest(root, verify=True)  # every file present with its size and SHA-256
     model_file = "model.ort" if name == "mobile" else "model.onnx"
@@ -88,11 +99,11 @@ def test_bundle_files_and_manifest(bundles, tiny_teacher_dir, name):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_bundle_runs_close_to_pytorch(bundles, reference, name):
+def test_bundle_runs_close_to_pytorch(bundles, sources, name):
     """Prompt + 3 cached decode steps in onnxruntime against PyTorch on a text the probe did not use."""
     import torch
 
-    model, tok = reference
+    model, tok = load_model(str(sources[name]))
     manifest = read_manifest(bundles[name])
     sess = session(bundles[name] / manifest["model"]["file"], ["CPUExecutionProvider"])
     facts = model_facts(model.config)
