@@ -74,14 +74,22 @@ class FakeQuantize(nn.Module):
         return GRIDS[self.grid](w, self.bits, self.block_size)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        # The grid changes only when the weight does (the optimizer's in-place step bumps _version):
-        # micro-batches, evaluation and a tied head/embedding sharing this module compute it once.
+        # Computed once per weight update: micro-batches, evaluation and a tied head/embedding
+        # sharing this module reuse it. A fused optimizer updates weights without bumping _version,
+        # so whoever steps one calls refresh_fake_quantize (the distill loop does, by a step hook).
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if key != self._key:
             with torch.no_grad():
                 self._delta = self.on_grid(w) - w
             self._key = key
         return w + self._delta
+
+
+def refresh_fake_quantize(model) -> None:
+    """Forget every cached grid of ``model``: call after changing its weights in place."""
+    for mod in model.modules():
+        if isinstance(mod, FakeQuantize):
+            mod._key, mod._delta = None, None
 
 
 def quantizable_linears(model) -> list[tuple[str, nn.Linear]]:

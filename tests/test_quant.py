@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edgekd.bundle import read_manifest
 from edgekd.cli import app
 from edgekd.export import export_bundle
-from edgekd.quant import absmax_grid, attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid
+from edgekd.quant import absmax_grid, attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid, refresh_fake_quantize
 
 
 def ort_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
@@ -61,6 +61,20 @@ def test_fake_quantize_passes_gradients_straight_through_and_bakes_onto_the_grid
     assert torch.allclose(grad, x.sum(0).expand(8, 64))  # d(sum xW^T)/dW, as if unquantized
     assert bake_fake_quantize(lin) == 1 and not parametrize.is_parametrized(lin[0])
     assert torch.equal(lin[0].weight, ort_symmetric_grid(w0, 4, 32))
+
+
+def test_the_grid_follows_a_fused_optimizer_step():
+    """A fused AdamW updates weights without bumping their version: the cached grid must still move."""
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False))
+    lin.get_output_embeddings = lambda: None
+    attach_fake_quantize(lin, 4, 32)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.05, fused=True)
+    opt.register_step_post_hook(lambda *_: refresh_fake_quantize(lin))
+    x = torch.randn(3, 64)
+    lin(x).sum().backward()
+    opt.step()
+    latent = lin[0].parametrizations.weight.original.detach()
+    assert torch.equal(lin[0].weight, ort_symmetric_grid(latent, 4, 32))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
