@@ -41,8 +41,8 @@ def ort_symmetric_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Ten
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     scale = extreme / lo
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.clamp(torch.round(blocks / scale), lo, hi)
-    return (q * scale).reshape(rows, -1)[:, :k].to(w.dtype)
+    q = (blocks / scale).round_().clamp_(lo, hi).mul_(scale)  # in place: it runs every training step
+    return q.reshape(rows, -1)[:, :k].to(w.dtype)
 
 
 def absmax_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def absmax_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
     scale = blocks.abs().amax(-1, keepdim=True) / qmax
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return (torch.clamp(torch.round(blocks / scale), -qmax, qmax) * scale).reshape(rows, k).to(w.dtype)
+    return (blocks / scale).round_().clamp_(-qmax, qmax).mul_(scale).reshape(rows, k).to(w.dtype)
 
 
 GRIDS = {"matmul_nbits": ort_symmetric_grid, "head_embedding": absmax_grid}
@@ -80,7 +80,7 @@ class FakeQuantize(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype, w.device)
         if key != self._key:
             with torch.no_grad():
-                self._delta = self.on_grid(w) - w
+                self._delta = self.on_grid(w).sub_(w)
             self._key = key
         return w + self._delta
 
