@@ -255,7 +255,8 @@ def export(
     if qat and not qat["reproduced_by_recipe"]:
         err_console.print(f"[yellow]warning:[/yellow] this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
                           f"(--qat-bits), but {manifest['target']['name']} quantizes differently: use matmul_nbits with "
-                          f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}")
+                          f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
+                          + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32" if qat.get("head_bits") else ""))
     budget = manifest["target"]["gates"].get("max_size_mb")
     if budget is not None and check["model_bytes"] / 1e6 > budget:
         err_console.print(f"[yellow]warning:[/yellow] the model is over the target's size budget of {budget} MB: validate will fail it")

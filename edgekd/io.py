@@ -39,6 +39,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a ``Key:  N kB`` line of a Linux ``/proc`` file (``/proc/meminfo``,
+    ``/proc/self/status``), or None where there is no such file or line."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file; a line that is not
     one JSON object is a ``UsageError`` naming the file and line."""

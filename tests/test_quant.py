@@ -18,6 +18,15 @@ from edgekd.export import export_bundle
 from edgekd.quant import absmax_grid, attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid, refresh_fake_quantize
 
 
+def unpacked(packed: np.ndarray, bits: int) -> np.ndarray:
+    """MatMulNBits' packed unsigned integers (two 4-bit values a byte, low nibble first) as int32."""
+    if bits == 8:
+        return packed.astype(np.int32)
+    q = np.zeros((*packed.shape[:-1], packed.shape[-1] * 2), np.int32)
+    q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
+    return q
+
+
 def ort_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     """``w`` (out, in) through onnxruntime's symmetric MatMulNBits quantizer and back."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
@@ -29,11 +38,7 @@ def ort_dequantized(w: np.ndarray, bits: int, block: int) -> np.ndarray:
     zero_points = np.zeros(n * ((kb * bits + 7) // 8), np.uint8)
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     quantize(packed, np.ascontiguousarray(w.T.astype(np.float32)), scales, zero_points, block, n, k, True)
-    if bits == 4:
-        q = np.zeros((n, kb, block), np.int32)
-        q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
-    else:
-        q = packed.astype(np.int32)
+    q = unpacked(packed, bits)
     return ((q - 2 ** (bits - 1)) * scales.reshape(n, kb, 1)).reshape(n, kb * block)[:, :k]
 
 
@@ -83,11 +88,7 @@ def test_head_grid_is_quantize_head_embeddings(bits):
 
     w = torch.randn(10, 64, generator=torch.Generator().manual_seed(bits)) * 0.1
     packed, scales = _quantize_rows(w.numpy(), bits, 32)
-    if bits == 4:
-        q = np.zeros((10, 2, 32), np.int32)
-        q[..., 0::2], q[..., 1::2] = packed & 15, packed >> 4
-    else:
-        q = packed.astype(np.int32)
+    q = unpacked(packed, bits)
     deq = ((q - 2 ** (bits - 1)) * scales[..., None]).reshape(10, 64)
     grid = absmax_grid(w, bits, 32)
     np.testing.assert_allclose(grid.numpy(), deq, rtol=0, atol=1e-7)

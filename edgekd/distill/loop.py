@@ -52,7 +52,7 @@ from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss
 from edgekd.distill.students import build_student
 from edgekd.quant import GRID, attach_fake_quantize, bake_fake_quantize, refresh_fake_quantize
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.io import write_json
+from edgekd.io import proc_kib_field, write_json
 from edgekd.paths import resource
 
 DISTILL_JSON = "distill.json"
@@ -487,13 +487,7 @@ def _available_memory(device) -> int | None:
     """Bytes that can still be allocated: free GPU memory, or MemAvailable (free + reclaimable cache)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def _cat(parts: list[torch.Tensor], dummy: bool) -> torch.Tensor:

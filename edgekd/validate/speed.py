@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError
+from edgekd.io import proc_kib_field
 
 PREFILL_TOKENS = 128  # the prompt length prefill is timed at (issue 5)
 DECODE_TOKENS = 64  # decode steps timed (batch 1, greedy, eos ignored)
@@ -70,12 +71,9 @@ def time_runtime(rt, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = 
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process. On Linux from ``VmHWM``: ``ru_maxrss`` would
     include the parent's resident memory at fork (the kernel carries it across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_kib_field("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
