@@ -23,16 +23,18 @@ install: $(VENV)/.installed
 
 EDGEKD := $(VENV)/bin/edgekd
 
-# distill (quantization-aware) -> export cpu + mobile -> validate both -> generate, on the packaged
-# SmolLM2-135M-Instruct teacher.
+# The apprentice: distill the sentiment task (importance-pruned, quantization-aware) -> export cpu +
+# mobile -> validate both against the student and the teacher -> classify a held-out review.
+DEMO_REVIEW ?= Classify the sentiment of this review as positive or negative. Review: The hotel looked nothing like the photos, the shower was cold every morning and nobody at reception cared.
+
 demo: install
-	$(EDGEKD) inspect smollm2-135m-instruct
-	$(EDGEKD) distill --out $(DEMO_DIR)/student --overwrite
+	$(EDGEKD) tasks
+	$(EDGEKD) distill --task sentiment --out $(DEMO_DIR)/student --overwrite
 	$(EDGEKD) export $(DEMO_DIR)/student --target cpu --out $(DEMO_DIR)/bundle-cpu --overwrite
 	$(EDGEKD) validate $(DEMO_DIR)/bundle-cpu --out $(DEMO_DIR)/report
 	$(EDGEKD) export $(DEMO_DIR)/student --target mobile --out $(DEMO_DIR)/bundle-mobile --overwrite
 	$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
-	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "What is the capital of France?"
+	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)"
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -121,6 +121,24 @@ def teachers() -> None:
     console.print("Any Hugging Face folder, cached hub id (org/name) or .gguf file works too.")
 
 
+@command("tasks")
+def tasks() -> None:
+    """List the shipped tasks (`edgekd distill --task NAME`): what each is, its data and its defaults."""
+    from edgekd.io import iter_jsonl
+    from edgekd.tasks import shipped_tasks
+
+    table = Table(title="Shipped tasks (a task folder of your own works too: --task DIR)")
+    for col in ("name", "what", "scored by", "train / held-out", "student", "gates"):
+        table.add_column(col, overflow="fold")
+    for t in shipped_tasks():
+        counts = [sum(1 for _ in iter_jsonl(p)) for p in (t.train, t.heldout)]
+        scored = f"label ({', '.join(t.labels)})" if t.labels else "ROUGE-L, exact match"
+        gates = ", ".join(f"{k} {v:g}" for k, v in vars(t.spec.gates).items() if v is not None) or "–"
+        table.add_row(t.name, t.spec.description, scored, f"{counts[0]} / {counts[1]}", t.spec.distill.get("student", "–"), gates)
+    console.print(table)
+    console.print("Distill one: edgekd distill --task sentiment --out runs/sentiment")
+
+
 def _fmt_bytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
@@ -167,6 +185,7 @@ def _opt(name: str, *flags: str, **kw):
 def distill(
     out: Annotated[Optional[str], _opt("out", "--out", "-o")] = None,
     teacher: Annotated[Optional[str], _opt("teacher", "--teacher")] = None,
+    task: Annotated[Optional[str], _opt("task", "--task")] = None,
     student: Annotated[Optional[str], _opt("student", "--student")] = None,
     data: Annotated[Optional[list[str]], _opt("data", "--data")] = None,
     prompts: Annotated[Optional[str], _opt("prompts", "--prompts")] = None,
@@ -306,7 +325,7 @@ def validate(
     reference: Annotated[Optional[str], typer.Option("--reference", help="The unquantized model (default: the manifest's source model).")] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="A jsonl of {\"prompt\", \"response\"?} (default: the distillation's held-out split, else shipped prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: <first bundle>-report).")] = None,
-    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Held-out prompts to compare.")] = _Validate.num_prompts,
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="Held-out prompts to compare (default: the task's validate_prompts, else 8).")] = None,
     answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = _Validate.answer_tokens,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
     threads: Threads = None,
@@ -325,7 +344,7 @@ def validate(
         answer_tokens=answer_tokens, speed=speed, threads=threads,
     )
     flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
-             "--num-prompts": num_prompts if num_prompts != _Validate.num_prompts else None,
+             "--num-prompts": num_prompts,
              "--answer-tokens": answer_tokens if answer_tokens != _Validate.answer_tokens else None, "--threads": threads}
     words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
@@ -337,10 +356,21 @@ def validate(
     for table in rich_tables(reports):
         console.print(table)
     console.print(f"report: {out_dir}/report.md, report.json, plots")
+    from edgekd.validate.gates import verdict_lines
+
+    lines = [line for r in reports for line in verdict_lines(r)]
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
     failed = failed_gates(reports)
     if failed:
         raise GateFailed(f"{len(failed)} gate(s) failed: " + "; ".join(failed))
-    console.print("[green]all gates pass[/green]" if any(r["gates"] for r in reports) else "no gates in the bundle's target")
+    n_gates = sum(len(r["gates"]) for r in reports)
+    if not n_gates:
+        console.print("no gates in the bundle's target")
+    elif any("FAR from the teacher" in line for line in lines):
+        console.print(f"[yellow]all {n_gates} gates pass, but the student is far from its teacher (above)[/yellow]")
+    else:
+        console.print(f"[green]all gates pass[/green] ({n_gates})")
 
 
 @command("bench")

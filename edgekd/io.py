@@ -73,28 +73,113 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output unless ``overwrite`` (checked before any work starts)."""
+# The files that mark a folder as edgekd's own output: only such a folder may be replaced.
+OUTPUT_MARKERS = {
+    "manifest.json": "a bundle",
+    "distill.json": "a distill run",
+    "distill.toml": "a distill run",
+    "report.json": "a validate report",
+}
+
+
+def check_output_dir(out: Path, overwrite: bool, inputs: tuple[Path | str, ...] = ()) -> None:
+    """The one rule for every command's ``--out``, checked before any work starts.
+
+    A missing or empty folder is fine. A non-empty one is replaced only with ``overwrite`` and only
+    when edgekd made it (one of ``OUTPUT_MARKERS``); never ``/``, the home folder, one of the
+    command's ``inputs`` or a folder that contains one; anything else is refused naming what is there.
+    """
+    out = Path(out)
+    refuse_unsafe_out(out, inputs)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(f"{out} exists and is not empty: pass --overwrite to replace it, or choose another --out")
+    if not any((out / name).is_file() for name in OUTPUT_MARKERS):
+        held = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise UsageError(f"{out} was not written by edgekd (it holds {shown}; no {', '.join(OUTPUT_MARKERS)}): "
+                         "--overwrite replaces only edgekd's own outputs; choose another --out")
+
+
+def refuse_unsafe_out(out: Path, inputs: tuple[Path | str, ...] = ()) -> None:
+    """An output is never a file, ``/``, the home folder, an input or a folder holding an input."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty: pass --overwrite to replace it, or choose another --out")
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise UsageError(f"--out {out} is {'the root folder' if resolved == Path(resolved.anchor) else 'your home folder'}: choose a new folder for the output")
+    for given in inputs:
+        src = Path(given).expanduser().resolve()
+        if src == resolved or resolved in src.parents:
+            raise UsageError(f"--out {out} is (or contains) this command's input {given}: choose another --out")
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def output_lock(out: Path) -> Iterator[None]:
+    """One writer per output: an exclusive ``.NAME.lock`` beside ``out`` for the whole run.
+
+    A second run to the same ``--out`` fails at once with a clear line; a lock left by a killed run
+    (its process is gone) is taken over."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise UsageError(f"another edgekd run (process {pid}) is writing {out}: wait for it, or choose another --out") from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()  # stale: its process is gone
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot write into {out.parent} ({e.strerror}): choose a writable --out") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise UsageError(f"another edgekd run is writing {out}: wait for it, or choose another --out")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
 
     A failure or a kill leaves ``out`` as it was (absent, or the previous output when
-    ``overwrite``). The old output is removed only after the new one is complete.
+    ``overwrite``). The old output is removed only after the new one is complete, and only if it
+    is still one edgekd may replace (checked again at the rename: another process may have written
+    there meanwhile).
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         yield tmp
+        check_output_dir(out, overwrite, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

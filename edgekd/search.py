@@ -509,9 +509,10 @@ def search_export(
     cands = resolve_candidates(profile)
     if not cands:
         raise UsageError(f"target {profile.name!r} lists no [[candidates]] to search: add some, or export without --search")
-    check_output_dir(out, overwrite)
     vcfg = validate_config or ValidateConfig()
     source = resolve_source(model)
+    inputs = (source.path,) if source.path is not None else ()
+    check_output_dir(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.search-"))
     try:
@@ -596,7 +597,7 @@ def search_export(
                               to_dict(vcfg), time.time() - t0)
         if best is None:
             raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, inputs) as tmp:
             for p in best.bundle.iterdir():
                 os.replace(p, tmp / p.name)
             os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)

@@ -127,6 +127,10 @@ class Gates:
     max_kl_vs_teacher: Optional[float] = None
     max_ppl_ratio_vs_teacher: Optional[float] = None
     max_size_mb: Optional[float] = None
+    # a task's figures (edgekd.tasks): usually set in the task's task.toml, a target may set them too
+    min_label_agreement_vs_teacher: Optional[float] = None
+    min_exact_match_vs_teacher: Optional[float] = None
+    min_rouge_l_vs_teacher: Optional[float] = None
 
     def __post_init__(self):
         for name in ("min_top1_vs_reference", "min_top1_vs_teacher"):

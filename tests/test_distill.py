@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from edgekd.distill.importance import keep_most_influential
 from edgekd.cli import app
 from edgekd.config import read_toml
 from edgekd.distill import checkpoint as ckpt
@@ -65,7 +66,9 @@ def test_cli_end_to_end_writes_a_loadable_student_and_distill_json(tiny_teacher_
     assert {p.name for p in out.iterdir()} == OUTPUT_FILES  # checkpoints are gone once the run is complete
     info = json.loads((out / "distill.json").read_text())
     assert info["teacher"] == str(tiny_teacher_dir) and info["heldout"] == "data/heldout.jsonl"
-    assert len(info["teacher_fingerprint"]) == 64 and info["student"]["layers"] == [0, 3]
+    scan = info["student"]["scan"]  # layers:2 keeps the 2 layers of highest measured block influence
+    assert len(scan["block_influence"]) == 4 and scan["method"].startswith("block influence")
+    assert len(info["teacher_fingerprint"]) == 64 and info["student"]["layers"] == keep_most_influential(scan["block_influence"], 2)
     held = [json.loads(line) for line in (out / info["heldout"]).read_text().splitlines()]
     assert len(held) == 4 and all({"prompt", "response"} <= set(h) for h in held)
     before, after = info["metrics"]["before"], info["metrics"]["after"]

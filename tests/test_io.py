@@ -16,6 +16,7 @@ def test_atomic_dir_success_and_failure(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("1")
+        (tmp / MANIFEST).write_text("{}")  # edgekd's own output: --overwrite may replace it
         assert not out.exists()  # nothing at the destination until complete
     assert (out / "a.txt").read_text() == "1"
     with pytest.raises(UsageError, match="--overwrite"):
@@ -30,6 +31,39 @@ def test_atomic_dir_success_and_failure(tmp_path):
         (tmp / "b.txt").write_text("2")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders left behind
+
+
+def test_overwrite_replaces_only_what_edgekd_made(tmp_path):
+    from edgekd.io import check_output_dir, output_lock
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    with pytest.raises(UsageError, match=r"not written by edgekd \(it holds thesis.txt"):
+        check_output_dir(docs, overwrite=True)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / MANIFEST).write_text("{}")
+    for out in (model, tmp_path):  # the input itself, or a folder holding it
+        with pytest.raises(UsageError, match="is \\(or contains\\) this command's input"):
+            check_output_dir(out, overwrite=True, inputs=(model,))
+    with pytest.raises(UsageError, match="root folder"):
+        check_output_dir(Path("/"), overwrite=True)
+    with pytest.raises(UsageError, match="home folder"):
+        check_output_dir(Path.home(), overwrite=True)
+    assert (docs / "thesis.txt").read_text() == "years of work"
+    # one writer per output: a second lock on the same --out is refused while the first is held
+    with output_lock(tmp_path / "b"):
+        with pytest.raises(UsageError, match="another edgekd run"):
+            with output_lock(tmp_path / "b"):
+                pass
+    with output_lock(tmp_path / "b"):  # released
+        pass
+    (tmp_path / ".c.lock").write_text("999999999")  # left by a killed run: taken over
+    with output_lock(tmp_path / "c"):
+        pass
+    assert not (tmp_path / ".c.lock").exists()
 
 
 def test_atomic_write_bytes_replaces(tmp_path):

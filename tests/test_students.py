@@ -22,7 +22,7 @@ def test_evenly_spaced_keeps_first_and_last():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("layers:9", "between 1 and the teacher's 4"),
+    ("even:9", "between 1 and the teacher's 4"),
     ("layers:0,7", "layer 7 does not exist"),
     ("layers:1,1", "listed twice"),
     ("layers:a", "integers"),
@@ -49,7 +49,7 @@ def test_pruned_student_copies_the_chosen_layers(tiny_teacher_dir):
 @pytest.mark.filterwarnings("ignore:the student")
 def test_keeping_every_layer_reproduces_the_teacher(tiny_teacher_dir):
     teacher, tok = load_model(str(tiny_teacher_dir))
-    student = build_student("layers:4", teacher, tok).model.eval()
+    student = build_student("even:4", teacher, tok).model.eval()
     ids = torch.tensor([[5, 9, 17, 33, 2]])
     assert torch.allclose(student(ids).logits, teacher(ids).logits, atol=1e-5)
 
@@ -98,3 +98,102 @@ def test_bigger_student_warns(tiny_teacher_dir, tmp_path):
     arch.write_text("num_hidden_layers = 8\n")
     with pytest.warns(UserWarning, match="not smaller than the teacher"):
         build_student(str(arch), teacher, tok)
+
+
+# --- students built by measured importance (edgekd.distill.importance) -------------------------
+
+
+def _calibration(tok, n: int = 4):
+    from edgekd.distill.data import collate, encode_chat
+
+    texts = ["Explain why the sky is blue.", "The capital of France is Paris.", "Write a poem about the sea.", "def add(a, b)"]
+    rows = [encode_chat(tok, [{"role": "user", "content": t}, {"role": "assistant", "content": t[::-1]}]) for t in texts[:n]]
+    return [collate(rows[:2], 0), collate(rows[2:], 0)]
+
+
+def _make_identity(model, i: int) -> None:
+    """Decoder layer i adds nothing to the residual stream: it is an identity."""
+    layer = model.model.layers[i]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def test_block_influence_ranks_an_identity_layer_least_important(tiny_teacher_dir):
+    from edgekd.distill.importance import block_influence
+
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    _make_identity(teacher, 2)
+    scores = block_influence(teacher, _calibration(tok))
+    assert len(scores) == 4 and scores[2] == pytest.approx(0.0, abs=1e-6)
+    assert min(range(4), key=lambda i: scores[i]) == 2 and all(s > 1e-4 for i, s in enumerate(scores) if i != 2)
+    student = build_student("layers:3", teacher, tok, calibration=_calibration(tok))
+    assert student.describe["layers"] == [0, 1, 3]
+    assert student.describe["scan"]["method"].startswith("block influence")
+    assert student.describe["scan"]["block_influence"][2] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_iterative_kl_removes_the_identity_layer_first(tiny_teacher_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    _make_identity(teacher, 1)
+    before = teacher.state_dict()["model.layers.3.mlp.up_proj.weight"].clone()
+    student = build_student("layers-kl:2", teacher, tok, calibration=_calibration(tok))
+    removals = student.describe["scan"]["removals"]
+    assert removals[0]["removed"] == 1 and removals[0]["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert len(removals) == 2 and student.model.config.num_hidden_layers == 2
+    assert teacher.config.num_hidden_layers == 4 and len(teacher.model.layers) == 4  # the teacher is restored
+    assert torch.equal(teacher.state_dict()["model.layers.3.mlp.up_proj.weight"], before)
+
+
+def test_width_pruning_keeps_the_most_active_channels(tiny_teacher_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    full = build_student("even:4", teacher, tok).model.eval()
+    half = build_student("even:4+mlp:0.5", teacher, tok, calibration=_calibration(tok))
+    assert half.model.config.intermediate_size == 64 and half.describe["width"]["mlp_share"] == 0.5
+    assert half.model.model.layers[0].mlp.down_proj.weight.shape == (64, 64)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    out = half.model.eval()(ids).logits
+    assert out.shape == full(ids).logits.shape and torch.isfinite(out).all()
+    # the kept channels are the most active ones: pruning by importance beats pruning at random
+    from edgekd.distill.importance import answer_kl, teacher_answer_logp
+
+    cal = _calibration(tok)
+    t = teacher_answer_logp(teacher, cal, 384)
+    rand = build_student("even:4", teacher, tok).model
+    g = torch.Generator().manual_seed(0)
+    for layer in rand.model.layers:
+        idx = torch.sort(torch.randperm(128, generator=g)[:64]).values
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(layer.mlp, name)
+            new = torch.nn.Linear(64, 64, bias=False)
+            new.weight.data = lin.weight.data[idx].clone()
+            setattr(layer.mlp, name, new)
+        new = torch.nn.Linear(64, 64, bias=False)
+        new.weight.data = layer.mlp.down_proj.weight.data[:, idx].clone()
+        layer.mlp.down_proj = new
+    rand.config.intermediate_size = 64
+    assert answer_kl(half.model, cal, t, 384) < answer_kl(rand, cal, t, 384)
+
+
+def test_budget_picks_a_candidate_that_fits(tiny_teacher_dir):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = build_student("budget:0.8", teacher, tok, calibration=_calibration(tok))
+    budget = student.describe["scan"]["budget"]
+    assert budget["chosen"] in [c["spec"] for c in budget["candidates"]] and len(budget["candidates"]) >= 2
+    assert student.describe["parameters"] <= 0.8 * student.describe["teacher_parameters"]
+    chosen = [c for c in budget["candidates"] if c["spec"] == budget["chosen"]][0]
+    assert chosen["kl"] == min(c["kl"] for c in budget["candidates"])
+    with pytest.raises(UsageError, match="raise the budget"):
+        build_student("budget:0.05", teacher, tok, calibration=_calibration(tok))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("layers:3+width:2", "mlp:F"),
+    ("layers:3+mlp:1.5", "must be in"),
+    ("budget:2", "share in"),
+    ("layers:x", "integer"),
+])
+def test_bad_importance_specs(tiny_teacher_dir, spec, message):
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    with pytest.raises(UsageError, match=message):
+        build_student(spec, teacher, tok, calibration=_calibration(tok))

@@ -28,6 +28,7 @@ class DistillConfig:
     # --- what to distill -----------------------------------------------------------------
     out: str = _f("", "Output folder: the student (Hugging Face format), distill.json, metrics, checkpoints.")
     teacher: str = _f("smollm2-135m-instruct", "Teacher: a known name, a Hugging Face folder, a .gguf file or a cached hub id.")
+    task: str = _f("", "A task to distill for: a shipped one (sentiment, summary, grammar; see `edgekd tasks`) or a task folder. Its train/held-out prompts are the data and its task.toml's [distill] table the defaults; flags still override.")
     # 6 of SmolLM2's 30 layers: 2.7x smaller and ~3x faster per token, still 0.70 top-1 after a short run (FACTS.md).
     student: str = _f("layers:6", "Student: layers:N or layers:0,6,... (depth-pruned teacher), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
     # --- data ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "checkpoint_every", "k
 
 
 def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: Path | None = None) -> DistillConfig:
-    """Defaults < the run's saved ``distill.toml`` (with --resume) < ``--config`` file < flags."""
+    """Defaults < the task's ``[distill]`` table < the run's saved ``distill.toml`` (with --resume)
+    < ``--config`` file < flags."""
     data: dict[str, Any] = {}
     saved: dict[str, Any] = {}
     if resume_from is not None and (resume_from / "distill.toml").is_file():
@@ -28,6 +29,12 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
         data.update(read_toml(Path(config_file)))
         where = str(config_file)
     data.update({k: v for k, v in flags.items() if v is not None})
+    if data.get("task"):
+        from edgekd.tasks import TASK_TOML, load_task
+
+        task = load_task(data["task"])
+        from_mapping(DistillConfig, task.spec.distill, f"{task.folder / TASK_TOML} [distill]")  # its keys and types
+        data = {**task.spec.distill, **data}
     cfg = from_mapping(DistillConfig, data, where)
     if saved:
         before = from_mapping(DistillConfig, saved, str(resume_from / "distill.toml"))

@@ -93,15 +93,33 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
 
     ``preloaded``: an already loaded ``(teacher, tokenizer)`` for ``cfg.teacher`` (benchmarks that
     run several configurations against one teacher); it is used as it is, so load it with the
-    dtype ``cfg.teacher_dtype`` asks for."""
+    dtype ``cfg.teacher_dtype`` asks for.
+
+    One writer per ``--out`` (a lock beside it); a run refused for bad input leaves a folder it
+    created as it found it (absent)."""
+    from edgekd.io import output_lock
+
+    if not cfg.out:
+        raise UsageError("no output folder: pass --out DIR")
+    out = Path(cfg.out)
+    fresh = not out.exists()
+    lock = output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        try:
+            return _distill(cfg, resume=resume, overwrite=overwrite, console=console, preloaded=preloaded)
+        except UsageError:
+            if fresh and int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def _distill(cfg: DistillConfig, *, resume: bool, overwrite: bool, console, preloaded) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from edgekd.teachers import load_model, resolve_source
 
     t_start = time.time()
-    if not cfg.out:
-        raise UsageError("no output folder: pass --out DIR")
     out = Path(cfg.out)
     device_is_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
     mixed = {"auto": "bf16" if device_is_cuda else "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.student_dtype]
@@ -124,18 +142,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
         teacher, tok = preloaded
     teacher.requires_grad_(False)
     fingerprint = source.fingerprint()
-    student = build_student(cfg.student, teacher, tok, cfg.seed, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     teacher.to(device)
-    say(f"student: {student.describe['num_hidden_layers']} layers, {student.describe['parameters'] / 1e6:.1f}M parameters ({student.kind})")
-    if cfg.qat_bits:
-        n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size, cfg.qat_head_bits)
-        student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID,
-                                                  "head_bits": cfg.qat_head_bits, "linear_layers": n}
-        head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
-        say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
-        if n == 0:
-            say(f"[yellow]warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
-                "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body[/yellow]")
 
     # ---- data: files, or prompts the teacher answers ------------------------------------
     timings: dict[str, float] = {}
@@ -150,6 +157,23 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
     if summary["truncated"]:
         say(f"[yellow]{summary['truncated']} training sequences were longer than max_length={cfg.max_length} and were truncated[/yellow]")
     lengths = [len(e.ids) for e in examples]
+
+    # ---- the student: pruned by measured importance on the run's own data (or given) ------
+    t0 = time.time()
+    student = build_student(cfg.student, teacher, tok, cfg.seed, calibration=calibration_batches(examples, tok, cfg.seed),
+                            say=say, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    timings["student_scan_s"] = round(time.time() - t0, 1)
+    say(f"student: {describe_student(student.describe)}")
+    if cfg.qat_bits:
+        n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size, cfg.qat_head_bits)
+        student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID,
+                                                  "head_bits": cfg.qat_head_bits, "linear_layers": n}
+        head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
+        say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
+        if n == 0:
+            say(f"[yellow]warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
+                "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body[/yellow]")
+
     check_memory(cfg, student, sum(e.n_targets for e in held) // world + 1, max(lengths), device)
 
     # ---- teacher cache: top-k log-probs per loss position, computed once ----------------
@@ -287,6 +311,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
         "teacher": cfg.teacher,
         "teacher_fingerprint": fingerprint,
         "heldout": HELDOUT,
+        "task": task_of(cfg).record() if cfg.task else None,
         "student": student.describe,
         "config": to_dict(cfg),
         "data": {**data_info, "train": summary, "heldout": held_summary,
@@ -320,9 +345,11 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     removes our checkpoints, metrics and ``distill.json``, and keeps ``data/`` and ``cache/``,
     which are reused only when their keys match."""
     from edgekd.distill.config_io import write_config_toml
+    from edgekd.io import refuse_unsafe_out
+    from edgekd.teachers import resolve_source
 
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder: choose another --out")
+    teacher = resolve_source(cfg.teacher).path
+    refuse_unsafe_out(out, tuple(p for p in (teacher, Path(cfg.task) if cfg.task and Path(cfg.task).is_dir() else None) if p))
     non_empty = out.is_dir() and any(out.iterdir())
     ours = (out / CONFIG_TOML).is_file()
     if resume:
@@ -348,26 +375,75 @@ def _shipped(relative: str) -> Path:
 
 def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[list[dict], dict]:
     """The training records: ``--data`` files as they are, or teacher answers to ``--prompts``
-    (default: the shipped prompts), generated once and cached in ``data/train.jsonl``."""
+    (default: the task's train.jsonl, else the shipped prompts), generated once and cached in
+    ``data/train.jsonl``. A prompts file whose every record has a response is used as it is."""
     if cfg.data:
         records = []
         for f in cfg.data:
             records += read_records(Path(f))
         return records, {"source": "files", "files": [str(Path(f).resolve()) for f in cfg.data],
                          "sha256": file_digest(Path(f) for f in cfg.data)}
-    path = Path(cfg.prompts) if cfg.prompts else _shipped(SHIPPED_TRAIN)
+    path = Path(cfg.prompts) if cfg.prompts else task_of(cfg).train if cfg.task else _shipped(SHIPPED_TRAIN)
+    if path.suffix.lower() != ".txt":
+        given = read_records(path)
+        if all(isinstance(r.get("response"), str) for r in given):
+            given = given[: cfg.max_prompts] if cfg.max_prompts else given
+            return given, {"source": "file responses", "prompts_file": str(path.resolve()), "prompts": len(given)}
     prompts = read_prompts(path)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training")
-    return records, {"source": "teacher answers", "prompts_file": str(path.resolve()), "prompts": len(prompts),
-                     "finished_answers": sum(r["finished"] for r in records)}
+    info = {"source": "teacher answers", "prompts_file": str(path.resolve()), "prompts": len(prompts),
+            "finished_answers": sum(r["finished"] for r in records)}
+    if cfg.task and task_of(cfg).labels:
+        info["answers_without_label"] = check_labels(records, task_of(cfg).labels, say)
+    return records, info
+
+
+def calibration_batches(examples: list[Example], tok, seed: int, n: int = 16, batch_size: int = 4) -> list[dict]:
+    """``n`` training examples (a seeded draw), collated: the text the importance scan measures on."""
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(examples), generator=g)[:n].tolist()
+    rows = [examples[i] for i in sorted(pick, key=lambda i: len(examples[i].ids))]
+    return [collate(rows[i : i + batch_size], tok.pad_token_id or 0) for i in range(0, len(rows), batch_size)]
+
+
+def describe_student(d: dict[str, Any]) -> str:
+    """One line: layers kept, how they were chosen, width, parameters."""
+    line = f"{d['num_hidden_layers']} layers, {d['parameters'] / 1e6:.1f}M parameters ({d['kind']})"
+    if "layers" in d:
+        line += f"; teacher layers {d['layers']}"
+    scan = d.get("scan") or {}
+    if scan.get("method"):
+        line += f" by {scan['method']}"
+    if "width" in d:
+        line += f"; MLP {d['width']['mlp_channels']} channels ({d['width']['mlp_share']:.0%})"
+    return line
+
+
+def task_of(cfg: DistillConfig):
+    from edgekd.tasks import load_task
+
+    return load_task(cfg.task)
+
+
+def check_labels(records: list[dict], labels, say) -> int:
+    """Count the teacher answers that name none of the task's labels: warn, or refuse when none do."""
+    from edgekd.tasks import label_of
+
+    missing = sum(label_of(r["response"], labels) is None for r in records)
+    if missing == len(records):
+        raise UsageError(f"none of the teacher's {len(records)} answers names a label ({', '.join(labels)}): "
+                         "the task's prompts must ask for one of its labels, or the teacher cannot do this task")
+    if missing:
+        say(f"[yellow]warning: {missing} of {len(records)} teacher answers name none of the labels ({', '.join(labels)})[/yellow]")
+    return missing
 
 
 def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list[dict]:
     """Held-out ``{"prompt", "response"}`` records in ``data/heldout.jsonl``: the file's own
     responses when it has them, else the teacher's answers. Never trained on."""
-    path = Path(cfg.heldout) if cfg.heldout else _shipped(SHIPPED_HELDOUT)
+    path = Path(cfg.heldout) if cfg.heldout else task_of(cfg).heldout if cfg.task else _shipped(SHIPPED_HELDOUT)
     records = read_records(path)
     for n, r in enumerate(records, 1):
         if "prompt" not in r:

@@ -1,7 +1,16 @@
-"""Where the student comes from: a depth-pruned copy of the teacher, an existing model that shares
-the teacher's tokenizer, or a TOML of architecture fields for a fresh random init.
+"""Where the student comes from: a pruned copy of the teacher, an existing model that shares the
+teacher's tokenizer, or a TOML of architecture fields for a fresh random init.
 
-``build_student(spec, teacher, teacher_tok, seed) -> Student``.
+``build_student(spec, teacher, teacher_tok, seed, calibration) -> Student``. Pruned specs, measured
+on ``calibration`` (batches of the run's own data; ``edgekd.distill.importance``):
+
+- ``layers:N``      the N layers of highest block influence (ShortGPT)
+- ``layers-kl:N``   layers removed one at a time by the measured KL to the teacher (BlockPruner)
+- ``even:N``        N evenly spaced layers, first and last kept (DistilBERT-style, no scan)
+- ``layers:0,1,5``  exactly these layers
+- ``...+mlp:F``     also keep the share F of every MLP's channels, by activation magnitude (Minitron)
+- ``budget:F``      the candidate of at most a share F of the teacher's parameters with the lowest
+                    zero-shot KL to the teacher (depth and width candidates, each measured)
 """
 
 from __future__ import annotations
@@ -44,15 +53,17 @@ def evenly_spaced(n_teacher: int, n: int) -> list[int]:
 
 
 def parse_layers(spec: str, n_teacher: int) -> list[int]:
-    """``layers:6`` or ``layers:0,6,12`` -> sorted unique teacher layer indices."""
+    """``layers:0,6,12`` (or ``even:6``) -> sorted unique teacher layer indices."""
     body = spec.split(":", 1)[1].strip()
     try:
         values = [int(v) for v in body.split(",") if v.strip()]
     except ValueError:
-        raise UsageError(f"--student {spec}: write layers:N or layers:i,j,k with integers") from None
+        raise UsageError(f"--student {spec}: write layers:N, layers-kl:N, even:N or layers:i,j,k with integers") from None
     if not values:
         raise UsageError(f"--student {spec}: no layers given")
     if len(values) == 1 and "," not in body:
+        if not spec.startswith("even:"):
+            raise UsageError(f"--student {spec}: a layer count is chosen by a scan (build_student), not parsed")
         return evenly_spaced(n_teacher, values[0])
     bad = [v for v in values if not 0 <= v < n_teacher]
     if bad:
@@ -142,16 +153,170 @@ def random_from_toml(path: Path, teacher, seed: int):
         raise UsageError(f"{path}: these architecture fields do not build a model ({str(e).splitlines()[0][:200]})") from None
 
 
-def build_student(spec: str, teacher, teacher_tok, seed: int = 0, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> Student:
+PRUNED_PREFIXES = ("layers:", "layers-kl:", "even:", "budget:")
+
+
+def is_pruned_spec(spec: str) -> bool:
+    return spec.startswith(PRUNED_PREFIXES)
+
+
+def _split_width(spec: str) -> tuple[str, float | None]:
+    """``layers:15+mlp:0.75`` -> ``("layers:15", 0.75)``."""
+    if "+" not in spec:
+        return spec, None
+    depth, width = spec.split("+", 1)
+    if not width.startswith("mlp:"):
+        raise UsageError(f"--student {spec}: after '+' write mlp:F (the share of MLP channels kept, e.g. mlp:0.75)")
+    try:
+        share = float(width[4:])
+    except ValueError:
+        raise UsageError(f"--student {spec}: mlp:F needs a number, e.g. mlp:0.75") from None
+    if not 0 < share <= 1:
+        raise UsageError(f"--student {spec}: mlp:{share} must be in (0, 1]")
+    return depth, share
+
+
+def choose_layers(spec: str, teacher, calibration, vocab: int, say) -> tuple[list[int], dict[str, Any]]:
+    """The teacher layers a ``layers:N`` / ``layers-kl:N`` / ``even:N`` / list spec keeps, and the scan."""
+    from edgekd.distill import importance
+
+    n_teacher = teacher.config.num_hidden_layers
+    head, body = spec.split(":", 1)
+    if spec.startswith("even:") or "," in body:
+        return parse_layers(spec, n_teacher), {"method": "evenly spaced" if head == "even" else "given"}
+    try:
+        n = int(body)
+    except ValueError:
+        raise UsageError(f"--student {spec}: write {head}:N with an integer N") from None
+    if not 1 <= n <= n_teacher:
+        raise UsageError(f"--student {spec}: N must be between 1 and the teacher's {n_teacher} layers")
+    if not calibration:
+        raise UsageError(f"--student {spec}: the importance scan needs calibration data")
+    say(f"measuring block influence of the teacher's {n_teacher} layers on {sum(int(b['attention_mask'].sum()) for b in calibration)} calibration tokens ...")
+    scores = importance.block_influence(teacher, calibration)
+    scan: dict[str, Any] = {"block_influence": [round(x, 4) for x in scores], "calibration_sequences": sum(len(b["input_ids"]) for b in calibration)}
+    if head == "layers":
+        kept = importance.keep_most_influential(scores, n)
+        scan["method"] = "block influence (ShortGPT, arXiv 2403.03853)"
+    else:
+        kept, history = importance.iterative_kl(
+            teacher, calibration, n, vocab, scores,
+            on_step=lambda i, kl: say(f"  removed layer {i}: KL to the teacher {kl:.3f}"))
+        scan.update(method="iterative KL (BlockPruner, arXiv 2406.10594)", removals=history)
+    return kept, scan
+
+
+def width_pruned(model, share: float, calibration, multiple: int = 64) -> dict[str, Any]:
+    """Keep the share ``share`` of every MLP's intermediate channels, the ones of highest mean
+    |activation| on ``calibration`` (Minitron), rounded to a multiple of ``multiple`` (the quantizer's
+    blocks). Changes ``model`` in place; returns what distill.json records."""
+    from edgekd.distill import importance
+
+    cfg = model.config
+    original = cfg.intermediate_size
+    keep = max(multiple, int(round(cfg.intermediate_size * share / multiple)) * multiple)
+    keep = min(keep, cfg.intermediate_size)
+    if keep == cfg.intermediate_size:
+        return {"mlp_channels": keep, "mlp_share": 1.0}
+    scores = importance.mlp_channel_importance(model, calibration)
+    for layer, score in zip(importance.decoder_layers(model), scores):
+        idx = torch.sort(torch.topk(score, keep).indices).values
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            lin = getattr(mlp, name)
+            new = torch.nn.Linear(lin.in_features, keep, bias=lin.bias is not None)
+            new.weight.data = lin.weight.data[idx].clone()
+            if lin.bias is not None:
+                new.bias.data = lin.bias.data[idx].clone()
+            setattr(mlp, name, new)
+        lin = mlp.down_proj
+        new = torch.nn.Linear(keep, lin.out_features, bias=lin.bias is not None)
+        new.weight.data = lin.weight.data[:, idx].clone()
+        if lin.bias is not None:
+            new.bias.data = lin.bias.data.clone()
+        mlp.down_proj = new
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = keep
+    cfg.intermediate_size = keep
+    return {"mlp_channels": keep, "mlp_share": round(keep / original, 4),
+            "method": "activation magnitude (Minitron, arXiv 2407.14679)"}
+
+
+def pruned(spec: str, teacher, calibration, vocab: int, say):
+    """A pruned student for ``spec`` (depth, optionally ``+mlp:F``) and what its scan measured."""
+    depth, share = _split_width(spec)
+    layers, scan = choose_layers(depth, teacher, calibration, vocab, say)
+    model = depth_pruned(teacher, layers)
+    extra: dict[str, Any] = {"layers": layers, "scan": scan}
+    if share is not None:
+        extra["width"] = width_pruned(model, share, calibration)
+    return model, extra
+
+
+def layer_params(teacher) -> tuple[int, int]:
+    """(parameters of one decoder layer, parameters outside the layers)."""
+    from edgekd.distill import importance
+
+    layers = importance.decoder_layers(teacher)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    total = sum(p.numel() for p in teacher.parameters())
+    return per_layer, total - per_layer * len(layers)
+
+
+def budget_student(spec: str, teacher, calibration, vocab: int, say):
+    """``budget:F``: depth-only and depth+width candidates of at most F x the teacher's parameters,
+    each built by block influence and measured zero-shot (KL to the teacher at answer positions);
+    the lowest KL wins. Every candidate is recorded."""
+    from edgekd.distill import importance
+
+    try:
+        share = float(spec.split(":", 1)[1])
+    except ValueError:
+        raise UsageError(f"--student {spec}: write budget:F with F a share of the teacher's parameters, e.g. budget:0.6") from None
+    if not 0 < share < 1:
+        raise UsageError(f"--student {spec}: the budget must be a share in (0, 1), e.g. budget:0.6")
+    n_teacher = teacher.config.num_hidden_layers
+    per_layer, outside = layer_params(teacher)
+    total = per_layer * n_teacher + outside
+    mlp_share = sum(p.numel() for n, p in importance.decoder_layers(teacher)[0].named_parameters() if ".mlp." in f".{n}") / per_layer
+    candidates = []
+    for width in (1.0, 0.75, 0.5):
+        layer_cost = per_layer * (1 - mlp_share * (1 - width))
+        depth = int((share * total - outside) // layer_cost)
+        if depth >= 1:
+            candidates.append((min(depth, n_teacher), width))
+    if not candidates:
+        raise UsageError(f"--student {spec}: no student fits {share:.0%} of the teacher's {total / 1e6:.1f}M parameters "
+                         f"(the embedding and head alone are {outside / total:.0%}): raise the budget")
+    t_logp = importance.teacher_answer_logp(teacher, calibration, vocab)
+    tried, best = [], None
+    for depth, width in candidates:
+        cand = f"layers:{depth}" + (f"+mlp:{width}" if width < 1 else "")
+        model, extra = pruned(cand, teacher, calibration, vocab, lambda m: None)
+        kl = importance.answer_kl(model, calibration, t_logp, vocab)
+        params = sum(p.numel() for p in model.parameters())
+        say(f"  budget candidate {cand}: {params / 1e6:.1f}M parameters, zero-shot KL to the teacher {kl:.3f}")
+        tried.append({"spec": cand, "parameters": params, "kl": round(kl, 4)})
+        if best is None or kl < best[0]:
+            best = (kl, cand, model, extra)
+    _, cand, model, extra = best
+    extra["scan"]["budget"] = {"share": share, "candidates": tried, "chosen": cand}
+    return model, extra
+
+
+def build_student(spec: str, teacher, teacher_tok, seed: int = 0, *, calibration=None, say=lambda m: None,
+                  trust_remote_code: bool = False, allow_pickle: bool = False) -> Student:
     """Build the student that ``--student spec`` asks for (see the module docstring)."""
     from edgekd.teachers import load_model
 
-    n_teacher = teacher.config.num_hidden_layers
     t_params = sum(p.numel() for p in teacher.parameters())
-    if spec.startswith("layers:"):
-        layers = parse_layers(spec, n_teacher)
-        model = depth_pruned(teacher, layers)
-        kind, tok, extra = "pruned", teacher_tok, {"layers": layers}
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    if spec.startswith("budget:"):
+        model, extra = budget_student(spec, teacher, calibration, t_vocab, say)
+        kind, tok = "pruned", teacher_tok
+    elif is_pruned_spec(spec):
+        model, extra = pruned(spec, teacher, calibration, t_vocab, say)
+        kind, tok = "pruned", teacher_tok
     elif spec.endswith(".toml"):
         path = Path(spec)
         if not path.is_file():
@@ -163,7 +328,7 @@ def build_student(spec: str, teacher, teacher_tok, seed: int = 0, *, trust_remot
         check_same_tokenizer(teacher_tok, tok, f"student {spec}")
         model.train()
         kind, extra = "folder", {"source": spec}
-    vocab = min(model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0])
+    vocab = min(model.get_output_embeddings().weight.shape[0], t_vocab)
     if len(teacher_tok) > vocab:
         raise UsageError(f"student {spec} has {vocab} output rows but the tokenizer has {len(teacher_tok)} tokens")
     s_params = sum(p.numel() for p in model.parameters())

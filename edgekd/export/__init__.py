@@ -46,7 +46,7 @@ def source_info(source) -> dict[str, Any]:
         spec = source.spec
     else:
         spec = str(Path(source.spec).expanduser().resolve())
-    teacher, heldout, qat = spec, None, None
+    teacher, heldout, qat, task = spec, None, None, None
     if source.kind == "folder":
         meta = source.path / "distill.json"
         if meta.is_file():
@@ -58,7 +58,10 @@ def source_info(source) -> dict[str, Any]:
             held = data.get("heldout")
             heldout = str((source.path / held).resolve()) if held else None
             qat = (data.get("student") or {}).get("quantization_aware")
+            task = data.get("task")
     info = {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
+    if task:
+        info["task"] = task  # validate scores the task against the teacher and applies its gates
     return {**info, "quantization_aware": qat} if qat else info
 
 
@@ -130,14 +133,15 @@ def export_bundle(
     from edgekd.bundle import check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import atomic_dir, check_output_dir
+    from edgekd.io import atomic_dir, check_output_dir, output_lock
     from edgekd.teachers import load_model, resolve_source
 
     say = log or (lambda msg: None)
     out = Path(out)
     profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
-    check_output_dir(out, overwrite)  # before minutes of work
     source = resolve_source(model)
+    inputs = (source.path,) if source.path is not None else ()
+    check_output_dir(out, overwrite, inputs)  # before minutes of work
     origin = source_info(source)
     if origin.get("quantization_aware"):
         origin["quantization_aware"]["reproduced_by_recipe"] = reproduces_qat_grid(profile, origin["quantization_aware"])
@@ -146,7 +150,8 @@ def export_bundle(
     torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
     facts = model_facts(torch_model.config)
 
-    with tempfile.TemporaryDirectory(prefix="edgekd-export-") as work_dir, atomic_dir(out, overwrite) as tmp:
+    with output_lock(out), tempfile.TemporaryDirectory(prefix="edgekd-export-") as work_dir, \
+            atomic_dir(out, overwrite, inputs) as tmp:
         work = Path(work_dir)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is meant to be shared
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
@@ -179,7 +184,7 @@ def export_bundle(
                 f"(> check.max_abs_logit_diff = {profile.check.max_abs_logit_diff} in {profile.name}): "
                 "use a higher precision recipe or relax the check"
             )
-        inputs, outputs = _io_table(sess)
+        io_inputs, io_outputs = _io_table(sess)
         files.write_tokenizer_and_configs(torch_model, tok, tmp)
         files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
                                                          profile.execution_providers, tok.pad_token_id))
@@ -195,8 +200,8 @@ def export_bundle(
                 "opset": profile.opset,
                 "architecture": (torch_model.config.architectures or [type(torch_model).__name__])[0],
                 "model_type": torch_model.config.model_type,
-                "inputs": inputs,
-                "outputs": outputs,
+                "inputs": io_inputs,
+                "outputs": io_outputs,
                 **facts,
                 "pad_token_id": tok.pad_token_id,
             },

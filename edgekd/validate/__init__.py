@@ -21,6 +21,9 @@ from edgekd.errors import UsageError
 
 __all__ = ["ValidateConfig", "validate", "failed_gates"]
 
+DEFAULT_PROMPTS = 8  # held-out prompts compared when neither --num-prompts nor a task says
+EXAMPLES_SHOWN = 4  # held-out prompts shown with the teacher's, the reference's and the bundle's answers
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidateConfig:
@@ -30,7 +33,7 @@ class ValidateConfig:
     teacher: str | None = None  # default: the manifest's source.teacher, else the reference itself
     reference: str | None = None  # default: the manifest's source.spec (the unquantized model)
     data: Path | None = None  # default: the distillation's held-out split, else the shipped prompts
-    num_prompts: int = 8  # held-out prompts compared (logits and greedy answers)
+    num_prompts: int | None = None  # held-out prompts compared (None: the task's validate_prompts, else 8)
     answer_tokens: int = 32  # answer length scored and generated per prompt
     speed: bool = True  # measure load time, prefill, decode and peak memory (a separate process)
     providers: tuple[str, ...] | None = None  # override the target's execution providers
@@ -38,7 +41,7 @@ class ValidateConfig:
     batch_size: int = 8  # PyTorch batch for the reference/teacher forward and greedy answers
 
     def __post_init__(self):
-        if self.num_prompts < 1:
+        if self.num_prompts is not None and self.num_prompts < 1:
             raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
         if self.answer_tokens < 1:
             raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
@@ -98,6 +101,7 @@ def validate(
         compare_greedy,
         compare_logits,
     )
+    from edgekd.tasks import score_answers
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.report import check_out, write_report
     from edgekd.validate.speed import bundle_bytes, measure_speed, model_bytes
@@ -126,7 +130,9 @@ def validate(
             log(f"warning: {rt.root}: {note}")
 
     data_path, data_source, data_notes = choose_data(runtimes[0].manifest, config.data)
-    records = load_records(data_path, limit=config.num_prompts)
+    task = (runtimes[0].manifest.get("source") or {}).get("task") or None
+    num_prompts = config.num_prompts or (task or {}).get("validate_prompts") or DEFAULT_PROMPTS
+    records = load_records(data_path, limit=num_prompts)
     log(f"{len(records)} held-out prompts from {data_source} ({data_path})")
     models = _Models(config.batch_size, log)
     reports, kls, taken = [], {}, set()
@@ -173,6 +179,7 @@ def validate(
         log(f"{name}: greedy answers of the bundle through its KV cache ...")
         ours_greedy = bundle_greedy(rt, prompts, n)
         fidelity: dict[str, Any] = {}
+        texts: dict[str, list[str]] = {}
         for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
             log(f"{name}: comparing with the {role} ({spec}) ...")
             their_greedy = models.memo(("greedy", spec, n, pkey), lambda: model.greedy(prompts, n, eos))
@@ -184,8 +191,17 @@ def validate(
             metrics, kl = compare_logits(ours, theirs, answers)
             greedy = compare_greedy(ours_greedy, their_greedy, n)
             fidelity[role] = {**metrics, **greedy, "model": spec}
+            texts[role] = [_answer_text(rt, a) for a in their_greedy]
             if role == "reference":
                 kls[name] = kl
+        texts["bundle"] = [_answer_text(rt, a) for a in ours_greedy]
+        task_figures = None
+        if task:
+            task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or ())}
+            reference_task = score_answers(texts["reference"], texts["teacher"], task.get("labels") or ())
+            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in ("label_agreement", "exact_match", "rouge_l") if k in reference_task}
+        examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
+                           "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 
         report = {
             "name": name,
@@ -197,10 +213,13 @@ def validate(
             "teacher": teacher_spec,
             "data": {"file": str(data_path), "source": data_source, "prompts": len(records), "answer_tokens": n, "answers_from": answers_from},
             "fidelity": fidelity,
+            "task": task_figures,
+            "examples": examples_shown,
             "cost": cost,
             "notes": notes,
         }
-        gates = apply_gates((manifest.get("target") or {}).get("gates") or {}, report)
+        task_gates = {k: v for k, v in ((task or {}).get("gates") or {}).items() if v is not None}
+        gates = apply_gates({**((manifest.get("target") or {}).get("gates") or {}), **task_gates}, report)
         report["gates"] = [dataclasses.asdict(g) for g in gates]
         report["passed"] = all(g.passed for g in gates)
         reports.append(report)
@@ -210,6 +229,12 @@ def validate(
         r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
     write_report(out, reports, kls, command)
     return reports, out
+
+
+def _answer_text(rt, ids: list[int]) -> str:
+    """An answer's text as a person reads it (its eos token dropped)."""
+    ids = [t for t in ids if t not in rt.eos_token_ids]
+    return rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def failed_gates(reports: Sequence[dict[str, Any]]) -> list[str]:

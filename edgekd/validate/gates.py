@@ -8,6 +8,7 @@ manifest (``target.gates``, written by ``edgekd export`` from the target profile
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError
@@ -26,6 +27,10 @@ GATES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_kl_vs_teacher": (("fidelity", "teacher", "kl_mean"), "max", "mean KL(teacher || bundle), nats"),
     "max_ppl_ratio_vs_teacher": (("fidelity", "teacher", "ppl_ratio"), "max", "perplexity ratio bundle / teacher"),
     "max_size_mb": (("cost", "size_mb"), "max", "model file(s) size, MB (1e6 bytes)"),
+    # a task's gates (task.toml [gates]): the bundle's greedy answers against the teacher's
+    "min_label_agreement_vs_teacher": (("task", "label_agreement"), "min", "share of held-out prompts whose answer names the teacher's label"),
+    "min_exact_match_vs_teacher": (("task", "exact_match"), "min", "share of held-out prompts answered with the teacher's exact text"),
+    "min_rouge_l_vs_teacher": (("task", "rouge_l"), "min", "mean ROUGE-L F1 of the answers against the teacher's"),
 }
 
 
@@ -33,6 +38,12 @@ class GateFailed(EdgekdError):
     """A bundle measured outside one of its target's gates (exit code 1)."""
 
     exit_code = 1
+
+
+def gate_side(name: str) -> str:
+    """Which verdict a gate belongs to: "teacher" (does the job the way the teacher does) or
+    "reference" (is still the model it was exported from; size included)."""
+    return "teacher" if name.endswith("_vs_teacher") else "reference"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +83,36 @@ def apply_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[GateResul
             raise UsageError(f"unknown gate {name!r} in the bundle's target (known: {', '.join(GATES)}): update edgekd")
         path, direction, meaning = GATES[name]
         value = _lookup(report, path)
+        if value is not None and not math.isfinite(value):
+            value = None  # NaN measured: not a pass
         passed = value is not None and (value >= threshold if direction == "min" else value <= threshold)
         results.append(GateResult(name, float(threshold), value, passed, meaning))
     return results
+
+
+# Below this top-1 agreement with the teacher a student is called far from it, gated or not.
+FAR_FROM_TEACHER_TOP1 = 0.5
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """Two verdicts for a bundle report, said separately: faithful to the reference it was exported
+    from (export quality), and to the teacher (distillation quality, on the task where there is one).
+    Never a bare "pass" over a student that is far from its teacher."""
+    name = report["name"]
+    lines = []
+    for side, what in (("reference", "faithful to the reference (the model it was exported from)"),
+                       ("teacher", "does the job the way the teacher does")):
+        gates = [g for g in report["gates"] if gate_side(g["name"]) == side]
+        failed = [g for g in gates if not g["passed"]]
+        if failed:
+            lines.append(f"{name}: {what}: FAIL ({'; '.join(GateResult(**g).line() for g in failed)})")
+        elif gates:
+            lines.append(f"{name}: {what}: PASS ({len(gates)} gate{'s' if len(gates) > 1 else ''})")
+        elif side == "teacher" and report.get("teacher") != report.get("reference"):
+            top1 = ((report.get("fidelity") or {}).get("teacher") or {}).get("top1")
+            far = top1 is not None and top1 < FAR_FROM_TEACHER_TOP1
+            lines.append(f"{name}: {what}: not gated" + (f"; FAR from the teacher (top-1 {top1:.2f} < {FAR_FROM_TEACHER_TOP1})" if far
+                                                         else f" (top-1 vs teacher {top1:.3f})" if top1 is not None else ""))
+        elif side == "reference":
+            lines.append(f"{name}: {what}: not gated")
+    return lines

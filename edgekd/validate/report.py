@@ -30,6 +30,9 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("ppl ratio vs teacher", "teacher", "ppl_ratio", "{:.3f}"),
     ("greedy exact match vs teacher", "teacher", "greedy_exact", "{:.2f}"),
     ("greedy common prefix vs teacher (tokens)", "teacher", "greedy_prefix_tokens", "{:.1f}"),
+    ("task: label agreement vs teacher", "task", "label_agreement", "{:.3f}"),
+    ("task: exact answer vs teacher", "task", "exact_match", "{:.3f}"),
+    ("task: ROUGE-L vs teacher", "task", "rouge_l", "{:.3f}"),
     ("model size (MB)", "cost", "size_mb", "{:.1f}"),
     ("bundle size (MB)", "cost", "bundle_mb", "{:.1f}"),
     ("load time (s)", "cost", "load_s", "{:.2f}"),
@@ -40,7 +43,10 @@ ROWS: list[tuple[str, str, str, str]] = [
 
 
 def _value(report: dict[str, Any], section: str, key: str) -> Any:
-    node = report["cost"] if section == "cost" else (report["fidelity"].get(section) or {})
+    if section in ("cost", "task"):
+        node = report.get(section) or {}
+    else:
+        node = report["fidelity"].get(section) or {}
     return node.get(key)
 
 
@@ -124,9 +130,22 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
     gates = gate_rows(reports)
     if gates:
         parts += ["## Gates", "", table(["gate"] + names, gates), ""]
+    from edgekd.validate.gates import verdict_lines
+
     verdicts = ", ".join(f"{r['name']}: {'PASS' if r['passed'] else 'FAIL'}" for r in reports)
-    parts += [f"Verdict: {verdicts}", ""]
+    parts += ["## Verdict", "", f"Verdict: {verdicts}", ""] + [f"- {line}" for r in reports for line in verdict_lines(r)] + [""]
+    for r in reports:
+        if r.get("examples"):
+            parts += [f"## Answers side by side ({r['name']}, first {len(r['examples'])} held-out prompts, greedy)", ""]
+            rows = [[_cell(e["prompt"]), _cell(e["teacher"]), _cell(e["reference"]), _cell(e["bundle"])] for e in r["examples"]]
+            parts += [table(["prompt", "teacher", "reference", "bundle"], rows), ""]
     return "\n".join(parts)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text for a Markdown table cell: one line, pipes escaped, long text shortened."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def plot_kl(path: Path, kls: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,111 @@
+"""How well do students do the teacher's job on inputs they never saw? PyTorch, greedy, side by side.
+
+    python benchmarks/task_eval.py --task sentiment --prompts benchmarks/data/sentiment-unseen.jsonl \
+        runs/sentiment-student [more students ...] [--zero-shot layers:14 even:14]
+
+For each model: answer-position top-1 against the teacher (teacher-forced on the teacher's greedy
+answers), and the task figures of its own greedy answers against the teacher's (label agreement,
+exact match, ROUGE-L; edgekd.tasks.score_answers). ``--zero-shot SPEC``: a pruned copy built from
+the teacher with that student spec (calibrated on the task's train prompts), without training.
+Prints a Markdown table; ``--json FILE`` also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from edgekd.distill.data import collate, encode_chat, generate_answers
+from edgekd.distill.loop import calibration_batches
+from edgekd.distill.students import build_student
+from edgekd.io import iter_jsonl
+from edgekd.tasks import load_task, score_answers
+from edgekd.teachers import load_model
+
+
+@torch.no_grad()
+def answer_top1(model, teacher, tok, prompts: list[str], answers: list[str], batch_size: int = 8) -> float:
+    """Share of the teacher's answer positions where ``model``'s argmax is the teacher's."""
+    rows = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}]) for p, a in zip(prompts, answers)]
+    agree = n = 0
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i : i + batch_size], tok.pad_token_id or 0)
+        mask = b["loss_mask"]
+        s = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[mask]
+        t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[mask]
+        v = min(s.shape[-1], t.shape[-1])
+        agree += int((s[:, :v].argmax(-1) == t[:, :v].argmax(-1)).sum())
+        n += int(mask.sum())
+    return agree / max(n, 1)
+
+
+def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    answers, _ = generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+                                  batch_size=16, seed=0, max_prompt_tokens=448)
+    return [a["response"] for a in answers]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("students", nargs="*", help="distilled student folders")
+    ap.add_argument("--task", default=None, help="a task name or folder (labels; zero-shot calibration)")
+    ap.add_argument("--prompts", required=True, help="a .jsonl of {\"prompt\"} records never trained on")
+    ap.add_argument("--teacher", default="smollm2-135m-instruct")
+    ap.add_argument("--zero-shot", nargs="*", default=[], help="student specs built from the teacher without training")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    task = load_task(args.task) if args.task else None
+    labels = task.labels if task else ()
+    prompts = [r["prompt"] for _, r in iter_jsonl(Path(args.prompts))]
+    if args.limit:
+        prompts = prompts[: args.limit]
+    teacher, tok = load_model(args.teacher)
+    teacher.eval()
+    t0 = time.time()
+    t_answers = greedy(teacher, tok, prompts, args.max_new_tokens)
+    print(f"teacher answered {len(prompts)} prompts in {time.time() - t0:.0f} s")
+    models = []
+    for spec in args.zero_shot:
+        from edgekd.distill.data import encode_records
+
+        calib_prompts = [r["prompt"] for _, r in iter_jsonl(task.train)][:16] if task else prompts[:16]
+        recs = [{"prompt": p, "response": a} for p, a in zip(calib_prompts, greedy(teacher, tok, calib_prompts, args.max_new_tokens))]
+        examples, _ = encode_records(tok, recs, 512, False)
+        student = build_student(spec, teacher, tok, calibration=calibration_batches(examples, tok, 0))
+        models.append((f"{spec} (zero-shot)", student.model.eval(), student.describe["num_hidden_layers"]))
+    for folder in args.students:
+        m, _ = load_model(folder)
+        models.append((folder, m.eval(), m.config.num_hidden_layers))
+    rows = []
+    for name, model, layers in models:
+        t0 = time.time()
+        answers = greedy(model, tok, prompts, args.max_new_tokens)
+        figures = score_answers(answers, t_answers, labels)
+        figures["answer_top1"] = answer_top1(model, teacher, tok, prompts, t_answers)
+        figures.update(name=name, layers=layers, seconds=round(time.time() - t0, 1),
+                       examples=[{"prompt": p, "teacher": t, "student": a} for p, t, a in list(zip(prompts, t_answers, answers))[:3]])
+        rows.append(figures)
+        print(f"{name}: {json.dumps({k: v for k, v in figures.items() if k != 'examples'})}", flush=True)
+    print()
+    print(f"{len(prompts)} prompts from {args.prompts}, greedy, up to {args.max_new_tokens} new tokens\n")
+    cols = ["model", "layers", "answer top-1 vs teacher"] + (["label agreement"] if labels else []) + ["exact match", "ROUGE-L"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        cells = [r["name"], str(r["layers"]), f"{r['answer_top1']:.3f}"]
+        if labels:
+            cells.append("–" if r["label_agreement"] is None else f"{r['label_agreement']:.3f}")
+        cells += [f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prompts": args.prompts, "teacher_answers": t_answers, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Tasks as data: the job a student is distilled for, and how its answers are scored.
+
+A task is a folder (``tasks/sentiment/`` ships with edgekd, or a user's own)::
+
+    task.toml        description, distillation defaults ([distill]), scoring (labels) and gates
+    train.jsonl      {"prompt"} records (the teacher writes the answers) or prompt/response records
+    heldout.jsonl    the same, never trained on: what distill evaluates and validate compares
+
+``load_task("sentiment")`` or ``load_task("path/to/folder")`` -> ``Task``. Scoring, used by validate
+against the teacher's greedy answers:
+
+- a labelled task (``labels = ["positive", "negative"]``): an answer's label is the first label it
+  names (whole word, any case); the figure is the share of prompts whose label equals the teacher's;
+- every task: greedy exact match and ROUGE-L F1 (Lin 2004) of the answer text against the teacher's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from edgekd.config import from_mapping, read_toml
+from edgekd.errors import UsageError
+from edgekd.paths import resource
+
+SHIPPED_TASKS = ("sentiment", "summary", "grammar")
+TASK_TOML = "task.toml"
+TRAIN = "train.jsonl"
+HELDOUT = "heldout.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskGates:
+    """Thresholds ``edgekd validate`` applies between the bundle's and the teacher's greedy answers
+    on the task's held-out prompts (None = not checked)."""
+
+    min_label_agreement_vs_teacher: Optional[float] = None  # labelled tasks: share of prompts, same label
+    min_exact_match_vs_teacher: Optional[float] = None  # share of prompts with the identical answer text
+    min_rouge_l_vs_teacher: Optional[float] = None  # mean ROUGE-L F1 of the answer text
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if v is not None and not 0 <= v <= 1:
+                raise UsageError(f"gates.{f.name} = {v} must be between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFile:
+    """``task.toml`` as typed values; ``distill`` is checked against ``DistillConfig`` when used."""
+
+    description: str = ""
+    labels: tuple[str, ...] = ()
+    distill: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gates: TaskGates = dataclasses.field(default_factory=TaskGates)
+    validate_prompts: int = 64  # held-out prompts validate compares for this task
+
+    def __post_init__(self):
+        if not self.description.strip():
+            raise UsageError("description is missing: say in one line what the task is")
+        if any(not label.strip() for label in self.labels):
+            raise UsageError("labels must be non-empty strings")
+        if len({label.lower() for label in self.labels}) != len(self.labels):
+            raise UsageError("labels must differ (case-insensitively)")
+        if len(self.labels) == 1:
+            raise UsageError("labels needs at least two entries (or none, for a generative task)")
+        if self.validate_prompts < 1:
+            raise UsageError(f"validate_prompts = {self.validate_prompts} must be at least 1")
+        for key in ("out", "task", "prompts", "heldout", "data"):
+            if key in self.distill:
+                raise UsageError(f"[distill] {key} cannot be set by a task (the task folder gives the data; --out is the user's)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    folder: Path
+    spec: TaskFile
+
+    @property
+    def train(self) -> Path:
+        return self.folder / TRAIN
+
+    @property
+    def heldout(self) -> Path:
+        return self.folder / HELDOUT
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.spec.labels
+
+    def record(self) -> dict[str, Any]:
+        """What ``distill.json`` and a bundle's manifest carry about the task (validate reads it)."""
+        return {"name": self.name, "folder": str(self.folder), "labels": list(self.labels),
+                "description": self.spec.description, "gates": dataclasses.asdict(self.spec.gates),
+                "validate_prompts": self.spec.validate_prompts}
+
+
+def load_task(name_or_dir: str | Path) -> Task:
+    """A shipped task by name, or a task folder; every problem is one line naming the file."""
+    text = str(name_or_dir)
+    if text in SHIPPED_TASKS and not Path(text).is_dir():
+        folder = resource(f"tasks/{text}")
+    else:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            known = ", ".join(SHIPPED_TASKS)
+            raise UsageError(f"--task {text}: not a shipped task ({known}) nor a folder")
+    toml = folder / TASK_TOML
+    if not toml.is_file():
+        raise UsageError(f"{folder} is not a task folder: it has no {TASK_TOML} (description, labels, [distill])")
+    data = read_toml(toml)
+    if not data:
+        raise UsageError(f"{toml} is empty: give the task at least a description")
+    spec = from_mapping(TaskFile, data, str(toml))
+    if not (folder / TRAIN).is_file():
+        raise UsageError(f"{folder} has no {TRAIN}: add the training prompts, one {{\"prompt\": ...}} per line")
+    if not (folder / HELDOUT).is_file():
+        raise UsageError(f"{folder} has no {HELDOUT}: add held-out prompts (never trained on), one {{\"prompt\": ...}} per line")
+    return Task(name=folder.resolve().name, folder=folder.resolve(), spec=spec)
+
+
+def shipped_tasks() -> list[Task]:
+    return [load_task(name) for name in SHIPPED_TASKS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring answers against the teacher's
+# ---------------------------------------------------------------------------------------------
+
+
+def label_of(answer: str, labels: Sequence[str]) -> str | None:
+    """The first of ``labels`` that ``answer`` names as a whole word (any case), or None.
+
+    ``label_of("The review is negative.", ["positive", "negative"]) == "negative"``.
+    """
+    best: tuple[int, str] | None = None
+    for label in labels:
+        m = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", answer, flags=re.IGNORECASE)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), label)
+    return best[1] if best else None
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin 2004): longest common subsequence of lower-cased words."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequence[str] = ()) -> dict[str, Any]:
+    """Task figures of ``answers`` against the ``teacher``'s answers to the same prompts.
+
+    ``label_agreement`` counts the prompts whose teacher answer names a label (the others are
+    reported as ``teacher_unlabelled``); ``exact_match`` compares the stripped answer texts.
+    """
+    n = len(answers)
+    out: dict[str, Any] = {
+        "prompts": n,
+        "exact_match": sum(a.strip() == t.strip() for a, t in zip(answers, teacher)) / max(n, 1),
+        "rouge_l": sum(rouge_l(a, t) for a, t in zip(answers, teacher)) / max(n, 1),
+    }
+    if labels:
+        pairs = [(label_of(a, labels), label_of(t, labels)) for a, t in zip(answers, teacher)]
+        labelled = [(a, t) for a, t in pairs if t is not None]
+        out["label_agreement"] = sum(a == t for a, t in labelled) / len(labelled) if labelled else None
+        out["teacher_unlabelled"] = n - len(labelled)
+        out["answers_unlabelled"] = sum(a is None for a, _ in pairs)
+    return out

@@ -1,0 +1,168 @@
+"""Tasks as data: loading task folders, scoring answers against the teacher's, and the shipped tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgekd.cli import app
+from edgekd.distill.config import DistillConfig
+from edgekd.distill.config_io import resolve
+from edgekd.errors import UsageError
+from edgekd.io import iter_jsonl
+from edgekd.tasks import SHIPPED_TASKS, label_of, load_task, rouge_l, score_answers
+
+
+def test_label_of_takes_the_first_label_named_as_a_word():
+    labels = ["positive", "negative"]
+    assert label_of("The review is negative.", labels) == "negative"
+    assert label_of("POSITIVE! Not negative at all.", labels) == "positive"
+    assert label_of("Negative, though parts are positive.", labels) == "negative"
+    assert label_of("It is nonpositive", labels) is None  # whole words only
+    assert label_of("I cannot tell.", labels) is None
+
+
+def test_rouge_l_is_the_lcs_f1_of_words():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("a", "") == 0.0
+    # LCS of "a b c d" and "a c d e" is "a c d": P = R = 3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x y", "a b") == 0.0
+
+
+def test_score_answers_against_the_teacher():
+    teacher = ["The review is negative.", "The review is positive.", "Hard to say.", "The review is positive."]
+    student = ["The review is negative.", "The review is negative.", "Positive.", "It is positive."]
+    s = score_answers(student, teacher, ["positive", "negative"])
+    assert s["prompts"] == 4 and s["teacher_unlabelled"] == 1 and s["answers_unlabelled"] == 0
+    assert s["label_agreement"] == pytest.approx(2 / 3)  # over the 3 prompts the teacher labelled
+    assert s["exact_match"] == 0.25
+    assert 0 < s["rouge_l"] < 1
+    assert "label_agreement" not in score_answers(student, teacher)
+
+
+@pytest.mark.parametrize("name", SHIPPED_TASKS)
+def test_every_shipped_task_loads_and_has_enough_varied_data(name):
+    task = load_task(name)
+    train = [r["prompt"] for _, r in iter_jsonl(task.train)]
+    held = [r["prompt"] for _, r in iter_jsonl(task.heldout)]
+    assert len(train) >= 600 and len(held) >= 100
+    assert len(set(train)) == len(train) and not set(train) & set(held)
+    lengths = sorted(len(p.split()) for p in train)
+    assert lengths[-1] > 2 * lengths[0]  # varied in length, not one template
+    # every [distill] key is a DistillConfig setting of the right type
+    cfg = resolve(None, {"task": name, "out": "x"})
+    assert isinstance(cfg, DistillConfig) and cfg.task == name
+    for key, value in task.spec.distill.items():
+        assert getattr(cfg, key) == value
+
+
+def test_task_defaults_sit_under_flags():
+    cfg = resolve(None, {"task": "sentiment", "out": "x", "epochs": 7})
+    assert cfg.epochs == 7 and cfg.gen_temperature == load_task("sentiment").spec.distill["gen_temperature"]
+
+
+def _task(tmp_path, toml: str, train: bool = True, heldout: bool = True):
+    folder = tmp_path / "mytask"
+    folder.mkdir()
+    (folder / "task.toml").write_text(toml)
+    if train:
+        (folder / "train.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
+    if heldout:
+        (folder / "heldout.jsonl").write_text(json.dumps({"prompt": "b"}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("toml, train, message", [
+    ('description = "x"\n', False, "has no train.jsonl"),
+    ("", True, "is empty"),
+    ('description = "x"\ncolour = 1\n', True, "unknown key 'colour'"),
+    ('description = "x"\nlabels = "positive"\n', True, "labels must be a list"),
+    ('description = "x"\nlabels = [1, 2]\n', True, r"labels\[0\] must be a string"),
+    ('description = "x"\nlabels = ["yes"]\n', True, "at least two"),
+    ('description = "x"\n[distill]\nepochz = 2\n', True, "unknown key 'epochz'"),
+    ('description = "x"\n[distill]\nout = "here"\n', True, "cannot be set by a task"),
+    ('description = "x"\n[gates]\nmin_label_agreement_vs_teacher = 2\n', True, "between 0 and 1"),
+    ('description = "x\n', True, "not valid TOML"),
+])
+def test_bad_task_folders_are_one_line_errors(tmp_path, toml, train, message):
+    folder = _task(tmp_path, toml, train=train)
+    with pytest.raises(UsageError, match=message) as e:
+        resolve(None, {"task": str(folder), "out": "x"})
+    assert "\n" not in str(e.value)
+
+
+def test_a_folder_that_is_no_task(tmp_path):
+    with pytest.raises(UsageError, match="no task.toml"):
+        load_task(tmp_path)
+    with pytest.raises(UsageError, match="not a shipped task"):
+        load_task("no-such-task")
+
+
+def test_tasks_command_lists_the_shipped_tasks():
+    r = CliRunner().invoke(app, ["tasks"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    for name in SHIPPED_TASKS:
+        assert name in r.output
+    assert "positive" in r.output and "ROUGE-L" in r.output
+
+
+# --- end to end on a tiny model: distill --task -> export -> validate against the teacher -------
+
+REVIEWS = ["the soup was cold", "great battery life", "rude staff at the desk", "fast shipping, lovely box",
+           "broke after a week", "best pizza in town", "the film dragged on", "comfortable and warm"]
+
+
+def _tiny_task(root, *, labelled_answers: bool = True, gate: float = 0.0):
+    folder = root / "tinytask"
+    folder.mkdir()
+    (folder / "task.toml").write_text(
+        'description = "tiny sentiment"\nlabels = ["positive", "negative"]\nvalidate_prompts = 4\n'
+        '[distill]\nstudent = "layers:2"\nepochs = 2\nmax_new_tokens = 8\nbatch_size = 4\nlr = 3e-3\n'
+        f'[gates]\nmin_rouge_l_vs_teacher = {gate}\n')
+
+    def rec(i, text):
+        label = "positive" if i % 2 else "negative"
+        prompt = f"Classify the sentiment of this review as positive or negative. Review: {text}"
+        return {"prompt": prompt, **({"response": f"The review is {label}."} if labelled_answers else {})}
+
+    (folder / "train.jsonl").write_text("".join(json.dumps(rec(i, f"{t} {j}")) + "\n" for j in range(3) for i, t in enumerate(REVIEWS)))
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(rec(i, t + "!")) + "\n" for i, t in enumerate(REVIEWS[:4])))
+    return folder
+
+
+def test_task_end_to_end_on_a_tiny_model(tiny_teacher_dir, tmp_path):
+    task = _tiny_task(tmp_path)
+    student, bundle, report = tmp_path / "student", tmp_path / "bundle", tmp_path / "report"
+    runner = CliRunner()
+    r = runner.invoke(app, ["distill", "--task", str(task), "--teacher", str(tiny_teacher_dir), "--out", str(student)])
+    assert r.exit_code == 0, r.output
+    info = json.loads((student / "distill.json").read_text())
+    assert info["task"]["name"] == "tinytask" and info["task"]["labels"] == ["positive", "negative"]
+    assert info["config"]["epochs"] == 2 and info["data"]["train"]["examples"] == 24  # the task's defaults and data
+    assert "scan" in info["student"] and info["student"]["num_hidden_layers"] == 2
+    r = runner.invoke(app, ["export", str(student), "--target", "cpu", "--out", str(bundle)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"]["task"]["gates"]["min_rouge_l_vs_teacher"] == 0.0
+    r = runner.invoke(app, ["validate", str(bundle), "--out", str(report), "--no-speed", "--answer-tokens", "8"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    (b,) = json.loads((report / "report.json").read_text())["bundles"]
+    assert b["data"]["prompts"] == 4  # the task's validate_prompts
+    assert set(b["task"]) >= {"label_agreement", "exact_match", "rouge_l", "reference_vs_teacher"}
+    assert "min_rouge_l_vs_teacher" in {g["name"] for g in b["gates"]}
+    assert len(b["examples"]) == 4 and {"prompt", "teacher", "reference", "bundle"} <= set(b["examples"][0])
+    assert "does the job the way the teacher does: PASS" in r.stdout
+    assert "faithful to the reference" in r.stdout
+    md = (report / "report.md").read_text()
+    assert "Answers side by side" in md and "task: ROUGE-L vs teacher" in md
+
+
+def test_a_labelled_task_whose_teacher_names_no_label_is_refused(tiny_teacher_dir, tmp_path):
+    task = _tiny_task(tmp_path, labelled_answers=False)  # the random tiny teacher writes the answers
+    out = tmp_path / "student"
+    r = CliRunner().invoke(app, ["distill", "--task", str(task), "--teacher", str(tiny_teacher_dir), "--out", str(out)])
+    assert r.exit_code == 2 and "names a label" in r.output
+    assert not out.exists()  # a refused run leaves --out as it found it
