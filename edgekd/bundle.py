@@ -26,6 +26,7 @@ Every path read from a manifest goes through ``edgekd.paths.inside``: nothing es
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,16 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
         raise UsageError(f"{path} is not an edgekd bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{path} has format_version {manifest.get('format_version')}; this edgekd reads {FORMAT_VERSION}")
-    for entry in manifest.get("files", []):
+    check_types(manifest, path)
+    listed = {entry["path"] for entry in manifest["files"]}
+    model_file = manifest["model"]["file"]
+    for p in sorted(root.iterdir()):
+        used = p.name in USED_FILES or p.name == model_file or p.name == model_file + ".data"
+        if used and p.is_file() and p.name not in listed:
+            raise UsageError(f"bundle file {p.name} is not listed in {path}: the bundle was changed after export; re-export it")
+    if model_file not in listed:
+        raise UsageError(f"{path} does not list the model file {model_file}: the bundle was changed after export; re-export it")
+    for entry in manifest["files"]:
         target = inside(root, entry["path"])
         if not target.is_file():
             raise UsageError(f"bundle file {entry['path']} is missing from {root}")
@@ -84,6 +94,42 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
             raise UsageError(f"bundle file {entry['path']} does not match its manifest hash: it was changed after export")
     inside(root, manifest.get("model", {}).get("file", "model.onnx"))
     return manifest
+
+
+# The files of a bundle that edgekd or onnxruntime-genai open besides the model: each must be hashed.
+USED_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+              "config.json", "generation_config.json", "genai_config.json", "golden.json"}
+
+
+def check_types(manifest: dict[str, Any], path: Path) -> None:
+    """Every manifest field edgekd reads has the type it expects, or a one-line error naming it."""
+
+    def need(cond: bool, field: str, what: str) -> None:
+        if not cond:
+            raise UsageError(f"{path}: {field} must be {what}: the manifest is damaged; re-export the bundle")
+
+    files = manifest.get("files")
+    need(isinstance(files, list) and len(files) > 0, "files", "a non-empty list of {path, bytes, sha256}")
+    for i, e in enumerate(files):
+        need(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+             and isinstance(e.get("bytes"), int) and not isinstance(e.get("bytes"), bool), f"files[{i}]", "{path: str, bytes: int, sha256: str}")
+    model = manifest.get("model")
+    need(isinstance(model, dict), "model", "a table")
+    need(isinstance(model.get("file"), str) and model["file"] != "", "model.file", "a file name")
+    for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        if key in model:
+            need(isinstance(model[key], int) and not isinstance(model[key], bool) and model[key] > 0, f"model.{key}", "a positive integer")
+    if "eos_token_ids" in model:
+        need(isinstance(model["eos_token_ids"], list) and all(isinstance(t, int) for t in model["eos_token_ids"]), "model.eos_token_ids", "a list of integers")
+    need(isinstance(manifest.get("source", {}), (dict, type(None))), "source", "a table")
+    target = manifest.get("target", {})
+    need(isinstance(target, dict), "target", "a table")
+    providers = target.get("execution_providers", [])
+    need(isinstance(providers, list) and all(isinstance(p, str) for p in providers), "target.execution_providers", "a list of provider names")
+    gates = target.get("gates") or {}
+    need(isinstance(gates, dict), "target.gates", "a table")
+    for name, v in gates.items():
+        need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), f"target.gates.{name}", "a finite number or null")
 
 
 def check_external_data(model_path: Path) -> None:

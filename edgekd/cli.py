@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekd import __version__
-from edgekd.errors import EdgekdError
+from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError
 
 app = typer.Typer(
     name="edgekd",
@@ -26,8 +26,10 @@ app = typer.Typer(
         "The road: [bold]distill[/bold] a student from the teacher -> [bold]export[/bold] it to ONNX "
         "for a target profile (cpu, mobile, cuda) -> [bold]validate[/bold] the bundle against the "
         "teacher and pass or fail the target's gates -> [bold]generate[/bold] with it.\n\n"
-        "Start with `edgekd teachers` and `edgekd inspect smollm2-135m-instruct`."
+        "Start with `edgekd teachers`, `edgekd tasks` and `edgekd inspect smollm2-135m-instruct`.\n\n"
+        "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
     ),
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -55,29 +57,37 @@ def command(*args, **kwargs) -> Callable:
             except EdgekdError as e:
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
-                err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+                _error_line(str(e))
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
                 err_console.print("[yellow]interrupted[/yellow]")
                 raise typer.Exit(130) from None
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
-            except Exception as e:  # a bug or an unforeseen failure: still one line
+            except OSError as e:  # a full disk, a read-only folder, a missing permission: the user's to fix
+                if os.environ.get("EDGEKD_DEBUG"):
+                    raise
+                where = f" {e.filename}" if e.filename else ""
+                _error_line(f"cannot use{where}: {e.strerror or e} (free some space, or choose a writable folder)")
+                raise typer.Exit(2) from None
+            except Exception as e:  # a bug or an unforeseen failure: still one line, its own exit code
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
                 first = (str(e).strip().splitlines() or [""])[0][:300]
-                err_console.print(
-                    f"[bold red]error:[/bold red] {type(e).__name__}: {first} "
-                    "(set EDGEKD_DEBUG=1 for the traceback)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
-                raise typer.Exit(1) from None
+                _error_line(f"internal error, {type(e).__name__}: {first} (set EDGEKD_DEBUG=1 for the traceback)")
+                raise typer.Exit(INTERNAL_ERROR) from None
 
         app.command(*args, **kwargs)(wrapper)
         return fn
 
     return deco
+
+
+def _error_line(message: str) -> None:
+    """``error: message`` in red; the message is text, never markup (paths may hold brackets)."""
+    from rich.text import Text
+
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -119,6 +129,21 @@ def teachers() -> None:
         table.add_row(t.name, "[green]yes[/green]" if path else "[red]no[/red]", f"{t.description}\n{where}")
     console.print(table)
     console.print("Any Hugging Face folder, cached hub id (org/name) or .gguf file works too.")
+
+
+@command("targets")
+def targets() -> None:
+    """List the shipped target profiles (`edgekd export --target NAME`) with their descriptions."""
+    from edgekd.paths import resource
+    from edgekd.targets import SHIPPED, load_target
+
+    table = Table(title="Shipped target profiles (a profile .toml of your own works too: --target FILE)")
+    for col in ("name", "what", "steps", "providers", "file"):
+        table.add_column(col, overflow="fold")
+    for name in SHIPPED:
+        t = load_target(name)
+        table.add_row(name, t.description, ", ".join(t.steps), ", ".join(t.execution_providers), str(resource(f"targets/{name}.toml")))
+    console.print(table)
 
 
 @command("tasks")
@@ -196,6 +221,7 @@ def distill(
     temperature: Annotated[Optional[float], _opt("temperature", "--temperature")] = None,
     beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
     skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
+    label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
     epochs: Annotated[Optional[int], _opt("epochs", "--epochs")] = None,
     max_steps: Annotated[Optional[int], _opt("max_steps", "--max-steps")] = None,
     lr: Annotated[Optional[float], _opt("lr", "--lr")] = None,
@@ -329,6 +355,7 @@ def validate(
     answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = _Validate.answer_tokens,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
     threads: Threads = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's gates (a shipped name or a .toml) whatever the bundle's manifest says; without it the gates come from the bundle itself.")] = None,
 ) -> None:
     """Check that a bundle is still the model: fidelity against the reference and the teacher,
     speed and cost, and the target's gates. Exit 0 when every gate passes, 1 when one fails."""
@@ -341,11 +368,12 @@ def validate(
 
     config = ValidateConfig(
         teacher=teacher, reference=reference, data=data, num_prompts=num_prompts,
-        answer_tokens=answer_tokens, speed=speed, threads=threads,
+        answer_tokens=answer_tokens, speed=speed, threads=threads, target=target,
     )
     flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
              "--num-prompts": num_prompts,
-             "--answer-tokens": answer_tokens if answer_tokens != _Validate.answer_tokens else None, "--threads": threads}
+             "--answer-tokens": answer_tokens if answer_tokens != _Validate.answer_tokens else None, "--threads": threads,
+             "--target": target}
     words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
     with console.status("validating ...") as status:

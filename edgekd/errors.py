@@ -1,10 +1,21 @@
 """The one error type the library raises. The CLI prints its message as one line and exits."""
 
 
+EXIT_CODES = {
+    0: "success: every gate passed",
+    1: "the run failed: a gate, or the training diverged (the message names which)",
+    2: "bad input or usage: a path, a file, a setting, a full disk or a read-only folder (the message names it)",
+    3: "an unexpected internal error (a bug: EDGEKD_DEBUG=1 shows the traceback)",
+    130: "interrupted",
+}
+INTERNAL_ERROR = 3
+
+
 class EdgekdError(Exception):
     """Something went wrong that the user can act on; the message says what to do.
 
-    ``exit_code`` is what the CLI exits with: 1 for a failed run, 2 for bad input (usage).
+    ``exit_code`` is what the CLI exits with (``EXIT_CODES``): 1 for a failed run (a gate, a
+    diverged loss), 2 for bad input (usage); anything unforeseen exits with 3.
     """
 
     exit_code = 1

@@ -91,6 +91,7 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[Path | str, ...] 
     """
     out = Path(out)
     refuse_unsafe_out(out, inputs)
+    check_writable(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
@@ -114,6 +115,15 @@ def refuse_unsafe_out(out: Path, inputs: tuple[Path | str, ...] = ()) -> None:
         src = Path(given).expanduser().resolve()
         if src == resolved or resolved in src.parents:
             raise UsageError(f"--out {out} is (or contains) this command's input {given}: choose another --out")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an output whose folder (or nearest existing parent) cannot be written."""
+    probe = Path(out)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into {probe} (read-only or no permission): choose a writable --out")
 
 
 @contextlib.contextmanager

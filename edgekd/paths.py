@@ -6,10 +6,10 @@ from pathlib import Path
 
 from edgekd.errors import UsageError
 
-# In a source checkout (and an editable install) the resources sit beside the package;
-# in a wheel they are installed as the packages edgekd/targets and edgekd/examples.
+# In a source checkout (and an editable install) the resources sit beside the package; a wheel
+# carries them as edgekd/shipped/{targets,tasks,examples} (pyproject.toml).
 _PKG = Path(__file__).resolve().parent
-_ROOTS = (_PKG.parent, _PKG)
+_ROOTS = (_PKG.parent, _PKG / "shipped")
 
 
 def resource(relative: str) -> Path:

@@ -100,7 +100,12 @@ def _norm(p: str) -> str:
 def load_pipeline(path: Path) -> PipelineConfig:
     """Read and check a pipeline file (unknown keys and wrong types name the key and the file)."""
     path = Path(path)
-    return from_mapping(PipelineConfig, read_toml(path), where=str(path))
+    data = read_toml(path)
+    if isinstance(data.get("distill"), dict) and data["distill"].get("task"):
+        from edgekd.distill.config_io import with_task_defaults
+
+        data = {**data, "distill": with_task_defaults(data["distill"])}
+    return from_mapping(PipelineConfig, data, where=str(path))
 
 
 @dataclasses.dataclass

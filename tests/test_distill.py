@@ -63,7 +63,9 @@ def test_cli_end_to_end_writes_a_loadable_student_and_distill_json(tiny_teacher_
     out = tmp_path / "run"
     r = run_cli(*tiny_args(tiny_teacher_dir, out, tiny_data, "--prompts", str(tiny_data / "prompts.jsonl"), "--epochs", "3", "--eval-every", "4"))
     assert r.exit_code == 0, r.output
-    assert {p.name for p in out.iterdir()} == OUTPUT_FILES  # checkpoints are gone once the run is complete
+    # checkpoints are gone once the run is complete; the teacher's top-k was kept as it wrote the
+    # answers (data/topk), so no cache/ pass was needed
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES - {"cache"} and (out / "data" / "topk").is_dir()
     info = json.loads((out / "distill.json").read_text())
     assert info["teacher"] == str(tiny_teacher_dir) and info["heldout"] == "data/heldout.jsonl"
     scan = info["student"]["scan"]  # layers:2 keeps the 2 layers of highest measured block influence
@@ -89,7 +91,7 @@ def test_default_config_and_shipped_examples_parse(tiny_teacher_dir):
     from edgekd.distill.students import build_student
 
     cfg = DistillConfig()
-    assert cfg.teacher == "smollm2-135m-instruct" and cfg.student == "layers:6" and cfg.loss == "fkl"
+    assert cfg.teacher == "smollm2-135m-instruct" and cfg.student == "layers:21" and cfg.loss == "fkl"
     tomls = sorted((ROOT / "examples").glob("distill-*.toml"))
     assert len(tomls) >= 3
     for toml in tomls:
@@ -235,3 +237,59 @@ def test_a_run_that_cannot_fit_is_refused_early(tiny_teacher_dir, tiny_data, tmp
     args = tiny_args(tiny_teacher_dir, tmp_path / "o", tiny_data, "--data", str(tiny_data / "pairs.jsonl"))
     r = run_cli(*args, "--batch-size", "100000000000")
     assert r.exit_code == 2 and "lower --batch-size or --max-length" in r.output
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_topk_kept_during_generation_equals_a_teacher_forced_pass(tiny_teacher_dir, temperature):
+    """The cache read off generate()'s logits is the one a second, teacher-forced pass computes."""
+    from edgekd.distill import cache as tcache
+    from edgekd.distill.data import encode_records, generate_answers
+    from edgekd.distill.loop import _captured_part
+
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    prompts = ["Tell me about the sea", "Paris is", "Write a poem about the wind and the stars", "Numbers: 1 2 3"]
+    answers, _ = generate_answers(teacher, tok, prompts, max_new_tokens=10, temperature=temperature, top_p=0.9,
+                                  batch_size=3, seed=0, max_prompt_tokens=200, keep_topk=16, kd_temperature=2.0, vocab=384)
+    from edgekd.distill.data import common_prefix, prompt_text
+
+    assert common_prefix([tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]) >= 8  # prefilled once
+    captured = _captured_part(answers, list(range(len(prompts))))
+    examples, _ = encode_records(tok, answers, 512, False)
+    assert [e.n_targets for e in examples] == [len(a["answer_ids"]) for a in answers]
+    forced = tcache.teacher_topk(teacher, examples, list(range(len(examples))), k=16, temperature=2.0, vocab=384,
+                                 batch_size=2, chunk_size=64, device=torch.device("cpu"))
+    order = {e: (s, c) for e, s, c in zip(forced["example"].tolist(), forced["start"].tolist(), forced["count"].tolist())}
+    for i in range(len(prompts)):
+        s, c = order[i]
+        cs, cc = captured["start"][i].item(), captured["count"][i].item()
+        assert cc == c
+        assert torch.allclose(captured["logp"][cs : cs + cc], forced["logp"][s : s + c], atol=1e-4)
+        assert torch.equal(captured["idx"][cs : cs + cc, :4], forced["idx"][s : s + c, :4])
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
+    """Running the common prompt prefix once and sharing its KV cache is exact."""
+    from edgekd.distill.data import collate, encode_chat
+    from edgekd.distill.losses import LossSpec, TeacherTargets
+    from edgekd.distill.loop import StudentLoss, shared_prefix_len
+
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student, _ = load_model(str(tiny_teacher_dir))
+    rows = [encode_chat(tok, [{"role": "user", "content": f"Classify this: {t}"}, {"role": "assistant", "content": a}])
+            for t, a in [("the sea is blue", "positive"), ("rude staff", "negative here"), ("ok", "fine")]]
+    P = shared_prefix_len(rows)
+    assert P >= 8 and all(r.ids[:P] == rows[0].ids[:P] for r in rows)
+    b = collate(rows, 0)
+    th = teacher.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    head = teacher.get_output_embeddings()
+    results = []
+    for prefix in (0, P):
+        student.zero_grad()
+        tt = TeacherTargets(hidden=th[b["loss_mask"]].detach(), weight=head.weight.detach(), bias=None)
+        loss, agree = StudentLoss(student, LossSpec("fkl", vocab=384), 64, prefix)(b["input_ids"], b["attention_mask"], b["loss_mask"], b["labels"], tt)
+        loss.backward()
+        results.append((loss.item(), agree.item(), [p.grad.clone() for p in student.parameters()]))
+    (l0, a0, g0), (l1, a1, g1) = results
+    assert l0 == pytest.approx(l1, rel=1e-5) and a0 == a1
+    for x, y in zip(g0, g1):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)

@@ -179,3 +179,59 @@ def test_pure_cross_entropy_needs_no_teacher():
     loss, agree = fused_head_loss(hidden, weight, labels, TeacherTargets(), LossSpec(alpha=0.0), 2)
     assert loss.item() == pytest.approx(F.cross_entropy(hidden @ weight.T, labels, reduction="sum").item(), rel=1e-5)
     assert agree.item() == 0
+
+
+def test_label_decision_kl_renormalises_over_the_labels():
+    import torch
+
+    from edgekd.distill.losses import label_decision_kl
+
+    V = 10
+    groups = ((2, 3), (5,))  # label A: tokens 2 and 3; label B: token 5
+    t = torch.full((3, V), -20.0)
+    t[0, 2], t[0, 5], t[0, 7] = 0.30, 0.20, 0.50  # probabilities (a near-tie beside another word)
+    t[1, 7] = 1.0  # this position names no label
+    t[2, 3], t[2, 5] = 0.5, 0.5
+    t_logp = torch.log(t.clamp_min(1e-9) / t.clamp_min(1e-9).sum(-1, keepdim=True))
+    t_group = torch.stack([torch.logsumexp(t_logp[:, list(g)], -1) for g in groups], -1)
+    kl = label_decision_kl(t_logp, t_group, groups)  # a student equal to the teacher
+    assert torch.allclose(kl, torch.zeros(3), atol=1e-6)
+    s = t_logp.clone()
+    s[0, 2], s[0, 5] = t_logp[0, 5], t_logp[0, 2]  # the student breaks the tie the other way
+    kl = label_decision_kl(s, t_group, groups)
+    p = torch.tensor([0.6, 0.4])
+    assert kl[0].item() == pytest.approx(float((p * (p.log() - p.flip(0).log())).sum()), rel=1e-4)
+    assert kl[1].item() == 0.0  # no label named here: no term
+
+
+def test_label_token_groups_refuse_labels_no_token_names(tiny_teacher_dir):
+    from edgekd.distill.loop import label_token_groups
+    from edgekd.teachers import load_model
+
+    _, tok = load_model(str(tiny_teacher_dir))  # its tiny BPE splits "Paris" into pieces of 3 letters
+    with pytest.raises(UsageError, match="no token names it"):
+        label_token_groups(tok, ["Paris", "Rome"])
+
+
+@pytest.mark.smollm2
+def test_label_token_groups_of_the_real_tokenizer():
+    from edgekd.distill.loop import label_token_groups
+    from edgekd.teachers import load_model
+
+    _, tok = load_model("smollm2-135m-instruct")
+    groups = label_token_groups(tok, ["positive", "negative"])
+    assert [sorted(tok.decode([i]) for i in g) for g in groups] == [
+        [" Positive", " positive", "Positive", "positive"], [" Negative", " negative", "Negative", "negative"]]
+
+
+def test_label_decision_kl_gradients_are_finite_when_a_label_is_missing_from_the_topk():
+    import torch
+
+    from edgekd.distill.losses import label_decision_kl
+
+    s = torch.randn(4, 10, requires_grad=True)
+    t_group = torch.tensor([[-1.0, float("-inf")], [float("-inf"), float("-inf")], [-0.5, -1.5], [-9.0, -9.0]])
+    kl = label_decision_kl(torch.log_softmax(s, -1), t_group, ((2,), (5, 6)))
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(s.grad).all()
+    assert kl[1] == 0 and kl[3] == 0 and kl[2] > 0  # rows 1 and 3 name no label (mass < 0.1)

@@ -37,3 +37,125 @@ def test_sigkilled_export_leaves_nothing_and_keeps_the_old_bundle(tiny_teacher_d
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert read_manifest(out) == before  # the old bundle is intact, hashes and all
+
+
+# --- nothing lost, no way around the checks (issue 16) -----------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.test_runtime import shared_fp32_bundle  # noqa: E402
+
+
+def _run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _one_clear_line(r: subprocess.CompletedProcess, code: int, words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert words in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+
+
+def test_export_overwrite_never_deletes_its_input_or_a_users_folder(tiny_teacher_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_teacher_dir, model)
+    files = sorted(p.name for p in model.iterdir())
+    _one_clear_line(_run("export", model, "--target", "cpu", "--out", model, "--overwrite"), 2, "this command's input")
+    _one_clear_line(_run("export", model, "--target", "cpu", "--out", tmp_path, "--overwrite"), 2, "this command's input")
+    assert sorted(p.name for p in model.iterdir()) == files
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    _one_clear_line(_run("export", model, "--target", "cpu", "--out", docs, "--overwrite"), 2, "not written by edgekd")
+    assert (docs / "notes.txt").read_text() == "mine"
+    _one_clear_line(_run("export", model, "--target", "cpu", "--out", "/", "--overwrite"), 2, "root folder")
+
+
+def test_two_exports_to_one_new_out_one_wins_the_other_is_refused(tiny_teacher_dir, tmp_path):
+    out = tmp_path / "bundle"
+    first = _export(tiny_teacher_dir, out)
+    lock = tmp_path / ".bundle.lock"
+    for _ in range(200):
+        if lock.exists():
+            break
+        time.sleep(0.05)
+    second = _run("export", tiny_teacher_dir, "--target", "cpu", "--out", out)
+    assert first.wait(timeout=300) == 0
+    _one_clear_line(second, 2, "another edgekd run")
+    read_manifest(out)  # the winner's bundle, complete
+    assert not lock.exists()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_teacher_dir) -> Path:
+    return shared_fp32_bundle(tmp_path_factory, tiny_teacher_dir)
+
+
+def _tampered(bundle: Path, tmp_path: Path, edit) -> Path:
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    edit(m)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    return copy
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda m: m.pop("files"), "files must be a non-empty list"),
+    (lambda m: m.update(files=[f for f in m["files"] if f["path"] != "model.onnx"]), "model.onnx is not listed"),
+    (lambda m: m.update(files=[f for f in m["files"] if f["path"] != "tokenizer.json"]), "tokenizer.json is not listed"),
+    (lambda m: m["target"].update(execution_providers="CPUExecutionProvider"), "target.execution_providers must be a list"),
+    (lambda m: m["target"]["gates"].update(min_top1_vs_reference=float("nan")), "target.gates.min_top1_vs_reference must be a finite"),
+    (lambda m: m["model"].update(file=7), "model.file must be a file name"),
+    (lambda m: m["files"][0].update(bytes="12"), "files[0] must be"),
+])
+def test_a_damaged_manifest_is_refused_naming_the_field(bundle, tmp_path, edit, words):
+    _one_clear_line(_run("generate", _tampered(bundle, tmp_path, edit), "hi", "-n", "2"), 2, words)
+
+
+def test_validate_target_pins_the_gates_whatever_the_manifest_says(bundle, tmp_path):
+    from tests.test_validate import break_with_quantize_dynamic
+
+    broken = break_with_quantize_dynamic(bundle, tmp_path / "broken")
+    loose = _tampered(broken, tmp_path, lambda m: m["target"].update(gates={}))
+    from edgekd.bundle import read_manifest as read, write_manifest
+
+    m = read(loose, verify=False)
+    write_manifest(loose, {k: v for k, v in m.items() if k not in ("format", "format_version", "files")})  # hashes re-signed
+    fast = ["--no-speed", "--num-prompts", "2", "--answer-tokens", "6"]
+    r = _run("validate", loose, "--out", tmp_path / "r1", *fast)
+    assert r.returncode == 0 and "no gates" in r.stdout
+    assert "the bundle's own manifest" in json.loads((tmp_path / "r1" / "report.json").read_text())["bundles"][0]["gates_from"]
+    r = _run("validate", loose, "--out", tmp_path / "r2", "--target", "cpu", *fast)
+    assert r.returncode == 1 and "min_top1_vs_reference" in r.stderr
+    assert "--target cpu" in json.loads((tmp_path / "r2" / "report.json").read_text())["bundles"][0]["gates_from"]
+
+
+def test_paths_with_brackets_print_as_text(tmp_path):
+    weird = tmp_path / "a[/]b[red]c"
+    _one_clear_line(_run("export", weird, "--target", "cpu", "--out", tmp_path / "o"), 2, "a[/]b[red]c")
+
+
+def test_a_bug_has_its_own_exit_code(tiny_teacher_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import edgekd.tasks
+    from edgekd.cli import app
+
+    monkeypatch.setattr(edgekd.tasks, "shipped_tasks", lambda: 1 / 0)
+    r = CliRunner().invoke(app, ["tasks"])
+    assert r.exit_code == 3 and "internal error, ZeroDivisionError" in r.output and "EDGEKD_DEBUG" in r.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_report_folder_is_refused_before_any_work(bundle, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        _one_clear_line(_run("validate", bundle, "--out", ro / "report"), 2, "cannot write into")
+    finally:
+        ro.chmod(0o700)

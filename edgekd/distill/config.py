@@ -29,14 +29,16 @@ class DistillConfig:
     out: str = _f("", "Output folder: the student (Hugging Face format), distill.json, metrics, checkpoints.")
     teacher: str = _f("smollm2-135m-instruct", "Teacher: a known name, a Hugging Face folder, a .gguf file or a cached hub id.")
     task: str = _f("", "A task to distill for: a shipped one (sentiment, summary, grammar; see `edgekd tasks`) or a task folder. Its train/held-out prompts are the data and its task.toml's [distill] table the defaults; flags still override.")
-    # 6 of SmolLM2's 30 layers: 2.7x smaller and ~3x faster per token, still 0.70 top-1 after a short run (FACTS.md).
-    student: str = _f("layers:6", "Student: layers:N or layers:0,6,... (depth-pruned teacher), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
+    # The 21 of SmolLM2's 30 layers of highest block influence on the run's own data (ShortGPT): a
+    # general chat student a CPU can heal in minutes (benchmarks/RESULTS-students.md); evenly spaced
+    # layers throw away the ones that matter (20 layers zero-shot: top-1 0.015 evenly spaced, 0.21 by importance).
+    student: str = _f("layers:21", "Student: layers:N (the N teacher layers of highest block influence, measured on the run's data), layers-kl:N (removed one at a time by KL to the teacher), even:N (evenly spaced), layers:0,6,... (exactly these), any of them +mlp:F (keep a share F of MLP channels by activation), budget:F (the lowest zero-shot KL within a share F of the teacher's parameters), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
     # --- data ----------------------------------------------------------------------------
     data: tuple[str, ...] = _f((), "Training files: .txt, or .jsonl with text / messages / prompt+response records.")
     prompts: str = _f("", "A .jsonl of {\"prompt\"} records (or a .txt, one prompt a line): the teacher writes the answers. Default with no --data: the shipped prompt set.")
     heldout: str = _f("", "A .jsonl of held-out prompts (answered by the teacher) or prompt/response records. Default: the shipped held-out prompts.")
-    # 96 shipped prompts x 64 tokens keeps the default run (teacher answers + 3 epochs) under 10 minutes on 2 CPU cores.
-    max_prompts: int = _f(96, "How many prompts the teacher answers for training (0 = all of them).")
+    # 128 shipped prompts x 64 tokens keeps the default 21-layer run (teacher answers + 3 epochs) under 15 minutes on 2 CPU cores.
+    max_prompts: int = _f(128, "How many prompts the teacher answers for training (0 = all of them).")
     max_heldout: int = _f(32, "How many held-out prompts to evaluate on (0 = all of them).")
     max_new_tokens: int = _f(64, "Longest teacher answer, in tokens, when the teacher writes the answers.")
     # Sampling (not greedy) keeps answers varied and stops a 135M teacher from looping.
@@ -53,6 +55,7 @@ class DistillConfig:
     temperature: float = _f(1.0, "Softmax temperature of both models in the distillation loss (scaled back by T^2).")
     beta: float = _f(0.5, "jsd only: mixture weight of the teacher, M = beta*P + (1-beta)*Q.")
     skew: float = _f(0.1, "skl only: skew alpha, KL(P || a*P + (1-a)*Q).")
+    label_loss: float = _f(0.0, "Labelled tasks: weight of an extra KL on the teacher's choice among the task's labels, renormalised over them, at the positions where it names one (0 = off).")
     # --- optimisation --------------------------------------------------------------------
     epochs: int = _f(3, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
@@ -99,7 +102,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in ["max_steps", "max_prompts", "max_heldout", "eval_every", "checkpoint_every", "weight_decay",
-                     "max_grad_norm", "gen_temperature"]:
+                     "max_grad_norm", "gen_temperature", "label_loss"]:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} = {getattr(self, name)} must not be negative")
         if self.temperature <= 0:

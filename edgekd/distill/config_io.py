@@ -29,12 +29,7 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
         data.update(read_toml(Path(config_file)))
         where = str(config_file)
     data.update({k: v for k, v in flags.items() if v is not None})
-    if data.get("task"):
-        from edgekd.tasks import TASK_TOML, load_task
-
-        task = load_task(data["task"])
-        from_mapping(DistillConfig, task.spec.distill, f"{task.folder / TASK_TOML} [distill]")  # its keys and types
-        data = {**task.spec.distill, **data}
+    data = with_task_defaults(data)
     cfg = from_mapping(DistillConfig, data, where)
     if saved:
         before = from_mapping(DistillConfig, saved, str(resume_from / "distill.toml"))
@@ -45,6 +40,18 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
                     f"{getattr(cfg, f.name)!r}; resume with the same settings or start a new run"
                 )
     return cfg
+
+
+def with_task_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` over the ``[distill]`` table of the task it names (if any): a task's defaults sit
+    under every setting the user gave."""
+    if not data.get("task"):
+        return dict(data)
+    from edgekd.tasks import TASK_TOML, load_task
+
+    task = load_task(data["task"])
+    from_mapping(DistillConfig, task.spec.distill, f"{task.folder / TASK_TOML} [distill]")  # its keys and types
+    return {**task.spec.distill, **data}
 
 
 def _toml_value(v: Any) -> str:

@@ -160,6 +160,13 @@ def encode_chat(tok, messages: list[dict], train_on_prompt: bool = False, finish
     return Example(ids, target)
 
 
+def encode_generated(tok, prompt: str, answer_ids: list[int]) -> Example:
+    """The prompt as the teacher saw it and the very tokens it generated (no detokenize/retokenize
+    round trip), targets on the answer: the positions whose teacher log-probs the generation kept."""
+    ids = tok(prompt_text(tok, prompt), add_special_tokens=False)["input_ids"]
+    return Example(ids + list(answer_ids), [0] * len(ids) + [1] * len(answer_ids))
+
+
 def encode_text(tok, text: str, max_length: int) -> list[Example]:
     """Plain text cut into windows of ``max_length`` tokens, an end-of-text token at the end."""
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -184,8 +191,11 @@ def encode_records(tok, records: list[dict], max_length: int, train_on_prompt: b
                     "a training record has a 'prompt' but no 'response': add the answers, "
                     "or pass the file with --prompts so the teacher writes them"
                 )
-            msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
-            ex = encode_chat(tok, msgs, train_on_prompt, finished=rec.get("finished", True))
+            if rec.get("answer_ids") and not train_on_prompt and not rec.get("prompt_truncated"):
+                ex = encode_generated(tok, rec["prompt"], rec["answer_ids"])
+            else:
+                msgs = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
+                ex = encode_chat(tok, msgs, train_on_prompt, finished=rec.get("finished", True))
         if len(ex.ids) > max_length:
             truncated += 1
             ex = Example(ex.ids[:max_length], ex.target[:max_length])
@@ -273,13 +283,22 @@ def generate_answers(
     seed: int,
     max_prompt_tokens: int,
     on_batch: Callable[[int, int], None] | None = None,
+    keep_topk: int = 0,
+    kd_temperature: float = 1.0,
+    vocab: int | None = None,
 ) -> tuple[list[dict], int]:
     """Sample the teacher's answers to ``prompts``, batched, shortest prompts together.
 
-    Returns ``({"prompt", "response", "finished"} records in the order of prompts, prompts truncated)``.
-    ``finished`` is False when the answer was cut at ``max_new_tokens``. ``on_batch(prompts_done,
+    Returns ``({"prompt", "response", "finished", "answer_ids"} records in the order of prompts,
+    prompts truncated)``. ``finished`` is False when the answer was cut at ``max_new_tokens``;
+    ``answer_ids`` are the generated token ids (the eos included when finished). ``on_batch(prompts_done,
     tokens_generated)`` reports progress. Each batch is seeded from ``seed`` and its first prompt's
     index, so results do not depend on how prompts are split across processes.
+
+    ``keep_topk=k``: also keep, per record, the teacher's top-k ``log_softmax(logits / kd_temperature)``
+    at every answer position (``"topk": (logp (n, k), idx (n, k))``), read off the logits the
+    generation computed anyway: the teacher-logit cache then needs no second teacher pass over
+    prompt + answer (``edgekd.distill.cache``).
     """
     device = next(model.parameters()).device
     texts = [prompt_text(tok, p) for p in prompts]
@@ -296,17 +315,25 @@ def generate_answers(
     eos.discard(None)
     results: list[dict | None] = [None] * len(prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    # The prompts' common first tokens (chat template, system prompt, a task's instruction) are
+    # prefilled once; each batch starts from that key/value cache, the rest left-padded after it.
+    P = common_prefix(encoded)
+    prefix_cache = model(input_ids=torch.tensor([encoded[0][:P]], device=device), use_cache=True).past_key_values if P else None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attn[row, width - len(encoded[i]) :] = 1
+        for row, i in enumerate(idx):  # left padding after the prefix: every prompt ends where generation starts
+            ids[row, :P] = torch.tensor(encoded[i][:P])
+            attn[row, :P] = 1
+            ids[row, width - len(encoded[i]) + P :] = torch.tensor(encoded[i][P:])
+            attn[row, width - len(encoded[i]) + P :] = 1
         torch.manual_seed(seed * 7919 + idx[0])
         sample = temperature > 0
+        extra = {"past_key_values": _expanded(prefix_cache, len(idx))} if P else {}
         out = model.generate(
+            **extra,
             input_ids=ids.to(device),
             attention_mask=attn.to(device),
             max_new_tokens=max_new_tokens,
@@ -316,8 +343,10 @@ def generate_answers(
             top_k=None,
             pad_token_id=pad,
             eos_token_id=sorted(eos),
+            output_logits=bool(keep_topk),
+            return_dict_in_generate=True,
         )
-        new = out[:, width:].cpu()
+        new = out.sequences[:, width:].cpu()
         n_tokens = 0
         for row, i in enumerate(idx):
             toks = new[row].tolist()
@@ -327,10 +356,33 @@ def generate_answers(
                     toks, finished = toks[:j], True
                     break
             n_tokens += len(toks) + int(finished)
-            results[i] = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished}
+            answer_ids = toks + [new[row, len(toks)].item()] if finished else toks
+            results[i] = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
+                          "answer_ids": answer_ids, "prompt_truncated": len(encoded[i]) < len(tok(texts[i], add_special_tokens=False)["input_ids"])}
+            if keep_topk:
+                steps = torch.stack([out.logits[s][row] for s in range(len(answer_ids))]).float() if answer_ids else torch.zeros((0, 1))
+                v = vocab or steps.shape[-1]
+                top = torch.log_softmax(steps[:, :v] / kd_temperature, -1).topk(min(keep_topk, v), -1)
+                results[i]["topk"] = (top.values.cpu(), top.indices.to(torch.int32).cpu())
         if on_batch:
             on_batch(len(idx), n_tokens)
     return results, truncated
+
+
+def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:
+    """Length of the token prefix every prompt shares, leaving at least one token of each prompt
+    after it (0 below ``minimum`` tokens)."""
+    first = encoded[0]
+    n = min(len(e) for e in encoded) - 1
+    for e in encoded:
+        n = min(n, next((j for j, (a, b) in enumerate(zip(first, e)) if a != b), n))
+    return n if n >= minimum else 0
+
+
+def _expanded(cache, batch: int):
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache.from_legacy_cache(tuple((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cache.to_legacy_cache()))
 
 
 def steps_per_epoch(n_batches: int, grad_accum: int) -> int:

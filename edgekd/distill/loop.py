@@ -67,16 +67,51 @@ class StudentLoss(torch.nn.Module):
 
     ``forward(input_ids, attention_mask (B, S), loss_mask (B, S) bool, labels (B, S), teacher)``
     -> ``(loss_sum, n_agree)`` over the positions where ``loss_mask`` is set.
+
+    ``prefix_len = P > 0``: every row starts with the same P tokens and none of them carries loss
+    (a task's chat template, system prompt and instruction): they are run once, as one row, and
+    their keys and values are shared by the batch, so a batch costs B x (S - P) + P tokens, not
+    B x S. Exact: the same loss and gradients (``tests/test_distill.py``).
     """
 
-    def __init__(self, model, spec: LossSpec, chunk_size: int):
+    def __init__(self, model, spec: LossSpec, chunk_size: int, prefix_len: int = 0):
         super().__init__()
-        self.model, self.spec, self.chunk_size = model, spec, chunk_size
+        self.model, self.spec, self.chunk_size, self.prefix_len = model, spec, chunk_size, prefix_len
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, teacher: TeacherTargets):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        decoder, P = self.model.get_decoder(), self.prefix_len
+        if P:
+            hidden = shared_prefix_forward(decoder, input_ids, attention_mask, P)
+            loss_mask, labels = loss_mask[:, P:], labels[:, P:]
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         head = self.model.get_output_embeddings()
         return fused_head_loss(hidden[loss_mask], head.weight, labels[loss_mask], teacher, self.spec, self.chunk_size, head.bias)
+
+
+def shared_prefix_forward(decoder, input_ids, attention_mask, P: int):
+    """Hidden states ``(B, S - P, hidden)`` of positions P.. of every row, the first P tokens (the
+    same in every row) run once and their key/value cache expanded to the batch."""
+    from transformers.cache_utils import DynamicCache
+
+    B, S = input_ids.shape
+    pre = decoder(input_ids=input_ids[:1, :P], use_cache=True).past_key_values
+    shared = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in pre.to_legacy_cache()))
+    positions = torch.arange(P, S, device=input_ids.device)[None].expand(B, -1)
+    return decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=shared,
+                   position_ids=positions, use_cache=True).last_hidden_state
+
+
+def shared_prefix_len(examples: list[Example], minimum: int = 8) -> int:
+    """How many leading tokens every example shares, none of them predicting a target (0 when
+    fewer than ``minimum``: not worth a second forward call)."""
+    first = examples[0].ids
+    n = min(len(e.ids) for e in examples)
+    for e in examples:
+        n = min(n, next((j for j, (a, b) in enumerate(zip(first, e.ids)) if a != b), len(e.ids)))
+        t0 = next((j for j, t in enumerate(e.target) if t), len(e.target))
+        n = min(n, t0 - 1)  # position t0 - 1 predicts the first target: it must stay in the batch part
+    return n if n >= minimum else 0
 
 
 def lr_at(step: int, total: int, cfg: DistillConfig) -> float:
@@ -177,11 +212,15 @@ def _distill(cfg: DistillConfig, *, resume: bool, overwrite: bool, console, prel
     check_memory(cfg, student, sum(e.n_targets for e in held) // world + 1, max(lengths), device)
 
     # ---- teacher cache: top-k log-probs per loss position, computed once ----------------
-    spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=student.vocab)
+    groups = label_token_groups(tok, task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
+    spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=student.vocab,
+                    label_groups=groups, label_weight=cfg.label_loss if groups else 0.0)
     cached = None
     if cfg.cache_teacher:
         t0 = time.time()
-        cached = teacher_cache(cfg, out, teacher, examples, fingerprint, student.vocab, accel, device, say)
+        cached = captured_cache(out, data_info, records, examples, student.vocab, cfg.top_k, say)
+        if cached is None:
+            cached = teacher_cache(cfg, out, teacher, examples, fingerprint, student.vocab, accel, device, say)
         timings["teacher_cache_s"] = round(time.time() - t0, 1)
 
     # ---- the model on its device, the optimizer -----------------------------------------
@@ -189,7 +228,11 @@ def _distill(cfg: DistillConfig, *, resume: bool, overwrite: bool, console, prel
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()  # on the device before the optimizer: fused AdamW checks where params live
-    wrapped = StudentLoss(model, spec, cfg.chunk_size)
+    # a task's prompts share their chat template and instruction: run that prefix once per batch
+    prefix_len = 0 if cfg.gradient_checkpointing else shared_prefix_len(examples)
+    if prefix_len:
+        say(f"shared prefix: the first {prefix_len} tokens of every example are run once per batch")
+    wrapped = StudentLoss(model, spec, cfg.chunk_size, prefix_len)
     # fused on the CPU too: 0.04 s instead of 0.24 s a step for a 50M-parameter student (measured, torch 2.13)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
     if cfg.qat_bits:  # the fused step does not bump the weights' version: recompute the grids after it
@@ -314,7 +357,7 @@ def _distill(cfg: DistillConfig, *, resume: bool, overwrite: bool, console, prel
         "task": task_of(cfg).record() if cfg.task else None,
         "student": student.describe,
         "config": to_dict(cfg),
-        "data": {**data_info, "train": summary, "heldout": held_summary,
+        "data": {**data_info, "train": summary, "heldout": held_summary, "shared_prefix_tokens": prefix_len,
                  "padding_waste": round(padding_waste(plan_epoch(lengths, global_bs, cfg.seed, 0), lengths), 4)},
         "metrics": {"before": before, "after": after},
         "steps": total,
@@ -392,9 +435,12 @@ def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[l
     prompts = read_prompts(path)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training")
+    records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training",
+                              capture=captures_topk(cfg))
     info = {"source": "teacher answers", "prompts_file": str(path.resolve()), "prompts": len(prompts),
             "finished_answers": sum(r["finished"] for r in records)}
+    if captures_topk(cfg):
+        info["answers_key"] = answers_key(cfg, fingerprint, prompts)
     if cfg.task and task_of(cfg).labels:
         info["answers_without_label"] = check_labels(records, task_of(cfg).labels, say)
     return records, info
@@ -419,6 +465,26 @@ def describe_student(d: dict[str, Any]) -> str:
     if "width" in d:
         line += f"; MLP {d['width']['mlp_channels']} channels ({d['width']['mlp_share']:.0%})"
     return line
+
+
+def label_token_groups(tok, labels) -> tuple[tuple[int, ...], ...]:
+    """Per label, the first token ids of its surface forms ("positive", " Positive", ...) that name it
+    unambiguously: a one-token form, or a first piece of at least 4 letters that starts the label."""
+    groups, seen = [], set()
+    for label in labels:
+        ids = set()
+        for form in {label, label.lower(), label.capitalize(), label.upper()}:
+            for text in (form, " " + form):
+                pieces = tok(text, add_special_tokens=False)["input_ids"]
+                head = tok.decode(pieces[:1]).strip().lower()
+                if pieces and (len(pieces) == 1 or (len(head) >= 4 and label.lower().startswith(head))):
+                    ids.add(pieces[0])
+        ids -= seen
+        seen |= ids
+        if not ids:
+            raise UsageError(f"label {label!r}: no token names it on its own; choose labels that are words")
+        groups.append(tuple(sorted(ids)))
+    return tuple(groups)
 
 
 def task_of(cfg: DistillConfig):
@@ -459,10 +525,24 @@ def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list
     return teacher_answers(cfg, out / HELDOUT, [r["prompt"] for r in records], teacher, tok, fingerprint, accel, say, "held-out")
 
 
-def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerprint, accel, say, what: str) -> list[dict]:
-    """Teacher answers to ``prompts`` in ``path`` (jsonl), reused when its key matches."""
-    key = json.dumps([fingerprint, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, cfg.max_length], sort_keys=True)
-    key = __import__("hashlib").sha256(key.encode()).hexdigest()
+def answers_key(cfg, fingerprint: str, prompts: list[str]) -> str:
+    """What the teacher's answers depend on: a rerun with the same key reuses them."""
+    key = json.dumps([fingerprint, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, cfg.max_length, "v2"], sort_keys=True)
+    return __import__("hashlib").sha256(key.encode()).hexdigest()
+
+
+def captures_topk(cfg) -> bool:
+    """Whether the training answers keep the teacher's top-k as they are generated (then the
+    teacher cache needs no second pass): answer-only loss, with the cache on."""
+    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0
+
+
+def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerprint, accel, say, what: str,
+                    capture: bool = False) -> list[dict]:
+    """Teacher answers to ``prompts`` in ``path`` (jsonl), reused when its key matches. ``capture``:
+    keep the teacher's top-k log-probs of every answer position, read off the generation's own
+    logits, in ``<path folder>/topk/`` (the teacher cache's format, keyed by the answers' key)."""
+    key = answers_key(cfg, fingerprint, prompts)
     meta = path.with_suffix(".key")
     if path.is_file() and meta.is_file() and meta.read_text().strip() == key:
         say(f"reusing the teacher's {what} answers in {path}")
@@ -481,7 +561,11 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
         answers, truncated = generate_answers(
             teacher, tok, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
             top_p=cfg.gen_top_p, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1000 * rank,
-            max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens), on_batch=on_batch)
+            max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens), on_batch=on_batch,
+            keep_topk=cfg.top_k if capture else 0, kd_temperature=cfg.temperature,
+            vocab=teacher.get_output_embeddings().weight.shape[0])
+    if capture:
+        tcache.write_part(path.parent / "topk", key, rank, world, _captured_part(answers, mine))
     if truncated:
         say(f"[yellow]{truncated} {what} prompts were longer than max_length - max_new_tokens and were cut from the left[/yellow]")
     part = path.parent / f".{path.name}.part{rank}"
@@ -500,10 +584,42 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The top-k that ``generate_answers`` kept, in the teacher cache's layout (popped from the records)."""
+    logps, idxs, starts, counts, row = [], [], [], [], 0
+    for a in answers:
+        logp, idx = a.pop("topk")
+        logps.append(logp)
+        idxs.append(idx)
+        starts.append(row)
+        counts.append(logp.shape[0])
+        row += logp.shape[0]
+    return {"logp": torch.cat(logps), "idx": torch.cat(idxs), "example": torch.tensor(indices, dtype=torch.long),
+            "start": torch.tensor(starts, dtype=torch.long), "count": torch.tensor(counts, dtype=torch.long)}
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> None:
     from edgekd.io import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def captured_cache(out: Path, data_info: dict, records: list[dict], examples: list[Example], vocab: int, k: int, say):
+    """The teacher's top-k kept while it wrote the answers, when it covers exactly these examples
+    (one per record, targets on the generated tokens, same vocabulary), else None."""
+    key = data_info.get("answers_key")
+    if not key or len(examples) != len(records):
+        return None
+    table = tcache.load(out / "data" / "topk", key, len(examples))
+    if table is None:
+        return None
+    for i, (ex, rec) in enumerate(zip(examples, records)):
+        logp, idx = table[i]
+        if logp.shape[0] != ex.n_targets or len(rec.get("answer_ids") or ()) != ex.n_targets or logp.shape[1] != min(k, vocab) \
+                or (idx.numel() and int(idx.max()) >= vocab):
+            return None
+    say("teacher cache: the top-k kept while the teacher wrote the answers (no second teacher pass)")
+    return table
 
 
 def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab, accel, device, say):

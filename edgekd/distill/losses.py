@@ -143,6 +143,9 @@ class LossSpec:
     beta: float = 0.5
     skew: float = 0.1
     vocab: int | None = None  # compare only the first `vocab` logits (teacher and student padded differently)
+    # A labelled task's decision (``label_decision_kl``): token ids per label, and the term's weight.
+    label_groups: tuple[tuple[int, ...], ...] = ()
+    label_weight: float = 0.0
 
     def __post_init__(self):
         get_divergence(self.loss)
@@ -174,6 +177,42 @@ class TeacherTargets:
             return "full", F.linear(self.hidden[start:end], w, b).float(), None
 
 
+def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],
+                      min_mass: float = 0.1) -> torch.Tensor:
+    """KL between the teacher's and the student's choice among a task's labels, per position.
+
+    ``s_logp (c, V)`` the student's log-probs, ``t_group_logp (c, G)`` the teacher's log-prob of
+    each label (its surface forms' tokens summed), ``groups``: G tuples of token ids -> ``(c,)``.
+    Both are renormalised over the G labels, so a near-tie the teacher breaks (P(" positive") 0.30
+    against P(" negative") 0.22, beside " generally" 0.25) weighs as the 0.58 / 0.42 decision it
+    is, not as a 0.08 sliver of a full-vocabulary KL. Zero where the teacher puts less than
+    ``min_mass`` on the labels (positions that name none). A task-specific form of the
+    classification KD of Hinton et al. 2015 at the one token where the answer is decided.
+    """
+    t_group = t_group_logp.clamp_min(-50.0)  # a label outside a cached top-k: a tiny, finite mass
+    named = t_group.exp().sum(-1) >= min_mass
+    out = s_logp.new_zeros(s_logp.shape[0])
+    if not bool(named.any()):
+        return out
+    rows = named.nonzero().squeeze(1)
+    s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
+    t_bin = torch.log_softmax(t_group[rows], -1)
+    s_bin = torch.log_softmax(s_group, -1)
+    return out.index_put((rows,), (t_bin.exp() * (t_bin - s_bin)).sum(-1))
+
+
+def _teacher_group_logp(kind: str, t_val: torch.Tensor, t_idx: torch.Tensor | None, groups) -> torch.Tensor:
+    """``(c, G)`` the teacher's log-prob of each label group (-inf where a cached top-k misses it)."""
+    if kind == "full":
+        t_logp = F.log_softmax(t_val, -1)
+        return torch.stack([torch.logsumexp(t_logp[:, list(g)], -1) for g in groups], -1)
+    cols = []
+    for g in groups:
+        hit = (t_idx[..., None] == torch.tensor(g, device=t_idx.device)).any(-1)
+        cols.append(torch.logsumexp(t_val.masked_fill(~hit, float("-inf")), -1))
+    return torch.stack(cols, -1)
+
+
 def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec: LossSpec):
     """Summed loss and top-1 agreement over one chunk.
 
@@ -192,6 +231,10 @@ def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec
         else:
             s_logp, t_logp = topk_support(s_logp, t_val, t_idx)
             t_top1 = t_idx[:, 0]
+        if spec.label_weight > 0 and spec.label_groups:
+            t_group = _teacher_group_logp(kind, t_val / T if kind == "full" else t_val, t_idx, spec.label_groups)
+            full_s = F.log_softmax(student_logits / T, -1)
+            total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups).sum()
         div = get_divergence(spec.loss)(s_logp, t_logp, beta=spec.beta, skew=spec.skew)
         total = total + spec.alpha * T * T * div.sum()
     elif kind == "none":

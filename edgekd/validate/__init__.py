@@ -39,6 +39,7 @@ class ValidateConfig:
     providers: tuple[str, ...] | None = None  # override the target's execution providers
     threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
     batch_size: int = 8  # PyTorch batch for the reference/teacher forward and greedy answers
+    target: str | None = None  # a profile whose gates apply whatever the bundle's manifest says
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -118,7 +119,14 @@ def validate(
 
     paths = [Path(b) for b in bundles]
     out = Path(out) if out is not None else paths[0].resolve().with_name(paths[0].resolve().name + "-report")
-    check_out(out)
+    check_out(out, inputs=tuple(paths))
+    pinned = None
+    if config.target is not None:  # a release pipeline pins its gates: the bundle cannot loosen them
+        from edgekd.config import to_dict
+        from edgekd.targets import load_target
+
+        profile = load_target(config.target)
+        pinned = (to_dict(profile.gates), f"the target profile {profile.name} (--target {config.target})")
 
     # Open every bundle first: a tampered or foreign folder fails before minutes of work.
     runtimes = []
@@ -219,7 +227,14 @@ def validate(
             "notes": notes,
         }
         task_gates = {k: v for k, v in ((task or {}).get("gates") or {}).items() if v is not None}
-        gates = apply_gates({**((manifest.get("target") or {}).get("gates") or {}), **task_gates}, report)
+        if pinned is not None:
+            target_gates, report["gates_from"] = pinned
+        else:
+            target_gates = (manifest.get("target") or {}).get("gates") or {}
+            report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
+        if task_gates:
+            report["gates_from"] += f", and the task {task.get('name')}'s task.toml"
+        gates = apply_gates({**target_gates, **task_gates}, report)
         report["gates"] = [dataclasses.asdict(g) for g in gates]
         report["passed"] = all(g.passed for g in gates)
         reports.append(report)

@@ -122,6 +122,8 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
             f"reference `{r['reference']}`, teacher `{r['teacher']}`; {r['data']['prompts']} prompts from "
             f"{r['data']['source']}, answers of up to {r['data']['answer_tokens']} tokens ({r['data']['answers_from']})"
         )
+        if r.get("gates_from"):
+            parts.append(f"  - gates from {r['gates_from']}")
         for note in r.get("notes", []):
             parts.append(f"  - note: {note}")
         for warning in r.get("warnings", []):
@@ -191,14 +193,17 @@ def plot_size_vs_agreement(path: Path, reports: Sequence[dict[str, Any]]) -> Non
     plt.close(fig)
 
 
-def check_out(out: Path) -> None:
-    """Refuse an output that is a file, or a non-empty folder without an earlier ``report.json``
-    (it is not ours to overwrite). Checked before any work starts."""
+def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that is a file, ``/``, home, a bundle being validated (or a folder holding
+    one), a non-empty folder without an earlier ``report.json`` (it is not ours to overwrite), or a
+    folder that cannot be written. Checked before any work starts."""
+    from edgekd.io import check_writable, refuse_unsafe_out
+
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder: choose another --out")
+    refuse_unsafe_out(out, inputs)
     if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
         raise UsageError(f"{out} is not empty and holds no earlier report: choose another --out")
+    check_writable(out)
 
 
 def prepare_out(out: Path) -> Path:
