@@ -31,9 +31,10 @@ demo: install
 	$(EDGEKD) tasks
 	$(EDGEKD) distill --task sentiment --out $(DEMO_DIR)/student --overwrite
 	$(EDGEKD) export $(DEMO_DIR)/student --target cpu --out $(DEMO_DIR)/bundle-cpu --overwrite
-	$(EDGEKD) validate $(DEMO_DIR)/bundle-cpu --out $(DEMO_DIR)/report
+	# validate exits 1 when a gate fails; the demo goes on to show the apprentice either way
+	-$(EDGEKD) validate $(DEMO_DIR)/bundle-cpu --out $(DEMO_DIR)/report
 	$(EDGEKD) export $(DEMO_DIR)/student --target mobile --out $(DEMO_DIR)/bundle-mobile --overwrite
-	$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
+	-$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
 	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)"
 
 test: install

@@ -78,13 +78,16 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UsageError(f"{path} has format_version {manifest.get('format_version')}; this edgekd reads {FORMAT_VERSION}")
     check_types(manifest, path)
-    listed = {entry["path"] for entry in manifest["files"]}
     model_file = manifest["model"]["file"]
-    for p in sorted(root.iterdir()):
+    inside(root, model_file)  # an escaping path is refused as such, before anything else
+    for entry in manifest["files"]:
+        inside(root, entry["path"])
+    listed = {entry["path"] for entry in manifest["files"]}
+    for p in sorted(root.iterdir()) if verify else ():  # verify=False: read to re-sign, no integrity check
         used = p.name in USED_FILES or p.name == model_file or p.name == model_file + ".data"
         if used and p.is_file() and p.name not in listed:
             raise UsageError(f"bundle file {p.name} is not listed in {path}: the bundle was changed after export; re-export it")
-    if model_file not in listed:
+    if verify and model_file not in listed:
         raise UsageError(f"{path} does not list the model file {model_file}: the bundle was changed after export; re-export it")
     for entry in manifest["files"]:
         target = inside(root, entry["path"])

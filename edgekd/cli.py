@@ -352,7 +352,7 @@ def validate(
     data: Annotated[Optional[Path], typer.Option("--data", help="A jsonl of {\"prompt\", \"response\"?} (default: the distillation's held-out split, else shipped prompts).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: <first bundle>-report).")] = None,
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="Held-out prompts to compare (default: the task's validate_prompts, else 8).")] = None,
-    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt.")] = _Validate.answer_tokens,
+    answer_tokens: Annotated[Optional[int], typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt (default: the task's, else 32).")] = None,
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
     threads: Threads = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's gates (a shipped name or a .toml) whatever the bundle's manifest says; without it the gates come from the bundle itself.")] = None,
@@ -372,7 +372,7 @@ def validate(
     )
     flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
              "--num-prompts": num_prompts,
-             "--answer-tokens": answer_tokens if answer_tokens != _Validate.answer_tokens else None, "--threads": threads,
+             "--answer-tokens": answer_tokens, "--threads": threads,
              "--target": target}
     words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")

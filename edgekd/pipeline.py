@@ -62,8 +62,8 @@ class ValidateStage:
     """``[validate]``: how every exported bundle is checked (see ``edgekd validate --help``)."""
 
     enabled: bool = True  # false: stop after export
-    num_prompts: int = 8
-    answer_tokens: int = 32
+    num_prompts: Optional[int] = None  # default: the task's validate_prompts, else 8
+    answer_tokens: Optional[int] = None  # default: the task's validate_answer_tokens, else 32
     speed: bool = True
     threads: Optional[int] = None
     data: str = ""  # default: the distillation's held-out split, else the shipped prompts

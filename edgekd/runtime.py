@@ -141,19 +141,27 @@ class ChatTemplate:
 def load_chat_template(root: Path) -> ChatTemplate | None:
     """From ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``; None without one."""
     cfg_path = root / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{cfg_path} is not valid JSON ({e}): re-export the bundle") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{cfg_path} must hold a JSON object, not {type(cfg).__name__}: re-export the bundle")
     source = None
     if (root / "chat_template.jinja").is_file():
         source = (root / "chat_template.jinja").read_text(encoding="utf-8")
     elif isinstance(cfg.get("chat_template"), str):
         source = cfg["chat_template"]
     elif isinstance(cfg.get("chat_template"), list):  # named templates: use "default"
-        named = {t.get("name"): t.get("template") for t in cfg["chat_template"]}
+        named = {t.get("name"): t.get("template") for t in cfg["chat_template"] if isinstance(t, dict)}
         source = named.get("default")
     if not source:
         return None
     specials = {k: _special_token(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return ChatTemplate(source, specials)
+    try:
+        return ChatTemplate(source, specials)
+    except Exception as e:  # jinja2's TemplateSyntaxError and friends
+        raise UsageError(f"the chat template in {root} does not parse ({type(e).__name__}: {e}): re-export the bundle") from None
 
 
 @dataclasses.dataclass
@@ -225,7 +233,10 @@ class Runtime:
         tok_path = self.root / "tokenizer.json"
         if not tok_path.is_file():
             raise UsageError(f"bundle {self.root} has no tokenizer.json: re-export it with `edgekd export`")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
+            raise UsageError(f"{tok_path} is not a tokenizer file ({str(e).splitlines()[0][:120]}): re-export the bundle") from None
         self.chat_template = load_chat_template(self.root)
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
         self.context_length = int(model.get("context_length") or 0) or None

@@ -56,6 +56,7 @@ class TaskFile:
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)
     gates: TaskGates = dataclasses.field(default_factory=TaskGates)
     validate_prompts: int = 64  # held-out prompts validate compares for this task
+    validate_answer_tokens: int = 32  # answer tokens validate scores and generates per prompt
 
     def __post_init__(self):
         if not self.description.strip():
@@ -66,8 +67,8 @@ class TaskFile:
             raise UsageError("labels must differ (case-insensitively)")
         if len(self.labels) == 1:
             raise UsageError("labels needs at least two entries (or none, for a generative task)")
-        if self.validate_prompts < 1:
-            raise UsageError(f"validate_prompts = {self.validate_prompts} must be at least 1")
+        if self.validate_prompts < 1 or self.validate_answer_tokens < 1:
+            raise UsageError("validate_prompts and validate_answer_tokens must be at least 1")
         for key in ("out", "task", "prompts", "heldout", "data"):
             if key in self.distill:
                 raise UsageError(f"[distill] {key} cannot be set by a task (the task folder gives the data; --out is the user's)")
@@ -95,7 +96,7 @@ class Task:
         """What ``distill.json`` and a bundle's manifest carry about the task (validate reads it)."""
         return {"name": self.name, "folder": str(self.folder), "labels": list(self.labels),
                 "description": self.spec.description, "gates": dataclasses.asdict(self.spec.gates),
-                "validate_prompts": self.spec.validate_prompts}
+                "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens}
 
 
 def load_task(name_or_dir: str | Path) -> Task:

@@ -138,11 +138,12 @@ def test_overwrite_reuses_teacher_answers_and_cache(tiny_teacher_dir, tiny_data,
     out = tmp_path / "run"
     args = tiny_args(tiny_teacher_dir, out, tiny_data, "--prompts", str(tiny_data / "prompts.jsonl"), "--max-steps", "2")
     assert run_cli(*args).exit_code == 0
-    stamp = {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "cache").iterdir()]}
+    # the cache is the top-k kept while the teacher wrote the answers (data/topk/)
+    stamp = {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "data" / "topk").iterdir()]}
     r = run_cli(*args, "--overwrite")
     assert r.exit_code == 0, r.output
-    assert "reusing the teacher's training answers" in r.output and "teacher cache: reusing" in r.output
-    assert stamp == {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "cache").iterdir()]}
+    assert "reusing the teacher's training answers" in r.output and "the top-k kept while the teacher wrote" in r.output
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in [out / "data" / "train.jsonl", *(out / "data" / "topk").iterdir()]}
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:

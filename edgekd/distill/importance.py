@@ -32,12 +32,29 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
+def _run_hooked(model, batches, handles, mask_now: list) -> float:
+    """Run the decoder over ``batches`` with the hooks ``handles`` registered (removed after);
+    ``mask_now[0]`` holds the current batch's ``attention_mask`` for the hooks. Returns the number
+    of real tokens seen."""
+    device = next(model.parameters()).device
+    seen = 0.0
+    try:
+        for b in batches:
+            mask = b["attention_mask"].to(device).float()
+            mask_now[:] = [mask]
+            seen += mask.sum().item()
+            model.get_decoder()(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 @torch.no_grad()
 def block_influence(model, batches: Sequence[dict[str, torch.Tensor]]) -> list[float]:
     """BI of every decoder layer (see the module docstring), averaged over the real tokens."""
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = [0.0]
     mask_now: list[torch.Tensor] = []
 
     def hook(i):
@@ -49,17 +66,8 @@ def block_influence(model, batches: Sequence[dict[str, torch.Tensor]]) -> list[f
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    device = next(model.parameters()).device
-    try:
-        for b in batches:
-            mask = b["attention_mask"].to(device).float()
-            mask_now[:] = [mask]
-            count[0] += mask.sum().item()
-            model.get_decoder()(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / max(count[0], 1)).tolist()
+    seen = _run_hooked(model, batches, handles, mask_now)
+    return (sums / max(seen, 1)).tolist()
 
 
 def keep_most_influential(scores: Sequence[float], n: int) -> list[int]:
@@ -134,7 +142,6 @@ def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
     """Per decoder layer, the mean |activation| of each MLP intermediate channel (Minitron)."""
     layers = decoder_layers(model)
     sums: list[torch.Tensor | None] = [None] * len(layers)
-    count = [0.0]
     mask_now: list[torch.Tensor] = []
 
     def hook(i):
@@ -150,14 +157,5 @@ def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
         if down is None:
             raise UsageError(f"cannot prune the width of {type(model).__name__}: its MLP has no down_proj")
         handles.append(down.register_forward_pre_hook(hook(i)))
-    device = next(model.parameters()).device
-    try:
-        for b in batches:
-            mask = b["attention_mask"].to(device).float()
-            mask_now[:] = [mask]
-            count[0] += mask.sum().item()
-            model.get_decoder()(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [s / max(count[0], 1) for s in sums]
+    seen = _run_hooked(model, batches, handles, mask_now)
+    return [s / max(seen, 1) for s in sums]

@@ -22,6 +22,7 @@ from edgekd.errors import UsageError
 __all__ = ["ValidateConfig", "validate", "failed_gates"]
 
 DEFAULT_PROMPTS = 8  # held-out prompts compared when neither --num-prompts nor a task says
+DEFAULT_ANSWER_TOKENS = 32  # answer tokens scored and generated when neither --answer-tokens nor a task says
 EXAMPLES_SHOWN = 4  # held-out prompts shown with the teacher's, the reference's and the bundle's answers
 
 
@@ -34,7 +35,7 @@ class ValidateConfig:
     reference: str | None = None  # default: the manifest's source.spec (the unquantized model)
     data: Path | None = None  # default: the distillation's held-out split, else the shipped prompts
     num_prompts: int | None = None  # held-out prompts compared (None: the task's validate_prompts, else 8)
-    answer_tokens: int = 32  # answer length scored and generated per prompt
+    answer_tokens: int | None = None  # answer length scored and generated (None: the task's, else 32)
     speed: bool = True  # measure load time, prefill, decode and peak memory (a separate process)
     providers: tuple[str, ...] | None = None  # override the target's execution providers
     threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
@@ -44,7 +45,7 @@ class ValidateConfig:
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
             raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
-        if self.answer_tokens < 1:
+        if self.answer_tokens is not None and self.answer_tokens < 1:
             raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
 
 
@@ -174,7 +175,7 @@ def validate(
         prompts = [rt.encode_prompt(r["prompt"]) for r in records]
         pkey = tuple(map(tuple, prompts))
         eos = sorted(rt.eos_token_ids)
-        n = config.answer_tokens
+        n = config.answer_tokens or (task or {}).get("validate_answer_tokens") or DEFAULT_ANSWER_TOKENS
         given = None
         if all("response" in r for r in records):
             given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
