@@ -303,11 +303,11 @@ def generate_answers(
     device = next(model.parameters()).device
     texts = [prompt_text(tok, p) for p in prompts]
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    truncated = 0
+    cut: set[int] = set()
     for i, e in enumerate(encoded):
         if len(e) > max_prompt_tokens:  # keep the end: the generation prompt must stay
             encoded[i] = e[-max_prompt_tokens:]
-            truncated += 1
+            cut.add(i)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos = {tok.eos_token_id}
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
@@ -331,7 +331,7 @@ def generate_answers(
             attn[row, width - len(encoded[i]) + P :] = 1
         torch.manual_seed(seed * 7919 + idx[0])
         sample = temperature > 0
-        extra = {"past_key_values": _expanded(prefix_cache, len(idx))} if P else {}
+        extra = {"past_key_values": expand_cache(prefix_cache, len(idx))} if P else {}
         out = model.generate(
             **extra,
             input_ids=ids.to(device),
@@ -358,7 +358,7 @@ def generate_answers(
             n_tokens += len(toks) + int(finished)
             answer_ids = toks + [new[row, len(toks)].item()] if finished else toks
             results[i] = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
-                          "answer_ids": answer_ids, "prompt_truncated": len(encoded[i]) < len(tok(texts[i], add_special_tokens=False)["input_ids"])}
+                          "answer_ids": answer_ids, "prompt_truncated": i in cut}
             if keep_topk:
                 steps = torch.stack([out.logits[s][row] for s in range(len(answer_ids))]).float() if answer_ids else torch.zeros((0, 1))
                 v = vocab or steps.shape[-1]
@@ -366,7 +366,7 @@ def generate_answers(
                 results[i]["topk"] = (top.values.cpu(), top.indices.to(torch.int32).cpu())
         if on_batch:
             on_batch(len(idx), n_tokens)
-    return results, truncated
+    return results, len(cut)
 
 
 def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:
@@ -379,7 +379,8 @@ def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:
     return n if n >= minimum else 0
 
 
-def _expanded(cache, batch: int):
+def expand_cache(cache, batch: int):
+    """A batch-1 key/value cache as a ``batch``-row one (views, no copies): a shared prefix."""
     from transformers.cache_utils import DynamicCache
 
     return DynamicCache.from_legacy_cache(tuple((k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in cache.to_legacy_cache()))

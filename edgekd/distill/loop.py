@@ -38,7 +38,9 @@ from edgekd.distill.config import DistillConfig
 from edgekd.distill.data import (
     Example,
     collate,
+    common_prefix,
     encode_records,
+    expand_cache,
     examples_digest,
     file_digest,
     generate_answers,
@@ -92,11 +94,8 @@ class StudentLoss(torch.nn.Module):
 def shared_prefix_forward(decoder, input_ids, attention_mask, P: int):
     """Hidden states ``(B, S - P, hidden)`` of positions P.. of every row, the first P tokens (the
     same in every row) run once and their key/value cache expanded to the batch."""
-    from transformers.cache_utils import DynamicCache
-
     B, S = input_ids.shape
-    pre = decoder(input_ids=input_ids[:1, :P], use_cache=True).past_key_values
-    shared = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in pre.to_legacy_cache()))
+    shared = expand_cache(decoder(input_ids=input_ids[:1, :P], use_cache=True).past_key_values, B)
     positions = torch.arange(P, S, device=input_ids.device)[None].expand(B, -1)
     return decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=shared,
                    position_ids=positions, use_cache=True).last_hidden_state
@@ -105,10 +104,8 @@ def shared_prefix_forward(decoder, input_ids, attention_mask, P: int):
 def shared_prefix_len(examples: list[Example], minimum: int = 8) -> int:
     """How many leading tokens every example shares, none of them predicting a target (0 when
     fewer than ``minimum``: not worth a second forward call)."""
-    first = examples[0].ids
-    n = min(len(e.ids) for e in examples)
+    n = common_prefix([e.ids for e in examples], minimum=0)
     for e in examples:
-        n = min(n, next((j for j, (a, b) in enumerate(zip(first, e.ids)) if a != b), len(e.ids)))
         t0 = next((j for j, t in enumerate(e.target) if t), len(e.target))
         n = min(n, t0 - 1)  # position t0 - 1 predicts the first target: it must stay in the batch part
     return n if n >= minimum else 0
@@ -138,12 +135,12 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
         raise UsageError("no output folder: pass --out DIR")
     out = Path(cfg.out)
     fresh = not out.exists()
-    lock = output_lock(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
-    with lock:
+    main = int(os.environ.get("RANK", "0")) == 0  # under accelerate launch only the main process writes --out
+    with output_lock(out) if main else contextlib.nullcontext():
         try:
             return _distill(cfg, resume=resume, overwrite=overwrite, console=console, preloaded=preloaded)
         except UsageError:
-            if fresh and int(os.environ.get("RANK", "0")) == 0:
+            if fresh and main:
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
