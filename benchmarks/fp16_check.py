@@ -2,8 +2,12 @@
 (CPU, fp32 accumulation) against fp32 on 8 held-out prompts.
 Usage: python benchmarks/fp16_check.py
 Measured 2026-11-28: peak 24,926 (< 65,504); top-1 1.000 on 309 positions, no inf/NaN."""
-import torch, json
+import json
+
+import torch
+
 from edgekd.teachers import load_model
+
 m, tok = load_model("smollm2-135m-instruct"); m.eval()
 mx = {}
 def hook(name):

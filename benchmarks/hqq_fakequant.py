@@ -2,10 +2,14 @@
 unquantized model on 12 held-out prompts, and the worst relative weight error.
 Usage: python benchmarks/hqq_fakequant.py MODEL_FOLDER
 Measured 2026-11-28 on a 6-layer student distilled without QAT: RTN 0.515, HQQ 0.211."""
-import torch, sys, json, copy
-from safetensors.torch import load_file
+import copy
+import json
+import sys
+
+import torch
+from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantizer, HQQWeightOnlyQuantConfig
+
 torch.set_num_threads(2)
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval(); tok = AutoTokenizer.from_pretrained(sys.argv[1])
 hq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=32, bits=4))

@@ -2,8 +2,16 @@
 no edgekd loop code) on the teacher answers an `edgekd distill` run wrote, scored at held-out
 answer positions. Usage: python benchmarks/plain_kd_check.py DISTILL_DIR [LR]
 Measured 2026-11-28 on the default run's 96 answers: top-1 0.003 -> 0.14 after epoch 1."""
-import json, copy, time, torch, torch.nn.functional as F, sys
+import copy
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
 from edgekd.teachers import load_model
+
 torch.manual_seed(0)
 T, tok = load_model("smollm2-135m-instruct")
 def load(p):

@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekd.runtime import Runtime  # noqa: E402
-from edgekd.validate.speed import SPEED_PROMPT, synthetic_ids, time_runtime  # noqa: E402
+from edgekd.runtime import Runtime
+from edgekd.validate.speed import SPEED_PROMPT, synthetic_ids, time_runtime
 
 STUDENT_LAYERS = "layers:0,6,12,18,24,29"
 

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from edgekd.errors import EdgekdError, UsageError  # noqa: E402
+from edgekd.errors import EdgekdError, UsageError
 
 __all__ = ["EdgekdError", "UsageError", "__version__"]

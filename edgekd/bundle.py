@@ -136,8 +136,14 @@ def check_types(manifest: dict[str, Any], path: Path) -> None:
 
 
 def check_external_data(model_path: Path) -> None:
-    """Refuse an ONNX file whose external-data locations escape its folder, before loading weights."""
-    import onnx
+    """Refuse an ONNX file whose external-data locations escape its folder, before loading weights.
+
+    Without the ``onnx`` package (a runtime-only install) the check is onnxruntime's own: it refuses
+    an absolute or escaping external-data path when it loads the model (seen with onnxruntime 1.32)."""
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        return
 
     model = onnx.load(str(model_path), load_external_data=False)
     root = model_path.parent

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -36,6 +37,9 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+# What `pip install edgekd` leaves out and `pip install 'edgekd[toolchain]'` brings (pyproject.toml).
+TOOLCHAIN_MODULES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "accelerate", "safetensors", "gguf",
+                     "huggingface_hub", "matplotlib"}
 err_console = Console(stderr=True)
 
 
@@ -64,6 +68,12 @@ def command(*args, **kwargs) -> Callable:
                 raise typer.Exit(130) from None
             except (typer.Exit, typer.Abort, SystemExit):
                 raise
+            except ModuleNotFoundError as e:  # a runtime-only install (pip install edgekd) running a toolchain command
+                if os.environ.get("EDGEKD_DEBUG") or (e.name or "").split(".")[0] not in TOOLCHAIN_MODULES:
+                    raise
+                _error_line(f"`edgekd {fn.__name__}` needs the toolchain ({e.name} is not installed): "
+                            "pip install 'edgekd[toolchain]' (a device needs only `edgekd check` and `edgekd generate`)")
+                raise typer.Exit(2) from None
             except OSError as e:  # a full disk, a read-only folder, a missing permission: the user's to fix
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
@@ -99,7 +109,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar="")
     ] = None,
 ) -> None:
     pass
@@ -107,10 +117,10 @@ def _root(
 
 # Options shared by the commands that load a model.
 TrustRemoteCode = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Run the model's own Python code from its folder (off: it can run anything).")
+    bool, typer.Option("--trust-remote-code", help="Run the model's own Python code from its folder (off: it can run anything).", metavar="")
 ]
 AllowPickle = Annotated[
-    bool, typer.Option("--allow-pickle", help="Load pickle-only *.bin weights (off: unpickling can run code).")
+    bool, typer.Option("--allow-pickle", help="Load pickle-only *.bin weights (off: unpickling can run code).", metavar="")
 ]
 
 
@@ -173,7 +183,7 @@ def inspect(
     model: Annotated[str, typer.Argument(help="A Hugging Face folder, a .gguf file, a cached hub id, or a known teacher name.")],
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", metavar="")] = False,
 ) -> None:
     """Load a model and print its architecture, size, tokenizer and chat template facts."""
     import json
@@ -232,7 +242,7 @@ def distill(
     max_heldout: Annotated[Optional[int], _opt("max_heldout", "--max-heldout")] = None,
     max_new_tokens: Annotated[Optional[int], _opt("max_new_tokens", "--max-new-tokens")] = None,
     gen_temperature: Annotated[Optional[float], _opt("gen_temperature", "--gen-temperature")] = None,
-    cache_teacher: Annotated[Optional[bool], _opt("cache_teacher", "--cache-teacher/--no-cache-teacher")] = None,
+    cache_teacher: Annotated[Optional[bool], _opt("cache_teacher", "--cache-teacher/--no-cache-teacher", metavar="")] = None,
     top_k: Annotated[Optional[int], _opt("top_k", "--top-k")] = None,
     chunk_size: Annotated[Optional[int], _opt("chunk_size", "--chunk-size")] = None,
     qat_bits: Annotated[Optional[int], _opt("qat_bits", "--qat-bits")] = None,
@@ -243,11 +253,11 @@ def distill(
     seed: Annotated[Optional[int], _opt("seed", "--seed")] = None,
     teacher_dtype: Annotated[Optional[str], _opt("teacher_dtype", "--teacher-dtype")] = None,
     student_dtype: Annotated[Optional[str], _opt("student_dtype", "--student-dtype")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "--gradient-checkpointing")] = None,
-    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "--trust-remote-code")] = None,
-    allow_pickle: Annotated[Optional[bool], _opt("allow_pickle", "--allow-pickle")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier distill run in --out (its data/ and cache/ are reused when they match).")] = False,
+    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "--gradient-checkpointing", metavar="")] = None,
+    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "--trust-remote-code", metavar="")] = None,
+    allow_pickle: Annotated[Optional[bool], _opt("allow_pickle", "--allow-pickle", metavar="")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier distill run in --out (its data/ and cache/ are reused when they match).", metavar="")] = False,
 ) -> None:
     """Distill a small student from a teacher: the teacher answers prompts (or you give data), the
     student learns its token distributions, and --out gets a Hugging Face folder + distill.json.
@@ -272,24 +282,31 @@ def distill(
     )
 
 
+from edgekd.export import GOLDEN_PROMPTS  # noqa: E402  (light: the flag's default)
+
+
 @command("export")
 def export(
     model: Annotated[str, typer.Argument(help="A Hugging Face folder (e.g. a distilled student), a .gguf file, a cached hub id, or a known teacher name.")],
     target: Annotated[str, typer.Option("--target", "-t", help="A shipped profile (cpu, mobile, cuda) or a path to a profile .toml.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).", metavar="")] = False,
     trust_remote_code: TrustRemoteCode = False,
-    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).")] = False,
+    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).", metavar="")] = False,
+    golden_prompts: Annotated[int, typer.Option("--golden-prompts", help="Held-out prompts whose reference answers and top-k log-probs go into golden.json, for `edgekd check` on the device (0: none).")] = GOLDEN_PROMPTS,
 ) -> None:
-    """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer and manifest."""
+    """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer, manifest
+    and a golden reference for `edgekd check`."""
     from edgekd.export import export_bundle
 
+    if golden_prompts < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--golden-prompts")
     if search:
         return _export_search(model, target, out, overwrite, trust_remote_code)
 
     with console.status("exporting ...") as status:
         manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                 log=lambda msg: status.update(msg))
+                                 log=lambda msg: status.update(msg), golden_prompts=golden_prompts)
     check = manifest["export_check"]
     console.print(
         f"[green]wrote[/green] {out} ({manifest['target']['name']}): {manifest['model']['file']} "
@@ -309,7 +326,6 @@ def export(
 
 
 Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
-from edgekd.validate import ValidateConfig as _Validate  # noqa: E402  (light: its defaults are the flags' defaults)
 
 
 @command("generate")
@@ -321,7 +337,7 @@ def generate(
     top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = all).")] = 0,
     top_p: Annotated[float, typer.Option("--top-p", help="Sample among the most likely tokens holding this mass (1 = all).")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (repeatable answers).")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as it is, without the chat template.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as it is, without the chat template.", metavar="")] = False,
     threads: Threads = None,
 ) -> None:
     """Answer a prompt with a bundle (onnxruntime, KV cache), streaming the text, then print tokens/s."""
@@ -353,7 +369,7 @@ def validate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Report folder (default: <first bundle>-report).")] = None,
     num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="Held-out prompts to compare (default: the task's validate_prompts, else 8).")] = None,
     answer_tokens: Annotated[Optional[int], typer.Option("--answer-tokens", help="Answer tokens scored and generated per prompt (default: the task's, else 32).")] = None,
-    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.")] = True,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.", metavar="")] = True,
     threads: Threads = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's gates (a shipped name or a .toml) whatever the bundle's manifest says; without it the gates come from the bundle itself.")] = None,
 ) -> None:
@@ -399,6 +415,56 @@ def validate(
         console.print(f"[yellow]all {n_gates} gates pass, but the student is far from its teacher (above)[/yellow]")
     else:
         console.print(f"[green]all gates pass[/green] ({n_gates})")
+
+
+@command("check")
+def check(
+    bundle: Annotated[Path, typer.Argument(help="A bundle folder written by `edgekd export` (it carries golden.json).")],
+    num_prompts: Annotated[Optional[int], typer.Option("--num-prompts", help="Golden prompts to replay (default: all, 16 unless export was told otherwise).")] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Time prefill and decode tokens/s on this machine.", metavar="")] = True,
+    threads: Threads = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's [gates] (a shipped name or a .toml) instead of the bundle's own.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+) -> None:
+    """Check a bundle on the machine that ships it, without torch or the teacher: replay the golden
+    reference export wrote into it (the unquantized model's answers and top-k log-probs) and apply
+    the target's gates. Exit 0 when every gate passes, 1 when one fails, 2 for bad input."""
+    from edgekd.check import CheckConfig, check_bundle
+    from edgekd.io import write_json
+    from edgekd.validate.gates import GateFailed, GateResult
+
+    config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target)
+    with console.status("checking ...") as status:
+        report = check_bundle(bundle, config, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)))
+    if json_out is not None:
+        write_json(json_out, report)
+    env, fid, cost = report["environment"], report["fidelity"]["reference"], report["cost"]
+    table = Table(title=f"{bundle} on {env['cpu']} ({env['machine']}, onnxruntime {env['onnxruntime']}, {', '.join(env['providers'])})")
+    for col in ("vs the reference", "value"):
+        table.add_column(col)
+    rows = [("golden prompts / answer positions", f"{report['golden']['prompts']} / {fid['positions']}"),
+            ("top-1 agreement", f"{fid['top1']:.3f}"), ("KL on the top-k (lower bound), nats", f"{fid['kl_mean']:.4f}"),
+            ("perplexity ratio", f"{fid['ppl_ratio']:.3f}"), ("greedy answers identical", f"{fid['greedy_exact']:.2f}"),
+            ("greedy common prefix, tokens", f"{fid['greedy_prefix_tokens']:.1f} of {report['golden']['answer_tokens']}"),
+            ("model size", f"{cost['size_mb']:.1f} MB")]
+    if report.get("task"):
+        rows.append(("label agreement", f"{report['task']['label_agreement_vs_reference']:.3f}"))
+    if "decode_tokens_per_s" in cost:
+        rows += [("decode, batch 1", f"{cost['decode_tokens_per_s']:.1f} tokens/s"),
+                 (f"prefill, {cost['prefill_tokens']} tokens", f"{cost['prefill_ms']:.1f} ms")]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for g in report["gates"]:
+        line = GateResult(**g).line()
+        console.print(("PASS " if g["passed"] else "FAIL ") + line, highlight=False, markup=False)
+    if report["not_checked"]:
+        console.print(f"not checked on the device (edgekd validate measures them): {', '.join(report['not_checked'])}", highlight=False)
+    failed = [GateResult(**g).line() for g in report["gates"] if not g["passed"]] + report["problems"]
+    if failed:
+        raise GateFailed(f"{len(failed)} check(s) failed: " + "; ".join(failed))
+    console.print(f"[green]all gates pass[/green] ({len(report['gates'])}, from {report['gates_from']})" if report["gates"]
+                  else "no gates in the bundle's target")
 
 
 @command("bench")
@@ -449,7 +515,7 @@ def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_re
 @command("run")
 def run(
     pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: \\[distill] (or model = ...), \\[\\[export]] per target, \\[validate].")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and run nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and run nothing.", metavar="")] = False,
 ) -> None:
     """Distill -> export -> validate from one file; each stage is skipped when its output is up to
     date (same config and inputs), so a rerun after a crash or an edit does only what is needed.

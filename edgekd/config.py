@@ -11,8 +11,9 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from edgekd.errors import UsageError
 

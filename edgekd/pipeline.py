@@ -26,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.errors import UsageError
 from edgekd.io import sha256_file, write_json
 
 __all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "StageResult"]

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import re
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -164,6 +167,20 @@ def load_chat_template(root: Path) -> ChatTemplate | None:
         raise UsageError(f"the chat template in {root} does not parse ({type(e).__name__}: {e}): re-export the bundle") from None
 
 
+def format_prompt(chat_template: ChatTemplate | None, prompt: str) -> str:
+    """The prompt as the model sees it: the chat template around one user message."""
+    return chat_template.render([{"role": "user", "content": prompt}]) if chat_template is not None else prompt
+
+
+def encode_prompt(tokenizer, chat_template: ChatTemplate | None, prompt: str) -> list[int]:
+    """Token ids of a prompt as a bundle's app sends them (``Runtime.encode_prompt`` without the
+    context check); refuses an empty prompt."""
+    if not prompt or not prompt.strip():
+        raise UsageError("the prompt is empty: pass some text to answer")
+    # A chat template writes its own special tokens, as transformers' apply_chat_template does.
+    return tokenizer.encode(format_prompt(chat_template, prompt), add_special_tokens=chat_template is None).ids
+
+
 @dataclasses.dataclass
 class Timing:
     """What the last ``generate_ids`` call measured (seconds and token counts)."""
@@ -188,7 +205,7 @@ class _KVBuffers:
     ``(1, kv_heads, n, head_dim)`` that the graph reads and writes.
     """
 
-    def __init__(self, rt: "Runtime", capacity: int):
+    def __init__(self, rt: Runtime, capacity: int):
         import onnxruntime as ort
 
         self.capacity = capacity
@@ -320,17 +337,11 @@ class Runtime:
 
     def format_prompt(self, prompt: str, chat: bool = True) -> str:
         """The prompt as the model sees it: the chat template around one user message."""
-        if chat and self.chat_template is not None:
-            return self.chat_template.render([{"role": "user", "content": prompt}])
-        return prompt
+        return format_prompt(self.chat_template if chat else None, prompt)
 
     def encode_prompt(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt; refuses an empty one and one that leaves no room to answer."""
-        if not prompt or not prompt.strip():
-            raise UsageError("the prompt is empty: pass some text to answer")
-        templated = chat and self.chat_template is not None
-        # A chat template writes its own special tokens, as transformers' apply_chat_template does.
-        ids = self.tokenizer.encode(self.format_prompt(prompt, chat), add_special_tokens=not templated).ids
+        ids = encode_prompt(self.tokenizer, self.chat_template if chat else None, prompt)
         if self.context_length and len(ids) >= self.context_length:
             raise UsageError(
                 f"the prompt is {len(ids)} tokens but the model's context is {self.context_length}: shorten it"
@@ -482,3 +493,32 @@ def choose_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     return chosen + ["CPUExecutionProvider"], notes
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None, providers: list[str]) -> dict[str, Any]:
+    """Where a figure was measured: versions, CPU, threads, provider (report.json's ``environment``)."""
+    import onnxruntime
+
+    from edgekd import __version__
+
+    env = {"edgekd": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+           "system": f"{platform.system()} {platform.release()}", "machine": platform.machine(), "cpu": _cpu_model(),
+           "cpu_count": os.cpu_count(), "threads": threads or "onnxruntime default (one per physical core)",
+           "providers": providers}
+    try:
+        import torch  # only to say which one, when the machine has it; check itself never uses it
+
+        env["torch"] = torch.__version__
+    except ImportError:
+        env["torch"] = None
+    return env

@@ -44,8 +44,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from edgekd.config import from_mapping, to_dict
 from edgekd.errors import EdgekdError, UsageError
@@ -526,11 +527,15 @@ def search_export(
                 fp32[prof.opset] = export_onnx(torch_model, work / f"fp32-opset{prof.opset}", prof.opset)
             return fp32[prof.opset]
 
+        golden: dict[str, Any] = {}  # the reference's golden answers, made by the first export, shared
+
         def export(cand: Candidate, prof, tag: str) -> Tried:
             bundle = work / "bundles" / tag
             try:
                 export_bundle(model, prof, bundle, trust_remote_code=trust_remote_code, fp32_onnx=fp32_for(prof),
-                              log=lambda m: say(f"{tag}: {m}"))
+                              log=lambda m: say(f"{tag}: {m}"), golden=golden.get("golden"))
+                if "golden" not in golden and (bundle / "golden.json").is_file():
+                    golden["golden"] = json.loads((bundle / "golden.json").read_text(encoding="utf-8"))
                 return Tried(cand.name, cand.description, cand.overrides, bundle)
             except EdgekdError as e:
                 say(f"{tag}: export failed: {e}")

@@ -123,6 +123,7 @@ class Gates:
     max_kl_vs_reference: Optional[float] = None
     max_ppl_ratio_vs_reference: Optional[float] = None
     min_greedy_prefix_vs_reference: Optional[float] = None
+    min_greedy_exact_vs_reference: Optional[float] = None
     min_top1_vs_teacher: Optional[float] = None
     max_kl_vs_teacher: Optional[float] = None
     max_ppl_ratio_vs_teacher: Optional[float] = None
@@ -131,12 +132,14 @@ class Gates:
     min_label_agreement_vs_teacher: Optional[float] = None
     min_exact_match_vs_teacher: Optional[float] = None
     min_rouge_l_vs_teacher: Optional[float] = None
+    # decode tokens/s at batch 1 where validate or check runs (a device's own profile sets it)
+    min_decode_tokens_per_s: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("min_top1_vs_reference", "min_top1_vs_teacher"):
+        for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v <= 1.0, f"gates.{name} = {v}: use a fraction between 0 and 1")
-        for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference"):
+        for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference", "min_decode_tokens_per_s"):
             v = getattr(self, name)
             _check(v is None or v >= 0.0, f"gates.{name} = {v}: must be >= 0")
         for name in ("max_ppl_ratio_vs_reference", "max_ppl_ratio_vs_teacher", "max_size_mb"):
@@ -183,19 +186,30 @@ class TargetProfile:
         return getattr(self, step, None)
 
 
-def load_target(target: str | Path) -> TargetProfile:
-    """A shipped profile by name (``cpu``, ``mobile``, ``cuda``) or a path to a ``.toml`` file."""
+def target_path(target: str | Path) -> Path:
+    """The file of a shipped profile's name (``cpu``, ``mobile``, ``cuda``) or of a ``.toml`` path."""
     from edgekd.paths import resource
 
     text = str(target)
     if text in SHIPPED:
-        path = resource(f"targets/{text}.toml")
-    else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise UsageError(
-                f"target {text!r} is neither a shipped profile ({', '.join(SHIPPED)}) nor an existing .toml file"
-            )
+        return resource(f"targets/{text}.toml")
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise UsageError(f"target {text!r} is neither a shipped profile ({', '.join(SHIPPED)}) nor an existing .toml file")
+    return path
+
+
+def load_target(target: str | Path) -> TargetProfile:
+    """A shipped profile by name (``cpu``, ``mobile``, ``cuda``) or a path to a ``.toml`` file."""
+    path = target_path(target)
     data = read_toml(path)
     data.setdefault("name", path.stem)
     return from_mapping(TargetProfile, data, where=str(path))
+
+
+def load_gates(target: str | Path) -> tuple[Gates, str]:
+    """Only a profile's ``[gates]`` (and its name), for the device check: nothing else in the file is
+    read, so no export step (nor onnx) is needed to check its gates."""
+    path = target_path(target)
+    data = read_toml(path)
+    return from_mapping(Gates, data.get("gates") or {}, where=f"{path} [gates]"), str(data.get("name") or path.stem)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from edgekd.config import from_mapping, read_toml
 from edgekd.errors import UsageError
@@ -182,7 +183,12 @@ def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequen
     if labels:
         pairs = [(label_of(a, labels), label_of(t, labels)) for a, t in zip(answers, teacher)]
         labelled = [(a, t) for a, t in pairs if t is not None]
-        out["label_agreement"] = sum(a == t for a, t in labelled) / len(labelled) if labelled else None
+        agree = sum(a == t for a, t in labelled)
+        out["label_agreement"] = agree / len(labelled) if labelled else None
+        if labelled:
+            from edgekd.stats import wilson_ci
+
+            out["label_agreement_ci95"] = wilson_ci(agree, len(labelled))
         out["teacher_unlabelled"] = n - len(labelled)
         out["answers_unlabelled"] = sum(a is None for a, _ in pairs)
     return out

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import io
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -242,7 +241,7 @@ def load_model(
         else:
             kwargs["use_safetensors"] = True
         try:
-            config = AutoConfig.from_pretrained(where, **kwargs_without(kwargs, "use_safetensors"))
+            AutoConfig.from_pretrained(where, **kwargs_without(kwargs, "use_safetensors"))
         except ValueError as e:
             raise UsageError(f"{source.spec}: unsupported or unreadable config ({_short(e)})") from None
         except Exception as e:

@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from edgekd.distill.importance import keep_most_influential
 from edgekd.cli import app
 from edgekd.config import read_toml
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.config_io import resolve
-from edgekd.errors import UsageError
+from edgekd.distill.importance import keep_most_influential
 from edgekd.paths import resource
 from edgekd.teachers import load_model
 
@@ -48,7 +47,7 @@ def tiny_data(tmp_path_factory):
     return d
 
 
-def run_cli(*args: str) -> "CliRunner.Result":
+def run_cli(*args: str) -> CliRunner.Result:
     return CliRunner().invoke(app, ["distill", *args])
 
 
@@ -271,8 +270,8 @@ def test_topk_kept_during_generation_equals_a_teacher_forced_pass(tiny_teacher_d
 def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
     """Running the common prompt prefix once and sharing its KV cache is exact."""
     from edgekd.distill.data import collate, encode_chat
-    from edgekd.distill.losses import LossSpec, TeacherTargets
     from edgekd.distill.loop import StudentLoss, shared_prefix_len
+    from edgekd.distill.losses import LossSpec, TeacherTargets
 
     teacher, tok = load_model(str(tiny_teacher_dir))
     student, _ = load_model(str(tiny_teacher_dir))

@@ -24,7 +24,7 @@ from edgekd.targets import SHIPPED, load_target
 from edgekd.teachers import load_model, resolve_source
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
-CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json"}
+CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json", "golden.json"}
 TEXT = "Write a short poem about the sea. The capital of Italy is Rome."
 
 

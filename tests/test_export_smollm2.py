@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import requires_smollm2
+
 from edgekd.bundle import read_manifest
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
@@ -22,3 +22,14 @@ def test_smollm2_cpu_bundle(smollm2_cpu_bundle):
     m = manifest["model"]
     assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (30, 3, 64, 49152)
     assert manifest["recipe"][1] == {**manifest["recipe"][1], "tied": True, "shared": True}
+
+
+@requires_smollm2
+def test_onnxruntime_genai_answers_as_edgekd_on_the_real_teacher(smollm2_cpu_bundle):
+    """The teacher's tokenizer comes from its GGUF file: the case onnxruntime-genai misread."""
+    pytest.importorskip("onnxruntime_genai")
+    from test_genai import assert_genai_answers_as_edgekd
+
+    bundle, manifest = smollm2_cpu_bundle
+    assert "-> ByteLevel (all 49152 tokens decode alike)" in manifest["tokenizer"]["decoder"]
+    assert_genai_answers_as_edgekd(bundle, ["What is the capital of France?", "Correct the grammar: she go to school yesterday."], 16)

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils import parametrize
 from safetensors.torch import load_file
+from torch.nn.utils import parametrize
 from typer.testing import CliRunner
 
 from edgekd.bundle import read_manifest

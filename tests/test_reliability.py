@@ -123,7 +123,8 @@ def test_validate_target_pins_the_gates_whatever_the_manifest_says(bundle, tmp_p
 
     broken = break_with_quantize_dynamic(bundle, tmp_path / "broken")
     loose = _tampered(broken, tmp_path, lambda m: m["target"].update(gates={}))
-    from edgekd.bundle import read_manifest as read, write_manifest
+    from edgekd.bundle import read_manifest as read
+    from edgekd.bundle import write_manifest
 
     m = read(loose, verify=False)
     write_manifest(loose, {k: v for k, v in m.items() if k not in ("format", "format_version", "files")})  # hashes re-signed
@@ -220,7 +221,8 @@ def test_any_manifest_bytes_load_or_are_a_usage_error(tmp_path_factory, data):
 ])
 def test_damaged_bundle_files_re_signed_are_one_line_errors(bundle, tmp_path, name, content, words):
     """Files changed and the manifest re-signed (hashes updated): still one line naming the file."""
-    from edgekd.bundle import read_manifest as read, write_manifest
+    from edgekd.bundle import read_manifest as read
+    from edgekd.bundle import write_manifest
 
     copy = tmp_path / "damaged"
     shutil.copytree(bundle, copy)

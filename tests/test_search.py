@@ -4,7 +4,6 @@ that keeps the smallest passing bundle (mixed precision included), and one where
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from edgekd.bundle import read_manifest
 from edgekd.cli import app
 from edgekd.errors import UsageError
 from edgekd.export.steps import STEPS
-from edgekd.search import resolve_candidates, search_export, splice, layer_prefixes
+from edgekd.search import layer_prefixes, resolve_candidates, search_export, splice
 from edgekd.targets import SHIPPED, load_target
 from edgekd.validate import ValidateConfig
 

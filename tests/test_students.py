@@ -8,7 +8,7 @@ import torch
 from edgekd.distill.students import build_student, evenly_spaced, parse_layers
 from edgekd.errors import UsageError
 from edgekd.teachers import load_model
-from tests.conftest import build_model, build_tokenizer, save_model, tiny_llama_config
+from tests.conftest import build_model, save_model, tiny_llama_config
 
 
 def test_evenly_spaced_keeps_first_and_last():

@@ -68,7 +68,7 @@ def test_good_bundle_passes_and_writes_the_report(bundles, tmp_path):
     r = cli("validate", bundles["good"], "--out", out, *FAST)  # no --data: the shipped held-out prompts
     assert r.returncode == 0, r.stderr
     assert "all gates pass" in r.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["kl_per_position.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["kl_along_answer.png", "kl_per_position.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] is True
     (b,) = report["bundles"]
@@ -88,7 +88,13 @@ def test_good_bundle_passes_and_writes_the_report(bundles, tmp_path):
     assert 10 < cost["peak_rss_mb"] < 250 and 0 < cost["size_mb"] <= cost["bundle_mb"]
     md = (out / "report.md").read_text()
     assert "| top-1 vs reference | 1.000 |" in md and f"Verdict: {bundles['good'].name}: PASS" in md and "Command: `edgekd validate " in md
-    assert (out / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "kl_per_position.png").read_bytes()[:4] == b"\x89PNG" == (out / "kl_along_answer.png").read_bytes()[:4]
+    assert "![Where along the answer the bundle drifts](kl_along_answer.png)" in md
+    # the report says where and on what it was measured, and how sure a small sample is
+    assert b["environment"]["onnxruntime"] and b["environment"]["cpu"] and b["model_sha256"] and len(b["model_sha256"]) == 64
+    lo, hi = ref["top1_ci95"]
+    assert lo <= ref["top1"] <= hi and "95% intervals (over prompts; 3 prompts)" in md
+    assert 0 < cost["size_vs_teacher_fp32"] and cost["teacher_fp32_mb"] > 0 and "of the teacher at fp32" in md
 
 
 def test_broken_bundle_fails_naming_the_gate_side_by_side(bundles, tmp_path):

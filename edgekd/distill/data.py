@@ -17,8 +17,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 

@@ -18,7 +18,8 @@ Every function takes ``batches``: a list of ``collate`` outputs ``{"input_ids", 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

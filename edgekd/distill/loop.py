@@ -40,8 +40,8 @@ from edgekd.distill.data import (
     collate,
     common_prefix,
     encode_records,
-    expand_cache,
     examples_digest,
+    expand_cache,
     file_digest,
     generate_answers,
     padding_waste,
@@ -52,10 +52,10 @@ from edgekd.distill.data import (
 )
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss
 from edgekd.distill.students import build_student
-from edgekd.quant import GRID, attach_fake_quantize, bake_fake_quantize, refresh_fake_quantize
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.io import proc_kib_field, write_json
 from edgekd.paths import resource
+from edgekd.quant import GRID, attach_fake_quantize, bake_fake_quantize, refresh_fake_quantize
 
 DISTILL_JSON = "distill.json"
 CONFIG_TOML = "distill.toml"

@@ -18,8 +18,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgekd import __version__
 from edgekd.config import to_dict
@@ -29,6 +30,8 @@ from edgekd.targets import TargetProfile, load_target
 __all__ = ["export_bundle", "run_steps", "source_info"]
 
 MODEL_FILE = "model.onnx"
+GOLDEN_PROMPTS = 16  # held-out prompts in the golden reference (edgekd check replays them on the device)
+GOLDEN_ANSWER_TOKENS = 32  # answer tokens per golden prompt when the model's task does not say
 ORT_FILE = "model.ort"
 
 
@@ -122,6 +125,8 @@ def export_bundle(
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
     fp32_onnx: Path | None = None,
+    golden_prompts: int = GOLDEN_PROMPTS,
+    golden: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` for ``target`` into the bundle folder ``out``; return the manifest.
 
@@ -129,6 +134,8 @@ def export_bundle(
     ``target``: ``cpu``, ``mobile``, ``cuda``, a path to a profile ``.toml``, or a ``TargetProfile``.
     ``fp32_onnx``: an fp32 export of this same model at the profile's opset, made earlier (the
     search reuses one across candidates); it is checked against PyTorch like a fresh export.
+    ``golden_prompts``: held-out prompts in the bundle's golden reference for ``edgekd check``
+    (0: none); ``golden``: one made earlier for this same model (the search reuses it).
     """
     from edgekd.bundle import check_external_data, write_manifest
     from edgekd.export import bundle as files
@@ -186,8 +193,22 @@ def export_bundle(
             )
         io_inputs, io_outputs = _io_table(sess)
         files.write_tokenizer_and_configs(torch_model, tok, tmp)
+        tokenizer_note = files.normalize_decoder(tmp)  # so onnxruntime-genai tokenizes as edgekd does
+        if tokenizer_note:
+            say(f"tokenizer: {tokenizer_note}")
         files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
                                                          profile.execution_providers, tok.pad_token_id))
+        if golden is None and golden_prompts > 0:
+            from edgekd.export.golden import golden_records, make_golden
+
+            records, where = golden_records(origin, golden_prompts)
+            n = (origin.get("task") or {}).get("validate_answer_tokens") or GOLDEN_ANSWER_TOKENS
+            golden = make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say)
+        if golden is not None:
+            from edgekd.export.golden import GOLDEN_FILE
+            from edgekd.io import atomic_write_bytes
+
+            atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
         model_bytes = sum(p.stat().st_size for p in tmp.glob(model_file + "*"))
         manifest = {
             "edgekd_version": __version__,
@@ -215,6 +236,7 @@ def export_bundle(
                 "size_ratio_vs_fp32": model_bytes / fp32_bytes,
                 "seconds": round(time.time() - t0, 1),
             },
+            "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
         }
         manifest = write_manifest(tmp, manifest)
     budget = profile.gates.max_size_mb

@@ -5,6 +5,7 @@ The manifest contract itself lives in ``edgekd.bundle``; this module writes what
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,48 @@ def write_tokenizer_and_configs(model, tokenizer, out_dir: Path) -> None:
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
+
+
+# The decoder steps transformers' GGUF converter writes around a byte-level BPE's ByteLevel decoder.
+# On a ByteLevel vocabulary they change nothing, but onnxruntime-extensions (onnxruntime-genai's
+# tokenizer) reads a decoder that replaces "\u2581" as SentencePiece and encodes every space as -1.
+_GGUF_DECODER_STEPS = {"ByteFallback", "Fuse", "Replace", "ByteLevel", "Strip"}
+BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+
+
+def _byte_level(pre_tokenizer: dict | None) -> bool:
+    if not pre_tokenizer:
+        return False
+    if pre_tokenizer.get("type") == "Sequence":
+        return any(_byte_level(p) for p in pre_tokenizer.get("pretokenizers") or ())
+    return pre_tokenizer.get("type") == "ByteLevel"
+
+
+def normalize_decoder(out_dir: Path) -> str | None:
+    """Give a byte-level BPE ``tokenizer.json`` in ``out_dir`` the plain ``ByteLevel`` decoder that
+    every runtime reads alike, when that decodes every token and a run of every token exactly as
+    the decoder it had. Returns what was done, or ``None`` when the tokenizer was left as it was."""
+    from tokenizers import Tokenizer
+
+    path = Path(out_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    decoder = data.get("decoder") or {}
+    steps = [d.get("type") for d in decoder.get("decoders") or ()] if decoder.get("type") == "Sequence" else []
+    if not (_byte_level(data.get("pre_tokenizer")) and "ByteLevel" in steps and set(steps) <= _GGUF_DECODER_STEPS):
+        return None
+    new = {**data, "decoder": BYTE_LEVEL_DECODER}
+    old_tk, new_tk = Tokenizer.from_str(json.dumps(data)), Tokenizer.from_str(json.dumps(new))
+    n = old_tk.get_vocab_size(with_added_tokens=True)
+    singles = [[i] for i in range(n)]
+    runs = [list(range(i, min(i + 64, n))) for i in range(0, n, 64)]  # every token inside a sequence too
+    for batch in (singles, runs):
+        for skip in (False, True):
+            if old_tk.decode_batch(batch, skip_special_tokens=skip) != new_tk.decode_batch(batch, skip_special_tokens=skip):
+                return None
+    path.write_text(json.dumps(new, ensure_ascii=False, indent=2), encoding="utf-8")
+    return f"decoder Sequence[{', '.join(steps)}] -> ByteLevel (all {n} tokens decode alike)"
 
 
 def genai_config(facts: dict[str, Any], model_type: str, filename: str, providers: tuple[str, ...],

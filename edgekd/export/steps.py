@@ -14,8 +14,9 @@ HQQ is Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Mod
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgekd.errors import EdgekdError
 
@@ -291,7 +292,8 @@ class _quiet_quantizer:
 @step("quantize_dynamic")
 def quantize_dynamic(src: Path, dst: Path, settings, profile) -> dict:
     """onnxruntime's dynamic int8 quantization (weights int8, activations quantized at run time)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic as qd
+    from onnxruntime.quantization import QuantType
+    from onnxruntime.quantization import quantize_dynamic as qd
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with _quiet_quantizer():

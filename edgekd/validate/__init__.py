@@ -14,8 +14,11 @@ Imports stay lazy here: ``edgekd.validate.speed`` runs in a process that must no
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
+
+import numpy as np
 
 from edgekd.errors import UsageError
 
@@ -74,9 +77,10 @@ class _Models:
             self.models[spec] = TorchModel(spec, role, self.batch_size)
         return self.models[spec]
 
-    def memo(self, key: tuple, fn: Callable[[], Any]) -> Any:
+    def memo(self, key: tuple, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, computed once per ``key``."""
         if key not in self.cache:
-            self.cache[key] = fn()
+            self.cache[key] = fn(*args)
         return self.cache[key]
 
 
@@ -94,7 +98,8 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
-    from edgekd.runtime import Runtime
+    from edgekd.runtime import Runtime, environment
+    from edgekd.tasks import score_answers
     from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
         Example,
@@ -103,7 +108,6 @@ def validate(
         compare_greedy,
         compare_logits,
     )
-    from edgekd.tasks import score_answers
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.report import check_out, write_report
     from edgekd.validate.speed import bundle_bytes, measure_speed, model_bytes
@@ -191,18 +195,18 @@ def validate(
         texts: dict[str, list[str]] = {}
         for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
             log(f"{name}: comparing with the {role} ({spec}) ...")
-            their_greedy = models.memo(("greedy", spec, n, pkey), lambda: model.greedy(prompts, n, eos))
+            their_greedy = models.memo(("greedy", spec, n, pkey), model.greedy, prompts, n, eos)
             answers = given if given is not None else their_greedy
             examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
             akey = tuple(map(tuple, answers))
-            ours = models.memo(("bundle", str(p.resolve()), pkey, akey), lambda: bundle_logits(rt, examples))
-            theirs = models.memo(("logits", spec, pkey, akey), lambda: model.logits(examples))
+            ours = models.memo(("bundle", str(p.resolve()), pkey, akey), bundle_logits, rt, examples)
+            theirs = models.memo(("logits", spec, pkey, akey), model.logits, examples)
             metrics, kl = compare_logits(ours, theirs, answers)
             greedy = compare_greedy(ours_greedy, their_greedy, n)
             fidelity[role] = {**metrics, **greedy, "model": spec}
             texts[role] = [_answer_text(rt, a) for a in their_greedy]
-            if role == "reference":
-                kls[name] = kl
+            if role == "reference":  # per prompt, for the plots
+                kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
         texts["bundle"] = [_answer_text(rt, a) for a in ours_greedy]
         task_figures = None
         if task:
@@ -212,9 +216,15 @@ def validate(
         examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                            "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 
+        cost["reference_fp32_mb"] = ((manifest.get("export_check") or {}).get("fp32_model_bytes") or 0) / 1e6 or None
+        cost["teacher_fp32_mb"] = teacher.fp32_bytes() / 1e6
+        cost["size_vs_teacher_fp32"] = cost["size_mb"] / cost["teacher_fp32_mb"]
+        model_file = (manifest.get("model") or {}).get("file")
         report = {
             "name": name,
             "bundle": str(p.resolve()),
+            "model_sha256": next((f["sha256"] for f in manifest.get("files", []) if f["path"] == model_file), None),
+            "environment": environment(config.threads, rt.session.get_providers()),
             "target": (manifest.get("target") or {}).get("name"),
             "providers": rt.session.get_providers(),
             "warnings": list(rt.warnings),
@@ -243,6 +253,8 @@ def validate(
     log(f"writing the report into {out}")
     for r in reports:
         r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
+        gate = next((g["threshold"] for g in r["gates"] if g["name"] == "max_kl_vs_reference"), None)
+        r["plots"] = {"kl_gate": gate}
     write_report(out, reports, kls, command)
     return reports, out
 

@@ -21,11 +21,13 @@ Metrics (per compared model, over every answer position of every prompt):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from edgekd.errors import UsageError
+from edgekd.stats import bootstrap_mean_ci, wilson_ci
 
 
 @dataclasses.dataclass
@@ -69,7 +71,9 @@ def compare_logits(
     metrics = {
         "positions": int(kl.size),
         "top1": float(np.concatenate(agree).mean()),
+        "top1_ci95": bootstrap_mean_ci(agree),
         "kl_mean": float(kl.mean()),
+        "kl_mean_ci95": bootstrap_mean_ci([np.clip(k, 0.0, None) for k in kls]),
         "kl_p95": float(np.percentile(kl, 95)),
         "ppl_bundle": ppl_b,
         "ppl_model": ppl_m,
@@ -94,7 +98,8 @@ def compare_greedy(bundle: Sequence[Sequence[int]], model: Sequence[Sequence[int
     tokens: they agree as far as they were generated, whatever their length."""
     exact = [list(b) == list(m) for b, m in zip(bundle, model)]
     prefix = [budget if same else common_prefix(b, m) for same, b, m in zip(exact, bundle, model)]
-    return {"greedy_exact": float(np.mean(exact)), "greedy_prefix_tokens": float(np.mean(prefix))}
+    return {"greedy_exact": float(np.mean(exact)), "greedy_exact_ci95": wilson_ci(sum(exact), len(exact)),
+            "greedy_prefix_tokens": float(np.mean(prefix))}
 
 
 def bundle_logits(rt, examples: Sequence[Example]) -> list[np.ndarray]:
@@ -125,6 +130,11 @@ class TorchModel:
         except UsageError as e:
             raise UsageError(f"the {role} {spec!r} could not be loaded ({e}): pass --{role} with a model that exists here") from None
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def fp32_bytes(self) -> int:
+        """The model's weights at fp32 (tied matrices once): what the bundle's size is measured against."""
+        seen = {id(p): p.numel() for p in self.model.parameters()}
+        return 4 * sum(seen.values())
 
     def check_tokenizer(self, bundle_tokenizer) -> None:
         """Refuse a model whose tokenizer maps text to different ids than the bundle's."""

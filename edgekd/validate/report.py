@@ -4,8 +4,9 @@ table, one column per bundle (side by side when several are given)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("task: exact answer vs teacher", "task", "exact_match", "{:.3f}"),
     ("task: ROUGE-L vs teacher", "task", "rouge_l", "{:.3f}"),
     ("model size (MB)", "cost", "size_mb", "{:.1f}"),
+    ("size / teacher at fp32", "cost", "size_vs_teacher_fp32", "{:.0%}"),
     ("bundle size (MB)", "cost", "bundle_mb", "{:.1f}"),
     ("load time (s)", "cost", "load_s", "{:.2f}"),
     ("prefill (ms, 128 tokens)", "cost", "prefill_ms", "{:.1f}"),
@@ -122,6 +124,19 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
             f"reference `{r['reference']}`, teacher `{r['teacher']}`; {r['data']['prompts']} prompts from "
             f"{r['data']['source']}, answers of up to {r['data']['answer_tokens']} tokens ({r['data']['answers_from']})"
         )
+        env = r.get("environment")
+        if env:
+            parts.append(f"  - measured on {env['cpu']} ({env['machine']}, {env['cpu_count']} CPUs, threads: {env['threads']}), "
+                         f"edgekd {env['edgekd']}, onnxruntime {env['onnxruntime']}, torch {env.get('torch')}, Python {env['python']}")
+        if r.get("model_sha256"):
+            parts.append(f"  - model file SHA-256 `{r['model_sha256']}`")
+        cost = r.get("cost") or {}
+        if cost.get("teacher_fp32_mb"):
+            ref = f", {cost['size_mb'] / cost['reference_fp32_mb']:.0%} of the reference's fp32 export ({cost['reference_fp32_mb']:.1f} MB)" if cost.get("reference_fp32_mb") else ""
+            parts.append(f"  - model {cost['size_mb']:.1f} MB: {cost['size_vs_teacher_fp32']:.0%} of the teacher at fp32 ({cost['teacher_fp32_mb']:.1f} MB){ref}")
+        ci = [f"{label} {lo:.3f}-{hi:.3f}" for label, (lo, hi) in _intervals(r)]
+        if ci:
+            parts.append(f"  - 95% intervals (over prompts; {r['data']['prompts']} prompts): " + "; ".join(ci))
         if r.get("gates_from"):
             parts.append(f"  - gates from {r['gates_from']}")
         for note in r.get("notes", []):
@@ -134,6 +149,8 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
         parts += ["## Gates", "", table(["gate"] + names, gates), ""]
     from edgekd.validate.gates import verdict_lines
 
+    parts += ["## Plots", "", "![How far the bundle drifts, per token](kl_per_position.png)", "",
+              "![Where along the answer the bundle drifts](kl_along_answer.png)", ""]
     verdicts = ", ".join(f"{r['name']}: {'PASS' if r['passed'] else 'FAIL'}" for r in reports)
     parts += ["## Verdict", "", f"Verdict: {verdicts}", ""] + [f"- {line}" for r in reports for line in verdict_lines(r)] + [""]
     for r in reports:
@@ -144,28 +161,87 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
     return "\n".join(parts)
 
 
+def _intervals(report: dict[str, Any]) -> list[tuple[str, list[float]]]:
+    """The 95% intervals a report carries, labelled as the table rows are."""
+    out = []
+    for side in ("reference", "teacher"):
+        fid = (report.get("fidelity") or {}).get(side) or {}
+        for key, label in (("top1_ci95", f"top-1 vs {side}"), ("kl_mean_ci95", f"mean KL vs {side}"), ("greedy_exact_ci95", f"greedy exact vs {side}")):
+            if fid.get(key):
+                out.append((label, fid[key]))
+    task = report.get("task") or {}
+    if task.get("label_agreement_ci95"):
+        out.append(("label agreement vs teacher", task["label_agreement_ci95"]))
+    return out
+
+
 def _cell(text: str, limit: int = 160) -> str:
     """Text for a Markdown table cell: one line, pipes escaped, long text shortened."""
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def plot_kl(path: Path, kls: dict[str, np.ndarray]) -> None:
-    """Histogram of per-position KL(reference || bundle), one series per bundle."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    top = max((float(k.max()) for k in kls.values() if k.size), default=1.0)
-    bins = np.logspace(-6, np.log10(max(top, 1e-5)) + 0.05, 40)
-    for name, kl in kls.items():
-        ax.hist(np.clip(kl, 1e-6, None), bins=bins, alpha=0.6, label=name)
+    return plt
+
+
+def plot_kl(path: Path, kls: dict[str, list[np.ndarray]], gate: float | None = None) -> None:
+    """Histogram of per-position KL(reference || bundle), one series per bundle, each mean marked,
+    and the target's gate on the mean KL (``max_kl_vs_reference``) where there is one."""
+    plt = _pyplot()
+    flat = {name: np.clip(np.concatenate(parts) if parts else np.zeros(0), 1e-6, None) for name, parts in kls.items()}
+    positions = sum(k.size for k in flat.values())
+    prompts = max((len(parts) for parts in kls.values()), default=0)
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    values = np.concatenate([k for k in flat.values() if k.size]) if positions else np.array([1e-6, 1.0])
+    lo, hi = max(float(values.min()), 1e-6), max(float(values.max()), 1e-5)
+    bins = np.logspace(np.log10(lo) - 0.05, np.log10(hi) + 0.05, 40)
+    for i, (name, kl) in enumerate(flat.items()):
+        color = f"C{i}"
+        ax.hist(kl, bins=bins, alpha=0.55, color=color, label=f"{name} (mean {kl.mean():.4f})" if kl.size else name)
+        if kl.size:
+            ax.axvline(kl.mean(), color=color, linestyle="--", linewidth=1.2)
+    if gate is not None:
+        ax.axvline(gate, color="red", linewidth=1.5, label=f"gate on the mean: <= {gate:g}")
     ax.set_xscale("log")
-    ax.set_xlabel("KL(reference || bundle) per position, nats (clipped at 1e-6)")
-    ax.set_ylabel("positions")
-    ax.set_title("Per-position KL against the reference")
+    ax.set_xlabel("KL(reference || bundle) at one answer position, nats (log scale; 0 drawn at 1e-6)")
+    ax.set_ylabel("answer positions")
+    ax.set_title(f"How far the bundle drifts from the reference, per token ({positions} positions, {prompts} prompts)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_kl_along_answer(path: Path, kls: dict[str, list[np.ndarray]], gate: float | None = None) -> None:
+    """Mean KL(reference || bundle) at each answer position (over the prompts whose answer reaches
+    it): where along the answer the bundle drifts."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    longest = max((len(k) for parts in kls.values() for k in parts), default=0)
+    for i, (name, parts) in enumerate(kls.items()):
+        x, mean, p90 = [], [], []
+        for pos in range(longest):
+            at = [float(k[pos]) for k in parts if len(k) > pos]
+            if at:
+                x.append(pos + 1)
+                mean.append(float(np.mean(at)))
+                p90.append(float(np.percentile(at, 90)))
+        ax.plot(x, mean, marker="o", markersize=3, color=f"C{i}", label=f"{name}: mean")
+        ax.fill_between(x, 0, p90, color=f"C{i}", alpha=0.15, label=f"{name}: 90th percentile")
+    if gate is not None:
+        ax.axhline(gate, color="red", linewidth=1.2, label=f"gate on the overall mean: <= {gate:g}")
+    ax.set_xlabel("answer position (token)")
+    ax.set_ylabel("KL(reference || bundle), nats")
+    ax.set_xlim(0.5, max(longest, 1) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set_title("Where along the answer the bundle drifts from the reference", fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -174,11 +250,7 @@ def plot_kl(path: Path, kls: dict[str, np.ndarray]) -> None:
 
 def plot_size_vs_agreement(path: Path, reports: Sequence[dict[str, Any]]) -> None:
     """Bundle size against top-1 agreement with the teacher, one point per bundle."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in reports:
         x, y = r["cost"]["size_mb"], r["fidelity"]["teacher"]["top1"]
@@ -220,9 +292,10 @@ def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, np
     """Write report.json, report.md and the plots into ``out``; return the paths written."""
     out = prepare_out(out)
     written = []
-    plot = out / "kl_per_position.png"
-    plot_kl(plot, kls)
-    written.append(plot)
+    gate = (reports[0].get("plots") or {}).get("kl_gate") if reports else None
+    for name, fn in (("kl_per_position.png", plot_kl), ("kl_along_answer.png", plot_kl_along_answer)):
+        fn(out / name, kls, gate)
+        written.append(out / name)
     if len(reports) > 1:
         plot = out / "size_vs_agreement.png"
         plot_size_vs_agreement(plot, reports)
