@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
+
+# ruff (pyflakes, import order, bugbear, pyupgrade) and mypy (edgekd/), configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check edgekd tests benchmarks .ci
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs

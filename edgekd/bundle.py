@@ -37,6 +37,12 @@ from edgekd.paths import inside
 MANIFEST = "manifest.json"
 FORMAT = "edgekd-bundle"
 FORMAT_VERSION = 1
+# golden.json: the reference's greedy answers and top-k log-probs on held-out prompts (written by
+# edgekd.export.golden, replayed by edgekd.check on the device)
+GOLDEN_FILE = "golden.json"
+GOLDEN_FORMAT = "edgekd-golden"
+GOLDEN_VERSION = 1
+GOLDEN_TOP_K = 20  # log-probs kept per answer position: enough for KL over the mass that matters
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
@@ -101,7 +107,7 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
 
 # The files of a bundle that edgekd or onnxruntime-genai open besides the model: each must be hashed.
 USED_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-              "config.json", "generation_config.json", "genai_config.json", "golden.json"}
+              "config.json", "generation_config.json", "genai_config.json", GOLDEN_FILE}
 
 
 def check_types(manifest: dict[str, Any], path: Path) -> None:
@@ -111,12 +117,12 @@ def check_types(manifest: dict[str, Any], path: Path) -> None:
         if not cond:
             raise UsageError(f"{path}: {field} must be {what}: the manifest is damaged; re-export the bundle")
 
-    files = manifest.get("files")
+    files: Any = manifest.get("files")  # any JSON value (or None) until need() has checked it
     need(isinstance(files, list) and len(files) > 0, "files", "a non-empty list of {path, bytes, sha256}")
     for i, e in enumerate(files):
         need(isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
              and isinstance(e.get("bytes"), int) and not isinstance(e.get("bytes"), bool), f"files[{i}]", "{path: str, bytes: int, sha256: str}")
-    model = manifest.get("model")
+    model: Any = manifest.get("model")  # likewise
     need(isinstance(model, dict), "model", "a table")
     need(isinstance(model.get("file"), str) and model["file"] != "", "model.file", "a file name")
     for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):

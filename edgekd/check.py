@@ -57,7 +57,7 @@ class CheckConfig:
 def read_golden(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The bundle's ``golden.json``, checked: listed in the manifest (so hashed), of a known format,
     each example's fields of the right types. One-line errors say what to do."""
-    from edgekd.export.golden import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION
+    from edgekd.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION
 
     listed = {e["path"] for e in manifest.get("files", [])}
     path = Path(root) / GOLDEN_FILE
@@ -121,13 +121,23 @@ def compare_with_golden(rt, examples: list[dict[str, Any]]) -> tuple[dict[str, f
     return figures, kls
 
 
+def replay_golden(rt, examples: list[dict[str, Any]], answer_tokens: int) -> tuple[dict[str, Any], list[float], list[list[int]]]:
+    """The bundle (a ``Runtime``) against golden examples: teacher-forced figures on the reference's
+    answers, then its own greedy answers against them. Returns (figures, KL per position, answers)."""
+    from edgekd.validate.fidelity import bundle_greedy, compare_greedy
+
+    figures, kls = compare_with_golden(rt, examples)
+    ours = bundle_greedy(rt, [ex["prompt_ids"] for ex in examples], answer_tokens)
+    figures.update(compare_greedy(ours, [ex["answer_ids"] for ex in examples], answer_tokens))
+    return figures, kls, ours
+
+
 def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Measure ``bundle`` against its golden reference on this machine; return the report (with
     ``gates``, ``not_checked`` and ``passed``). A failed gate is not an exception (see the CLI)."""
     from edgekd.runtime import Runtime, environment
     from edgekd.tasks import label_of
-    from edgekd.validate.fidelity import bundle_greedy, compare_greedy
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.speed import model_bytes, time_runtime
 
@@ -138,12 +148,9 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     examples = golden["examples"][: config.num_prompts or None]
     n = int(golden.get("answer_tokens") or max(len(ex["answer_ids"]) for ex in examples))
 
+    log(f"{len(examples)} golden prompts: the reference's answers teacher-forced, then the bundle's own ...")
+    figures, kls, ours = replay_golden(rt, examples, n)
     mismatched = [i for i, ex in enumerate(examples) if rt.encode_prompt(ex["prompt"]) != ex["prompt_ids"]]
-    log(f"{len(examples)} golden prompts: teacher-forcing the reference's answers through the KV cache ...")
-    figures, kls = compare_with_golden(rt, examples)
-    log("greedy answers of the bundle ...")
-    ours = bundle_greedy(rt, [ex["prompt_ids"] for ex in examples], n)
-    figures.update(compare_greedy(ours, [ex["answer_ids"] for ex in examples], n))
     cost: dict[str, Any] = {"size_mb": model_bytes(manifest) / 1e6}
     if config.speed:
         log("timing prefill and decode ...")

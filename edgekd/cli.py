@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.table import Table
 
 from edgekd import __version__
 from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError
+
+if TYPE_CHECKING:
+    from rich.status import Status
 
 app = typer.Typer(
     name="edgekd",
@@ -98,6 +101,16 @@ def _error_line(message: str) -> None:
     from rich.text import Text
 
     err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+
+
+def _progress(status: Status, soft_wrap: bool | None = None) -> Callable[[str], None]:
+    """A ``log`` callback: each progress line replaces the spinner's text and is kept, dimmed, on stderr."""
+
+    def log(msg: str) -> None:
+        status.update(msg)
+        err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=soft_wrap)
+
+    return log
 
 
 def _version(value: bool) -> None:
@@ -294,6 +307,7 @@ def export(
     trust_remote_code: TrustRemoteCode = False,
     search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).", metavar="")] = False,
     golden_prompts: Annotated[int, typer.Option("--golden-prompts", help="Held-out prompts whose reference answers and top-k log-probs go into golden.json, for `edgekd check` on the device (0: none).")] = GOLDEN_PROMPTS,
+    golden_data: Annotated[Optional[Path], typer.Option("--golden-data", help="A jsonl of {\"prompt\"} records for golden.json (default: the distillation's held-out split, else the shipped held-out prompts).")] = None,
 ) -> None:
     """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer, manifest
     and a golden reference for `edgekd check`."""
@@ -306,13 +320,18 @@ def export(
 
     with console.status("exporting ...") as status:
         manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                 log=lambda msg: status.update(msg), golden_prompts=golden_prompts)
+                                 log=lambda msg: status.update(msg), golden_prompts=golden_prompts, golden_data=golden_data)
     check = manifest["export_check"]
     console.print(
         f"[green]wrote[/green] {out} ({manifest['target']['name']}): {manifest['model']['file']} "
         f"{_fmt_bytes(check['model_bytes'])} ({check['size_ratio_vs_fp32']:.0%} of fp32), "
         f"probe top-1 vs PyTorch {check['top1_agreement']:.3f}, max |dlogit| {check['max_abs_logit_diff']:.3g}"
     )
+    golden = check.get("golden")
+    if golden:
+        console.print(f"greedy answers equal to PyTorch's on {golden['greedy_exact']:.0%} of {golden['prompts']} held-out prompts "
+                      f"(mean common prefix {golden['greedy_prefix_tokens']:.1f} tokens; top-1 {golden['top1']:.3f}); "
+                      "golden.json lets `edgekd check` repeat this on the device", highlight=False)
     qat = manifest["source"].get("quantization_aware")
     if qat and not qat["reproduced_by_recipe"]:
         err_console.print(f"[yellow]warning:[/yellow] this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
@@ -394,7 +413,7 @@ def validate(
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
     with console.status("validating ...") as status:
         reports, out_dir = run_validate(
-            bundles, config, out, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=True)),
+            bundles, config, out, log=_progress(status, soft_wrap=True),
             command=command_line,
         )
     for table in rich_tables(reports):
@@ -435,7 +454,7 @@ def check(
 
     config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target)
     with console.status("checking ...") as status:
-        report = check_bundle(bundle, config, log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)))
+        report = check_bundle(bundle, config, log=_progress(status))
     if json_out is not None:
         write_json(json_out, report)
     env, fid, cost = report["environment"], report["fidelity"]["reference"], report["cost"]
@@ -503,7 +522,7 @@ def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_re
     try:
         with console.status("searching ...") as status:
             result = search_export(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                   log=lambda msg: (status.update(msg), err_console.print(f"[dim]{msg}[/dim]", highlight=False)))
+                                   log=_progress(status))
     except NoCandidatePasses as e:
         show(e.result)
         raise

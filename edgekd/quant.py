@@ -68,7 +68,8 @@ class FakeQuantize(nn.Module):
     def __init__(self, bits: int, block_size: int, grid: str = "matmul_nbits"):
         super().__init__()
         self.bits, self.block_size, self.grid = bits, block_size, grid
-        self._key, self._delta = None, None
+        self._key: tuple | None = None
+        self._delta: torch.Tensor | None = None
 
     def on_grid(self, w: torch.Tensor) -> torch.Tensor:
         return GRIDS[self.grid](w, self.bits, self.block_size)

@@ -90,7 +90,7 @@ class TextStream:
     huggingface/text-generation-inference's ``decode_token``).
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix = 0
@@ -321,8 +321,8 @@ class Runtime:
         out_meta = {o.name: o for o in self.session.get_outputs()}
         self.logits_dtype = _ORT_TO_NUMPY.get(out_meta["logits"].type) or np.float32
         self._logits = np.empty((1, 1, self.vocab_size), dtype=self.logits_dtype)
-        raw = getattr(self._binding, "_iobinding", None)
         try:
+            raw = self._binding._iobinding
             make = ort.capi.onnxruntime_inference_collection.OrtDevice.make
             self._device = make(self.device, 0)._get_c_device()
             self._cpu = make("cpu", 0)._get_c_device()
@@ -472,6 +472,7 @@ class Runtime:
 
 def _kv_key(name: str) -> tuple[int, int]:
     m = _KV_NAME.match(name)
+    assert m is not None  # only called on names that match
     return int(m.group(2)), 0 if m.group(3) == "key" else 1
 
 

@@ -44,91 +44,23 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.config import from_mapping, to_dict
+from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
+from edgekd.targets import Candidate, resolve_candidates
 from edgekd.validate.gates import GateFailed
 
 __all__ = ["Candidate", "resolve_candidates", "search_export", "SearchResult", "NoCandidatePasses", "table_rows"]
 
-OWN_KEYS = ("name", "description", "mixed_precision")  # a candidate's own keys, not profile overrides
-FIXED_KEYS = ("name", "description", "gates", "execution_providers", "candidates")  # not overridable
 SIZE_TIE = 0.02  # passing bundles within 2% of the smallest size are ranked by decode speed
 CALIBRATION_PROMPTS = 8  # prompts from the shipped training set (never the held-out set)
 CALIBRATION_TOKENS = 32  # greedy answer tokens the fp32 model writes for each, scored with the prompt
 PROXY_MARGIN = 0.8  # the proxy must pass gates tightened to 80% of their allowance (KL, 1 - top-1)
 MAX_ROUNDS = 3  # validations of the mixed-precision candidate (bisecting the number of 8-bit layers)
 LAYER_RE = re.compile(r"/(?:model/)?(?:layers|h|blocks|layer)\.(\d+)/")
-
-
-# ---------------------------------------------------------------------------------------------
-# Candidates: data in the profile, resolved into full profiles
-@dataclasses.dataclass(frozen=True)
-class CandidateMeta:
-    """A candidate's own keys (the rest of its table overrides the profile)."""
-
-    name: str
-    description: str = ""
-    mixed_precision: bool = False  # the search keeps the most sensitive layers at 8 bits
-
-    def __post_init__(self):
-        if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
-            raise UsageError(f"candidate name {self.name!r}: use letters, digits, '-', '_', '.' or '+'")
-
-
-@dataclasses.dataclass(frozen=True)
-class Candidate:
-    name: str
-    description: str
-    mixed_precision: bool
-    overrides: dict  # the table as written (without its own keys)
-    profile: Any  # TargetProfile: the target's settings with this candidate's overrides, no candidates
-
-
-def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:
-    """``base`` with ``overrides``; a table overrides key by key (one level, as profiles nest)."""
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
-
-
-def resolve_candidates(profile) -> list[Candidate]:
-    """Every ``[[candidates]]`` table of ``profile`` as a full ``TargetProfile``.
-
-    Each is built with ``from_mapping`` from the profile's own settings overlaid with the table, so
-    an unknown key or a wrong type is the same error as in the profile itself, naming the candidate.
-    """
-    from edgekd.targets import TargetProfile
-
-    base = to_dict(profile)
-    base["candidates"] = []
-    out: list[Candidate] = []
-    for i, raw in enumerate(profile.candidates, 1):
-        where = f"target {profile.name!r}, [[candidates]] #{i}"
-        if not isinstance(raw, Mapping):
-            raise UsageError(f"{where}: must be a table with a name")
-        if "name" not in raw:
-            raise UsageError(f"{where}: has no name: add name = \"...\"")
-        where = f"target {profile.name!r}, candidate {raw['name']!r}"
-        meta = from_mapping(CandidateMeta, {k: raw[k] for k in OWN_KEYS if k in raw}, where)
-        overrides = {k: v for k, v in raw.items() if k not in OWN_KEYS}
-        for key in FIXED_KEYS:
-            if key in overrides:
-                raise UsageError(f"{where}: '{key}' cannot be set per candidate: every candidate is held to the target's {key}")
-        resolved = from_mapping(TargetProfile, _merge(base, overrides), where)
-        if meta.mixed_precision and not ("matmul_nbits" in resolved.steps and resolved.matmul_nbits.bits == 4):
-            raise UsageError(f"{where}: mixed_precision needs the matmul_nbits step with bits = 4 (it keeps some layers at 8)")
-        if any(c.name == meta.name for c in out):
-            raise UsageError(f"{where}: two candidates are named {meta.name!r}: give each a different name")
-        out.append(Candidate(meta.name, meta.description, meta.mixed_precision, dict(overrides), resolved))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +248,7 @@ def measure_sensitivity(cand: Candidate, fp32_path: Path, torch_model, tok, work
 
     seqs, ref = calibration(torch_model, tok)
     score = Scorer(seqs, ref, model_facts(torch_model.config))
-    layers = []
+    layers: list[dict] = []
     for i, prefix in prefixes.items():
         say(f"{cand.name}: sensitivity of layer {i + 1}/{len(prefixes)}")
         layers.append({"layer": i, **score(splice(q8, q4, [prefix]))})
@@ -547,6 +479,7 @@ def search_export(
             nonlocal rounds
             todo = [t for t in tried if t.bundle is not None and t.report is None]
             for t in todo:
+                assert t.bundle is not None  # todo holds only exported candidates
                 over = _over_budget(t.bundle, profile.gates.max_size_mb)
                 if over is not None:  # cannot pass whatever it measures: not worth validating
                     say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
@@ -556,7 +489,7 @@ def search_export(
                 return
             rounds += 1
             say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
-            reports, _ = validate([t.bundle for t in todo], vcfg, out=work / f"report-{rounds}", log=say)
+            reports, _ = validate([t.bundle for t in todo if t.bundle is not None], vcfg, out=work / f"report-{rounds}", log=say)
             for t, r in zip(todo, reports):
                 t.report = r
 
@@ -602,6 +535,7 @@ def search_export(
                               to_dict(vcfg), time.time() - t0)
         if best is None:
             raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
+        assert best.bundle is not None  # a passing candidate was exported
         with atomic_dir(out, overwrite, inputs) as tmp:
             for p in best.bundle.iterdir():
                 os.replace(p, tmp / p.name)
@@ -634,6 +568,7 @@ def table_rows(result: SearchResult) -> list[list[str]]:
         else:
             from edgekd.validate.gates import GateResult
 
+            assert t.report is not None  # neither skipped nor failed to export: it was validated
             verdict = "FAIL " + "; ".join(GateResult(**g).line() for g in t.report["gates"] if not g["passed"])
             if t.report.get("validated") is False:
                 verdict += " (not validated)"

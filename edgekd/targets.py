@@ -12,13 +12,18 @@ fidelity thresholds ``edgekd validate`` applies. Every key is documented in the 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from edgekd.config import from_mapping, read_toml
+from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.errors import UsageError
 
 SHIPPED = ("cpu", "mobile", "cuda")
+# The export steps a profile may name, each implemented in edgekd.export.steps.STEPS (a test
+# keeps the two equal); named here so this data module imports nothing above it.
+STEP_NAMES = ("quantize_head_embedding", "matmul_nbits", "quantize_dynamic", "fp16", "optimize", "to_ort")
 
 HeadPrecision = Literal["fp32", "int8", "int4"]
 
@@ -170,15 +175,11 @@ class TargetProfile:
     def __post_init__(self):
         _check(14 <= self.opset <= 21, f"opset = {self.opset}: use 14..21 (17 is what optimum-onnx tests)")
         _check(len(self.execution_providers) > 0, "execution_providers is empty: list at least CPUExecutionProvider")
-        from edgekd.export.steps import STEPS
-
         for s in self.steps:
-            _check(s in STEPS, f"unknown step {s!r} in steps (known: {', '.join(STEPS)})")
+            _check(s in STEP_NAMES, f"unknown step {s!r} in steps (known: {', '.join(STEP_NAMES)})")
         _check(len(set(self.steps)) == len(self.steps), "steps lists a step twice")
         _check("to_ort" not in self.steps or self.steps[-1] == "to_ort", "to_ort must be the last step")
         if self.candidates:
-            from edgekd.search import resolve_candidates
-
             resolve_candidates(self)  # an unknown key or a wrong type in a candidate fails at load
 
     def step_settings(self, step: str):
@@ -213,3 +214,72 @@ def load_gates(target: str | Path) -> tuple[Gates, str]:
     path = target_path(target)
     data = read_toml(path)
     return from_mapping(Gates, data.get("gates") or {}, where=f"{path} [gates]"), str(data.get("name") or path.stem)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates (`edgekd export --search`): data in the profile, resolved into full profiles
+OWN_KEYS = ("name", "description", "mixed_precision")  # a candidate's own keys, not profile overrides
+FIXED_KEYS = ("name", "description", "gates", "execution_providers", "candidates")  # not overridable
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateMeta:
+    """A candidate's own keys (the rest of its table overrides the profile)."""
+
+    name: str
+    description: str = ""
+    mixed_precision: bool = False  # the search keeps the most sensitive layers at 8 bits
+
+    def __post_init__(self):
+        if not self.name.strip() or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
+            raise UsageError(f"candidate name {self.name!r}: use letters, digits, '-', '_', '.' or '+'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    description: str
+    mixed_precision: bool
+    overrides: dict  # the table as written (without its own keys)
+    profile: TargetProfile  # the target's settings with this candidate's overrides, no candidates
+
+
+def _merge(base: dict, overrides: Mapping[str, Any]) -> dict:
+    """``base`` with ``overrides``; a table overrides key by key (one level, as profiles nest)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_candidates(profile) -> list[Candidate]:
+    """Every ``[[candidates]]`` table of ``profile`` as a full ``TargetProfile``.
+
+    Each is built with ``from_mapping`` from the profile's own settings overlaid with the table, so
+    an unknown key or a wrong type is the same error as in the profile itself, naming the candidate.
+    """
+    base = to_dict(profile)
+    base["candidates"] = []
+    out: list[Candidate] = []
+    for i, raw in enumerate(profile.candidates, 1):
+        where = f"target {profile.name!r}, [[candidates]] #{i}"
+        if not isinstance(raw, Mapping):
+            raise UsageError(f"{where}: must be a table with a name")
+        if "name" not in raw:
+            raise UsageError(f"{where}: has no name: add name = \"...\"")
+        where = f"target {profile.name!r}, candidate {raw['name']!r}"
+        meta = from_mapping(CandidateMeta, {k: raw[k] for k in OWN_KEYS if k in raw}, where)
+        overrides = {k: v for k, v in raw.items() if k not in OWN_KEYS}
+        for key in FIXED_KEYS:
+            if key in overrides:
+                raise UsageError(f"{where}: '{key}' cannot be set per candidate: every candidate is held to the target's {key}")
+        resolved = from_mapping(TargetProfile, _merge(base, overrides), where)
+        if meta.mixed_precision and not ("matmul_nbits" in resolved.steps and resolved.matmul_nbits.bits == 4):
+            raise UsageError(f"{where}: mixed_precision needs the matmul_nbits step with bits = 4 (it keeps some layers at 8)")
+        if any(c.name == meta.name for c in out):
+            raise UsageError(f"{where}: two candidates are named {meta.name!r}: give each a different name")
+        out.append(Candidate(meta.name, meta.description, meta.mixed_precision, dict(overrides), resolved))
+    return out

@@ -66,6 +66,7 @@ class ModelSource:
     def files(self) -> list[Path]:
         """The files that make up the weights and tokenizer (for size and hash)."""
         if self.kind == "gguf":
+            assert self.path is not None  # a gguf source is its file
             return [self.path]
         root = self.path if self.kind == "folder" else _hub_snapshot(self.hub_id)
         if root is None:
@@ -180,6 +181,7 @@ def _quiet():
 
 def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    assert source.path is not None  # resolve_source gives every source a path
     if source.kind == "gguf":
         return str(source.path.parent), {**kwargs, "gguf_file": source.path.name}
     return str(source.path), kwargs
@@ -231,6 +233,7 @@ def load_model(
     dtype = dtype or torch.float32
     where, kwargs = _load_kwargs(source, trust_remote_code)
     if source.kind != "gguf":
+        assert source.path is not None  # checked by _load_kwargs
         if not any(source.path.glob("*.safetensors")):
             if not allow_pickle:
                 raise UsageError(

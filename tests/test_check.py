@@ -66,6 +66,8 @@ def test_golden_is_written_listed_and_shaped(fp32_bundle):
     assert "golden.json" in {e["path"] for e in manifest["files"]}
     golden = json.loads((fp32_bundle / "golden.json").read_text(encoding="utf-8"))
     assert golden["format"] == "edgekd-golden" and len(golden["examples"]) == 4 and golden["answer_tokens"] == 32
+    replay = manifest["export_check"]["golden"]  # export replays it with the bundle at once
+    assert replay["prompts"] == 4 and replay["greedy_exact"] == 1.0 and replay["top1"] == 1.0
     for ex in golden["examples"]:
         assert len(ex["topk_ids"]) == len(ex["answer_ids"]) <= 32
         assert all(row[0] == t for row, t in zip(ex["topk_ids"], ex["answer_ids"]))  # greedy: the answer is the top-1
@@ -111,6 +113,20 @@ def test_a_changed_golden_file_is_refused(fp32_bundle, tmp_path):
     (bundle / "golden.json").write_text(json.dumps(golden), encoding="utf-8")
     r = run_torch_free("check", str(bundle), "--no-speed")
     assert r.returncode == 2 and "golden.json does not match its manifest hash" in r.stderr, r.stderr
+
+
+def test_golden_data_is_the_users_prompts(tmp_path, tiny_teacher_dir):
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"prompt": "Numbers: 0 1 2 3"}\n{"prompt": "hello world question"}\n', encoding="utf-8")
+    profile = tmp_path / "fp32.toml"
+    profile.write_text(FP32_PROFILE, encoding="utf-8")
+    export_bundle(str(tiny_teacher_dir), profile, tmp_path / "b", golden_data=data)
+    golden = json.loads((tmp_path / "b" / "golden.json").read_text(encoding="utf-8"))
+    assert [ex["prompt"] for ex in golden["examples"]] == ["Numbers: 0 1 2 3", "hello world question"]
+    assert "mine.jsonl" in golden["prompts_from"]
+    r = CliRunner().invoke(app, ["export", str(tiny_teacher_dir), "--target", str(profile), "--out", str(tmp_path / "c"),
+                                 "--golden-data", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "missing.jsonl does not exist" in r.output and not (tmp_path / "c").exists()
 
 
 def test_a_bundle_without_golden_says_re_export(tmp_path, tiny_teacher_dir):

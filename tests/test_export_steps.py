@@ -36,6 +36,13 @@ def test_every_registered_step_has_a_test_case():
     assert set(CASES) == set(STEPS)
 
 
+def test_the_profile_step_names_are_the_registered_steps():
+    """targets.py names the steps without importing export (no import cycle); they must agree."""
+    from edgekd.targets import STEP_NAMES
+
+    assert tuple(STEPS) == STEP_NAMES
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_rows_round_trips_within_half_a_step(bits):
     rng = np.random.default_rng(0)

@@ -32,7 +32,7 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
     data.update({k: v for k, v in flags.items() if v is not None})
     data = with_task_defaults(data)
     cfg = from_mapping(DistillConfig, data, where)
-    if saved:
+    if saved and resume_from is not None:  # saved is only read with --resume
         before = from_mapping(DistillConfig, saved, str(resume_from / "distill.toml"))
         for f in dataclasses.fields(DistillConfig):
             if f.name not in RESUMABLE_CHANGES and getattr(before, f.name) != getattr(cfg, f.name):

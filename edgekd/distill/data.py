@@ -358,16 +358,19 @@ def generate_answers(
                     break
             n_tokens += len(toks) + int(finished)
             answer_ids = toks + [new[row, len(toks)].item()] if finished else toks
-            results[i] = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
-                          "answer_ids": answer_ids, "prompt_truncated": i in cut}
+            record = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
+                      "answer_ids": answer_ids, "prompt_truncated": i in cut}
+            results[i] = record
             if keep_topk:
                 steps = torch.stack([out.logits[s][row] for s in range(len(answer_ids))]).float() if answer_ids else torch.zeros((0, 1))
                 v = vocab or steps.shape[-1]
                 top = torch.log_softmax(steps[:, :v] / kd_temperature, -1).topk(min(keep_topk, v), -1)
-                results[i]["topk"] = (top.values.cpu(), top.indices.to(torch.int32).cpu())
+                record["topk"] = (top.values.cpu(), top.indices.to(torch.int32).cpu())
         if on_batch:
             on_batch(len(idx), n_tokens)
-    return results, len(cut)
+    done = [r for r in results if r is not None]
+    assert len(done) == len(prompts)  # every prompt is in `order`
+    return done, len(cut)
 
 
 def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:

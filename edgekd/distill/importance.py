@@ -128,6 +128,7 @@ def iterative_kl(teacher, batches, n: int, vocab: int, scores: Sequence[float], 
                 kl = answer_kl(teacher, batches, t_logp, vocab)
                 if best is None or kl < best[1]:
                     best = (c, kl)
+            assert best is not None  # len(kept) > n >= 1, so there was a candidate
             kept.remove(best[0])
             history.append({"removed": best[0], "kl": round(best[1], 4)})
             if on_step:
@@ -159,4 +160,9 @@ def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
             raise UsageError(f"cannot prune the width of {type(model).__name__}: its MLP has no down_proj")
         handles.append(down.register_forward_pre_hook(hook(i)))
     seen = _run_hooked(model, batches, handles, mask_now)
-    return [s / max(seen, 1) for s in sums]
+    out = []
+    for s in sums:
+        if s is None:  # no batches: the hooks never ran
+            raise UsageError("measuring MLP channel importance needs calibration data")
+        out.append(s / max(seen, 1))
+    return out

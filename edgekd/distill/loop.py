@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -467,7 +468,8 @@ def describe_student(d: dict[str, Any]) -> str:
 def label_token_groups(tok, labels) -> tuple[tuple[int, ...], ...]:
     """Per label, the first token ids of its surface forms ("positive", " Positive", ...) that name it
     unambiguously: a one-token form, or a first piece of at least 4 letters that starts the label."""
-    groups, seen = [], set()
+    groups: list[tuple[int, ...]] = []
+    seen: set[int] = set()
     for label in labels:
         ids = set()
         for form in {label, label.lower(), label.capitalize(), label.upper()}:
@@ -595,7 +597,7 @@ def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.T
             "start": torch.tensor(starts, dtype=torch.long), "count": torch.tensor(counts, dtype=torch.long)}
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
+def _write_jsonl(path: Path, records: Sequence[dict | None]) -> None:
     from edgekd.io import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())

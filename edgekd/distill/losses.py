@@ -168,9 +168,11 @@ class TeacherTargets:
 
     def chunk(self, start: int, end: int, vocab: int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         if self.topk_logp is not None:
+            assert self.topk_idx is not None  # cached targets carry both
             return "topk", self.topk_logp[start:end].float(), self.topk_idx[start:end].long()
         if self.hidden is None:  # no teacher (alpha = 0: plain cross-entropy)
             return "none", None, None
+        assert self.weight is not None  # full targets carry the head with the hidden states
         with torch.no_grad():
             w = self.weight[:vocab] if vocab else self.weight
             b = None if self.bias is None else (self.bias[:vocab] if vocab else self.bias)
@@ -206,6 +208,7 @@ def _teacher_group_logp(kind: str, t_val: torch.Tensor, t_idx: torch.Tensor | No
     if kind == "full":
         t_logp = F.log_softmax(t_val, -1)
         return torch.stack([torch.logsumexp(t_logp[:, list(g)], -1) for g in groups], -1)
+    assert t_idx is not None  # cached top-k targets come with their indices
     cols = []
     for g in groups:
         hit = (t_idx[..., None] == torch.tensor(g, device=t_idx.device)).any(-1)

@@ -299,6 +299,7 @@ def budget_student(spec: str, teacher, calibration, vocab: int, say):
         tried.append({"spec": cand, "parameters": params, "kl": round(kl, 4)})
         if best is None or kl < best[0]:
             best = (kl, cand, model, extra)
+    assert best is not None  # candidates is not empty
     _, cand, model, extra = best
     extra["scan"]["budget"] = {"share": share, "candidates": tried, "chosen": cand}
     return model, extra

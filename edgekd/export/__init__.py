@@ -127,6 +127,7 @@ def export_bundle(
     fp32_onnx: Path | None = None,
     golden_prompts: int = GOLDEN_PROMPTS,
     golden: dict[str, Any] | None = None,
+    golden_data: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` for ``target`` into the bundle folder ``out``; return the manifest.
 
@@ -135,7 +136,9 @@ def export_bundle(
     ``fp32_onnx``: an fp32 export of this same model at the profile's opset, made earlier (the
     search reuses one across candidates); it is checked against PyTorch like a fresh export.
     ``golden_prompts``: held-out prompts in the bundle's golden reference for ``edgekd check``
-    (0: none); ``golden``: one made earlier for this same model (the search reuses it).
+    (0: none), from ``golden_data`` (a jsonl of ``{"prompt"}``; default: the distillation's held-out
+    split, else the shipped held-out prompts); ``golden``: one made earlier for this same model (the
+    search reuses it).
     """
     from edgekd.bundle import check_external_data, write_manifest
     from edgekd.export import bundle as files
@@ -149,6 +152,10 @@ def export_bundle(
     source = resolve_source(model)
     inputs = (source.path,) if source.path is not None else ()
     check_output_dir(out, overwrite, inputs)  # before minutes of work
+    if golden_data is not None and golden_prompts > 0:
+        from edgekd.validate.data import load_records
+
+        load_records(Path(golden_data), limit=1)  # a missing or malformed file fails now, not after the export
     origin = source_info(source)
     if origin.get("quantization_aware"):
         origin["quantization_aware"]["reproduced_by_recipe"] = reproduces_qat_grid(profile, origin["quantization_aware"])
@@ -201,11 +208,11 @@ def export_bundle(
         if golden is None and golden_prompts > 0:
             from edgekd.export.golden import golden_records, make_golden
 
-            records, where = golden_records(origin, golden_prompts)
+            records, where = golden_records(origin, golden_prompts, golden_data)
             n = (origin.get("task") or {}).get("validate_answer_tokens") or GOLDEN_ANSWER_TOKENS
             golden = make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say)
         if golden is not None:
-            from edgekd.export.golden import GOLDEN_FILE
+            from edgekd.bundle import GOLDEN_FILE
             from edgekd.io import atomic_write_bytes
 
             atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
@@ -239,6 +246,17 @@ def export_bundle(
             "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
         }
         manifest = write_manifest(tmp, manifest)
+        if golden is not None:  # the bundle's greedy answers against the reference's, as check will see them
+            from edgekd.check import replay_golden
+            from edgekd.runtime import Runtime
+
+            say("replaying the golden reference with the bundle")
+            figures, _, _ = replay_golden(Runtime(tmp, providers=profile.execution_providers, verify=False),
+                                          golden["examples"], golden["answer_tokens"])
+            manifest["export_check"]["golden"] = {k: figures[k] for k in (
+                "positions", "top1", "kl_mean", "greedy_exact", "greedy_exact_ci95", "greedy_prefix_tokens")}
+            manifest["export_check"]["golden"]["prompts"] = len(golden["examples"])
+            manifest = write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
     budget = profile.gates.max_size_mb
     if budget is not None and model_bytes / 1e6 > budget:
         say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")

@@ -88,7 +88,7 @@ def genai_config(facts: dict[str, Any], model_type: str, filename: str, provider
     """A ``genai_config.json`` in the shape onnxruntime-genai reads for a decoder with separate
     past/present tensors (optimum's layout, so ``past_present_share_buffer`` is false)."""
     eos = facts["eos_token_ids"]
-    provider_options = []
+    provider_options: list[dict[str, dict]] = []
     for p in providers:
         short = {"CUDAExecutionProvider": "cuda", "DmlExecutionProvider": "dml", "QNNExecutionProvider": "qnn",
                  "CoreMLExecutionProvider": "coreml", "WebGpuExecutionProvider": "webgpu"}.get(p)

@@ -15,19 +15,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-GOLDEN_FILE = "golden.json"
-GOLDEN_FORMAT = "edgekd-golden"
-GOLDEN_VERSION = 1
-TOP_K = 20  # log-probs kept per answer position: enough for KL over the mass that matters
+from edgekd.bundle import GOLDEN_FORMAT, GOLDEN_TOP_K, GOLDEN_VERSION
 
 
-def golden_records(origin: dict[str, Any], limit: int) -> tuple[list[dict[str, str]], str]:
-    """The held-out prompts for the golden file: the distillation's held-out split when the model
-    has one, else the shipped held-out prompts (``edgekd.validate.data.choose_data``)."""
+def golden_records(origin: dict[str, Any], limit: int, data: Path | None = None) -> tuple[list[dict[str, str]], str]:
+    """The held-out prompts for the golden file: ``data`` when given, else the distillation's
+    held-out split when the model has one, else the shipped held-out prompts
+    (``edgekd.validate.data.choose_data``)."""
     from edgekd.validate.data import choose_data, load_records
 
-    path, where, _ = choose_data({"source": origin}, None)
-    return load_records(path, limit=limit), where
+    path, where, _ = choose_data({"source": origin}, data)
+    return load_records(path, limit=limit), f"{where} ({path.name})"
 
 
 def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answer_tokens: int, eos_ids: Sequence[int],
@@ -44,7 +42,7 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
     eos = set(int(e) for e in eos_ids)
     device = next(model.parameters()).device
     examples = []
-    say(f"golden reference: greedy answers and top-{TOP_K} log-probs on {len(records)} held-out prompts")
+    say(f"golden reference: greedy answers and top-{GOLDEN_TOP_K} log-probs on {len(records)} held-out prompts")
     with torch.no_grad():
         for rec in records:
             ids = encode_prompt(tokenizer, template, rec["prompt"])
@@ -54,7 +52,7 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
                 out = model(input_ids=x, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 logp = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
-                lp, ix = logp.topk(TOP_K)
+                lp, ix = logp.topk(GOLDEN_TOP_K)
                 token = int(ix[0])
                 answer.append(token)
                 top_ids.append([int(i) for i in ix])
@@ -66,4 +64,4 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
                              "answer": tokenizer.decode([t for t in answer if t not in eos], skip_special_tokens=True).strip(),
                              "topk_ids": top_ids, "topk_logprobs": top_lp})
     return {"format": GOLDEN_FORMAT, "format_version": GOLDEN_VERSION, "prompts_from": prompts_from,
-            "answer_tokens": answer_tokens, "top_k": TOP_K, "examples": examples}
+            "answer_tokens": answer_tokens, "top_k": GOLDEN_TOP_K, "examples": examples}

@@ -142,7 +142,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         raise EdgekdError(f"quantize_head_embedding: hidden size {hidden} is not a multiple of block_size {bs}: "
                           "choose a block_size that divides it")
 
-    new_inits, new_nodes, remove_nodes, info = [], [], [], {"tied": bool(tied)}
+    new_inits, new_nodes, remove_nodes = [], [], []
+    info: dict[str, Any] = {"tied": bool(tied)}
     emb = numpy_helper.to_array(inits[emb_name])
     bits_of = {"int8": 8, "int4": 4}
     shared = tied and settings.head == settings.embedding and settings.head != "fp32"
@@ -172,6 +173,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     if settings.embedding != "fp32":
         bits = bits_of[settings.embedding]
         if shared:
+            assert head_q is not None  # shared implies a tied head, quantized just above
             qn, sn, bits = head_q
         else:
             qn, sn, _ = quantized("embedding", emb, bits)

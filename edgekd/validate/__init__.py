@@ -117,10 +117,9 @@ def validate(
     import time
 
     t_start = time.perf_counter()
-    user_log = log
 
-    def log(msg: str) -> None:  # every progress line carries the time since the start
-        user_log(f"[{time.perf_counter() - t_start:5.0f} s] {msg}")
+    def say(msg: str) -> None:  # every progress line carries the time since the start
+        log(f"[{time.perf_counter() - t_start:5.0f} s] {msg}")
 
     paths = [Path(b) for b in bundles]
     out = Path(out) if out is not None else paths[0].resolve().with_name(paths[0].resolve().name + "-report")
@@ -136,19 +135,21 @@ def validate(
     # Open every bundle first: a tampered or foreign folder fails before minutes of work.
     runtimes = []
     for p in paths:
-        log(f"opening {p} (checking file hashes) ...")
+        say(f"opening {p} (checking file hashes) ...")
         runtimes.append(Runtime(p, providers=config.providers, threads=config.threads))
     for rt in runtimes:
         for note in rt.warnings:
-            log(f"warning: {rt.root}: {note}")
+            say(f"warning: {rt.root}: {note}")
 
     data_path, data_source, data_notes = choose_data(runtimes[0].manifest, config.data)
     task = (runtimes[0].manifest.get("source") or {}).get("task") or None
     num_prompts = config.num_prompts or (task or {}).get("validate_prompts") or DEFAULT_PROMPTS
     records = load_records(data_path, limit=num_prompts)
-    log(f"{len(records)} held-out prompts from {data_source} ({data_path})")
-    models = _Models(config.batch_size, log)
-    reports, kls, taken = [], {}, set()
+    say(f"{len(records)} held-out prompts from {data_source} ({data_path})")
+    models = _Models(config.batch_size, say)
+    reports: list[dict[str, Any]] = []
+    kls: dict[str, list[np.ndarray]] = {}
+    taken: set[str] = set()
 
     for p, rt in zip(paths, runtimes):
         name = _bundle_name(p, taken)
@@ -165,7 +166,7 @@ def validate(
 
         cost: dict[str, Any] = {"size_mb": model_bytes(manifest) / 1e6, "bundle_mb": bundle_bytes(manifest) / 1e6}
         if config.speed:
-            log(f"{name}: measuring load time, prefill, decode and peak memory ...")
+            say(f"{name}: measuring load time, prefill, decode and peak memory ...")
             speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
             cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
             cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
@@ -189,12 +190,12 @@ def validate(
             # the teacher's for "vs teacher" (what a distilled student was trained to imitate).
             answers_from = "each compared model's own greedy answers"
 
-        log(f"{name}: greedy answers of the bundle through its KV cache ...")
+        say(f"{name}: greedy answers of the bundle through its KV cache ...")
         ours_greedy = bundle_greedy(rt, prompts, n)
         fidelity: dict[str, Any] = {}
         texts: dict[str, list[str]] = {}
         for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
-            log(f"{name}: comparing with the {role} ({spec}) ...")
+            say(f"{name}: comparing with the {role} ({spec}) ...")
             their_greedy = models.memo(("greedy", spec, n, pkey), model.greedy, prompts, n, eos)
             answers = given if given is not None else their_greedy
             examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
@@ -243,14 +244,14 @@ def validate(
         else:
             target_gates = (manifest.get("target") or {}).get("gates") or {}
             report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
-        if task_gates:
+        if task and task_gates:
             report["gates_from"] += f", and the task {task.get('name')}'s task.toml"
         gates = apply_gates({**target_gates, **task_gates}, report)
         report["gates"] = [dataclasses.asdict(g) for g in gates]
         report["passed"] = all(g.passed for g in gates)
         reports.append(report)
 
-    log(f"writing the report into {out}")
+    say(f"writing the report into {out}")
     for r in reports:
         r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
         gate = next((g["threshold"] for g in r["gates"] if g["name"] == "max_kl_vs_reference"), None)

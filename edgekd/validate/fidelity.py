@@ -47,7 +47,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def compare_logits(
     bundle: Sequence[np.ndarray], model: Sequence[np.ndarray], answers: Sequence[Sequence[int]]
-) -> tuple[dict[str, float], np.ndarray]:
+) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of ``bundle`` against ``model`` logits, each a list of ``(answer_len, vocab)``.
 
     Returns ``(metrics, kl_per_position)``. When the vocab widths differ (a padded embedding),
@@ -92,7 +92,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def compare_greedy(bundle: Sequence[Sequence[int]], model: Sequence[Sequence[int]], budget: int) -> dict[str, float]:
+def compare_greedy(bundle: Sequence[Sequence[int]], model: Sequence[Sequence[int]], budget: int) -> dict[str, Any]:
     """Exact-match rate and mean common-prefix length (tokens) of greedy answers (token id lists,
     each of at most ``budget`` tokens, ending at its eos). Identical answers count as ``budget``
     tokens: they agree as far as they were generated, whatever their length."""

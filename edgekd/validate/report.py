@@ -288,7 +288,7 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, np.ndarray], command: str | None = None) -> list[Path]:
+def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, list[np.ndarray]], command: str | None = None) -> list[Path]:
     """Write report.json, report.md and the plots into ``out``; return the paths written."""
     out = prepare_out(out)
     written = []

@@ -1,0 +1,60 @@
+"""The layout's rules, checked on the source: no import cycle between edgekd's units (a top-level
+module, or a subpackage as a whole), counting imports inside functions too; the runtime side
+(what `pip install edgekd` must run: check, generate) imports no toolchain library at module level."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "edgekd"
+TOOLCHAIN = {"torch", "transformers", "optimum", "onnx", "accelerate", "safetensors", "matplotlib", "gguf"}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in ROOT.rglob("*.py"):
+        parts = f.relative_to(ROOT.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return out
+
+
+def _unit(module: str) -> str:
+    return ".".join(module.split(".")[:2])  # edgekd.cli, edgekd.distill, ...
+
+
+def _imports(path: Path, top_level_only: bool = False) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_no_import_cycle_between_units():
+    edges: dict[str, set[str]] = {}
+    for module, path in _modules().items():
+        for name in _imports(path):
+            if name.startswith("edgekd.") and _unit(name) != _unit(module):
+                edges.setdefault(_unit(module), set()).add(_unit(name))
+
+    def reaches(a: str, b: str, seen: frozenset = frozenset()) -> bool:
+        return any(c == b or (c not in seen and reaches(c, b, seen | {c})) for c in edges.get(a, ()))
+
+    cycles = sorted({tuple(sorted((a, b))) for a in edges for b in edges[a] if reaches(b, a)})
+    assert not cycles, f"import cycles between {cycles}"
+
+
+def test_the_runtime_side_imports_no_toolchain_at_module_level():
+    runtime_side = ["edgekd.cli", "edgekd.check", "edgekd.runtime", "edgekd.bundle", "edgekd.targets", "edgekd.tasks",
+                    "edgekd.stats", "edgekd.config", "edgekd.io", "edgekd.paths", "edgekd.errors", "edgekd.export",
+                    "edgekd.export.golden", "edgekd.validate", "edgekd.validate.fidelity", "edgekd.validate.gates",
+                    "edgekd.validate.speed", "edgekd.validate.data"]
+    modules = _modules()
+    for name in runtime_side:
+        heavy = {n for n in _imports(modules[name], top_level_only=True) if n.split(".")[0] in TOOLCHAIN}
+        assert not heavy, f"{name} imports {heavy} at module level: `pip install edgekd` (no torch) could not run it"
