@@ -1,5 +1,5 @@
 """A tiny random Llama with the packaged teacher's tokenizer, baked onto the 4-bit grid that
-`edgekd distill --qat-bits 4` trains on: what the mobile profile exports (CI's wheel check).
+`edgekd distill --qat-bits 4` trains on: what CI's wheel check exports for cpu and mobile.
 
     python tiny_grid_model.py OUT_DIR
 """

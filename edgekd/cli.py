@@ -275,8 +275,11 @@ def distill(
     """Distill a small student from a teacher: the teacher answers prompts (or you give data), the
     student learns its token distributions, and --out gets a Hugging Face folder + distill.json.
 
-    With no flags but --out: SmolLM2-135M-Instruct teaches a 6-layer copy of itself on the shipped
-    prompts (about 5 minutes on 2 CPU cores). Runs unchanged under `accelerate launch`.
+    With no flags but --out: SmolLM2-135M-Instruct teaches a copy of its 21 most influential layers
+    on the shipped prompts (about 14 minutes on 2 CPU cores); --task NAME (see `edgekd tasks`)
+    distills a student for one job. Runs unchanged under `accelerate launch`. Set only in a --config
+    TOML: gen_top_p, gen_batch_size, train_on_prompt, weight_decay, warmup, min_lr_ratio,
+    max_grad_norm, keep_checkpoints.
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
     from edgekd.distill.config_io import resolve

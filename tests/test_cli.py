@@ -66,3 +66,16 @@ def test_inspect_smollm2_table():
     assert r.returncode == 0, r.stderr
     for fact in ("30", "576", "49152", "134.5M", "True"):
         assert fact in r.stdout
+
+
+def test_every_distill_setting_is_a_flag_or_documented_config_only():
+    import dataclasses
+    import inspect
+
+    from edgekd import cli
+    from edgekd.distill.config import CONFIG_ONLY, DistillConfig
+
+    flags = set(inspect.signature(cli.distill).parameters)
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    assert fields - flags == set(CONFIG_ONLY), "a new DistillConfig field needs a flag, or a place in CONFIG_ONLY"
+    assert all(name in inspect.getdoc(cli.distill) for name in CONFIG_ONLY)  # said in `edgekd distill --help`

@@ -125,6 +125,12 @@ class DistillConfig:
             raise UsageError("pass either --data (text the student learns from) or --prompts (the teacher answers them), not both")
 
 
+# Settings read only from a --config TOML (or a pipeline file), not flags: rarely changed, each
+# documented on its field above. Every other field is a `edgekd distill` flag (tests/test_cli.py).
+CONFIG_ONLY = ("gen_top_p", "gen_batch_size", "train_on_prompt", "weight_decay", "warmup", "min_lr_ratio",
+               "max_grad_norm", "keep_checkpoints")
+
+
 def help_of(name: str) -> str:
     """The help text of a ``DistillConfig`` field, for the CLI (said once, here)."""
     for f in dataclasses.fields(DistillConfig):
