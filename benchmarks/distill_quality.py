@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from edgekd.distill.config import DistillConfig
-from edgekd.distill.loop import distill
+from edgekd.distill.trainer import distill
 from edgekd.teachers import load_model
 
 ROWS = [  # name, settings that differ from the forward-KL baseline

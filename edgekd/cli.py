@@ -283,7 +283,7 @@ def distill(
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
     from edgekd.distill.config_io import resolve
-    from edgekd.distill.loop import distill as run_distill
+    from edgekd.distill.trainer import distill as run_distill
 
     if flags["data"] is not None:
         flags["data"] = tuple(flags["data"])
@@ -309,14 +309,14 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).", metavar="")] = False,
     trust_remote_code: TrustRemoteCode = False,
     search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).", metavar="")] = False,
-    golden_prompts: Annotated[int, typer.Option("--golden-prompts", help="Held-out prompts whose reference answers and top-k log-probs go into golden.json, for `edgekd check` on the device (0: none).")] = GOLDEN_PROMPTS,
+    golden_prompts: Annotated[Optional[int], typer.Option("--golden-prompts", help=f"Held-out prompts whose reference answers and top-k log-probs go into golden.json, for `edgekd check` on the device (0: none; default: {GOLDEN_PROMPTS}).", show_default=False)] = None,
     golden_data: Annotated[Optional[Path], typer.Option("--golden-data", help="A jsonl of {\"prompt\"} records for golden.json (default: the distillation's held-out split, else the shipped held-out prompts).")] = None,
 ) -> None:
     """Export a model to an ONNX bundle (KV cache, quantized for the target) with tokenizer, manifest
     and a golden reference for `edgekd check`."""
     from edgekd.export import export_bundle
 
-    if golden_prompts < 0:
+    if golden_prompts is not None and golden_prompts < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--golden-prompts")
     if search:
         return _export_search(model, target, out, overwrite, trust_remote_code)

@@ -15,6 +15,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Every export writes a golden reference (edgekd check); the suite exports dozens of bundles, so
+# its default is 4 prompts here instead of 16. Tests of the golden file pass their own count.
+import edgekd.export
+
+edgekd.export.GOLDEN_PROMPTS = 4
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"

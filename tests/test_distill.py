@@ -243,8 +243,8 @@ def test_a_run_that_cannot_fit_is_refused_early(tiny_teacher_dir, tiny_data, tmp
 def test_topk_kept_during_generation_equals_a_teacher_forced_pass(tiny_teacher_dir, temperature):
     """The cache read off generate()'s logits is the one a second, teacher-forced pass computes."""
     from edgekd.distill import cache as tcache
+    from edgekd.distill.answers import _captured_part
     from edgekd.distill.data import encode_records, generate_answers
-    from edgekd.distill.loop import _captured_part
 
     teacher, tok = load_model(str(tiny_teacher_dir))
     prompts = ["Tell me about the sea", "Paris is", "Write a poem about the wind and the stars", "Numbers: 1 2 3"]

@@ -1,8 +1,10 @@
 """``edgekd distill``: knowledge distillation from a teacher LLM into a small student.
 
-``config`` (DistillConfig), ``students`` (where the student comes from), ``data`` (files, teacher
-answers, batching), ``losses`` (divergences and the chunked head loss), ``cache`` (teacher top-k
-cache), ``checkpoint`` (atomic checkpoints), ``loop`` (``distill(cfg)``: the loop).
+``trainer`` (``distill(cfg)``: the run, top to bottom), ``config`` (DistillConfig), ``students``
+(where the student comes from; ``importance`` measures which layers matter), ``answers`` (the
+records and the teacher's top-k), ``data`` (files, generation, batching), ``losses`` (divergences
+and the chunked head loss), ``cache`` (the teacher top-k cache pass), ``checkpoint`` (atomic
+checkpoints), ``loop`` (the loss module, evaluation, saving, logging).
 """
 
 from edgekd.distill.config import DistillConfig
@@ -11,6 +13,6 @@ __all__ = ["DistillConfig", "distill"]
 
 
 def distill(cfg: DistillConfig, **kw):
-    from edgekd.distill.loop import distill as _distill
+    from edgekd.distill.trainer import distill as _distill
 
     return _distill(cfg, **kw)

@@ -5,7 +5,8 @@
 ``prepare_targets`` (the teacher's top-k, kept from its answers or computed once) ->
 ``prepare_optimizer`` (+ resume) -> ``train`` (one loop: ``step`` = micro-batches -> clip ->
 optimizer step -> log -> evaluate/checkpoint) -> ``save``. State lives on the trainer; the helpers
-it calls are in ``edgekd.distill.loop``, in the order it calls them.
+it calls are in ``edgekd.distill.answers`` (records, teacher answers and top-k) and
+``edgekd.distill.loop`` (loss module, evaluation, saving, logging).
 
 The same code runs on one CPU, one GPU (bf16 autocast) and under ``accelerate launch
 --num_processes N``: every process builds the same batch plan and takes its rows of each global
@@ -27,6 +28,7 @@ import torch
 
 from edgekd import __version__
 from edgekd.config import to_dict
+from edgekd.distill import answers
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill import loop as helpers
 from edgekd.distill.config import DistillConfig
@@ -119,8 +121,8 @@ class Trainer:
         cfg, say = self.cfg, self.say
         t0 = time.time()
         args = (cfg, self.out, self.teacher, self.tok, self.fingerprint, self.accel, say)
-        self.records, self.data_info = helpers.training_records(*args)
-        heldout_records = helpers.heldout_records_for(*args)
+        self.records, self.data_info = answers.training_records(*args)
+        heldout_records = answers.heldout_records_for(*args)
         self.timings["teacher_answers_s"] = round(time.time() - t0, 1)
         self.examples, self.summary = encode_records(self.tok, self.records, cfg.max_length, cfg.train_on_prompt)
         self.held, self.held_summary = encode_records(self.tok, heldout_records, cfg.max_length, False)
@@ -153,16 +155,16 @@ class Trainer:
     # ---- teacher targets: top-k log-probs per loss position, kept from its answers or computed once
     def prepare_targets(self) -> None:
         cfg = self.cfg
-        groups = helpers.label_token_groups(self.tok, helpers.task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
+        groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
         self.spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=self.student.vocab,
                              label_groups=groups, label_weight=cfg.label_loss if groups else 0.0)
         self.cached = None
         if cfg.cache_teacher:
             t0 = time.time()
-            self.cached = helpers.captured_cache(self.out, self.data_info, self.records, self.examples, self.student.vocab,
+            self.cached = answers.captured_cache(self.out, self.data_info, self.records, self.examples, self.student.vocab,
                                                  cfg.top_k, self.say)
             if self.cached is None:
-                self.cached = helpers.teacher_cache(cfg, self.out, self.teacher, self.examples, self.fingerprint,
+                self.cached = answers.teacher_cache(cfg, self.out, self.teacher, self.examples, self.fingerprint,
                                                     self.student.vocab, self.accel, self.device, self.say)
             self.timings["teacher_cache_s"] = round(time.time() - t0, 1)
 
@@ -225,7 +227,7 @@ class Trainer:
         self.epoch_times: list[float] = []
         epoch_t0, last_epoch = time.time(), None
         self.train_t0, self.tokens_seen = time.time(), 0
-        with helpers._progress(self.main, self.console) as progress:
+        with helpers.progress_bar(self.main, self.console) as progress:
             task = progress.add_task("distilling", total=self.total, completed=self.start_step, loss=float("nan"), tps=0.0)
             for step in range(self.start_step, self.total):
                 epoch, micro = self.plan(step)
@@ -309,8 +311,8 @@ class Trainer:
             "edgekd_version": __version__,
             "teacher": cfg.teacher,
             "teacher_fingerprint": self.fingerprint,
-            "heldout": helpers.HELDOUT,
-            "task": helpers.task_of(cfg).record() if cfg.task else None,
+            "heldout": answers.HELDOUT,
+            "task": answers.task_of(cfg).record() if cfg.task else None,
             "student": self.student.describe,
             "config": to_dict(cfg),
             "data": {**self.data_info, "train": self.summary, "heldout": self.held_summary, "shared_prefix_tokens": self.prefix_len,

@@ -125,7 +125,7 @@ def export_bundle(
     trust_remote_code: bool = False,
     log: Callable[[str], None] | None = None,
     fp32_onnx: Path | None = None,
-    golden_prompts: int = GOLDEN_PROMPTS,
+    golden_prompts: int | None = None,
     golden: dict[str, Any] | None = None,
     golden_data: Path | None = None,
 ) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def export_bundle(
     ``fp32_onnx``: an fp32 export of this same model at the profile's opset, made earlier (the
     search reuses one across candidates); it is checked against PyTorch like a fresh export.
     ``golden_prompts``: held-out prompts in the bundle's golden reference for ``edgekd check``
-    (0: none), from ``golden_data`` (a jsonl of ``{"prompt"}``; default: the distillation's held-out
+    (0: none; None: ``GOLDEN_PROMPTS``), from ``golden_data`` (a jsonl of ``{"prompt"}``; default: the distillation's held-out
     split, else the shipped held-out prompts); ``golden``: one made earlier for this same model (the
     search reuses it).
     """
@@ -152,6 +152,7 @@ def export_bundle(
     source = resolve_source(model)
     inputs = (source.path,) if source.path is not None else ()
     check_output_dir(out, overwrite, inputs)  # before minutes of work
+    golden_prompts = GOLDEN_PROMPTS if golden_prompts is None else golden_prompts
     if golden_data is not None and golden_prompts > 0:
         from edgekd.validate.data import load_records
 

@@ -1,0 +1,236 @@
+"""What the student learns from: the training and held-out records (files, or the teacher's
+answers to prompts, reused by a rerun with the same key), and the teacher's top-k log-probs per
+answer position (kept from the teacher's own generation logits, or a cache pass over the records).
+
+    data/train.jsonl, data/heldout.jsonl    the records (each process writes its own part)
+    data/topk/                              the top-k captured while the teacher answered
+    cache/topk-*.safetensors                the cache pass, when nothing was captured
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from edgekd.distill import cache as tcache
+from edgekd.distill.config import DistillConfig
+from edgekd.distill.data import (
+    Example,
+    examples_digest,
+    file_digest,
+    generate_answers,
+    read_prompts,
+    read_records,
+)
+from edgekd.distill.loop import progress_bar
+from edgekd.errors import EdgekdError, UsageError
+from edgekd.paths import resource
+
+HELDOUT = "data/heldout.jsonl"  # the held-out split distill.json names (what `edgekd validate` uses)
+SHIPPED_TRAIN = "examples/prompts/train.jsonl"
+SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"
+
+
+def _shipped(relative: str) -> Path:
+    return resource(relative)
+
+
+def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[list[dict], dict]:
+    """The training records: ``--data`` files as they are, or teacher answers to ``--prompts``
+    (default: the task's train.jsonl, else the shipped prompts), generated once and cached in
+    ``data/train.jsonl``. A prompts file whose every record has a response is used as it is."""
+    if cfg.data:
+        records = []
+        for f in cfg.data:
+            records += read_records(Path(f))
+        return records, {"source": "files", "files": [str(Path(f).resolve()) for f in cfg.data],
+                         "sha256": file_digest(Path(f) for f in cfg.data)}
+    path = Path(cfg.prompts) if cfg.prompts else task_of(cfg).train if cfg.task else _shipped(SHIPPED_TRAIN)
+    if path.suffix.lower() != ".txt":
+        given = read_records(path)
+        if all(isinstance(r.get("response"), str) for r in given):
+            given = given[: cfg.max_prompts] if cfg.max_prompts else given
+            return given, {"source": "file responses", "prompts_file": str(path.resolve()), "prompts": len(given)}
+    prompts = read_prompts(path)
+    if cfg.max_prompts:
+        prompts = prompts[: cfg.max_prompts]
+    records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training",
+                              capture=captures_topk(cfg))
+    info = {"source": "teacher answers", "prompts_file": str(path.resolve()), "prompts": len(prompts),
+            "finished_answers": sum(r["finished"] for r in records)}
+    if captures_topk(cfg):
+        info["answers_key"] = answers_key(cfg, fingerprint, prompts)
+    if cfg.task and task_of(cfg).labels:
+        info["answers_without_label"] = check_labels(records, task_of(cfg).labels, say)
+    return records, info
+
+
+def task_of(cfg: DistillConfig):
+    from edgekd.tasks import load_task
+
+    return load_task(cfg.task)
+
+
+def check_labels(records: list[dict], labels, say) -> int:
+    """Count the teacher answers that name none of the task's labels: warn, or refuse when none do."""
+    from edgekd.tasks import label_of
+
+    missing = sum(label_of(r["response"], labels) is None for r in records)
+    if missing == len(records):
+        raise UsageError(f"none of the teacher's {len(records)} answers names a label ({', '.join(labels)}): "
+                         "the task's prompts must ask for one of its labels, or the teacher cannot do this task")
+    if missing:
+        say(f"[yellow]warning: {missing} of {len(records)} teacher answers name none of the labels ({', '.join(labels)})[/yellow]")
+    return missing
+
+
+def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list[dict]:
+    """Held-out ``{"prompt", "response"}`` records in ``data/heldout.jsonl``: the file's own
+    responses when it has them, else the teacher's answers. Never trained on."""
+    path = Path(cfg.heldout) if cfg.heldout else task_of(cfg).heldout if cfg.task else _shipped(SHIPPED_HELDOUT)
+    records = read_records(path)
+    for n, r in enumerate(records, 1):
+        if "prompt" not in r:
+            raise UsageError(f"{path}: held-out record {n} needs a 'prompt' (and optionally a 'response')")
+    if cfg.max_heldout:
+        records = records[: cfg.max_heldout]
+    if all("response" in r for r in records):
+        records = [{"prompt": r["prompt"], "response": r["response"], "finished": r.get("finished", True)} for r in records]
+        if accel.is_main_process:
+            _write_jsonl(out / HELDOUT, records)
+        accel.wait_for_everyone()
+        return records
+    return teacher_answers(cfg, out / HELDOUT, [r["prompt"] for r in records], teacher, tok, fingerprint, accel, say, "held-out")
+
+
+def answers_key(cfg, fingerprint: str, prompts: list[str]) -> str:
+    """What the teacher's answers depend on: a rerun with the same key reuses them."""
+    key = json.dumps([fingerprint, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, cfg.max_length, "v2"], sort_keys=True)
+    return __import__("hashlib").sha256(key.encode()).hexdigest()
+
+
+def captures_topk(cfg) -> bool:
+    """Whether the training answers keep the teacher's top-k as they are generated (then the
+    teacher cache needs no second pass): answer-only loss, with the cache on."""
+    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0
+
+
+def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerprint, accel, say, what: str,
+                    capture: bool = False) -> list[dict]:
+    """Teacher answers to ``prompts`` in ``path`` (jsonl), reused when its key matches. ``capture``:
+    keep the teacher's top-k log-probs of every answer position, read off the generation's own
+    logits, in ``<path folder>/topk/`` (the teacher cache's format, keyed by the answers' key)."""
+    key = answers_key(cfg, fingerprint, prompts)
+    meta = path.with_suffix(".key")
+    if path.is_file() and meta.is_file() and meta.read_text().strip() == key:
+        say(f"reusing the teacher's {what} answers in {path}")
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rank, world = accel.process_index, accel.num_processes
+    mine = list(range(rank, len(prompts), world))
+    with progress_bar(accel.is_main_process, None, tokens=True) as progress:
+        task = progress.add_task(f"teacher answers ({what})", total=len(mine), loss=float("nan"), tps=0.0)
+        t0, done_tokens = time.time(), 0
+
+        def on_batch(n, tokens):
+            nonlocal done_tokens
+            done_tokens += tokens
+            progress.update(task, advance=n, tps=done_tokens / max(time.time() - t0, 1e-9))
+
+        answers, truncated = generate_answers(
+            teacher, tok, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
+            top_p=cfg.gen_top_p, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1000 * rank,
+            max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens), on_batch=on_batch,
+            keep_topk=cfg.top_k if capture else 0, kd_temperature=cfg.temperature,
+            vocab=teacher.get_output_embeddings().weight.shape[0])
+    if capture:
+        tcache.write_part(path.parent / "topk", key, rank, world, _captured_part(answers, mine))
+    if truncated:
+        say(f"[yellow]{truncated} {what} prompts were longer than max_length - max_new_tokens and were cut from the left[/yellow]")
+    part = path.parent / f".{path.name}.part{rank}"
+    _write_jsonl(part, answers)
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        merged: list[dict | None] = [None] * len(prompts)
+        for r in range(world):
+            p = path.parent / f".{path.name}.part{r}"
+            for j, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+                merged[r + j * world] = json.loads(line)
+            p.unlink()
+        _write_jsonl(path, merged)
+        meta.write_text(key + "\n")
+    accel.wait_for_everyone()
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The top-k that ``generate_answers`` kept, in the teacher cache's layout (popped from the records)."""
+    logps, idxs, starts, counts, row = [], [], [], [], 0
+    for a in answers:
+        logp, idx = a.pop("topk")
+        logps.append(logp)
+        idxs.append(idx)
+        starts.append(row)
+        counts.append(logp.shape[0])
+        row += logp.shape[0]
+    return {"logp": torch.cat(logps), "idx": torch.cat(idxs), "example": torch.tensor(indices, dtype=torch.long),
+            "start": torch.tensor(starts, dtype=torch.long), "count": torch.tensor(counts, dtype=torch.long)}
+
+
+def _write_jsonl(path: Path, records: Sequence[dict | None]) -> None:
+    from edgekd.io import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def captured_cache(out: Path, data_info: dict, records: list[dict], examples: list[Example], vocab: int, k: int, say):
+    """The teacher's top-k kept while it wrote the answers, when it covers exactly these examples
+    (one per record, targets on the generated tokens, same vocabulary), else None."""
+    key = data_info.get("answers_key")
+    if not key or len(examples) != len(records):
+        return None
+    table = tcache.load(out / "data" / "topk", key, len(examples))
+    if table is None:
+        return None
+    for i, (ex, rec) in enumerate(zip(examples, records)):
+        logp, idx = table[i]
+        if logp.shape[0] != ex.n_targets or len(rec.get("answer_ids") or ()) != ex.n_targets or logp.shape[1] != min(k, vocab) \
+                or (idx.numel() and int(idx.max()) >= vocab):
+            return None
+    say("teacher cache: the top-k kept while the teacher wrote the answers (no second teacher pass)")
+    return table
+
+
+def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab, accel, device, say):
+    """Load the teacher-logit cache for these examples, or build it (each process its share)."""
+    key = tcache.cache_key(fingerprint, examples_digest(examples), cfg.top_k, cfg.temperature, vocab)
+    folder = out / "cache"
+    table = tcache.load(folder, key, len(examples))
+    if table is not None:
+        say(f"teacher cache: reusing {folder}")
+        return table
+    rank, world = accel.process_index, accel.num_processes
+    mine = list(range(rank, len(examples), world))
+    t0, seen = time.time(), [0]
+
+    def advance(n: int, tokens: int) -> None:
+        seen[0] += tokens
+        progress.update(task, advance=n, tps=seen[0] / max(time.time() - t0, 1e-9))
+
+    with progress_bar(accel.is_main_process, None, tokens=True) as progress:
+        task = progress.add_task("teacher cache (top-k)", total=len(mine), loss=float("nan"), tps=0.0)
+        part = tcache.teacher_topk(teacher, examples, mine, k=cfg.top_k, temperature=cfg.temperature, vocab=vocab,
+                                   batch_size=max(cfg.batch_size, 8), chunk_size=cfg.chunk_size, device=device,
+                                   on_batch=advance)
+    tcache.write_part(folder, key, rank, world, part)
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        for stale in tcache.stale_parts(folder, key):
+            stale.unlink(missing_ok=True)
+    table = tcache.load(folder, key, len(examples))
+    if table is None:
+        raise EdgekdError(f"the teacher cache in {folder} could not be read back: is the disk full?")
+    return table
