@@ -24,7 +24,8 @@ install: $(VENV)/.installed
 EDGEKD := $(VENV)/bin/edgekd
 
 # The apprentice: distill the sentiment task (importance-pruned, quantization-aware) -> export cpu +
-# mobile -> validate both against the student and the teacher -> classify a held-out review.
+# mobile -> validate both against the student and the teacher -> check the mobile bundle as a device
+# would (no torch) -> classify a held-out review.
 DEMO_REVIEW ?= Classify the sentiment of this review as positive or negative. Review: The hotel looked nothing like the photos, the shower was cold every morning and nobody at reception cared.
 
 demo: install
@@ -35,6 +36,8 @@ demo: install
 	-$(EDGEKD) validate $(DEMO_DIR)/bundle-cpu --out $(DEMO_DIR)/report
 	$(EDGEKD) export $(DEMO_DIR)/student --target mobile --out $(DEMO_DIR)/bundle-mobile --overwrite
 	-$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
+	# what a phone would run: the bundle against its own golden reference, no torch needed
+	-$(EDGEKD) check $(DEMO_DIR)/bundle-mobile
 	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)"
 
 test: install
