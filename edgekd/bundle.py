@@ -63,6 +63,20 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
+def read_versioned_json(path: Path, fmt: str, version: int, what: str, fix: str = "") -> dict[str, Any]:
+    """A JSON object of edgekd's own format ``fmt`` at ``version`` (``{"format", "format_version",
+    ...}``), or a one-line ``UsageError`` naming the file, what is wrong and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}){fix}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise UsageError(f"{path} is not {what}{fix}")
+    if data.get("format_version") != version:
+        raise UsageError(f"{path} has format_version {data.get('format_version')}; this edgekd reads {version}")
+    return data
+
+
 def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     """Read and check a bundle's manifest.
 
@@ -75,14 +89,7 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise UsageError(f"{root} is not an edgekd bundle (no {MANIFEST}): run `edgekd export` first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UsageError(f"{path} is not an edgekd bundle manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"{path} has format_version {manifest.get('format_version')}; this edgekd reads {FORMAT_VERSION}")
+    manifest = read_versioned_json(path, FORMAT, FORMAT_VERSION, "an edgekd bundle manifest")
     check_types(manifest, path)
     model_file = manifest["model"]["file"]
     inside(root, model_file)  # an escaping path is refused as such, before anything else

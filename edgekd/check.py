@@ -24,7 +24,6 @@ Figures (against the reference, the unquantized model that was exported):
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,21 +56,14 @@ class CheckConfig:
 def read_golden(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """The bundle's ``golden.json``, checked: listed in the manifest (so hashed), of a known format,
     each example's fields of the right types. One-line errors say what to do."""
-    from edgekd.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION
+    from edgekd.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION, read_versioned_json
 
     listed = {e["path"] for e in manifest.get("files", [])}
     path = Path(root) / GOLDEN_FILE
     if GOLDEN_FILE not in listed or not path.is_file():
         raise UsageError(f"{root} has no golden reference ({GOLDEN_FILE}): re-export it with `edgekd export` "
                          f"(this edgekd writes one), or validate it with `edgekd validate`")
-    try:
-        golden = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): re-export the bundle") from None
-    if not isinstance(golden, dict) or golden.get("format") != GOLDEN_FORMAT:
-        raise UsageError(f"{path} is not an edgekd golden reference: re-export the bundle")
-    if golden.get("format_version") != GOLDEN_VERSION:
-        raise UsageError(f"{path} has format_version {golden.get('format_version')}; this edgekd reads {GOLDEN_VERSION}")
+    golden = read_versioned_json(path, GOLDEN_FORMAT, GOLDEN_VERSION, "an edgekd golden reference", ": re-export the bundle")
     examples = golden.get("examples")
     if not isinstance(examples, list) or not examples:
         raise UsageError(f"{path} holds no examples: re-export the bundle")

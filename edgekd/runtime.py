@@ -167,6 +167,25 @@ def load_chat_template(root: Path) -> ChatTemplate | None:
         raise UsageError(f"the chat template in {root} does not parse ({type(e).__name__}: {e}): re-export the bundle") from None
 
 
+# The onnxruntime release that first ran each operator edgekd's profiles write (its CPU kernels).
+OPERATOR_SINCE = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "MatMulInteger": "1.5", "DynamicQuantizeLinear": "1.5"}
+_MISSING_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op|"
+                         r"Could not find an implementation for (\w+)\((\d+)\)")
+
+
+def missing_operator(message: str) -> str | None:
+    """One line naming the operator an onnxruntime error says it lacks, and the release to install."""
+    import onnxruntime as ort
+
+    m = _MISSING_OP.search(message)
+    if not m:
+        return None
+    domain, op = (m.group(1) or "ai.onnx", m.group(2)) if m.group(2) else ("ai.onnx", m.group(4))
+    since = OPERATOR_SINCE.get(op)
+    need = f"install onnxruntime >= {since}" if since else "install a newer onnxruntime, or re-export for this one"
+    return f"this onnxruntime ({ort.__version__}) has no operator {domain}:{op}, which the bundle uses: {need}"
+
+
 def format_prompt(chat_template: ChatTemplate | None, prompt: str) -> str:
     """The prompt as the model sees it: the chat template around one user message."""
     return chat_template.render([{"role": "user", "content": prompt}]) if chat_template is not None else prompt
@@ -270,6 +289,9 @@ class Runtime:
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         except Exception as e:
+            missing = missing_operator(str(e))
+            if missing:
+                raise UsageError(f"{self.model_path}: {missing}") from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise UsageError(f"onnxruntime could not load {self.model_path}: {first}") from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

@@ -235,3 +235,37 @@ def test_manifest_path_escaping_the_bundle_is_refused(fp32_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="escapes the bundle"):
         Runtime(copy)
+
+
+def test_an_operator_this_onnxruntime_lacks_is_named_with_the_release_to_install():
+    from edgekd.runtime import missing_operator
+
+    line = missing_operator("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Fatal error: "
+                            "com.microsoft:MatMulNBits(-1) is not a registered function/op")
+    assert line is not None and "com.microsoft:MatMulNBits" in line and ">= 1.17" in line
+    assert "newer onnxruntime" in missing_operator("Could not find an implementation for FooBar(21) node with name 'x'")
+    assert missing_operator("some other failure") is None
+
+
+def test_a_bundle_with_an_unknown_operator_is_one_line(tmp_path, tiny_teacher_dir):
+    """A real session refusing a real graph: what a device with an older onnxruntime sees."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekd.bundle import read_manifest, write_manifest
+    from edgekd.errors import UsageError
+    from edgekd.export import export_bundle
+
+    profile = tmp_path / "fp32.toml"
+    profile.write_text('steps = []\n', encoding="utf-8")
+    bundle = tmp_path / "b"
+    export_bundle(str(tiny_teacher_dir), profile, bundle, golden_prompts=0)
+    g = helper.make_graph([helper.make_node("FooBarQuant", ["x"], ["y"], domain="com.microsoft")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]),
+              str(bundle / "model.onnx"))
+    manifest = read_manifest(bundle, verify=False)
+    write_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+    with pytest.raises(UsageError, match="has no operator com.microsoft:FooBarQuant, which the bundle uses"):
+        Runtime(bundle)
