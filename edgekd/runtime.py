@@ -167,22 +167,21 @@ def load_chat_template(root: Path) -> ChatTemplate | None:
         raise UsageError(f"the chat template in {root} does not parse ({type(e).__name__}: {e}): re-export the bundle") from None
 
 
-# The onnxruntime release that first ran each operator edgekd's profiles write (its CPU kernels).
-OPERATOR_SINCE = {"MatMulNBits": "1.17", "GatherBlockQuantized": "1.20", "MatMulInteger": "1.5", "DynamicQuantizeLinear": "1.5"}
 _MISSING_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op|"
                          r"Could not find an implementation for (\w+)\((\d+)\)")
 
 
-def missing_operator(message: str) -> str | None:
-    """One line naming the operator an onnxruntime error says it lacks, and the release to install."""
+def missing_operator(message: str, exported_with: str | None = None) -> str | None:
+    """One line naming the operator an onnxruntime error says it lacks, and the release to install:
+    the one the bundle was exported and checked with (``exported_with``, from its manifest)."""
     import onnxruntime as ort
 
     m = _MISSING_OP.search(message)
     if not m:
         return None
     domain, op = (m.group(1) or "ai.onnx", m.group(2)) if m.group(2) else ("ai.onnx", m.group(4))
-    since = OPERATOR_SINCE.get(op)
-    need = f"install onnxruntime >= {since}" if since else "install a newer onnxruntime, or re-export for this one"
+    need = (f"install onnxruntime >= {exported_with} (the release the bundle was exported and checked with)" if exported_with
+            else "install a newer onnxruntime, or re-export the bundle with this one")
     return f"this onnxruntime ({ort.__version__}) has no operator {domain}:{op}, which the bundle uses: {need}"
 
 
@@ -289,7 +288,7 @@ class Runtime:
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         except Exception as e:
-            missing = missing_operator(str(e))
+            missing = missing_operator(str(e), (self.manifest.get("export_check") or {}).get("onnxruntime"))
             if missing:
                 raise UsageError(f"{self.model_path}: {missing}") from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

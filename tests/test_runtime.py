@@ -241,8 +241,8 @@ def test_an_operator_this_onnxruntime_lacks_is_named_with_the_release_to_install
     from edgekd.runtime import missing_operator
 
     line = missing_operator("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Fatal error: "
-                            "com.microsoft:MatMulNBits(-1) is not a registered function/op")
-    assert line is not None and "com.microsoft:MatMulNBits" in line and ">= 1.17" in line
+                            "com.microsoft:MatMulNBits(-1) is not a registered function/op", "1.32.0")
+    assert line is not None and "com.microsoft:MatMulNBits" in line and ">= 1.32.0 (the release the bundle was exported" in line
     assert "newer onnxruntime" in missing_operator("Could not find an implementation for FooBar(21) node with name 'x'")
     assert missing_operator("some other failure") is None
 
@@ -267,5 +267,7 @@ def test_a_bundle_with_an_unknown_operator_is_one_line(tmp_path, tiny_teacher_di
               str(bundle / "model.onnx"))
     manifest = read_manifest(bundle, verify=False)
     write_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
-    with pytest.raises(UsageError, match="has no operator com.microsoft:FooBarQuant, which the bundle uses"):
+    import onnxruntime
+
+    with pytest.raises(UsageError, match=f"has no operator com.microsoft:FooBarQuant, which the bundle uses: install onnxruntime >= {onnxruntime.__version__}"):
         Runtime(bundle)

@@ -35,6 +35,12 @@ GOLDEN_ANSWER_TOKENS = 32  # answer tokens per golden prompt when the model's ta
 ORT_FILE = "model.ort"
 
 
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -243,6 +249,7 @@ def export_bundle(
                 "model_bytes": model_bytes,
                 "size_ratio_vs_fp32": model_bytes / fp32_bytes,
                 "seconds": round(time.time() - t0, 1),
+                "onnxruntime": _onnxruntime_version(),  # the release the bundle was checked with (check names it)
             },
             "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
         }
