@@ -128,7 +128,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
                  log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Measure ``bundle`` against its golden reference on this machine; return the report (with
     ``gates``, ``not_checked`` and ``passed``). A failed gate is not an exception (see the CLI)."""
-    from edgekd.runtime import Runtime, environment
+    from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import label_of
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.speed import model_bytes, time_runtime
@@ -148,8 +148,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
         log("timing prefill and decode ...")
         cost.update({k: v for k, v in time_runtime(rt).items() if k in ("prefill_tokens", "prefill_ms", "decode_tokens_per_s")})
 
-    eos = rt.eos_token_ids
-    answers = [rt.tokenizer.decode([t for t in a if t not in eos], skip_special_tokens=True).strip() for a in ours]
+    answers = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours]
     task = (manifest.get("source") or {}).get("task") or {}
     labels = task.get("labels") or ()
     task_figures = None

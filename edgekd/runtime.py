@@ -27,7 +27,7 @@ import platform
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +183,11 @@ def missing_operator(message: str, exported_with: str | None = None) -> str | No
     need = (f"install onnxruntime >= {exported_with} (the release the bundle was exported and checked with)" if exported_with
             else "install a newer onnxruntime, or re-export the bundle with this one")
     return f"this onnxruntime ({ort.__version__}) has no operator {domain}:{op}, which the bundle uses: {need}"
+
+
+def answer_text(tokenizer, ids: Sequence[int], eos_ids: Container[int]) -> str:
+    """An answer's text as a person reads it: its eos tokens dropped, special tokens skipped, stripped."""
+    return tokenizer.decode([int(t) for t in ids if t not in eos_ids], skip_special_tokens=True).strip()
 
 
 def format_prompt(chat_template: ChatTemplate | None, prompt: str) -> str:

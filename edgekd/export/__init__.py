@@ -146,10 +146,10 @@ def export_bundle(
     split, else the shipped held-out prompts); ``golden``: one made earlier for this same model (the
     search reuses it).
     """
-    from edgekd.bundle import check_external_data, write_manifest
+    from edgekd.bundle import MANIFEST, check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import atomic_dir, check_output_dir, output_lock
+    from edgekd.io import atomic_dir, check_output_dir, output_lock, write_json
     from edgekd.teachers import load_model, resolve_source
 
     say = log or (lambda msg: None)
@@ -264,7 +264,7 @@ def export_bundle(
             manifest["export_check"]["golden"] = {k: figures[k] for k in (
                 "positions", "top1", "kl_mean", "greedy_exact", "greedy_exact_ci95", "greedy_prefix_tokens")}
             manifest["export_check"]["golden"]["prompts"] = len(golden["examples"])
-            manifest = write_manifest(tmp, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
+            write_json(tmp / MANIFEST, manifest)  # no file changed since it was written: the hashes stand
     budget = profile.gates.max_size_mb
     if budget is not None and model_bytes / 1e6 > budget:
         say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")

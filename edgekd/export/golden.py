@@ -35,7 +35,7 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
     import torch
     from tokenizers import Tokenizer
 
-    from edgekd.runtime import encode_prompt, load_chat_template
+    from edgekd.runtime import answer_text, encode_prompt, load_chat_template
 
     tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))
     template = load_chat_template(Path(bundle_dir))
@@ -61,7 +61,7 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
                     break
                 x = torch.tensor([[token]], device=device)
             examples.append({"prompt": rec["prompt"], "prompt_ids": ids, "answer_ids": answer,
-                             "answer": tokenizer.decode([t for t in answer if t not in eos], skip_special_tokens=True).strip(),
+                             "answer": answer_text(tokenizer, answer, eos),
                              "topk_ids": top_ids, "topk_logprobs": top_lp})
     return {"format": GOLDEN_FORMAT, "format_version": GOLDEN_VERSION, "prompts_from": prompts_from,
             "answer_tokens": answer_tokens, "top_k": GOLDEN_TOP_K, "examples": examples}

@@ -98,7 +98,7 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
-    from edgekd.runtime import Runtime, environment
+    from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import score_answers
     from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
@@ -205,10 +205,10 @@ def validate(
             metrics, kl = compare_logits(ours, theirs, answers)
             greedy = compare_greedy(ours_greedy, their_greedy, n)
             fidelity[role] = {**metrics, **greedy, "model": spec}
-            texts[role] = [_answer_text(rt, a) for a in their_greedy]
+            texts[role] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in their_greedy]
             if role == "reference":  # per prompt, for the plots
                 kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
-        texts["bundle"] = [_answer_text(rt, a) for a in ours_greedy]
+        texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
         task_figures = None
         if task:
             task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or ())}
@@ -258,12 +258,6 @@ def validate(
         r["plots"] = {"kl_gate": gate}
     write_report(out, reports, kls, command)
     return reports, out
-
-
-def _answer_text(rt, ids: list[int]) -> str:
-    """An answer's text as a person reads it (its eos token dropped)."""
-    ids = [t for t in ids if t not in rt.eos_token_ids]
-    return rt.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def failed_gates(reports: Sequence[dict[str, Any]]) -> list[str]:
