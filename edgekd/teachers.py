@@ -3,6 +3,12 @@ teacher that edgekd knows by name (the packaged SmolLM2-135M-Instruct).
 
 One entry point, ``load_model(source) -> (model, tokenizer)``. Nothing is ever downloaded: a hub id
 is looked up in the local Hugging Face cache only.
+
+A GGUF file is dequantized and its tokenizer converted by transformers, about a minute for the
+135M teacher on 2 cores; the first load keeps the result as a safetensors folder in the
+conversion cache (``$EDGEKD_CACHE``, default ``~/.cache/edgekd``; ``EDGEKD_CACHE=off`` disables
+it), keyed by the file's SHA-256, so later loads take a second. The folder is written to a
+temporary name and renamed into place, so a killed conversion leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -77,14 +83,22 @@ class ModelSource:
         return sum(p.stat().st_size for p in self.files())
 
     def fingerprint(self) -> str:
-        """SHA-256 over the names and contents of the source's files."""
-        h = hashlib.sha256()
-        for p in self.files():
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-        return h.hexdigest()
+        """SHA-256 over the names and contents of the source's files (computed once per process
+        while no file changes its size or modification time)."""
+        files = self.files()
+        key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        if key not in _FINGERPRINTS:
+            h = hashlib.sha256()
+            for p in files:
+                h.update(p.name.encode())
+                with open(p, "rb") as f:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+            _FINGERPRINTS[key] = h.hexdigest()
+        return _FINGERPRINTS[key]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _hub_snapshot(hub_id: str | None) -> Path | None:
@@ -179,26 +193,68 @@ def _quiet():
         hf_logging.set_verbosity(level)
 
 
+def conversion_cache() -> Path | None:
+    """Where converted GGUF models are kept (None: ``EDGEKD_CACHE=off``)."""
+    value = os.environ.get("EDGEKD_CACHE", "")
+    if value.lower() in ("off", "0", "none"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekd"
+
+
+def _converted(source: ModelSource) -> Path | None:
+    """The cache folder for a GGUF source (whether or not it exists yet), keyed by its contents."""
+    root = conversion_cache()
+    if root is None or source.kind != "gguf":
+        return None
+    return root / "gguf" / source.fingerprint()[:32]
+
+
+def _keep_converted(folder: Path, model, tok) -> None:
+    """Save a converted GGUF model into the cache atomically; a failure only costs the speed-up."""
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, folder)  # atomic; fails (and is ignored) when another process won the race
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass
+
+
 def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     assert source.path is not None  # resolve_source gives every source a path
     if source.kind == "gguf":
+        cached = _converted(source)
+        if cached is not None and (cached / "config.json").is_file():
+            return str(cached), {**kwargs, "trust_remote_code": False}
         return str(source.path.parent), {**kwargs, "gguf_file": source.path.name}
     return str(source.path), kwargs
 
 
-def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False, model_config: Any = None):
-    """Load the tokenizer of a source; give it a pad token (eos) when it has none."""
+def _raw_tokenizer(source: ModelSource, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    source = source if isinstance(source, ModelSource) else resolve_source(source)
     where, kwargs = _load_kwargs(source, trust_remote_code)
     try:
         with _quiet():
-            tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            return AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as e:
         raise UsageError(f"could not load the tokenizer of {source.spec}: {_short(e)}") from None
-    return fix_special_tokens(tok, model_config)
+
+
+def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False, model_config: Any = None):
+    """Load the tokenizer of a source; give it a pad token (eos) when it has none."""
+    source = source if isinstance(source, ModelSource) else resolve_source(source)
+    return fix_special_tokens(_raw_tokenizer(source, trust_remote_code), model_config)
 
 
 def fix_special_tokens(tok, model_config: Any = None):
@@ -232,6 +288,8 @@ def load_model(
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     dtype = dtype or torch.float32
     where, kwargs = _load_kwargs(source, trust_remote_code)
+    if source.kind == "gguf" and "gguf_file" not in kwargs:
+        kwargs["use_safetensors"] = True  # the conversion cache
     if source.kind != "gguf":
         assert source.path is not None  # checked by _load_kwargs
         if not any(source.path.glob("*.safetensors")):
@@ -260,7 +318,11 @@ def load_model(
     except Exception as e:
         raise UsageError(f"could not load the weights of {source.spec}: {_short(e)} (truncated or corrupt file?)") from None
     model.eval()
-    tok = load_tokenizer(source, trust_remote_code=trust_remote_code, model_config=model.config)
+    raw_tok = _raw_tokenizer(source, trust_remote_code)
+    cache = _converted(source)
+    if cache is not None and "gguf_file" in kwargs and dtype == torch.float32:  # converted just now: keep it
+        _keep_converted(cache, model, raw_tok)
+    tok = fix_special_tokens(raw_tok, model.config)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok

@@ -7,19 +7,26 @@ tokenizer (chat template, pad token, eos) runs for real.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions (edgekd.teachers) are kept for this session only, shared with its subprocesses:
+# the real teacher is converted once instead of once per test, and the user's cache is not touched.
+os.environ["EDGEKD_CACHE"] = tempfile.mkdtemp(prefix="edgekd-test-cache-")
 
 # Every export writes a golden reference (edgekd check); the suite exports dozens of bundles, so
 # its default is 4 prompts here instead of 16. Tests of the golden file pass their own count.
 import edgekd.export
 
 edgekd.export.GOLDEN_PROMPTS = 4
+atexit.register(shutil.rmtree, os.environ["EDGEKD_CACHE"], True)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

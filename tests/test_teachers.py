@@ -174,17 +174,32 @@ def _write_tiny_gguf(path: Path, tokenizer, config) -> None:
     return model
 
 
-def test_gguf_file_loads_and_matches(tmp_path, tokenizer):
+def test_gguf_file_loads_and_matches(tmp_path, tokenizer, monkeypatch):
+    from edgekd.teachers import _load_kwargs
     from tests.conftest import tiny_llama_config
 
+    monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
     config = tiny_llama_config(layers=2)
     path = tmp_path / "tiny.gguf"
     reference = _write_tiny_gguf(path, tokenizer, config)
-    model, tok = load_model(str(path))
-    assert model.config.num_hidden_layers == 2
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None
-    ids = torch.tensor([tok("The capital of France is Paris.")["input_ids"]])
-    np.testing.assert_allclose(model(ids).logits.detach().numpy(), reference(ids).logits.detach().numpy(), atol=1e-4)
+    ids = None
+    for load in ("converts the GGUF file", "reads the conversion cache"):
+        model, tok = load_model(str(path))
+        assert model.config.num_hidden_layers == 2, load
+        assert tok.eos_token == "<|im_end|>" and tok.pad_token is not None, load
+        ids = ids if ids is not None else torch.tensor([tok("The capital of France is Paris.")["input_ids"]])
+        assert tok("The capital of France is Paris.")["input_ids"] == ids[0].tolist(), load
+        np.testing.assert_allclose(model(ids).logits.detach().numpy(), reference(ids).logits.detach().numpy(), atol=1e-4)
+    (cached,) = (tmp_path / "cache" / "gguf").iterdir()  # one folder, no temporary left behind
+    assert _load_kwargs(resolve_source(str(path)), False)[0] == str(cached)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cached.iterdir()}
+    # another file is another key; EDGEKD_CACHE=off converts every time and keeps nothing
+    with open(path, "ab") as f:
+        f.write(b"\0" * 32)
+    assert "gguf_file" in _load_kwargs(resolve_source(str(path)), False)[1]
+    monkeypatch.setenv("EDGEKD_CACHE", "off")
+    load_model(str(path))
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
 
 
 @requires_smollm2
