@@ -63,7 +63,7 @@ class MatMulNBits:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 0
-    algorithm: Literal["rtn", "hqq"] = "rtn"
+    algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps)
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
 
@@ -73,7 +73,7 @@ class MatMulNBits:
                f"matmul_nbits.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
         _check(self.accuracy_level in (0, 1, 2, 3, 4),
                f"matmul_nbits.accuracy_level = {self.accuracy_level}: use 0 (default), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
-        _check(not (self.algorithm == "hqq" and self.bits != 4), "matmul_nbits: algorithm 'hqq' needs bits = 4")
+        _check(not (self.algorithm != "rtn" and self.bits != 4), f"matmul_nbits: algorithm '{self.algorithm}' needs bits = 4 (8-bit is rtn)")
 
 
 @dataclasses.dataclass(frozen=True)

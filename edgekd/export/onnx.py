@@ -122,12 +122,13 @@ def _np_dtype(ort_type: str):
             "tensor(int32)": np.int32}[ort_type]
 
 
-def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None, facts: dict[str, Any]):
-    """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present)."""
+def feeds_for(inputs, input_ids: np.ndarray, past: dict[str, np.ndarray] | None, facts: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The inputs of one forward pass of the exported decoder (``inputs``: the session's
+    ``get_inputs()``): ``input_ids`` (batch, seq) after ``past`` (None: an empty cache)."""
     batch, seq = input_ids.shape
     past_len = 0 if not past else next(iter(past.values())).shape[2]
     feeds: dict[str, np.ndarray] = {}
-    for inp in sess.get_inputs():
+    for inp in inputs:
         name = inp.name
         if name == "input_ids":
             feeds[name] = input_ids.astype(_np_dtype(inp.type))
@@ -143,6 +144,12 @@ def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None,
                 feeds[name] = np.zeros(shape, dtype=_np_dtype(inp.type))
         else:
             raise EdgekdError(f"the exported model has an input edgekd does not know: {name}")
+    return feeds
+
+
+def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None, facts: dict[str, Any]):
+    """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present)."""
+    feeds = feeds_for(sess.get_inputs(), input_ids, past, facts)
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, feeds)))
     present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}

@@ -221,20 +221,29 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
 # ---------------------------------------------------------------------------------------------
 @step("matmul_nbits")
 def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
-    """Block-wise weight-only quantization of every MatMul with a constant weight (MatMulNBits)."""
+    """Block-wise weight-only quantization of every MatMul with a constant weight (MatMulNBits).
+
+    ``algorithm``: onnxruntime's own quantizers, all of them writing MatMulNBits: ``rtn``
+    (round to nearest), ``hqq`` (Badri & Shaji 2023, 4-bit), ``k_quant`` (llama.cpp's k-quant
+    search for each block's scale and minimum, 4-bit). 8-bit nodes (``int8_nodes``, or
+    ``bits = 8``) are RTN. onnxruntime's GPTQ is not offered: in onnxruntime 1.32 it rounds exactly
+    as RTN does and its symmetric packing adds error (``benchmarks/ort_gptq_check.py``)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     model = load_onnx(src)
 
+    def algo_config(bits: int):
+        if bits == 4 and settings.algorithm == "hqq":
+            return mq.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=4)
+        if bits == 4 and settings.algorithm == "k_quant":
+            return mq.KQuantWeightOnlyQuantConfig()
+        return mq.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
+                                               accuracy_level=settings.accuracy_level, bits=bits)
+
     def run(model, bits: int, include: list[str] | None, exclude: list[str]):
-        if settings.algorithm == "hqq" and bits == 4:
-            algo = mq.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=4)
-        else:
-            algo = mq.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
-                                                   accuracy_level=settings.accuracy_level, bits=bits)
         q = mq.MatMulNBitsQuantizer(model, bits=bits, block_size=settings.block_size, is_symmetric=settings.symmetric,
                                     accuracy_level=settings.accuracy_level, nodes_to_include=include,
-                                    nodes_to_exclude=exclude, algo_config=algo)
+                                    nodes_to_exclude=exclude, algo_config=algo_config(bits))
         q.process()
         return q.model.model
 
