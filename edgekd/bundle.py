@@ -25,6 +25,7 @@ Every path read from a manifest goes through ``edgekd.paths.inside``: nothing es
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -75,6 +76,82 @@ def read_versioned_json(path: Path, fmt: str, version: int, what: str, fix: str 
     if data.get("format_version") != version:
         raise UsageError(f"{path} has format_version {data.get('format_version')}; this edgekd reads {version}")
     return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The manifest's ``source`` table: the model the bundle was exported from."""
+
+    spec: str | None = None  # the exported model (a path, a known teacher's name or a hub id)
+    kind: str | None = None  # folder, gguf or hub
+    sha256: str | None = None  # of the source's files
+    teacher: str | None = None  # what it was distilled from (itself when not distilled)
+    heldout: str | None = None  # the distillation's held-out split, or None
+    task: dict[str, Any] | None = None  # the task it was distilled for (edgekd.tasks.Task.record)
+    quantization_aware: dict[str, Any] | None = None  # the --qat-bits grid it was trained on
+
+
+class Manifest:
+    """A checked ``manifest.json`` (``read_manifest``) read by attribute. ``data`` keeps the whole
+    table for what has no accessor (and for tools that re-sign a bundle)."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    @property
+    def source(self) -> Source:
+        table = self.data.get("source") or {}
+        return Source(**{f.name: table.get(f.name) for f in dataclasses.fields(Source)})
+
+    @property
+    def target(self) -> dict[str, Any]:
+        """The resolved target profile as a table (``name``, ``gates``, ``execution_providers``, steps)."""
+        return self.data.get("target") or {}
+
+    @property
+    def target_name(self) -> str | None:
+        return self.target.get("name")
+
+    @property
+    def gates(self) -> dict[str, float | None]:
+        return dict(self.target.get("gates") or {})
+
+    @property
+    def execution_providers(self) -> list[str]:
+        return list(self.target.get("execution_providers") or [])
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """``file``, ``num_layers``, ``eos_token_ids``, ... (see the module docstring)."""
+        return self.data.get("model") or {}
+
+    @property
+    def model_file(self) -> str:
+        return str(self.model.get("file", "model.onnx"))
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return list(self.data.get("files") or [])
+
+    @property
+    def model_sha256(self) -> str | None:
+        return next((f["sha256"] for f in self.files if f["path"] == self.model_file), None)
+
+    @property
+    def model_bytes(self) -> int:
+        """The model file and its external data (``model.onnx``, ``model.onnx.data``)."""
+        name = self.model_file
+        return int(sum(f["bytes"] for f in self.files if f["path"] == name or f["path"].startswith(name + ".")))
+
+    @property
+    def bundle_bytes(self) -> int:
+        """Every file the bundle ships."""
+        return int(sum(f["bytes"] for f in self.files))
+
+    @property
+    def export_check(self) -> dict[str, Any]:
+        """What export measured against PyTorch (``fp32_model_bytes``, ``onnxruntime``, ``golden``, ...)."""
+        return self.data.get("export_check") or {}
 
 
 def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.bundle import Manifest
 from edgekd.errors import UsageError
 
 __all__ = ["CheckConfig", "check_bundle", "read_golden"]
@@ -53,12 +54,12 @@ class CheckConfig:
             raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
 
 
-def read_golden(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def read_golden(root: Path, manifest: Manifest) -> dict[str, Any]:
     """The bundle's ``golden.json``, checked: listed in the manifest (so hashed), of a known format,
     each example's fields of the right types. One-line errors say what to do."""
     from edgekd.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION, read_versioned_json
 
-    listed = {e["path"] for e in manifest.get("files", [])}
+    listed = {e["path"] for e in manifest.files}
     path = Path(root) / GOLDEN_FILE
     if GOLDEN_FILE not in listed or not path.is_file():
         raise UsageError(f"{root} has no golden reference ({GOLDEN_FILE}): re-export it with `edgekd export` "
@@ -131,7 +132,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import label_of
     from edgekd.validate.gates import apply_gates
-    from edgekd.validate.speed import model_bytes, time_runtime
+    from edgekd.validate.speed import time_runtime
 
     log(f"opening {bundle} (checking file hashes) ...")
     rt = Runtime(bundle, providers=config.providers, threads=config.threads)
@@ -143,13 +144,13 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     log(f"{len(examples)} golden prompts: the reference's answers teacher-forced, then the bundle's own ...")
     figures, kls, ours = replay_golden(rt, examples, n)
     mismatched = [i for i, ex in enumerate(examples) if rt.encode_prompt(ex["prompt"]) != ex["prompt_ids"]]
-    cost: dict[str, Any] = {"size_mb": model_bytes(manifest) / 1e6}
+    cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6}
     if config.speed:
         log("timing prefill and decode ...")
         cost.update({k: v for k, v in time_runtime(rt).items() if k in ("prefill_tokens", "prefill_ms", "decode_tokens_per_s")})
 
     answers = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours]
-    task = (manifest.get("source") or {}).get("task") or {}
+    task = manifest.source.task or {}
     labels = task.get("labels") or ()
     task_figures = None
     if labels:
@@ -163,16 +164,16 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
         gates_obj, name = load_gates(config.target)
         gates, gates_from = to_dict(gates_obj), f"the target profile {name} (--target {config.target})"
     else:
-        gates = (manifest.get("target") or {}).get("gates") or {}
-        gates_from = f"the bundle's own manifest (target {(manifest.get('target') or {}).get('name')})"
+        gates = manifest.gates
+        gates_from = f"the bundle's own manifest (target {manifest.target_name})"
     wanted = {k: v for k, v in gates.items() if v is not None}
     report: dict[str, Any] = {
         "bundle": str(rt.root.resolve()),
-        "target": (manifest.get("target") or {}).get("name"),
+        "target": manifest.target_name,
         "environment": environment(config.threads, rt.session.get_providers()),
         "golden": {"prompts": len(examples), "answer_tokens": n, "top_k": golden.get("top_k"),
                    "prompts_from": golden.get("prompts_from"), "tokenizer_mismatches": mismatched},
-        "fidelity": {"reference": {**figures, "model": (manifest.get("source") or {}).get("spec")}},
+        "fidelity": {"reference": {**figures, "model": manifest.source.spec}},
         "task": task_figures,
         "cost": cost,
         "examples": [{"prompt": ex["prompt"], "reference": ex["answer"], "bundle": a} for ex, a in zip(examples[:4], answers)],

@@ -324,27 +324,13 @@ def export(
     with console.status("exporting ...") as status:
         manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
                                  log=lambda msg: status.update(msg), golden_prompts=golden_prompts, golden_data=golden_data)
-    check = manifest["export_check"]
-    console.print(
-        f"[green]wrote[/green] {out} ({manifest['target']['name']}): {manifest['model']['file']} "
-        f"{_fmt_bytes(check['model_bytes'])} ({check['size_ratio_vs_fp32']:.0%} of fp32), "
-        f"probe top-1 vs PyTorch {check['top1_agreement']:.3f}, max |dlogit| {check['max_abs_logit_diff']:.3g}"
-    )
-    golden = check.get("golden")
-    if golden:
-        console.print(f"greedy answers equal to PyTorch's on {golden['greedy_exact']:.0%} of {golden['prompts']} held-out prompts "
-                      f"(mean common prefix {golden['greedy_prefix_tokens']:.1f} tokens; top-1 {golden['top1']:.3f}); "
-                      "golden.json lets `edgekd check` repeat this on the device", highlight=False)
-    qat = manifest["source"].get("quantization_aware")
-    if qat and not qat["reproduced_by_recipe"]:
-        err_console.print(f"[yellow]warning:[/yellow] this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
-                          f"(--qat-bits), but {manifest['target']['name']} quantizes differently: use matmul_nbits with "
-                          f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
-                          + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32" if qat.get("head_bits") else ""))
-    budget = manifest["target"]["gates"].get("max_size_mb")
-    if budget is not None and check["model_bytes"] / 1e6 > budget:
-        err_console.print(f"[yellow]warning:[/yellow] the model is over the target's size budget of {budget} MB: validate will fail it")
-    console.print(f"next: edgekd validate {out}")
+    from edgekd.export import summary
+
+    lines, warnings = summary(manifest, out)
+    for line in lines:
+        console.print(line, highlight=False, markup=False)
+    for line in warnings:
+        err_console.print(f"warning: {line}", highlight=False, markup=False)
 
 
 Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
@@ -394,6 +380,7 @@ def validate(
     speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Measure load time, prefill, decode tokens/s and peak memory.", metavar="")] = True,
     threads: Threads = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's gates (a shipped name or a .toml) whatever the bundle's manifest says; without it the gates come from the bundle itself.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="Score the answers as this task does (a shipped name or a task folder: labels, gates, held-out prompts) whatever the manifest says, e.g. the teacher's own bundle on your job.")] = None,
 ) -> None:
     """Check that a bundle is still the model: fidelity against the reference and the teacher,
     speed and cost, and the target's gates. Exit 0 when every gate passes, 1 when one fails."""
@@ -406,12 +393,12 @@ def validate(
 
     config = ValidateConfig(
         teacher=teacher, reference=reference, data=data, num_prompts=num_prompts,
-        answer_tokens=answer_tokens, speed=speed, threads=threads, target=target,
+        answer_tokens=answer_tokens, speed=speed, threads=threads, target=target, task=task,
     )
     flags = {"--teacher": teacher, "--reference": reference, "--data": data, "--out": out,
              "--num-prompts": num_prompts,
              "--answer-tokens": answer_tokens, "--threads": threads,
-             "--target": target}
+             "--target": target, "--task": task}
     words = ["edgekd", "validate", *map(str, bundles)] + [w for k, v in flags.items() if v is not None for w in (k, str(v))]
     command_line = " ".join(shlex.quote(w) for w in words) + ("" if speed else " --no-speed")
     with console.status("validating ...") as status:

@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 
 from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
+from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
 from edgekd.io import sha256_file, write_json
 
@@ -145,27 +146,27 @@ def distill_key(cfg: DistillConfig) -> dict[str, Any]:
 
 def export_up_to_date(stage: ExportStage, model_sha256: str, profile, search_validate: dict | None) -> tuple[bool, str]:
     """Whether the bundle at ``stage.out`` was made from this model and this profile."""
-    from edgekd.bundle import read_manifest
+    from edgekd.bundle import Manifest, read_manifest
 
     out = Path(stage.out)
     if not (out / "manifest.json").is_file():
         return False, "no bundle yet"
     try:
-        manifest = read_manifest(out, verify=True)
+        manifest = Manifest(read_manifest(out, verify=True))
     except UsageError as e:
         return False, f"the bundle is damaged ({e})"
-    if (manifest.get("source") or {}).get("sha256") != model_sha256:
+    if manifest.source.sha256 != model_sha256:
         return False, "the model changed"
     if stage.search:
-        record = manifest.get("search") or {}
+        record = manifest.data.get("search") or {}
         if record.get("profile") != to_dict(profile):
             return False, "the target profile changed" if record else "it was not made by a search"
         if record.get("validate") != search_validate:
             return False, "the search's validation settings changed"
     else:
-        if "search" in manifest:
+        if "search" in manifest.data:
             return False, "it was made by a search"
-        if manifest.get("target") != to_dict(profile):
+        if manifest.target != to_dict(profile):
             return False, "the target profile changed"
     return True, "same model and profile"
 
@@ -173,10 +174,11 @@ def export_up_to_date(stage: ExportStage, model_sha256: str, profile, search_val
 def _can_resume(out: Path, cfg: DistillConfig, stamp: dict | None, key: dict) -> bool:
     """A distill run in ``out`` that stopped before the end, with the same config (and, when one
     was recorded, the same inputs): ``edgekd distill --resume`` continues it from its checkpoint."""
-    if (out / "distill.json").is_file() or not (out / "checkpoints").is_dir() or not (out / "distill.toml").is_file():
+    run = StudentRun(out)
+    if not run.stopped_midway():
         return False
     try:
-        saved = from_mapping(DistillConfig, read_toml(out / "distill.toml"), str(out / "distill.toml"))
+        saved = run.saved_config()
     except UsageError:
         return False
     return saved == cfg and (stamp is None or stamp.get("key") == key)
@@ -211,11 +213,11 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
         out = Path(d.out)
         key = distill_key(d)
         stamp = _read_json(out / STAMP)
-        if (out / "distill.json").is_file() and stamp is not None and stamp.get("key") == key:
+        if StudentRun(out).is_complete() and stamp is not None and stamp.get("key") == key:
             results.append(StageResult("distill", d.out, "up to date", "same config, teacher and data"))
         else:
             resume = _can_resume(out, d, stamp, key)
-            why = ("resuming a run that stopped" if resume else "no student yet" if not (out / "distill.json").is_file()
+            why = ("resuming a run that stopped" if resume else "no student yet" if not StudentRun(out).is_complete()
                    else "the config, teacher or data changed")
             rebuilt = True
             if dry_run:

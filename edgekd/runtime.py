@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.bundle import check_external_data, read_manifest
+from edgekd.bundle import Manifest, check_external_data, read_manifest
 from edgekd.errors import UsageError
 from edgekd.paths import inside
 
@@ -263,9 +263,9 @@ class Runtime:
 
         t0 = time.perf_counter()
         self.root = Path(bundle)
-        self.manifest = read_manifest(self.root, verify=verify)
-        model = self.manifest.get("model") or {}
-        self.model_path = inside(self.root, model.get("file", "model.onnx"))
+        self.manifest = Manifest(read_manifest(self.root, verify=verify))
+        model = self.manifest.model
+        self.model_path = inside(self.root, self.manifest.model_file)
         if not self.model_path.is_file():
             raise UsageError(f"bundle {self.root} has no model file {model.get('file')!r}")
         if self.model_path.suffix == ".onnx":  # an .ort flatbuffer holds its weights inside
@@ -281,7 +281,7 @@ class Runtime:
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
         self.context_length = int(model.get("context_length") or 0) or None
 
-        wanted = list(providers) if providers else list((self.manifest.get("target") or {}).get("execution_providers") or [])
+        wanted = list(providers) if providers else self.manifest.execution_providers
         self.providers, self.warnings = choose_providers(wanted)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -293,7 +293,7 @@ class Runtime:
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         except Exception as e:
-            missing = missing_operator(str(e), (self.manifest.get("export_check") or {}).get("onnxruntime"))
+            missing = missing_operator(str(e), self.manifest.export_check.get("onnxruntime"))
             if missing:
                 raise UsageError(f"{self.model_path}: {missing}") from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -330,7 +330,7 @@ class Runtime:
         self.kv_dtype = _ORT_TO_NUMPY.get(first.type)
         if self.kv_dtype is None:
             raise UsageError(f"{self.model_path}: cache type {first.type} is not supported by the runtime")
-        model = self.manifest.get("model") or {}
+        model = self.manifest.model
         shape = first.shape  # (batch, kv_heads, past, head_dim)
         self.num_kv_heads = int(model.get("num_kv_heads") or shape[1])
         self.head_dim = int(model.get("head_dim") or shape[3])

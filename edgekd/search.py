@@ -369,13 +369,12 @@ class NoCandidatePasses(GateFailed):
 
 def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
     """A report with only the failed size gate when the bundle is over ``max_size_mb``, else None."""
-    from edgekd.bundle import read_manifest
+    from edgekd.bundle import Manifest, read_manifest
     from edgekd.validate.gates import apply_gates
-    from edgekd.validate.speed import model_bytes
 
     if max_size_mb is None:
         return None
-    size = model_bytes(read_manifest(bundle, verify=False)) / 1e6
+    size = Manifest(read_manifest(bundle, verify=False)).model_bytes / 1e6
     if size <= max_size_mb:
         return None
     report = {"passed": False, "validated": False, "cost": {"size_mb": size}, "fidelity": {}}

@@ -293,3 +293,21 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
     assert l0 == pytest.approx(l1, rel=1e-5) and a0 == a1
     for x, y in zip(g0, g1):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_prompt_loss_leaves_out_what_every_prompt_shares(tiny_teacher_dir):
+    """train_on_prompt puts loss on the prompts' own text, not on the template and instruction
+    every prompt starts with, so the shared prefix still runs once per batch."""
+    from edgekd.distill.data import encode_records, untarget_common_prefix
+    from edgekd.distill.loop import shared_prefix_len
+
+    _, tok = load_model(str(tiny_teacher_dir))
+    records = [{"prompt": f"Classify this: {t}", "response": a} for t, a in [("the sea is blue", "positive"), ("rude staff", "negative")]]
+    rows, _ = encode_records(tok, records, 512, True)
+    assert shared_prefix_len(rows) == 0  # the system prompt carries loss: nothing can be shared
+    n = untarget_common_prefix(rows)
+    assert n >= 8 and all(r.ids[:n] == rows[0].ids[:n] and not any(r.target[:n]) for r in rows)
+    assert all(any(r.target[n:]) for r in rows) and shared_prefix_len(rows) == n - 1
+    answers_only, _ = encode_records(tok, records, 512, False)
+    assert all(r.n_targets > a.n_targets for r, a in zip(rows, answers_only))  # the review's own tokens count
+    assert untarget_common_prefix(rows[:1]) == 0  # one example shares nothing with another

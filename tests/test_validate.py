@@ -197,9 +197,12 @@ def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text('{"prompt": "Hi?", "response": "Hello."}\n\n{"prompt": "Why?"}\n')
-    assert choose_data({"source": {"heldout": str(heldout)}}, None)[0] == heldout
-    assert choose_data({"source": {"heldout": str(heldout)}}, tmp_path / "x.jsonl")[1] == "--data"
-    path, where, notes = choose_data({"source": {"heldout": str(tmp_path / "gone.jsonl")}}, None)
+    assert choose_data(None, heldout=str(heldout))[0] == heldout
+    assert choose_data(tmp_path / "x.jsonl", heldout=str(heldout))[1] == "--data"
+    # --task's held-out prompts come after --data and before the manifest's split
+    assert choose_data(None, task_heldout=tmp_path / "task.jsonl", heldout=str(heldout))[0] == tmp_path / "task.jsonl"
+    assert choose_data(tmp_path / "x.jsonl", task_heldout=tmp_path / "task.jsonl")[0] == tmp_path / "x.jsonl"
+    path, where, notes = choose_data(None, heldout=str(tmp_path / "gone.jsonl"))
     assert path.name == "heldout.jsonl" and "shipped" in where and "gone" in notes[0]
     assert len(load_records(path)) >= 8  # the default --num-prompts needs that many
     assert load_records(heldout) == [{"prompt": "Hi?", "response": "Hello."}, {"prompt": "Why?"}]
@@ -256,10 +259,11 @@ def test_every_gate_of_the_target_profiles_is_known():
 @requires_smollm2
 @pytest.mark.smollm2
 def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path, smollm2_cpu_bundle):
-    """The CI check: the real teacher exported for the cpu target, validated with light settings."""
+    """The CI check: the real teacher exported for the cpu target, validated with light settings,
+    scored as the sentiment task scores a student (--task: the teacher's own bundle on a user's job)."""
     bundle, _ = smollm2_cpu_bundle
     out = tmp_path / "report"
-    r = run("validate", bundle, "--out", out, "--num-prompts", "4", "--answer-tokens", "16", timeout=900)
+    r = run("validate", bundle, "--out", out, "--num-prompts", "4", "--answer-tokens", "12", "--task", "sentiment", timeout=900)
     assert r.returncode in (0, 1), r.stderr
     report = json.loads((out / "report.json").read_text())
     (b,) = report["bundles"]
@@ -269,3 +273,6 @@ def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path, smollm2_cpu_bundle):
     assert ref["top1"] > 0.9 and ref["kl_mean"] < 0.05 and ref["ppl_ratio"] < 1.1
     assert b["reference"] == b["teacher"] == "smollm2-135m-instruct"
     assert b["cost"]["decode_tokens_per_s"] > 1 and b["cost"]["size_mb"] < 300
+    assert b["data"]["source"] == "the held-out prompts of --task" and b["task"]["name"] == "sentiment"
+    assert b["task"]["teacher_unlabelled"] < 4 and 0 <= b["task"]["label_agreement"] <= 1  # the teacher names a label
+    assert "min_label_agreement_vs_teacher" in {g["name"] for g in b["gates"]}

@@ -47,7 +47,7 @@ class DistillConfig:
     gen_batch_size: int = _f(32, "Prompts answered together (batched sampling: ~100 tokens/s at 32 on 2 CPU cores).")
     max_length: int = _f(512, "Longest training sequence in tokens; longer ones are truncated (and counted).")
     # The prompt is the user's words, not the teacher's: learning to predict it wastes capacity.
-    train_on_prompt: bool = _f(False, "Also put loss on prompt tokens of chat data (off: loss on responses only).")
+    train_on_prompt: bool = _f(False, "Also put loss on the prompt tokens (the text that differs between prompts; off: loss on answers only).")
     # --- loss ----------------------------------------------------------------------------
     loss: Loss = _f("fkl", "Distillation loss: fkl (forward KL, Hinton), rkl (reverse KL, MiniLLM), jsd (generalized JSD, GKD), skl (skew KL, DistiLLM).")
     # Pure KD: with teacher-written data the labels are teacher samples, so CE only adds sampling noise.

@@ -10,6 +10,7 @@ from typing import Any
 
 from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
+from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
 from edgekd.io import atomic_write_bytes
 
@@ -22,8 +23,9 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
     < ``--config`` file < flags."""
     data: dict[str, Any] = {}
     saved: dict[str, Any] = {}
-    if resume_from is not None and (resume_from / "distill.toml").is_file():
-        saved = read_toml(resume_from / "distill.toml")
+    run = StudentRun(resume_from) if resume_from is not None else None
+    if run is not None and run.is_ours():
+        saved = read_toml(run.config_toml)
         data.update(saved)
     where = "flags"
     if config_file is not None:
@@ -32,12 +34,12 @@ def resolve(config_file: Path | None, flags: Mapping[str, Any], *, resume_from: 
     data.update({k: v for k, v in flags.items() if v is not None})
     data = with_task_defaults(data)
     cfg = from_mapping(DistillConfig, data, where)
-    if saved and resume_from is not None:  # saved is only read with --resume
-        before = from_mapping(DistillConfig, saved, str(resume_from / "distill.toml"))
+    if saved and run is not None:  # saved is only read with --resume
+        before = from_mapping(DistillConfig, saved, str(run.config_toml))
         for f in dataclasses.fields(DistillConfig):
             if f.name not in RESUMABLE_CHANGES and getattr(before, f.name) != getattr(cfg, f.name):
                 raise UsageError(
-                    f"--resume: {f.name} was {getattr(before, f.name)!r} in {resume_from / 'distill.toml'} and is now "
+                    f"--resume: {f.name} was {getattr(before, f.name)!r} in {run.config_toml} and is now "
                     f"{getattr(cfg, f.name)!r}; resume with the same settings or start a new run"
                 )
     return cfg

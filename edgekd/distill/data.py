@@ -383,6 +383,16 @@ def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:
     return n if n >= minimum else 0
 
 
+def untarget_common_prefix(examples: list[Example]) -> int:
+    """Take the loss off the tokens every example starts with (chat template, system prompt, a
+    task's instruction): the same text in every row teaches nothing new, and leaving it without
+    targets lets the trainer run it once per batch. Returns how many leading tokens that was."""
+    n = common_prefix([e.ids for e in examples], minimum=0) if len(examples) > 1 else 0
+    for e in examples:
+        e.target[:n] = [0] * min(n, len(e.target))
+    return n
+
+
 def expand_cache(cache, batch: int):
     """A batch-1 key/value cache as a ``batch``-row one (views, no copies): a shared prefix."""
     from transformers.cache_utils import DynamicCache

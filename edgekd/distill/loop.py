@@ -34,12 +34,10 @@ from edgekd.distill.data import (
     expand_cache,
 )
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss
+from edgekd.distill.run import CONFIG_TOML, DISTILL_JSON, StudentRun
 from edgekd.errors import UsageError
 from edgekd.io import proc_kib_field
 from edgekd.quant import bake_fake_quantize
-
-DISTILL_JSON = "distill.json"
-CONFIG_TOML = "distill.toml"
 
 
 class StudentLoss(torch.nn.Module):
@@ -116,22 +114,22 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     teacher = resolve_source(cfg.teacher).path
     refuse_unsafe_out(out, tuple(p for p in (teacher, Path(cfg.task) if cfg.task and Path(cfg.task).is_dir() else None) if p))
     non_empty = out.is_dir() and any(out.iterdir())
-    ours = (out / CONFIG_TOML).is_file()
+    run = StudentRun(out)
     if resume:
-        if not ours:
+        if not run.is_ours():
             raise UsageError(f"--resume: {out} holds no distill run (no {CONFIG_TOML}); start without --resume")
-        if (out / DISTILL_JSON).is_file():
+        if run.is_complete():
             raise UsageError(f"--resume: the run in {out} is already complete ({DISTILL_JSON}); pass --overwrite to run it again")
     elif non_empty:
         if not overwrite:
             raise UsageError(f"{out} exists and is not empty: pass --overwrite to replace the run, --resume to continue it, or choose another --out")
-        if not ours:
+        if not run.is_ours():
             raise UsageError(f"{out} is not an edgekd distill folder (no {CONFIG_TOML}): refusing to overwrite files edgekd did not write; choose another --out")
-        (out / DISTILL_JSON).unlink(missing_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        run.result_json.unlink(missing_ok=True)
+        run.metrics.unlink(missing_ok=True)
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    write_config_toml(out / CONFIG_TOML, cfg)
+    write_config_toml(run.config_toml, cfg)
 
 
 def calibration_batches(examples: list[Example], tok, seed: int, n: int = 16, batch_size: int = 4) -> list[dict]:

@@ -32,8 +32,9 @@ from edgekd.distill import answers
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill import loop as helpers
 from edgekd.distill.config import DistillConfig
-from edgekd.distill.data import collate, encode_records, padding_waste, plan_epoch, steps_per_epoch
+from edgekd.distill.data import collate, encode_records, padding_waste, plan_epoch, steps_per_epoch, untarget_common_prefix
 from edgekd.distill.losses import LossSpec, TeacherTargets
+from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.io import write_json
@@ -73,7 +74,8 @@ class Trainer:
     def __init__(self, cfg: DistillConfig, *, resume: bool, overwrite: bool, console=None, preloaded=None):
         self.cfg, self.resume, self.overwrite, self.console, self.preloaded = cfg, resume, overwrite, console, preloaded
         self.out = Path(cfg.out)
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.folder = StudentRun(self.out)  # the run's file names
+        self.metrics_path = self.folder.metrics
         self.timings: dict[str, Any] = {}
 
     def run(self) -> dict[str, Any]:
@@ -125,6 +127,8 @@ class Trainer:
         heldout_records = answers.heldout_records_for(*args)
         self.timings["teacher_answers_s"] = round(time.time() - t0, 1)
         self.examples, self.summary = encode_records(self.tok, self.records, cfg.max_length, cfg.train_on_prompt)
+        if cfg.train_on_prompt:  # the prompts' own text carries loss; what they all share does not
+            self.summary["untargeted_common_prefix"] = untarget_common_prefix(self.examples)
         self.held, self.held_summary = encode_records(self.tok, heldout_records, cfg.max_length, False)
         if not self.examples:
             raise UsageError("no training example has a token to learn from: check --data and --max-length")
@@ -192,7 +196,7 @@ class Trainer:
         self.total = cfg.max_steps or cfg.epochs * self.per_epoch
         self.start_step = 0
         if self.resume:
-            found = ckpt.latest(self.out / "checkpoints")
+            found = ckpt.latest(self.folder.checkpoints)
             if found is not None:
                 self.start_step = ckpt.load(found, accel.unwrap_model(self.wrapped).model, self.optimizer)
                 refresh_fake_quantize(model)
@@ -243,7 +247,7 @@ class Trainer:
                     say(f"step {step + 1}: top-1 agreement {last_eval['top1_agreement']:.3f}, KL {last_eval['kl']:.3f}")
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total:
                     if self.main:
-                        ckpt.save(self.out / "checkpoints", step + 1, self.accel.unwrap_model(self.wrapped).model, self.optimizer,
+                        ckpt.save(self.folder.checkpoints, step + 1, self.accel.unwrap_model(self.wrapped).model, self.optimizer,
                                   cfg.keep_checkpoints)
                     self.accel.wait_for_everyone()
         self.epoch_times.append(round(time.time() - epoch_t0, 2))
@@ -285,7 +289,7 @@ class Trainer:
         stats = accel.reduce(stats, "sum")
         loss = (stats[0] / stats[2].clamp_min(1)).item()
         if not math.isfinite(loss) or not math.isfinite(float(grad_norm)):
-            last = ckpt.latest(self.out / "checkpoints")
+            last = ckpt.latest(self.folder.checkpoints)
             keep = f"the last good checkpoint is {last} (--resume after lowering --lr)" if last else "no checkpoint was written"
             raise EdgekdError(f"the loss became {loss} at step {step + 1}: lower --lr (now {cfg.lr}) or use --student-dtype fp32; {keep}")
         self.optimizer.step()
@@ -327,7 +331,7 @@ class Trainer:
         }
         if self.main:
             helpers.save_student(self.accel.unwrap_model(self.wrapped).model, self.tok, self.teacher, self.out)
-            write_json(self.out / helpers.DISTILL_JSON, result)  # last: its presence means the run is complete
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            write_json(self.folder.result_json, result)  # last: its presence means the run is complete
+            shutil.rmtree(self.folder.checkpoints, ignore_errors=True)
         self.accel.wait_for_everyone()
         return result

@@ -24,10 +24,10 @@ from typing import Any
 
 from edgekd import __version__
 from edgekd.config import to_dict
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.errors import EdgekdError
 from edgekd.targets import TargetProfile, load_target
 
-__all__ = ["export_bundle", "run_steps", "source_info"]
+__all__ = ["export_bundle", "run_steps", "source_info", "summary"]
 
 MODEL_FILE = "model.onnx"
 GOLDEN_PROMPTS = 16  # held-out prompts in the golden reference (edgekd check replays them on the device)
@@ -57,21 +57,44 @@ def source_info(source) -> dict[str, Any]:
         spec = str(Path(source.spec).expanduser().resolve())
     teacher, heldout, qat, task = spec, None, None, None
     if source.kind == "folder":
-        meta = source.path / "distill.json"
-        if meta.is_file():
-            try:
-                data = json.loads(meta.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UsageError(f"{meta} is not valid JSON ({e}): re-run `edgekd distill` or remove it") from None
-            teacher = data.get("teacher")
-            held = data.get("heldout")
-            heldout = str((source.path / held).resolve()) if held else None
-            qat = (data.get("student") or {}).get("quantization_aware")
-            task = data.get("task")
+        from edgekd.distill.run import StudentRun
+
+        run = StudentRun(source.path).result()
+        if run is not None:
+            teacher, qat, task = run.teacher, run.quantization_aware, run.task
+            heldout = str(run.heldout) if run.heldout else None
     info = {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
     if task:
         info["task"] = task  # validate scores the task against the teacher and applies its gates
     return {**info, "quantization_aware": qat} if qat else info
+
+
+def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[str]]:
+    """What ``edgekd export`` prints about the bundle it wrote: ``(lines, warnings)``."""
+    from edgekd.bundle import Manifest
+
+    m = Manifest(manifest_table)
+    check = m.export_check
+    lines = [f"wrote {out} ({m.target_name}): {m.model_file} {check['model_bytes'] / 1e6:.1f} MB "
+             f"({check['size_ratio_vs_fp32']:.0%} of fp32), probe top-1 vs PyTorch {check['top1_agreement']:.3f}, "
+             f"max |dlogit| {check['max_abs_logit_diff']:.3g}"]
+    golden = check.get("golden")
+    if golden:
+        lines.append(f"greedy answers equal to PyTorch's on {golden['greedy_exact']:.0%} of {golden['prompts']} held-out prompts "
+                     f"(mean common prefix {golden['greedy_prefix_tokens']:.1f} tokens; top-1 {golden['top1']:.3f}); "
+                     "golden.json lets `edgekd check` repeat this on the device")
+    warnings = []
+    qat = m.source.quantization_aware
+    if qat and not qat["reproduced_by_recipe"]:
+        warnings.append(f"this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
+                        f"(--qat-bits), but {m.target_name} quantizes differently: use matmul_nbits with "
+                        f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
+                        + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32" if qat.get("head_bits") else ""))
+    budget = m.gates.get("max_size_mb")
+    if budget is not None and check["model_bytes"] / 1e6 > budget:
+        warnings.append(f"the model is over the target's size budget of {budget} MB: validate will fail it")
+    lines.append(f"next: edgekd validate {out}")
+    return lines, warnings
 
 
 def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:

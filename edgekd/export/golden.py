@@ -24,7 +24,7 @@ def golden_records(origin: dict[str, Any], limit: int, data: Path | None = None)
     (``edgekd.validate.data.choose_data``)."""
     from edgekd.validate.data import choose_data, load_records
 
-    path, where, _ = choose_data({"source": origin}, data)
+    path, where, _ = choose_data(data, heldout=origin.get("heldout"))
     return load_records(path, limit=limit), f"{where} ({path.name})"
 
 

@@ -44,6 +44,7 @@ class ValidateConfig:
     threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
     batch_size: int = 8  # PyTorch batch for the reference/teacher forward and greedy answers
     target: str | None = None  # a profile whose gates apply whatever the bundle's manifest says
+    task: str | None = None  # a task (name or folder) to score on, whatever the manifest says
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -110,7 +111,7 @@ def validate(
     )
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.report import check_out, write_report
-    from edgekd.validate.speed import bundle_bytes, measure_speed, model_bytes
+    from edgekd.validate.speed import measure_speed
 
     if not bundles:
         raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
@@ -141,8 +142,14 @@ def validate(
         for note in rt.warnings:
             say(f"warning: {rt.root}: {note}")
 
-    data_path, data_source, data_notes = choose_data(runtimes[0].manifest, config.data)
-    task = (runtimes[0].manifest.get("source") or {}).get("task") or None
+    task = runtimes[0].manifest.source.task
+    task_heldout = None
+    if config.task is not None:  # e.g. the teacher's own bundle, scored on the user's job
+        from edgekd.tasks import load_task
+
+        chosen = load_task(config.task)
+        task, task_heldout = chosen.record(), chosen.heldout
+    data_path, data_source, data_notes = choose_data(config.data, task_heldout=task_heldout, heldout=runtimes[0].manifest.source.heldout)
     num_prompts = config.num_prompts or (task or {}).get("validate_prompts") or DEFAULT_PROMPTS
     records = load_records(data_path, limit=num_prompts)
     say(f"{len(records)} held-out prompts from {data_source} ({data_path})")
@@ -154,17 +161,17 @@ def validate(
     for p, rt in zip(paths, runtimes):
         name = _bundle_name(p, taken)
         manifest = rt.manifest
-        source = manifest.get("source") or {}
+        source = manifest.source
         notes = list(data_notes)
-        ref_spec = config.reference or source.get("spec")
+        ref_spec = config.reference or source.spec
         if not ref_spec:
             raise UsageError(f"{p}'s manifest names no source model: pass --reference MODEL")
-        teacher_spec = config.teacher or source.get("teacher")
+        teacher_spec = config.teacher or source.teacher
         if not teacher_spec:
             teacher_spec = ref_spec
             notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
 
-        cost: dict[str, Any] = {"size_mb": model_bytes(manifest) / 1e6, "bundle_mb": bundle_bytes(manifest) / 1e6}
+        cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6, "bundle_mb": manifest.bundle_bytes / 1e6}
         if config.speed:
             say(f"{name}: measuring load time, prefill, decode and peak memory ...")
             speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
@@ -217,16 +224,15 @@ def validate(
         examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                            "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 
-        cost["reference_fp32_mb"] = ((manifest.get("export_check") or {}).get("fp32_model_bytes") or 0) / 1e6 or None
+        cost["reference_fp32_mb"] = (manifest.export_check.get("fp32_model_bytes") or 0) / 1e6 or None
         cost["teacher_fp32_mb"] = teacher.fp32_bytes() / 1e6
         cost["size_vs_teacher_fp32"] = cost["size_mb"] / cost["teacher_fp32_mb"]
-        model_file = (manifest.get("model") or {}).get("file")
         report = {
             "name": name,
             "bundle": str(p.resolve()),
-            "model_sha256": next((f["sha256"] for f in manifest.get("files", []) if f["path"] == model_file), None),
+            "model_sha256": manifest.model_sha256,
             "environment": environment(config.threads, rt.session.get_providers()),
-            "target": (manifest.get("target") or {}).get("name"),
+            "target": manifest.target_name,
             "providers": rt.session.get_providers(),
             "warnings": list(rt.warnings),
             "reference": ref_spec,
@@ -242,7 +248,7 @@ def validate(
         if pinned is not None:
             target_gates, report["gates_from"] = pinned
         else:
-            target_gates = (manifest.get("target") or {}).get("gates") or {}
+            target_gates = manifest.gates
             report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
         if task and task_gates:
             report["gates_from"] += f", and the task {task.get('name')}'s task.toml"

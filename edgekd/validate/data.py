@@ -1,6 +1,7 @@
 """Held-out text for validation: which file, and its records as ``{"prompt", "response"?}``.
 
-Where the records come from, first found wins: ``--data FILE``; the held-out split that
+Where the records come from, first found wins: ``--data FILE``; the held-out prompts of the
+task named by ``--task``; the held-out split that
 ``edgekd distill`` wrote (the manifest's ``source.heldout``); the shipped held-out prompts
 (``examples/prompts/heldout.jsonl``, prompts only: the reference answers them).
 """
@@ -8,7 +9,6 @@ Where the records come from, first found wins: ``--data FILE``; the held-out spl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from edgekd.errors import UsageError
 from edgekd.io import iter_jsonl
@@ -37,12 +37,14 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     return records
 
 
-def choose_data(manifest: dict[str, Any], data: Path | None) -> tuple[Path, str, list[str]]:
-    """``(file, where it came from, notes)`` for a bundle, by the order in the module docstring."""
+def choose_data(data: Path | None, *, task_heldout: Path | None = None, heldout: str | None = None) -> tuple[Path, str, list[str]]:
+    """``(file, where it came from, notes)`` by the order in the module docstring: ``data`` (--data),
+    ``task_heldout`` (--task), ``heldout`` (the manifest's ``source.heldout``), the shipped prompts."""
     notes: list[str] = []
     if data is not None:
         return Path(data), "--data", notes
-    heldout = (manifest.get("source") or {}).get("heldout")
+    if task_heldout is not None:
+        return Path(task_heldout), "the held-out prompts of --task", notes
     if heldout:
         if Path(heldout).is_file():
             return Path(heldout), "the distillation's held-out split (manifest source.heldout)", notes

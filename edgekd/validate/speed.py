@@ -26,17 +26,6 @@ DECODE_TOKENS = 64  # decode steps timed (batch 1, greedy, eos ignored)
 SPEED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def bundle_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of every file the bundle ships (from its manifest)."""
-    return int(sum(f["bytes"] for f in manifest.get("files", [])))
-
-
-def model_bytes(manifest: dict[str, Any]) -> int:
-    """Bytes of the model file and its external data (``model.onnx``, ``model.onnx.data``)."""
-    name = (manifest.get("model") or {}).get("file", "model.onnx")
-    return int(sum(f["bytes"] for f in manifest.get("files", []) if f["path"] == name or f["path"].startswith(name + ".")))
-
-
 def synthetic_ids(rt, n: int) -> list[int]:
     """``n`` ordinary token ids: the encoded text of a fixed passage, repeated."""
     base = rt.tokenizer.encode(SPEED_PROMPT * 4, add_special_tokens=False).ids or [0]
@@ -117,7 +106,7 @@ def bench(bundle: Path, reference: str | None = None, max_new_tokens: int = DECO
     from edgekd.teachers import load_model
 
     rt = Runtime(bundle, threads=threads)
-    spec = reference or (rt.manifest.get("source") or {}).get("spec")
+    spec = reference or rt.manifest.source.spec
     if not spec:
         raise UsageError(f"{bundle}'s manifest names no source model: pass --reference")
     ours = time_runtime(rt, decode_tokens=max_new_tokens)
