@@ -9,8 +9,8 @@ import sys
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from edgekd.models import load_model
 from edgekd.quant import attach_fake_quantize, bake_fake_quantize
-from edgekd.teachers import load_model
 
 out = sys.argv[1]
 _, tok = load_model("smollm2-135m-instruct")

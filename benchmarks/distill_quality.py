@@ -25,7 +25,7 @@ import torch
 
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.trainer import distill
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 
 ROWS = [  # name, settings that differ from the forward-KL baseline
     ("SFT (cross-entropy on teacher text)", {"alpha": 0.0, "cache_teacher": False}),

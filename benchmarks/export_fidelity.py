@@ -177,7 +177,7 @@ def main() -> None:
     import torch
 
     from edgekd.export.onnx import export_onnx, model_facts, session
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 
 m, tok = load_model("smollm2-135m-instruct"); m.eval()
 mx = {}

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 
 model, tok = load_model("smollm2-135m-instruct")
 torch.manual_seed(0)

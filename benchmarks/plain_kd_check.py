@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 
 torch.manual_seed(0)
 T, tok = load_model("smollm2-135m-instruct")

@@ -120,7 +120,7 @@ def prepare_models(args) -> list[tuple[str, str]]:
             folder = args.work / "student-pruned"
             if not (folder / "config.json").is_file():
                 from edgekd.distill.students import depth_pruned, parse_layers
-                from edgekd.teachers import load_model
+                from edgekd.models import load_model
 
                 teacher, tok = load_model(args.teacher)
                 layers = parse_layers(spec, teacher.config.num_hidden_layers)
@@ -190,7 +190,7 @@ def main() -> None:
 
     import torch
 
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

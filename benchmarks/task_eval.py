@@ -23,8 +23,8 @@ from edgekd.distill.data import collate, encode_chat, generate_answers
 from edgekd.distill.loop import calibration_batches
 from edgekd.distill.students import build_student
 from edgekd.io import iter_jsonl
+from edgekd.models import load_model
 from edgekd.tasks import load_task, score_answers
-from edgekd.teachers import load_model
 
 
 @torch.no_grad()

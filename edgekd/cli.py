@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgekd import __version__
-from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError
+from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError, first_line
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -48,7 +48,7 @@ err_console = Console(stderr=True)
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as one line (no file, line number or source line from deep inside a library)."""
-    return f"warning: {(str(message).strip().splitlines() or [''])[0]}\n"
+    return f"warning: {first_line(str(message), 10**6)}\n"
 
 
 def command(*args, **kwargs) -> Callable:
@@ -86,7 +86,7 @@ def command(*args, **kwargs) -> Callable:
             except Exception as e:  # a bug or an unforeseen failure: still one line, its own exit code
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
-                first = (str(e).strip().splitlines() or [""])[0][:300]
+                first = first_line(str(e))
                 _error_line(f"internal error, {type(e).__name__}: {first} (set EDGEKD_DEBUG=1 for the traceback)")
                 raise typer.Exit(INTERNAL_ERROR) from None
 
@@ -140,7 +140,7 @@ AllowPickle = Annotated[
 @command("teachers")
 def teachers() -> None:
     """List the teachers edgekd knows by name and whether each is installed."""
-    from edgekd.teachers import KNOWN_TEACHERS
+    from edgekd.models import KNOWN_TEACHERS
 
     table = Table(title="Known teachers")
     table.add_column("name", no_wrap=True)
@@ -201,7 +201,7 @@ def inspect(
     """Load a model and print its architecture, size, tokenizer and chat template facts."""
     import json
 
-    from edgekd.teachers import describe, load_model, resolve_source
+    from edgekd.models import describe, load_model, resolve_source
 
     source = resolve_source(model)
     with console.status(f"loading {model} ..."):

@@ -11,6 +11,14 @@ EXIT_CODES = {
 INTERNAL_ERROR = 3
 
 
+def first_line(e: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception's message (or its type's name when it has none), cut to
+    ``limit`` characters: what a one-line error quotes from a library's long message."""
+    text = str(e).strip()
+    fallback = "" if isinstance(e, str) else type(e).__name__
+    return (text.splitlines() or [fallback])[0][:limit]
+
+
 class EdgekdError(Exception):
     """Something went wrong that the user can act on; the message says what to do.
 

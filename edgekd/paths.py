@@ -10,6 +10,8 @@ from edgekd.errors import UsageError
 # carries them as edgekd/shipped/{targets,tasks,examples} (pyproject.toml).
 _PKG = Path(__file__).resolve().parent
 _ROOTS = (_PKG.parent, _PKG / "shipped")
+SHIPPED_TRAIN = "examples/prompts/train.jsonl"  # general prompts: distill's default, calibration
+SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"  # held out from them: distill's and validate's default
 
 
 def resource(relative: str) -> Path:

@@ -132,7 +132,7 @@ def _read_json(path: Path) -> dict | None:
 
 def distill_key(cfg: DistillConfig) -> dict[str, Any]:
     """The resolved config, the teacher's fingerprint and the hash of every input file named."""
-    from edgekd.teachers import resolve_source
+    from edgekd.models import resolve_source
 
     files = [*cfg.data, cfg.prompts, cfg.heldout]
     inputs = {}
@@ -199,8 +199,8 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
     """
     import onnxruntime as ort
 
+    from edgekd.models import resolve_source
     from edgekd.targets import load_target
-    from edgekd.teachers import resolve_source
 
     cfg = load_pipeline(Path(path))
     results: list[StageResult] = []

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.bundle import Manifest, check_external_data, read_manifest
-from edgekd.errors import UsageError
+from edgekd.errors import UsageError, first_line
 from edgekd.paths import inside
 
 _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
@@ -276,7 +276,7 @@ class Runtime:
         try:
             self.tokenizer = Tokenizer.from_file(str(tok_path))
         except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
-            raise UsageError(f"{tok_path} is not a tokenizer file ({str(e).splitlines()[0][:120]}): re-export the bundle") from None
+            raise UsageError(f"{tok_path} is not a tokenizer file ({first_line(e, 120)}): re-export the bundle") from None
         self.chat_template = load_chat_template(self.root)
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
         self.context_length = int(model.get("context_length") or 0) or None
@@ -296,7 +296,7 @@ class Runtime:
             missing = missing_operator(str(e), self.manifest.export_check.get("onnxruntime"))
             if missing:
                 raise UsageError(f"{self.model_path}: {missing}") from None
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            first = first_line(e)
             raise UsageError(f"onnxruntime could not load {self.model_path}: {first}") from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._bind_names()

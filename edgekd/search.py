@@ -154,10 +154,11 @@ def calibration(torch_model, tok) -> tuple[list[list[int]], list]:
     the model's fp32 logits over them ``(seq, vocab)``: the text the sensitivity is measured on."""
     import torch
 
-    from edgekd.paths import resource
+    from edgekd.models import greedy_answers
+    from edgekd.paths import SHIPPED_TRAIN, resource
     from edgekd.validate.data import load_records
 
-    records = load_records(resource("examples/prompts/train.jsonl"), limit=CALIBRATION_PROMPTS)
+    records = load_records(resource(SHIPPED_TRAIN), limit=CALIBRATION_PROMPTS)
     prompts = []
     for r in records:
         if tok.chat_template:
@@ -167,24 +168,10 @@ def calibration(torch_model, tok) -> tuple[list[list[int]], list]:
         prompts.append(list(ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = torch_model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: one batched greedy generate
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    with torch.inference_mode():
-        gen = torch_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=CALIBRATION_TOKENS, do_sample=False,
-                                   eos_token_id=list(eos_ids) or None, pad_token_id=pad,
-                                   temperature=None, top_p=None, top_k=None)
+    eos_ids = sorted(set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    answers = greedy_answers(torch_model, prompts, CALIBRATION_TOKENS, eos_ids, pad, batch_size=len(prompts))
     seqs, logits = [], []
-    for p, row in zip(prompts, gen[:, width:].tolist()):
-        answer = []
-        for t in row:
-            answer.append(t)
-            if t in eos_ids:
-                break
+    for p, answer in zip(prompts, answers):
         seq = p + answer
         with torch.inference_mode():
             logits.append(torch_model(input_ids=torch.tensor([seq])).logits[0].float().numpy())
@@ -295,13 +282,16 @@ class Tried:
     def passed(self) -> bool:
         return self.report is not None and bool(self.report["passed"])
 
-    def metric(self, *path: str):
-        node: Any = self.report
-        for k in path:
-            if not isinstance(node, dict) or node.get(k) is None:
-                return None
-            node = node[k]
-        return node
+    def metric(self, *path: str) -> float | None:
+        from edgekd.validate.gates import metric
+
+        return metric(self.report, *path)
+
+    @property
+    def size_mb(self) -> float:
+        """The model's size (measured for every validated candidate; inf for one that failed before)."""
+        value = self.metric("cost", "size_mb")
+        return float("inf") if value is None else value
 
     def shortfall(self) -> float:
         """How far the worst failed gate is from its threshold, relative to it (0 = passes)."""
@@ -390,15 +380,15 @@ def _beaten(mixed: Candidate, cands: Sequence[Candidate], tried: Sequence[Tried]
                  if c.profile == mixed.profile and t.report is not None), None)
     if base is None:
         return None
-    floor = base.metric("cost", "size_mb")
+    floor = base.size_mb
     budget = mixed.profile.gates.max_size_mb
     if budget is not None and floor > budget:
         return f"its 4-bit base {base.name!r} is already over max_size_mb ({floor:.1f} MB > {budget:g})"
-    winner = min((t for t in tried if t.passed and t.metric("cost", "size_mb") <= floor),
-                 key=lambda t: t.metric("cost", "size_mb"), default=None)
+    winner = min((t for t in tried if t.passed and t.size_mb <= floor),
+                 key=lambda t: t.size_mb, default=None)
     if winner is None:
         return None
-    return (f"{winner.name!r} passes at {winner.metric('cost', 'size_mb'):.1f} MB, no more than its 4-bit base "
+    return (f"{winner.name!r} passes at {winner.size_mb:.1f} MB, no more than its 4-bit base "
             f"{base.name!r} ({floor:.1f} MB)")
 
 
@@ -407,9 +397,9 @@ def _pick(tried: Sequence[Tried]) -> Tried | None:
     passing = [t for t in tried if t.passed]
     if not passing:
         return None
-    smallest = min(t.metric("cost", "size_mb") for t in passing)
-    close = [t for t in passing if t.metric("cost", "size_mb") <= smallest * (1 + SIZE_TIE)]
-    return max(close, key=lambda t: (t.metric("cost", "decode_tokens_per_s") or 0.0, -t.metric("cost", "size_mb")))
+    smallest = min(t.size_mb for t in passing)
+    close = [t for t in passing if t.size_mb <= smallest * (1 + SIZE_TIE)]
+    return max(close, key=lambda t: (t.metric("cost", "decode_tokens_per_s") or 0.0, -t.size_mb))
 
 
 def search_export(
@@ -430,8 +420,8 @@ def search_export(
     from edgekd.export import export_bundle
     from edgekd.export.onnx import export_onnx
     from edgekd.io import atomic_dir, check_output_dir, write_json
+    from edgekd.models import load_model, resolve_source
     from edgekd.targets import TargetProfile, load_target
-    from edgekd.teachers import load_model, resolve_source
     from edgekd.validate import ValidateConfig, validate
 
     say = log or (lambda msg: None)

@@ -17,7 +17,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# GGUF conversions (edgekd.teachers) are kept for this session only, shared with its subprocesses:
+# GGUF conversions (edgekd.models) are kept for this session only, shared with its subprocesses:
 # the real teacher is converted once instead of once per test, and the user's cache is not touched.
 os.environ["EDGEKD_CACHE"] = tempfile.mkdtemp(prefix="edgekd-test-cache-")
 
@@ -134,7 +134,7 @@ def tiny_student_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 def smollm2_installed() -> bool:
-    from edgekd.teachers import KNOWN_TEACHERS
+    from edgekd.models import KNOWN_TEACHERS
 
     return KNOWN_TEACHERS["smollm2-135m-instruct"].path() is not None
 

@@ -26,7 +26,7 @@ def test_version_and_help():
         assert word in r.stdout
 
 
-def test_teachers_lists_the_packaged_default():
+def test_models_lists_the_packaged_default():
     r = run("teachers")
     assert r.returncode == 0
     assert "smollm2-135m-instruct" in r.stdout

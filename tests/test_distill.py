@@ -23,8 +23,8 @@ from edgekd.distill import checkpoint as ckpt
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.config_io import resolve
 from edgekd.distill.importance import keep_most_influential
+from edgekd.models import load_model
 from edgekd.paths import resource
-from edgekd.teachers import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = {

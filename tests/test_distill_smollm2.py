@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekd.cli import app
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 from tests.conftest import requires_smollm2
 
 

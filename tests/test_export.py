@@ -20,8 +20,8 @@ from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.export import export_bundle, source_info
 from edgekd.export.onnx import model_facts, ort_forward, session
+from edgekd.models import load_model, resolve_source
 from edgekd.targets import SHIPPED, load_target
-from edgekd.teachers import load_model, resolve_source
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json", "golden.json"}

@@ -206,7 +206,7 @@ def test_label_decision_kl_renormalises_over_the_labels():
 
 def test_label_token_groups_refuse_labels_no_token_names(tiny_teacher_dir):
     from edgekd.distill.loop import label_token_groups
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     _, tok = load_model(str(tiny_teacher_dir))  # its tiny BPE splits "Paris" into pieces of 3 letters
     with pytest.raises(UsageError, match="no token names it"):
@@ -216,7 +216,7 @@ def test_label_token_groups_refuse_labels_no_token_names(tiny_teacher_dir):
 @pytest.mark.smollm2
 def test_label_token_groups_of_the_real_tokenizer():
     from edgekd.distill.loop import label_token_groups
-    from edgekd.teachers import load_tokenizer
+    from edgekd.models import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")  # the tokenizer alone: no weights to dequantize
     groups = label_token_groups(tok, ["positive", "negative"])

@@ -96,7 +96,7 @@ def test_head_grid_is_quantize_head_embeddings(bits):
 
 
 def test_tied_head_and_embedding_stay_one_weight_on_one_grid(tiny_teacher_dir):
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     model, _ = load_model(str(tiny_teacher_dir))
     emb0 = model.get_input_embeddings().weight.detach().clone()

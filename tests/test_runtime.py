@@ -69,7 +69,7 @@ def rt(fp32_bundle) -> Runtime:
 
 @pytest.fixture(scope="module")
 def torch_model(tiny_teacher_dir):
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     return load_model(str(tiny_teacher_dir))
 

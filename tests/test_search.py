@@ -87,7 +87,7 @@ def test_splice_takes_exactly_the_named_layers(tmp_path, tiny_teacher_dir):
 
     from edgekd.export.onnx import export_onnx
     from edgekd.export.steps import load_onnx
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     model, _ = load_model(str(tiny_teacher_dir))
     fp32 = export_onnx(model, tmp_path / "fp32", 17)

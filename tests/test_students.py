@@ -7,7 +7,7 @@ import torch
 
 from edgekd.distill.students import build_student, evenly_spaced, parse_layers
 from edgekd.errors import UsageError
-from edgekd.teachers import load_model
+from edgekd.models import load_model
 from tests.conftest import build_model, save_model, tiny_llama_config
 
 

@@ -28,11 +28,9 @@ from edgekd.distill.data import (
 )
 from edgekd.distill.loop import progress_bar
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.paths import resource
+from edgekd.paths import SHIPPED_HELDOUT, SHIPPED_TRAIN, resource
 
 HELDOUT = "data/heldout.jsonl"  # the held-out split distill.json names (what `edgekd validate` uses)
-SHIPPED_TRAIN = "examples/prompts/train.jsonl"
-SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"
 
 
 def _shipped(relative: str) -> Path:

@@ -109,7 +109,7 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     which are reused only when their keys match."""
     from edgekd.distill.config_io import write_config_toml
     from edgekd.io import refuse_unsafe_out
-    from edgekd.teachers import resolve_source
+    from edgekd.models import resolve_source
 
     teacher = resolve_source(cfg.teacher).path
     refuse_unsafe_out(out, tuple(p for p in (teacher, Path(cfg.task) if cfg.task and Path(cfg.task).is_dir() else None) if p))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from edgekd.config import read_toml
-from edgekd.errors import UsageError
+from edgekd.errors import UsageError, first_line
 
 
 @dataclasses.dataclass
@@ -150,7 +150,7 @@ def random_from_toml(path: Path, teacher, seed: int):
     try:
         return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     except Exception as e:
-        raise UsageError(f"{path}: these architecture fields do not build a model ({str(e).splitlines()[0][:200]})") from None
+        raise UsageError(f"{path}: these architecture fields do not build a model ({first_line(e, 200)})") from None
 
 
 PRUNED_PREFIXES = ("layers:", "layers-kl:", "even:", "budget:")
@@ -308,7 +308,7 @@ def budget_student(spec: str, teacher, calibration, vocab: int, say):
 def build_student(spec: str, teacher, teacher_tok, seed: int = 0, *, calibration=None, say=lambda m: None,
                   trust_remote_code: bool = False, allow_pickle: bool = False) -> Student:
     """Build the student that ``--student spec`` asks for (see the module docstring)."""
-    from edgekd.teachers import load_model
+    from edgekd.models import load_model
 
     t_params = sum(p.numel() for p in teacher.parameters())
     t_vocab = teacher.get_output_embeddings().weight.shape[0]

@@ -93,7 +93,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from edgekd.teachers import load_model, resolve_source
+        from edgekd.models import load_model, resolve_source
 
         cfg = self.cfg
         self.cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")

@@ -49,7 +49,7 @@ def _umask() -> int:
 
 def source_info(source) -> dict[str, Any]:
     """The manifest's ``source`` table (see the module docstring)."""
-    from edgekd.teachers import KNOWN_TEACHERS
+    from edgekd.models import KNOWN_TEACHERS
 
     if source.spec in KNOWN_TEACHERS or source.kind == "hub":
         spec = source.spec
@@ -173,7 +173,7 @@ def export_bundle(
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
     from edgekd.io import atomic_dir, check_output_dir, output_lock, write_json
-    from edgekd.teachers import load_model, resolve_source
+    from edgekd.models import load_model, resolve_source
 
     say = log or (lambda msg: None)
     out = Path(out)

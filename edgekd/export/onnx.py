@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.errors import EdgekdError, UsageError, first_line
 
 TASK = "text-generation-with-past"
 # A short, mixed probe: prose, digits, code. Export runs it as one prompt plus one cached decode step.
@@ -73,7 +73,7 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
     except (UsageError, EdgekdError):
         raise
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise EdgekdError(f"optimum-onnx could not export {model.config.model_type}: {first}") from None
     path = out_dir / "model.onnx"
     if not path.is_file():
@@ -113,7 +113,7 @@ def session(path: Path, providers: tuple[str, ...] | list[str] = ("CPUExecutionP
     try:
         return ort.InferenceSession(str(path), so, providers=chosen)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise EdgekdError(f"onnxruntime cannot load {Path(path).name}: {first}") from None
 
 

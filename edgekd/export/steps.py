@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, first_line
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
 
@@ -350,7 +350,7 @@ def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool) -> 
     try:
         ort.InferenceSession(str(src), so, providers=chosen)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)
         raise EdgekdError(f"onnxruntime could not optimize/convert the model: {first}") from None
 
 

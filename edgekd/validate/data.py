@@ -12,9 +12,7 @@ from pathlib import Path
 
 from edgekd.errors import UsageError
 from edgekd.io import iter_jsonl
-from edgekd.paths import resource
-
-SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"
+from edgekd.paths import SHIPPED_HELDOUT, resource
 
 
 def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:

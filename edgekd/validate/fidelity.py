@@ -122,7 +122,7 @@ class TorchModel:
     """A PyTorch causal LM (teacher or reference) run on token ids from the bundle's tokenizer."""
 
     def __init__(self, spec: str, role: str, batch_size: int = 8):
-        from edgekd.teachers import load_model
+        from edgekd.models import load_model
 
         self.spec, self.role, self.batch_size = spec, role, batch_size
         try:
@@ -172,39 +172,11 @@ class TorchModel:
         return out
 
     def greedy(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int]) -> list[list[int]]:
-        """Batched greedy answers (left padding); each ends at and includes its first eos token."""
-        import torch
+        """Batched greedy answers; each ends at and includes its first eos token."""
+        from edgekd.models import greedy_answers
 
         eos = list(eos_ids) or [self.model.generation_config.eos_token_id]
-        answers: list[list[int]] = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start : start + self.batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, p in enumerate(chunk):
-                ids[i, width - len(p) :] = torch.tensor(p)
-                mask[i, width - len(p) :] = 1
-            with torch.inference_mode():
-                gen = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eos,
-                    pad_token_id=self.pad_id,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-            for row in gen[:, width:].tolist():
-                answer = []
-                for t in row:
-                    answer.append(t)
-                    if t in eos:
-                        break
-                answers.append(answer)
-        return answers
+        return greedy_answers(self.model, prompts, max_new_tokens, eos, self.pad_id, self.batch_size)
 
 
 def fidelity_summary(metrics: dict[str, Any]) -> str:

@@ -66,7 +66,9 @@ class GateResult:
         return f"{self.name}: {value} (needs {op} {self.threshold:g})"
 
 
-def _lookup(report: dict[str, Any], path: tuple[str, ...]) -> float | None:
+def metric(report: dict[str, Any] | None, *path: str) -> float | None:
+    """The number at ``path`` in a bundle report (``metric(r, "cost", "size_mb")``), or None where
+    it was not measured. Gates, the search and the tables all read reports through this."""
     node: Any = report
     for key in path:
         if not isinstance(node, dict) or node.get(key) is None:
@@ -88,7 +90,7 @@ def apply_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[GateResul
         if name not in GATES:
             raise UsageError(f"unknown gate {name!r} in the bundle's target (known: {', '.join(GATES)}): update edgekd")
         path, direction, meaning = GATES[name]
-        value = _lookup(report, path)
+        value = metric(report, *path)
         if value is not None and not math.isfinite(value):
             value = None  # NaN measured: not a pass
         passed = value is not None and (value >= threshold if direction == "min" else value <= threshold)

@@ -102,8 +102,8 @@ def bench(bundle: Path, reference: str | None = None, max_new_tokens: int = DECO
     reference model, same prompt, same process, greedy, batch 1, eos ignored."""
     import torch
 
+    from edgekd.models import load_model
     from edgekd.runtime import Runtime
-    from edgekd.teachers import load_model
 
     rt = Runtime(bundle, threads=threads)
     spec = reference or rt.manifest.source.spec

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgekd.errors import UsageError
-from edgekd.teachers import describe, load_model, resolve_source
+from edgekd.models import describe, load_model, resolve_source
 from tests.conftest import requires_smollm2
 
 
@@ -175,7 +175,7 @@ def _write_tiny_gguf(path: Path, tokenizer, config) -> None:
 
 
 def test_gguf_file_loads_and_matches(tmp_path, tokenizer, monkeypatch):
-    from edgekd.teachers import _load_kwargs
+    from edgekd.models import _load_kwargs
     from tests.conftest import tiny_llama_config
 
     monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))

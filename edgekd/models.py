@@ -1,5 +1,6 @@
-"""Where a model comes from: a Hugging Face folder, a hub id in the local cache, a GGUF file, or a
-teacher that edgekd knows by name (the packaged SmolLM2-135M-Instruct).
+"""Models with PyTorch: teachers, students and references alike. Where a model comes from (a
+Hugging Face folder, a hub id in the local cache, a GGUF file, or a teacher that edgekd knows by
+name: the packaged SmolLM2-135M-Instruct), loading it, and its greedy answers.
 
 One entry point, ``load_model(source) -> (model, tokenizer)``. Nothing is ever downloaded: a hub id
 is looked up in the local Hugging Face cache only.
@@ -20,10 +21,11 @@ import importlib.util
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError
+from edgekd.errors import UsageError, first_line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +250,7 @@ def _raw_tokenizer(source: ModelSource, trust_remote_code: bool):
         with _quiet():
             return AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as e:
-        raise UsageError(f"could not load the tokenizer of {source.spec}: {_short(e)}") from None
+        raise UsageError(f"could not load the tokenizer of {source.spec}: {first_line(e)}") from None
 
 
 def load_tokenizer(source: ModelSource | str, *, trust_remote_code: bool = False, model_config: Any = None):
@@ -304,19 +306,19 @@ def load_model(
         try:
             AutoConfig.from_pretrained(where, **kwargs_without(kwargs, "use_safetensors"))
         except ValueError as e:
-            raise UsageError(f"{source.spec}: unsupported or unreadable config ({_short(e)})") from None
+            raise UsageError(f"{source.spec}: unsupported or unreadable config ({first_line(e)})") from None
         except Exception as e:
-            raise UsageError(f"{source.spec}: could not read config.json ({_short(e)})") from None
+            raise UsageError(f"{source.spec}: could not read config.json ({first_line(e)})") from None
     try:
         with _quiet():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except ValueError as e:
-        msg = _short(e)
+        msg = first_line(e)
         if "Unrecognized configuration class" in msg or "not supported" in msg or "does not support" in msg:
             raise UsageError(f"{source.spec}: this architecture is not a supported causal LM ({msg})") from None
         raise UsageError(f"could not load {source.spec}: {msg}") from None
     except Exception as e:
-        raise UsageError(f"could not load the weights of {source.spec}: {_short(e)} (truncated or corrupt file?)") from None
+        raise UsageError(f"could not load the weights of {source.spec}: {first_line(e)} (truncated or corrupt file?)") from None
     model.eval()
     raw_tok = _raw_tokenizer(source, trust_remote_code)
     cache = _converted(source)
@@ -328,14 +330,38 @@ def load_model(
     return model, tok
 
 
+def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
+                   pad_id: int, batch_size: int = 8) -> list[list[int]]:
+    """Greedy answers of a PyTorch causal LM to token-id prompts, batched with left padding; each
+    ends at and includes its first eos token. (Distillation's teacher answers, which also sample,
+    share a prefix and keep the top-k, are ``edgekd.distill.data.generate_answers``.)"""
+    import torch
+
+    eos = [int(e) for e in eos_ids]
+    answers: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(list(p))
+            mask[i, width - len(p) :] = 1
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos or None, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+        for row in gen[:, width:].tolist():
+            answer = []
+            for t in row:
+                answer.append(t)
+                if t in eos:
+                    break
+            answers.append(answer)
+    return answers
+
+
 def kwargs_without(kwargs: dict, *names: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in names}
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else type(e).__name__
-    return first[:300]
 
 
 def describe(model, tok, source: ModelSource) -> dict[str, Any]:
