@@ -245,6 +245,7 @@ def distill(
     beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
     skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
     label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
+    train_on_prompt: Annotated[Optional[bool], _opt("train_on_prompt", "--train-on-prompt/--no-train-on-prompt", metavar="")] = None,
     epochs: Annotated[Optional[int], _opt("epochs", "--epochs")] = None,
     max_steps: Annotated[Optional[int], _opt("max_steps", "--max-steps")] = None,
     lr: Annotated[Optional[float], _opt("lr", "--lr")] = None,
@@ -278,7 +279,7 @@ def distill(
     With no flags but --out: SmolLM2-135M-Instruct teaches a copy of its 21 most influential layers
     on the shipped prompts (about 14 minutes on 2 CPU cores); --task NAME (see `edgekd tasks`)
     distills a student for one job. Runs unchanged under `accelerate launch`. Set only in a --config
-    TOML: gen_top_p, gen_batch_size, train_on_prompt, weight_decay, warmup, min_lr_ratio,
+    TOML: gen_top_p, gen_batch_size, weight_decay, warmup, min_lr_ratio,
     max_grad_norm, keep_checkpoints.
     """
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}

@@ -113,3 +113,13 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False}
     got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 0.1
+
+
+def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    from edgekd.errors import UsageError
+
+    monkeypatch.delattr(mq, "KQuantWeightOnlyQuantConfig")
+    with pytest.raises(UsageError, match="has no k-quant quantizer; install a newer onnxruntime"):
+        STEPS["matmul_nbits"].fn(fp32_export[0], tmp_path / "m.onnx", MatMulNBits(bits=4, algorithm="k_quant"), load_target("cpu"))

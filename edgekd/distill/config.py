@@ -47,7 +47,7 @@ class DistillConfig:
     gen_batch_size: int = _f(32, "Prompts answered together (batched sampling: ~100 tokens/s at 32 on 2 CPU cores).")
     max_length: int = _f(512, "Longest training sequence in tokens; longer ones are truncated (and counted).")
     # The prompt is the user's words, not the teacher's: learning to predict it wastes capacity.
-    train_on_prompt: bool = _f(False, "Also put loss on the prompt tokens (the text that differs between prompts; off: loss on answers only).")
+    train_on_prompt: bool = _f(False, "Also distill the teacher's predictions on the prompt's own tokens (not the template and instruction every prompt shares): heals how a pruned student reads its input; costs a teacher pass over the prompts.")
     # --- loss ----------------------------------------------------------------------------
     loss: Loss = _f("fkl", "Distillation loss: fkl (forward KL, Hinton), rkl (reverse KL, MiniLLM), jsd (generalized JSD, GKD), skl (skew KL, DistiLLM).")
     # Pure KD: with teacher-written data the labels are teacher samples, so CE only adds sampling noise.
@@ -127,7 +127,7 @@ class DistillConfig:
 
 # Settings read only from a --config TOML (or a pipeline file), not flags: rarely changed, each
 # documented on its field above. Every other field is a `edgekd distill` flag (tests/test_cli.py).
-CONFIG_ONLY = ("gen_top_p", "gen_batch_size", "train_on_prompt", "weight_decay", "warmup", "min_lr_ratio",
+CONFIG_ONLY = ("gen_top_p", "gen_batch_size", "weight_decay", "warmup", "min_lr_ratio",
                "max_grad_norm", "keep_checkpoints")
 
 

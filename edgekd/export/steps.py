@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError, first_line
+from edgekd.errors import EdgekdError, UsageError, first_line
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
 
@@ -236,6 +236,11 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
         if bits == 4 and settings.algorithm == "hqq":
             return mq.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=4)
         if bits == 4 and settings.algorithm == "k_quant":
+            if not hasattr(mq, "KQuantWeightOnlyQuantConfig"):
+                import onnxruntime
+
+                raise UsageError(f"matmul_nbits.algorithm = \"k_quant\": onnxruntime {onnxruntime.__version__} has no k-quant "
+                                 "quantizer; install a newer onnxruntime (edgekd is tested with 1.32), or use rtn or hqq")
             return mq.KQuantWeightOnlyQuantConfig()
         return mq.DefaultWeightOnlyQuantConfig(block_size=settings.block_size, is_symmetric=settings.symmetric,
                                                accuracy_level=settings.accuracy_level, bits=bits)
