@@ -205,38 +205,59 @@ def conversion_cache() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekd"
 
 
+CACHE_FORMAT = 1  # bump when what a conversion writes changes
+
+
 def _converted(source: ModelSource) -> Path | None:
-    """The cache folder for a GGUF source (whether or not it exists yet), keyed by its contents."""
+    """The cache folder for a GGUF source (whether or not it exists yet), keyed by its contents
+    and by the transformers release that converts it (a fix there reaches files converted before)."""
+    import transformers
+
     root = conversion_cache()
     if root is None or source.kind != "gguf":
         return None
-    return root / "gguf" / source.fingerprint()[:32]
+    return root / "gguf" / f"{source.fingerprint()[:32]}-transformers{transformers.__version__}-v{CACHE_FORMAT}"
+
+
+def _is_cached(folder: Path | None) -> bool:
+    try:
+        return folder is not None and all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    except OSError:  # another user's cache folder: convert instead
+        return False
 
 
 def _keep_converted(folder: Path, model, tok) -> None:
-    """Save a converted GGUF model into the cache atomically; a failure only costs the speed-up."""
+    """Save a converted GGUF model into the cache atomically; a failure (a full disk, a read-only
+    cache) only costs the speed-up. Temporaries a killed conversion left over an hour ago go first."""
     import shutil
     import tempfile
+    import time
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(".converting-*"):
+            if time.time() - stale.stat().st_mtime > 3600:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is private; a cache can be shared
             os.replace(tmp, folder)  # atomic; fails (and is ignored) when another process won the race
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
+    except Exception:  # safetensors reports a failed write (a full disk) as a bare Exception
         pass
 
 
-def _load_kwargs(source: ModelSource, trust_remote_code: bool) -> tuple[str, dict[str, Any]]:
+def _load_kwargs(source: ModelSource, trust_remote_code: bool, use_cache: bool = True) -> tuple[str, dict[str, Any]]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": True}
     assert source.path is not None  # resolve_source gives every source a path
     if source.kind == "gguf":
         cached = _converted(source)
-        if cached is not None and (cached / "config.json").is_file():
+        if use_cache and _is_cached(cached):
             return str(cached), {**kwargs, "trust_remote_code": False}
         return str(source.path.parent), {**kwargs, "gguf_file": source.path.name}
     return str(source.path), kwargs
@@ -272,6 +293,22 @@ def fix_special_tokens(tok, model_config: Any = None):
     return tok
 
 
+def _from_pretrained(source: ModelSource, where: str, dtype, kwargs: dict[str, Any]):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _quiet():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except ValueError as e:
+        msg = first_line(e)
+        if "Unrecognized configuration class" in msg or "not supported" in msg or "does not support" in msg:
+            raise UsageError(f"{source.spec}: this architecture is not a supported causal LM ({msg})") from None
+        raise UsageError(f"could not load {source.spec}: {msg}") from None
+    except Exception as e:
+        raise UsageError(f"could not load the weights of {source.spec}: {first_line(e)} (truncated or corrupt file?)") from None
+    return model
+
+
 def load_model(
     source: ModelSource | str,
     *,
@@ -290,8 +327,6 @@ def load_model(
     source = source if isinstance(source, ModelSource) else resolve_source(source)
     dtype = dtype or torch.float32
     where, kwargs = _load_kwargs(source, trust_remote_code)
-    if source.kind == "gguf" and "gguf_file" not in kwargs:
-        kwargs["use_safetensors"] = True  # the conversion cache
     if source.kind != "gguf":
         assert source.path is not None  # checked by _load_kwargs
         if not any(source.path.glob("*.safetensors")):
@@ -309,16 +344,18 @@ def load_model(
             raise UsageError(f"{source.spec}: unsupported or unreadable config ({first_line(e)})") from None
         except Exception as e:
             raise UsageError(f"{source.spec}: could not read config.json ({first_line(e)})") from None
-    try:
-        with _quiet():
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
-    except ValueError as e:
-        msg = first_line(e)
-        if "Unrecognized configuration class" in msg or "not supported" in msg or "does not support" in msg:
-            raise UsageError(f"{source.spec}: this architecture is not a supported causal LM ({msg})") from None
-        raise UsageError(f"could not load {source.spec}: {msg}") from None
-    except Exception as e:
-        raise UsageError(f"could not load the weights of {source.spec}: {first_line(e)} (truncated or corrupt file?)") from None
+    model = None
+    if source.kind == "gguf" and "gguf_file" not in kwargs:  # from the conversion cache
+        try:
+            with _quiet():
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True, **kwargs)
+        except Exception:  # a damaged cache folder: drop it and convert the file again
+            import shutil
+
+            shutil.rmtree(where, ignore_errors=True)
+            where, kwargs = _load_kwargs(source, trust_remote_code, use_cache=False)
+    if model is None:
+        model = _from_pretrained(source, where, dtype, kwargs)
     model.eval()
     raw_tok = _raw_tokenizer(source, trust_remote_code)
     cache = _converted(source)

@@ -243,7 +243,7 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
     available = set(ort.get_available_providers())
     for e in cfg.export:
         profile = profiles[e.target]
-        search_validate = to_dict(cfg.validate.config()) if e.search else None
+        search_validate = cfg.validate.config().record() if e.search else None
         stale = rebuilt
         if model_sha is None:
             ok, why = False, "the model is rebuilt"
@@ -280,7 +280,7 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
         if dry_run and stale:
             results.append(StageResult("validate", str(report), "would run", "the bundle is rebuilt"))
             continue
-        key = {"bundle_manifest_sha256": sha256_file(Path(e.out) / "manifest.json"), "config": to_dict(vcfg)}
+        key = {"bundle_manifest_sha256": sha256_file(Path(e.out) / "manifest.json"), "config": vcfg.record()}
         stamp = _read_json(report / STAMP) or {}
         previous = _read_json(report / "report.json")
         if previous is not None and stamp.get("key") == key:

@@ -521,7 +521,7 @@ def search_export(
         best = _pick(tried)
         result = SearchResult(profile.name, tried, best.name if best else None,
                               tried.index(best) if best else None, out if best else None, sensitivity,
-                              to_dict(vcfg), time.time() - t0)
+                              vcfg.record(), time.time() - t0)
         if best is None:
             raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
         assert best.bundle is not None  # a passing candidate was exported

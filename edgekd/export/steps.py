@@ -286,9 +286,12 @@ def _set_int_attr(node, name: str, value: int) -> None:
 
 
 class _quiet_quantizer:
-    """onnxruntime's quantizers log every node at INFO; keep the console for what matters."""
+    """onnxruntime's quantizers log every node at INFO (and k-quant prints a progress bar per
+    node to stdout); keep the console for what matters."""
 
     def __enter__(self):
+        import contextlib
+        import io
         import logging
         import warnings
 
@@ -297,10 +300,13 @@ class _quiet_quantizer:
         self._warnings = warnings.catch_warnings()
         self._warnings.__enter__()
         warnings.simplefilter("ignore")
+        self._stdout = contextlib.redirect_stdout(io.StringIO())
+        self._stdout.__enter__()
 
     def __exit__(self, *exc):
         import logging
 
+        self._stdout.__exit__(*exc)
         self._warnings.__exit__(*exc)
         logging.disable(self._old)
 

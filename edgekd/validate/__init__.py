@@ -49,6 +49,16 @@ class ValidateConfig:
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
             raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the pipeline's stamps and a search's manifest record them. ``task`` came
+        later: left out while unset, so what earlier versions recorded still matches."""
+        from edgekd.config import to_dict
+
+        table = to_dict(self)
+        if table.get("task") is None:
+            table.pop("task", None)
+        return table
         if self.answer_tokens is not None and self.answer_tokens < 1:
             raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
 
