@@ -142,7 +142,7 @@ def build_variant(name: str, fp32: Path, work: Path) -> tuple[Path, str]:
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-        from edgekd.export.onnx import quiet
+        from edgekd.io import quiet
 
         with quiet():
             q = ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import io
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -201,3 +206,27 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path | str, ...
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the libraries' chatter inside a block (transformers' loading notices and GGUF
+    progress bars, the exporter's tracer warnings, onnxruntime's quantizers logging every node
+    and printing progress bars): warnings, logging below ERROR, stdout and stderr. Errors raise."""
+    hf_logging: Any = None
+    if "transformers" in sys.modules:  # never imports it: the runtime side has no transformers
+        hf_logging = importlib.import_module("transformers.utils.logging")
+    level = hf_logging.get_verbosity() if hf_logging else None
+    if hf_logging:
+        hf_logging.set_verbosity_error()
+    old = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+    finally:
+        logging.disable(old)
+        if hf_logging and level is not None:
+            hf_logging.set_verbosity(level)

@@ -14,18 +14,16 @@ temporary name and renamed into place, so a killed conversion leaves nothing hal
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.util
-import io
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError, first_line
+from edgekd.io import quiet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,22 +177,6 @@ def _check_gguf(path: Path) -> None:
         raise UsageError(f"{path} is a corrupt or truncated GGUF file ({type(e).__name__}): re-download it") from None
 
 
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers' loading chatter (GGUF progress bars, legacy notices)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stderr(io.StringIO()):
-                yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
 def conversion_cache() -> Path | None:
     """Where converted GGUF models are kept (None: ``EDGEKD_CACHE=off``)."""
     value = os.environ.get("EDGEKD_CACHE", "")
@@ -268,7 +250,7 @@ def _raw_tokenizer(source: ModelSource, trust_remote_code: bool):
 
     where, kwargs = _load_kwargs(source, trust_remote_code)
     try:
-        with _quiet():
+        with quiet():
             return AutoTokenizer.from_pretrained(where, **kwargs)
     except Exception as e:
         raise UsageError(f"could not load the tokenizer of {source.spec}: {first_line(e)}") from None
@@ -297,7 +279,7 @@ def _from_pretrained(source: ModelSource, where: str, dtype, kwargs: dict[str, A
     from transformers import AutoModelForCausalLM
 
     try:
-        with _quiet():
+        with quiet():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except ValueError as e:
         msg = first_line(e)
@@ -347,7 +329,7 @@ def load_model(
     model = None
     if source.kind == "gguf" and "gguf_file" not in kwargs:  # from the conversion cache
         try:
-            with _quiet():
+            with quiet():
                 model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True, **kwargs)
         except Exception:  # a damaged cache folder: drop it and convert the file again
             import shutil

@@ -502,8 +502,9 @@ def _kv_key(name: str) -> tuple[int, int]:
     return int(m.group(2)), 0 if m.group(3) == "key" else 1
 
 
-def choose_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Keep the providers this onnxruntime build has, CPU last; warn for each one it lacks."""
+def choose_providers(wanted: Sequence[str], warn: bool = True) -> tuple[list[str], list[str]]:
+    """Keep the providers this onnxruntime build has, CPU last; warn (unless not ``warn``) for each
+    one it lacks. Every session edgekd opens, at export and at run time, chooses through this."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
@@ -517,7 +518,7 @@ def choose_providers(wanted: Sequence[str]) -> tuple[list[str], list[str]]:
                 f"execution provider {p} is not in this onnxruntime build ({ort.__version__}, has "
                 f"{', '.join(sorted(available))}): falling back to CPUExecutionProvider"
             )
-    for note in notes:
+    for note in notes if warn else ():
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     return chosen + ["CPUExecutionProvider"], notes
 

@@ -8,39 +8,17 @@ The exported graph follows optimum's names: inputs ``input_ids``, ``attention_ma
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekd.errors import EdgekdError, UsageError, first_line
+from edgekd.io import quiet
 
 TASK = "text-generation-with-past"
 # A short, mixed probe: prose, digits, code. Export runs it as one prompt plus one cached decode step.
 PROBE_TEXT = "The capital of France is Paris. In 2026, 12 + 30 = 42.\ndef add(a, b):\n    return a + b"
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporter's tracer warnings and logging; errors still raise."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    old = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-    finally:
-        logging.disable(old)
-        hf_logging.set_verbosity(level)
 
 
 def supported_model_types() -> list[str]:
@@ -104,8 +82,9 @@ def session(path: Path, providers: tuple[str, ...] | list[str] = ("CPUExecutionP
     """An onnxruntime session on the providers this build has (the CPU provider as the fallback)."""
     import onnxruntime as ort
 
-    avail = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in avail] or ["CPUExecutionProvider"]
+    from edgekd.runtime import choose_providers
+
+    chosen, _ = choose_providers(providers, warn=False)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:

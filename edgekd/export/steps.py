@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError, first_line
+from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
 
@@ -257,7 +258,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
 
     before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
-    with _quiet_quantizer():
+    with quiet():
         int8_nodes = matching(settings.int8_nodes) if settings.bits == 4 and settings.int8_nodes else []
         if int8_nodes:  # onnxruntime's nodes_to_include adds to its op types, it does not restrict: exclude the rest
             model = run(model, 8, None, sorted(before - set(int8_nodes)))
@@ -285,32 +286,6 @@ def _set_int_attr(node, name: str, value: int) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-class _quiet_quantizer:
-    """onnxruntime's quantizers log every node at INFO (and k-quant prints a progress bar per
-    node to stdout); keep the console for what matters."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-        import logging
-        import warnings
-
-        self._old = logging.root.manager.disable
-        logging.disable(logging.INFO)
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.simplefilter("ignore")
-        self._stdout = contextlib.redirect_stdout(io.StringIO())
-        self._stdout.__enter__()
-
-    def __exit__(self, *exc):
-        import logging
-
-        self._stdout.__exit__(*exc)
-        self._warnings.__exit__(*exc)
-        logging.disable(self._old)
-
-
 @step("quantize_dynamic")
 def quantize_dynamic(src: Path, dst: Path, settings, profile) -> dict:
     """onnxruntime's dynamic int8 quantization (weights int8, activations quantized at run time)."""
@@ -318,7 +293,7 @@ def quantize_dynamic(src: Path, dst: Path, settings, profile) -> dict:
     from onnxruntime.quantization import quantize_dynamic as qd
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _quiet_quantizer():
+    with quiet():
         qd(str(src), str(dst), per_channel=settings.per_channel, weight_type=QuantType.QInt8,
            op_types_to_quantize=list(settings.op_types), use_external_data_format=True)
     return {}
@@ -332,7 +307,7 @@ def fp16(src: Path, dst: Path, settings, profile) -> dict:
     model = load_onnx(src)
     block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(settings.keep_fp32_ops))
     nodes = [n.name for n in model.graph.node if any(p in n.name for p in settings.keep_fp32_nodes)]
-    with _quiet_quantizer():
+    with quiet():
         model = convert_float_to_float16(model, keep_io_types=settings.keep_io_types, op_block_list=block,
                                          node_block_list=nodes, disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT)
     save_onnx(model, dst, external=True)
@@ -356,8 +331,9 @@ def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool) -> 
     else:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    avail = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in avail] or ["CPUExecutionProvider"]
+    from edgekd.runtime import choose_providers
+
+    chosen, _ = choose_providers(providers, warn=False)
     try:
         ort.InferenceSession(str(src), so, providers=chosen)
     except Exception as e:
