@@ -182,7 +182,7 @@ bits = 8
 
 def test_mixed_precision_is_skipped_only_when_it_cannot_win(tmp_path):
     """Its smallest form is its 4-bit base: skipped when a passing bundle is no bigger than that."""
-    from edgekd.search import Tried, _beaten
+    from edgekd.search.results import Tried, _beaten
 
     prof = load_target(profile(tmp_path, RTN4_AUTO_INT8))
     cands = resolve_candidates(prof)
@@ -197,7 +197,7 @@ def test_mixed_precision_is_skipped_only_when_it_cannot_win(tmp_path):
 
 
 def test_mixed_precision_is_skipped_when_its_base_is_over_the_size_budget(tmp_path):
-    from edgekd.search import Tried, _beaten
+    from edgekd.search.results import Tried, _beaten
 
     prof = load_target(profile(tmp_path, """
 [gates]

@@ -1,0 +1,187 @@
+"""``search_export``: the search, top to bottom (``edgekd.search`` describes it), and its table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgekd.config import to_dict
+from edgekd.errors import EdgekdError, UsageError
+from edgekd.search.results import NoCandidatePasses, SearchResult, Tried, _beaten, _over_budget, _pick
+from edgekd.search.sensitivity import measure_sensitivity
+from edgekd.targets import Candidate, resolve_candidates
+
+MAX_ROUNDS = 3  # validations of the mixed-precision candidate (bisecting the number of 8-bit layers)
+
+
+def search_export(
+    model: str,
+    target: str | Path,
+    out: Path,
+    overwrite: bool = False,
+    validate_config=None,
+    trust_remote_code: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Export and validate every candidate of ``target``; write the smallest passing one as ``out``.
+
+    Raises ``NoCandidatePasses`` (exit 1) when none passes, after validating all of them; nothing
+    is written at ``out`` then. ``validate_config``: an ``edgekd.validate.ValidateConfig``.
+    """
+    from edgekd.bundle import MANIFEST
+    from edgekd.export import export_bundle
+    from edgekd.export.onnx import export_onnx
+    from edgekd.io import atomic_dir, check_output_dir, write_json
+    from edgekd.models import load_model, resolve_source
+    from edgekd.targets import TargetProfile, load_target
+    from edgekd.validate import ValidateConfig, validate
+
+    say = log or (lambda msg: None)
+    t0 = time.time()
+    out = Path(out)
+    profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
+    cands = resolve_candidates(profile)
+    if not cands:
+        raise UsageError(f"target {profile.name!r} lists no [[candidates]] to search: add some, or export without --search")
+    vcfg = validate_config or ValidateConfig()
+    source = resolve_source(model)
+    inputs = (source.path,) if source.path is not None else ()
+    check_output_dir(out, overwrite, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.search-"))
+    try:
+        say(f"loading {model}")
+        torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
+        fp32: dict[int, Path] = {}
+
+        def fp32_for(prof) -> Path:  # one fp32 export per opset, shared by the candidates
+            if prof.opset not in fp32:
+                say(f"exporting the fp32 ONNX once (opset {prof.opset})")
+                fp32[prof.opset] = export_onnx(torch_model, work / f"fp32-opset{prof.opset}", prof.opset)
+            return fp32[prof.opset]
+
+        golden: dict[str, Any] = {}  # the reference's golden answers, made by the first export, shared
+
+        def export(cand: Candidate, prof, tag: str) -> Tried:
+            bundle = work / "bundles" / tag
+            try:
+                export_bundle(model, prof, bundle, trust_remote_code=trust_remote_code, fp32_onnx=fp32_for(prof),
+                              log=lambda m: say(f"{tag}: {m}"), golden=golden.get("golden"))
+                if "golden" not in golden and (bundle / "golden.json").is_file():
+                    golden["golden"] = json.loads((bundle / "golden.json").read_text(encoding="utf-8"))
+                return Tried(cand.name, cand.description, cand.overrides, bundle)
+            except EdgekdError as e:
+                say(f"{tag}: export failed: {e}")
+                return Tried(cand.name, cand.description, cand.overrides, None, error=str(e))
+
+        rounds = 0
+
+        def check(tried: list[Tried]) -> None:
+            nonlocal rounds
+            todo = [t for t in tried if t.bundle is not None and t.report is None]
+            for t in todo:
+                assert t.bundle is not None  # todo holds only exported candidates
+                over = _over_budget(t.bundle, profile.gates.max_size_mb)
+                if over is not None:  # cannot pass whatever it measures: not worth validating
+                    say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
+                    t.report = over
+            todo = [t for t in todo if t.report is None]
+            if not todo:
+                return
+            rounds += 1
+            say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
+            reports, _ = validate([t.bundle for t in todo if t.bundle is not None], vcfg, out=work / f"report-{rounds}", log=say)
+            for t, r in zip(todo, reports):
+                t.report = r
+
+        # 1. every fixed candidate, validated together (the models are loaded once)
+        tried = [export(c, c.profile, c.name) for c in cands if not c.mixed_precision]
+        check(tried)
+        # 2. mixed precision: sensitivity, then as few 8-bit layers as the gates allow
+        sensitivity: dict[str, dict] = {}
+        for c in (c for c in cands if c.mixed_precision):
+            beaten = _beaten(c, cands, tried)
+            if beaten:
+                say(f"{c.name}: skipped: {beaten}")
+                tried.append(Tried(c.name, c.description, c.overrides, None, skipped=beaten))
+                continue
+            sens = measure_sensitivity(c, fp32_for(c.profile), torch_model, tok, work / f"sens-{c.name}", say)
+            sensitivity[c.name] = sens.record()
+            # Validation decides: start where the proxy says, then bisect on the real gates (fewer
+            # 8-bit layers after a pass, more after a failure) for at most MAX_ROUNDS validations.
+            n, k = len(sens.order), sens.first_k
+            failing, passing = -1, None  # the most 8-bit layers known to fail, the fewest known to pass
+            for _ in range(MAX_ROUNDS):
+                prof = dataclasses.replace(c.profile, matmul_nbits=dataclasses.replace(
+                    c.profile.matmul_nbits, int8_nodes=sens.int8_nodes(k)))
+                t = export(c, prof, f"{c.name}-{k}")
+                t.int8_layers = sorted(sens.order[:k])
+                check([t])
+                tried.append(t)
+                if t.passed:  # (an export that fails its own check counts as a failed gate)
+                    passing = k
+                else:
+                    failing = k
+                if passing is None:
+                    k = min(n, k + max(1, math.ceil(n / 4)))
+                else:
+                    k = (failing + passing) // 2
+                if k <= failing or k == passing:
+                    break
+
+        # 3. keep the smallest passing bundle
+        best = _pick(tried)
+        result = SearchResult(profile.name, tried, best.name if best else None,
+                              tried.index(best) if best else None, out if best else None, sensitivity,
+                              vcfg.record(), time.time() - t0)
+        if best is None:
+            raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
+        assert best.bundle is not None  # a passing candidate was exported
+        with atomic_dir(out, overwrite, inputs) as tmp:
+            for p in best.bundle.iterdir():
+                os.replace(p, tmp / p.name)
+            os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)
+            manifest = json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))
+            # manifest.json is not among the hashed files: adding a key keeps read_manifest's check.
+            manifest["search"] = {**result.record(), "profile": to_dict(profile)}
+            write_json(tmp / MANIFEST, manifest)
+        say(f"kept {best.name}: {out}")
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def table_rows(result: SearchResult) -> list[list[str]]:
+    """``[candidate, size MB, decode tok/s, top-1, KL, verdict]`` per candidate tried, in order."""
+
+    def fmt(v, f):
+        return "–" if v is None else f.format(v)
+
+    rows = []
+    for i, t in enumerate(result.tried):
+        name = t.name + (f" ({len(t.int8_layers)} layers int8)" if t.int8_layers is not None else "")
+        if t.skipped:
+            verdict = f"skipped: {t.skipped}"
+        elif t.error:
+            verdict = f"export failed: {t.error}"
+        elif t.passed:
+            verdict = "PASS" + (" (kept)" if i == result.chosen_index else "")
+        else:
+            from edgekd.validate.gates import GateResult
+
+            assert t.report is not None  # neither skipped nor failed to export: it was validated
+            verdict = "FAIL " + "; ".join(GateResult(**g).line() for g in t.report["gates"] if not g["passed"])
+            if t.report.get("validated") is False:
+                verdict += " (not validated)"
+        rows.append([name, fmt(t.metric("cost", "size_mb"), "{:.1f}"), fmt(t.metric("cost", "decode_tokens_per_s"), "{:.1f}"),
+                     fmt(t.metric("fidelity", "reference", "top1"), "{:.3f}"),
+                     fmt(t.metric("fidelity", "reference", "kl_mean"), "{:.4f}"), verdict])
+    return rows
