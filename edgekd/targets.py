@@ -169,7 +169,7 @@ class TargetProfile:
     to_ort: OrtFormat = OrtFormat()
     gates: Gates = Gates()
     # `edgekd export --search`: recipes to try, in order of preference, each a [[candidates]] table
-    # with a name and the tables it overrides (checked like the profile itself; see edgekd/search.py).
+    # with a name and the tables it overrides (checked like the profile itself; see edgekd/search/).
     candidates: tuple[dict, ...] = ()
 
     def __post_init__(self):
