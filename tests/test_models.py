@@ -193,6 +193,12 @@ def test_gguf_file_loads_and_matches(tmp_path, tokenizer, monkeypatch):
     (cached,) = (tmp_path / "cache" / "gguf").iterdir()  # one folder, no temporary left behind
     assert _load_kwargs(resolve_source(str(path)), False)[0] == str(cached)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cached.iterdir()}
+    # a damaged cache folder is dropped and the file converted again
+    (cached / "model.safetensors").write_bytes(b"not a safetensors file")
+    model, _ = load_model(str(path))
+    np.testing.assert_allclose(model(ids).logits.detach().numpy(), reference(ids).logits.detach().numpy(), atol=1e-4)
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == [cached.name]
+    assert (cached / "model.safetensors").stat().st_size > 1000
     # another file is another key; EDGEKD_CACHE=off converts every time and keeps nothing
     with open(path, "ab") as f:
         f.write(b"\0" * 32)

@@ -215,6 +215,16 @@ def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
         load_records(bad)
 
 
+def test_validate_settings_record_keeps_earlier_stamps_valid():
+    """The pipeline and the search record ValidateConfig; a field added later (task) is left out
+    while unset, so what an earlier edgekd recorded still matches."""
+    from edgekd.config import to_dict
+    from edgekd.validate import ValidateConfig
+
+    assert ValidateConfig().record() == {k: v for k, v in to_dict(ValidateConfig()).items() if k != "task"}
+    assert ValidateConfig(task="sentiment").record()["task"] == "sentiment"
+
+
 def test_compare_logits_identical_and_shifted():
     rng = np.random.default_rng(0)
     logits = [rng.normal(size=(5, 11)).astype(np.float32) for _ in range(3)]
