@@ -38,7 +38,7 @@ demo: install
 	-$(EDGEKD) validate $(DEMO_DIR)/bundle-mobile --out $(DEMO_DIR)/report-mobile
 	# what a phone would run: the bundle against its own golden reference, no torch needed
 	-$(EDGEKD) check $(DEMO_DIR)/bundle-mobile
-	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)"
+	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)" --max-new-tokens 16
 
 test: install
 	$(PY) -m pytest -q -ra
