@@ -223,6 +223,8 @@ def test_validate_settings_record_keeps_earlier_stamps_valid():
 
     assert ValidateConfig().record() == {k: v for k, v in to_dict(ValidateConfig()).items() if k != "task"}
     assert ValidateConfig(task="sentiment").record()["task"] == "sentiment"
+    with pytest.raises(UsageError, match="--answer-tokens must be >= 1"):
+        ValidateConfig(answer_tokens=0)
 
 
 def test_compare_logits_identical_and_shifted():

@@ -49,6 +49,8 @@ class ValidateConfig:
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
             raise UsageError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if self.answer_tokens is not None and self.answer_tokens < 1:
+            raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
 
     def record(self) -> dict[str, Any]:
         """The settings as the pipeline's stamps and a search's manifest record them. ``task`` came
@@ -59,8 +61,6 @@ class ValidateConfig:
         if table.get("task") is None:
             table.pop("task", None)
         return table
-        if self.answer_tokens is not None and self.answer_tokens < 1:
-            raise UsageError(f"--answer-tokens must be >= 1, got {self.answer_tokens}")
 
 
 def _bundle_name(path: Path, taken: set[str]) -> str:
