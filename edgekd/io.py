@@ -208,6 +208,14 @@ def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path | str, ...
         shutil.rmtree(old, ignore_errors=True)
 
 
+def make_shareable(folder: Path) -> None:
+    """Give a folder from ``tempfile.mkdtemp`` (private: 0700) the permissions the umask gives a
+    new folder, before it is renamed into place as something others read (a bundle, a cache)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the libraries' chatter inside a block (transformers' loading notices and GGUF

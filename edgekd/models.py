@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError, first_line
-from edgekd.io import quiet
+from edgekd.io import make_shareable, quiet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,9 +224,7 @@ def _keep_converted(folder: Path, model, tok) -> None:
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's folder is private; a cache can be shared
+            make_shareable(tmp)  # a cache can be shared
             os.replace(tmp, folder)  # atomic; fails (and is ignored) when another process won the race
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -352,11 +350,14 @@ def load_model(
 def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_ids: Sequence[int],
                    pad_id: int, batch_size: int = 8) -> list[list[int]]:
     """Greedy answers of a PyTorch causal LM to token-id prompts, batched with left padding; each
-    ends at and includes its first eos token. (Distillation's teacher answers, which also sample,
-    share a prefix and keep the top-k, are ``edgekd.distill.data.generate_answers``.)"""
+    ends at and includes its first eos token (``eos_ids``; when empty, the model's generation
+    config's). (Distillation's teacher answers, which also sample, share a prefix and keep the
+    top-k, are ``edgekd.distill.data.generate_answers``.)"""
     import torch
 
-    eos = [int(e) for e in eos_ids]
+    configured = model.generation_config.eos_token_id
+    fallback = configured if isinstance(configured, (list, tuple)) else [configured]
+    eos = sorted({int(e) for e in eos_ids}) or sorted({int(e) for e in fallback if e is not None})
     answers: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]

@@ -213,11 +213,12 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
         out = Path(d.out)
         key = distill_key(d)
         stamp = _read_json(out / STAMP)
-        if StudentRun(out).is_complete() and stamp is not None and stamp.get("key") == key:
+        complete = StudentRun(out).is_complete()
+        if complete and stamp is not None and stamp.get("key") == key:
             results.append(StageResult("distill", d.out, "up to date", "same config, teacher and data"))
         else:
             resume = _can_resume(out, d, stamp, key)
-            why = ("resuming a run that stopped" if resume else "no student yet" if not StudentRun(out).is_complete()
+            why = ("resuming a run that stopped" if resume else "no student yet" if not complete
                    else "the config, teacher or data changed")
             rebuilt = True
             if dry_run:

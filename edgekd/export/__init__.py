@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,12 +38,6 @@ def _onnxruntime_version() -> str:
     import onnxruntime
 
     return str(onnxruntime.__version__)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def source_info(source) -> dict[str, Any]:
@@ -172,7 +165,7 @@ def export_bundle(
     from edgekd.bundle import MANIFEST, check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import atomic_dir, check_output_dir, output_lock, write_json
+    from edgekd.io import atomic_dir, check_output_dir, make_shareable, output_lock, write_json
     from edgekd.models import load_model, resolve_source
 
     say = log or (lambda msg: None)
@@ -197,7 +190,7 @@ def export_bundle(
     with output_lock(out), tempfile.TemporaryDirectory(prefix="edgekd-export-") as work_dir, \
             atomic_dir(out, overwrite, inputs) as tmp:
         work = Path(work_dir)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a bundle is meant to be shared
+        make_shareable(tmp)  # a bundle is meant to be shared
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
         path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)
 

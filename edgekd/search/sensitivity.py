@@ -122,9 +122,7 @@ def calibration(torch_model, tok) -> tuple[list[list[int]], list]:
             ids = tok(r["prompt"])["input_ids"]
         prompts.append(list(ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = torch_model.generation_config.eos_token_id
-    eos_ids = sorted(set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-    answers = greedy_answers(torch_model, prompts, CALIBRATION_TOKENS, eos_ids, pad, batch_size=len(prompts))
+    answers = greedy_answers(torch_model, prompts, CALIBRATION_TOKENS, (), pad, batch_size=len(prompts))  # the model's eos
     seqs, logits = [], []
     for p, answer in zip(prompts, answers):
         seq = p + answer

@@ -175,10 +175,7 @@ class TorchModel:
         """Batched greedy answers; each ends at and includes its first eos token."""
         from edgekd.models import greedy_answers
 
-        configured = self.model.generation_config.eos_token_id
-        fallback = configured if isinstance(configured, (list, tuple)) else [configured]
-        eos = list(eos_ids) or [e for e in fallback if e is not None]
-        return greedy_answers(self.model, prompts, max_new_tokens, eos, self.pad_id, self.batch_size)
+        return greedy_answers(self.model, prompts, max_new_tokens, eos_ids, self.pad_id, self.batch_size)
 
 
 def fidelity_summary(metrics: dict[str, Any]) -> str:
