@@ -66,6 +66,8 @@ class MatMulNBits:
     algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps)
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
+    keep_grid: bool = True  # a weight already on a 4-bit grid (--qat-bits 4, a Q4 GGUF) is stored on it, exactly
+    grid_accuracy_level: int = 0  # the accuracy_level of those weights (4-bit: fp32 activations have fast kernels)
 
     def __post_init__(self):
         _check(self.bits in (4, 8), f"matmul_nbits.bits = {self.bits}: use 4 or 8")
@@ -73,6 +75,8 @@ class MatMulNBits:
                f"matmul_nbits.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
         _check(self.accuracy_level in (0, 1, 2, 3, 4),
                f"matmul_nbits.accuracy_level = {self.accuracy_level}: use 0 (default), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+        _check(self.grid_accuracy_level in (0, 1, 2, 3, 4),
+               f"matmul_nbits.grid_accuracy_level = {self.grid_accuracy_level}: use 0 (fp32 activations), 1, 2, 3 or 4 (int8)")
         _check(not (self.algorithm != "rtn" and self.bits != 4), f"matmul_nbits: algorithm '{self.algorithm}' needs bits = 4 (8-bit is rtn)")
 
 

@@ -123,3 +123,69 @@ def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, 
     monkeypatch.delattr(mq, "KQuantWeightOnlyQuantConfig")
     with pytest.raises(UsageError, match="has no k-quant quantizer; install a newer onnxruntime"):
         STEPS["matmul_nbits"].fn(fp32_export[0], tmp_path / "m.onnx", MatMulNBits(bits=4, algorithm="k_quant"), load_target("cpu"))
+
+
+def _on_grid(model, kind: str):
+    """Move every linear weight of ``model`` onto a 4-bit grid: onnxruntime's symmetric one (a
+    --qat-bits 4 student) or llama.cpp's Q4_1 (scale and minimum per block, fp16, as a GGUF has)."""
+    import torch
+
+    from edgekd.quant import ort_symmetric_grid
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() != 2 or "embed" in name:
+                continue
+            if kind == "symmetric":
+                p.copy_(ort_symmetric_grid(p, 4, 32))
+                continue
+            b = p.reshape(p.shape[0], -1, 32)
+            lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+            d = ((hi - lo) / 15).half().float()
+            q = ((b - lo) / ((hi - lo) / 15)).add(0.5).floor().clamp(0, 15)  # ggml's quantize_row_q4_1_ref
+            p.copy_((d * q + lo.half().float()).reshape(p.shape))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "q4_1"])
+def test_weights_on_a_4bit_grid_are_stored_on_it_exactly(tmp_path, kind):
+    """A profile asking for 8 bits still stores a weight that lies on a 4-bit grid at 4 bits, and
+    the bundle computes what the fp32 model does (fp32 activations: nothing rounds)."""
+    import onnx
+    from conftest import build_model, tiny_llama_config
+
+    from edgekd.export.grid import find_grid
+
+    model = _on_grid(build_model(tiny_llama_config(layers=2)), kind)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    grid = find_grid(w, 32)
+    assert grid is not None and (grid.offsets is None) == (kind == "symmetric")
+    assert np.abs(grid.dequantized() - w).max() <= 1e-6
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
+    want, _ = ort_forward(session(src), ids, None, facts)
+    info = STEPS["matmul_nbits"].fn(src, tmp_path / "g.onnx", MatMulNBits(bits=8, accuracy_level=4), load_target("cpu"))
+    assert info["kept_on_grid_matmuls"] == info["quantized_matmuls"] == 14
+    assert info["grid_offset_matmuls"] == (14 if kind == "q4_1" else 0)
+    attrs = {(next(a.i for a in n.attribute if a.name == "bits"), next(a.i for a in n.attribute if a.name == "accuracy_level"))
+             for n in onnx.load(str(tmp_path / "g.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert attrs == {(4, 0)}  # 4 bits, fp32 activations (grid_accuracy_level): nothing rounds
+    got, _ = ort_forward(session(tmp_path / "g.onnx"), ids, None, facts)
+    assert np.abs(got - want).max() <= 1e-4
+    # keep_grid = false: the profile's own 8-bit RTN re-rounds the weights (a measurable drift)
+    info = STEPS["matmul_nbits"].fn(src, tmp_path / "r.onnx", MatMulNBits(bits=8, keep_grid=False), load_target("cpu"))
+    assert info["kept_on_grid_matmuls"] == 0
+    if kind == "q4_1":
+        again, _ = ort_forward(session(tmp_path / "r.onnx"), ids, None, facts)
+        assert np.abs(again - want).max() > 1e-3
+
+
+def test_a_float_weight_is_on_no_grid():
+    from edgekd.export.grid import find_grid
+
+    w = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
+    assert find_grid(w, 32) is None
+    coarse = np.rint(w * 2) / 2  # a few levels, but spanning more than 16 steps in some block
+    assert find_grid(coarse * np.array([1.0] * 32 + [40.0] * 32, dtype=np.float32), 32) is None or \
+        np.abs(find_grid(coarse, 32).dequantized() - coarse).max() <= 1e-6

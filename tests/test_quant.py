@@ -135,8 +135,13 @@ def test_qat_student_exports_to_the_same_weights(tiny_teacher_dir, tmp_path):
     plain = export_bundle(str(tiny_teacher_dir), str(profile), tmp_path / "plain-bundle")["export_check"]
     assert qat["max_abs_logit_diff"] < 1e-3 < plain["max_abs_logit_diff"], (qat, plain)
     assert read_manifest(tmp_path / "qat-bundle")["source"]["quantization_aware"]["reproduced_by_recipe"] is True
-    # A recipe that re-fits the weights (HQQ) does not reproduce the grid: export says so.
+    # A recipe that re-fits the weights (HQQ) keeps them on their grid all the same (keep_grid)...
     hqq = tmp_path / "hqq4.toml"
     hqq.write_text(profile.read_text().replace('"rtn"', '"hqq"'))
     r = CliRunner().invoke(app, ["export", str(out), "--target", str(hqq), "--out", str(tmp_path / "hqq")])
+    assert r.exit_code == 0 and "stored on it exactly" in r.output and "distilled for the 4-bit grid" not in r.output, r.output
+    assert read_manifest(tmp_path / "hqq")["export_check"]["max_abs_logit_diff"] < 1e-3
+    # ... unless told to re-quantize: then it does not reproduce the grid, and export says so.
+    hqq.write_text(hqq.read_text().replace("[matmul_nbits]\n", "[matmul_nbits]\nkeep_grid = false\n"))
+    r = CliRunner().invoke(app, ["export", str(out), "--target", str(hqq), "--out", str(tmp_path / "hqq-refit")])
     assert r.exit_code == 0 and "distilled for the 4-bit grid" in r.output, r.output

@@ -71,6 +71,11 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
     lines = [f"wrote {out} ({m.target_name}): {m.model_file} {check['model_bytes'] / 1e6:.1f} MB "
              f"({check['size_ratio_vs_fp32']:.0%} of fp32), probe top-1 vs PyTorch {check['top1_agreement']:.3f}, "
              f"max |dlogit| {check['max_abs_logit_diff']:.3g}"]
+    grid = next((r for r in m.data.get("recipe", []) if r.get("step") == "matmul_nbits" and r.get("kept_on_grid_matmuls")), None)
+    if grid:
+        offsets = f", {grid['grid_offset_matmuls']} with per-block offsets" if grid["grid_offset_matmuls"] else ""
+        lines.append(f"{grid['kept_on_grid_matmuls']} weights were already on a 4-bit grid and are stored on it exactly{offsets} "
+                     "(matmul_nbits.keep_grid)")
     golden = check.get("golden")
     if golden:
         lines.append(f"greedy answers equal to PyTorch's on {golden['greedy_exact']:.0%} of {golden['prompts']} held-out prompts "
@@ -95,14 +100,16 @@ def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
 
     Weights a profile leaves in fp32 stay exact (fp16 rounds every weight alike and is not checked).
     ``matmul_nbits`` must be symmetric RTN with the same block size and at least as many bits (a
-    4-bit grid point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16); a quantized
+    4-bit grid point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16), or keep the
+    weights on their own grid (``keep_grid``, a block size dividing the trained one); a quantized
     head or embedding must use the trained precision and block size (int4 points are not int8
     points on that grid); ``quantize_dynamic`` re-rounds everything."""
     if "quantize_dynamic" in profile.steps:
         return False
     if "matmul_nbits" in profile.steps:
         m = profile.step_settings("matmul_nbits")
-        if not (m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]):
+        kept = m.keep_grid and qat["bits"] == 4 and qat["block_size"] % m.block_size == 0  # stored on its own grid
+        if not kept and not (m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]):
             return False
     if "quantize_head_embedding" in profile.steps:
         h = profile.step_settings("quantize_head_embedding")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError, first_line
+from edgekd.export.grid import splice, store_on_grid
 from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -198,20 +199,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         info["embedding"] = "fp32"
         info["shared"] = False
 
-    # Splice: replace each old node by its new nodes in place (keeps topological order).
-    replace = {id(old): new for old, new in new_nodes}
-    drop = {id(n) for n in remove_nodes}
-    nodes = []
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        nodes.extend(replace.get(id(n), [n]))
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {i for n in g.node for i in n.input}
-    keep = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep + new_inits)
+    splice(g, new_nodes, tuple(remove_nodes))
+    g.initializer.extend(new_inits)
     _ensure_ms_domain(model)
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(model)
@@ -258,22 +247,28 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
 
     before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
+    grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0}
+    if settings.keep_grid:  # weights already on a 4-bit grid (a --qat-bits 4 student, a Q4 GGUF) stay on it, exactly
+        grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level)
+    on_grid = set(grid["matmuls"])
+    made = {n.name for n in model.graph.node if n.op_type == "MatMul"} - before  # the grid's offset MatMuls: not weights
     with quiet():
-        int8_nodes = matching(settings.int8_nodes) if settings.bits == 4 and settings.int8_nodes else []
+        int8_nodes = [n for n in matching(settings.int8_nodes) if n not in made] if settings.bits == 4 and settings.int8_nodes else []
         if int8_nodes:  # onnxruntime's nodes_to_include adds to its op types, it does not restrict: exclude the rest
-            model = run(model, 8, None, sorted(before - set(int8_nodes)))
-        model = run(model, settings.bits, None, int8_nodes)
+            model = run(model, 8, None, sorted((before | made) - set(int8_nodes)))
+        model = run(model, settings.bits, None, sorted(set(int8_nodes) | made))
     # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): 0 where asked.
     count = 0
     for n in model.graph.node:
         original = n.name.rsplit("_Q", 1)[0]
         if n.op_type == "MatMulNBits" and original in before:
-            _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else settings.accuracy_level)
+            level = settings.grid_accuracy_level if original in on_grid else settings.accuracy_level
+            _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else level)
             count += 1
-    left = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+    left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.name not in made)
     save_onnx(model, dst, external=True)
     return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
-            "fp32_matmuls_left": left}
+            "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"]}
 
 
 def _set_int_attr(node, name: str, value: int) -> None:
