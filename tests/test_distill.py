@@ -275,6 +275,10 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
 
     teacher, tok = load_model(str(tiny_teacher_dir))
     student, _ = load_model(str(tiny_teacher_dir))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a student that is not the teacher: a loss and gradients far from zero to compare
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     rows = [encode_chat(tok, [{"role": "user", "content": f"Classify this: {t}"}, {"role": "assistant", "content": a}])
             for t, a in [("the sea is blue", "positive"), ("rude staff", "negative here"), ("ok", "fine")]]
     P = shared_prefix_len(rows)
@@ -290,6 +294,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
         loss.backward()
         results.append((loss.item(), agree.item(), [p.grad.clone() for p in student.parameters()]))
     (l0, a0, g0), (l1, a1, g1) = results
+    assert l0 > 0.01 and max(x.abs().max().item() for x in g0) > 1e-3  # something to compare
     assert l0 == pytest.approx(l1, rel=1e-5) and a0 == a1
     for x, y in zip(g0, g1):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)

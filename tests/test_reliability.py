@@ -4,6 +4,7 @@ tests/test_distill.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import subprocess
@@ -133,8 +134,13 @@ def test_validate_target_pins_the_gates_whatever_the_manifest_says(bundle, tmp_p
     assert r.returncode == 0 and "no gates" in r.stdout
     assert "the bundle's own manifest" in json.loads((tmp_path / "r1" / "report.json").read_text())["bundles"][0]["gates_from"]
     r = _run("validate", loose, "--out", tmp_path / "r2", "--target", "cpu", *fast)
-    assert r.returncode == 1 and "min_top1_vs_reference" in r.stderr
-    assert "--target cpu" in json.loads((tmp_path / "r2" / "report.json").read_text())["bundles"][0]["gates_from"]
+    assert r.returncode == 1 and "gate(s) failed" in r.stderr  # which of cpu's gates a 12-position probe trips varies by CPU
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())["bundles"][0]
+    assert "--target cpu" in report["gates_from"]
+    from edgekd.targets import load_target
+
+    cpu = {k for k, v in dataclasses.asdict(load_target("cpu").gates).items() if v is not None}
+    assert {g["name"] for g in report["gates"]} == cpu and not all(g["passed"] for g in report["gates"])
 
 
 def test_paths_with_brackets_print_as_text(tmp_path):
