@@ -68,6 +68,7 @@ class MatMulNBits:
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
     keep_grid: bool = True  # a weight already on a 4-bit grid (--qat-bits 4, a Q4 GGUF) is stored on it, exactly
     grid_accuracy_level: int = 0  # the accuracy_level of those weights (4-bit: fp32 activations have fast kernels)
+    grid_offsets: Literal["float32", "float16"] = "float32"  # how a grid's per-block offsets are stored (float16: half the bytes, a Cast)
 
     def __post_init__(self):
         _check(self.bits in (4, 8), f"matmul_nbits.bits = {self.bits}: use 4 or 8")
@@ -109,6 +110,7 @@ class OrtFormat:
     """Step ``to_ort``: convert to the ORT flatbuffer format (smaller runtime, mobile builds)."""
 
     level: Literal["disable", "basic", "extended", "all"] = "basic"
+    constant_folding: bool = True  # false keeps float16 constants and shared scales unfolded in the file (smaller)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
 from edgekd.export.steps import STEPS, _quantize_rows
-from edgekd.targets import SHIPPED, MatMulNBits, QuantizeHeadEmbedding, load_target
+from edgekd.targets import SHIPPED, MatMulNBits, OrtFormat, QuantizeHeadEmbedding, load_target
 
 # Each registered step, the settings it is tested with, and how far its logits may move (tiny model).
 CASES = {
@@ -24,7 +24,7 @@ CASES = {
     "quantize_dynamic": [(load_target("cpu").quantize_dynamic, 1.5)],
     "fp16": [(load_target("cuda").fp16, 0.05)],
     "optimize": [(load_target("cpu").optimize, 1e-3)],
-    "to_ort": [(load_target("mobile").to_ort, 1e-3)],
+    "to_ort": [(load_target("mobile").to_ort, 1e-3), (OrtFormat(constant_folding=False), 1e-3)],
 }
 
 
@@ -173,6 +173,15 @@ def test_weights_on_a_4bit_grid_are_stored_on_it_exactly(tmp_path, kind):
     assert attrs == {(4, 0)}  # 4 bits, fp32 activations (grid_accuracy_level): nothing rounds
     got, _ = ort_forward(session(tmp_path / "g.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 1e-4
+    if kind == "q4_1":  # offsets at half the bytes, cast back in the graph: a smaller file, the same logits
+        half = MatMulNBits(bits=8, accuracy_level=4, grid_offsets="float16")
+        STEPS["matmul_nbits"].fn(src, tmp_path / "h.onnx", half, load_target("cpu"))
+        small, _ = ort_forward(session(tmp_path / "h.onnx"), ids, None, facts)
+        assert np.abs(small - want).max() <= 1e-3
+        size = {p: sum(f.stat().st_size for f in tmp_path.glob(p + "*")) for p in ("g.onnx", "h.onnx")}
+        assert size["h.onnx"] < size["g.onnx"]
+        casts = {f: sum(n.op_type == "Cast" for n in onnx.load(str(tmp_path / f)).graph.node) for f in ("g.onnx", "h.onnx")}
+        assert casts["h.onnx"] - casts["g.onnx"] == 14  # one per weight
     # keep_grid = false: the profile's own 8-bit RTN re-rounds the weights (a measurable drift)
     info = STEPS["matmul_nbits"].fn(src, tmp_path / "r.onnx", MatMulNBits(bits=8, keep_grid=False), load_target("cpu"))
     assert info["kept_on_grid_matmuls"] == 0

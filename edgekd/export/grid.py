@@ -98,10 +98,14 @@ def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
     return grid if (err <= tol + 1e-12).all() else None
 
 
-def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int) -> dict[str, Any]:
+def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, offsets_dtype: str = "float32") -> dict[str, Any]:
     """Replace each MatMul named in ``names`` whose constant weight lies on a 4-bit grid by
     MatMulNBits (plus the offsets' correction where the grid has them). Returns the names of the
-    MatMuls kept (``matmuls``) and how many of them have offsets."""
+    MatMuls kept (``matmuls``) and how many of them have offsets.
+
+    ``offsets_dtype = "float16"`` stores the offsets at half the bytes, cast to fp32 in the graph;
+    a weight whose offsets float16 would move by more than 1/100 of a grid step keeps them fp32
+    (a Q4_1 offset is ``m + 8 d`` with ``m`` the block's minimum: typically well under a step)."""
     from onnx import helper, numpy_helper
 
     g = model.graph
@@ -138,7 +142,13 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int) 
                 block_sums[x] = f"{x}.grid_block_sums"
                 nodes.append(helper.make_node("MatMul", [x, indicators[k]], [block_sums[x]], name=f"{base}_block_sums"))
             on = f"{n.input[1]}.grid_offsets"
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(grid.offsets.T), on))  # (K/block, N)
+            offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
+            half = offsets.astype(np.float16)
+            if offsets_dtype == "float16" and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
+                new_inits.append(numpy_helper.from_array(half, on + ".f16"))
+                nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
+            else:
+                new_inits.append(numpy_helper.from_array(offsets, on))
             nodes += [helper.make_node("MatMul", [block_sums[x], on], [out + ".offsets"], name=f"{base}_offsets"),
                       helper.make_node("Add", [out, out + ".offsets"], [n.output[0]], name=f"{base}_add")]
         replace.append((n, nodes))

@@ -249,7 +249,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
     grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0}
     if settings.keep_grid:  # weights already on a 4-bit grid (a --qat-bits 4 student, a Q4 GGUF) stay on it, exactly
-        grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level)
+        grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level, settings.grid_offsets)
     on_grid = set(grid["matmuls"])
     made = {n.name for n in model.graph.node if n.op_type == "MatMul"} - before  # the grid's offset MatMuls: not weights
     with quiet():
@@ -313,7 +313,7 @@ _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended"
            "all": "ORT_ENABLE_ALL"}
 
 
-def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool) -> None:
+def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool, fold: bool = True) -> None:
     import onnxruntime as ort
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool) -> 
 
     chosen, _ = choose_providers(providers, warn=False)
     try:
-        ort.InferenceSession(str(src), so, providers=chosen)
+        ort.InferenceSession(str(src), so, providers=chosen, disabled_optimizers=[] if fold else ["ConstantFolding"])
     except Exception as e:
         first = first_line(e)
         raise EdgekdError(f"onnxruntime could not optimize/convert the model: {first}") from None
@@ -346,5 +346,5 @@ def optimize(src: Path, dst: Path, settings, profile) -> dict:
 @step("to_ort", suffix=".ort")
 def to_ort(src: Path, dst: Path, settings, profile) -> dict:
     """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds."""
-    _ort_save(src, dst, settings.level, ["CPUExecutionProvider"], ort_format=True)
+    _ort_save(src, dst, settings.level, ["CPUExecutionProvider"], ort_format=True, fold=settings.constant_folding)
     return {}
