@@ -37,6 +37,12 @@ ZERO = 8     # MatMulNBits' implied zero point for 4-bit weights
 RTOL = 1e-5  # round trip tolerance, relative to the block's largest magnitude
 
 
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """4-bit values (uint8, last axis even) two per byte, low nibble first: MatMulNBits' and
+    GatherBlockQuantized's layout."""
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
 @dataclasses.dataclass
 class Grid:
     """One weight on its 4-bit grid, in MatMulNBits' layout (rows = output features N)."""
@@ -52,8 +58,8 @@ class Grid:
         return w.reshape(w.shape[0], -1)
 
     def packed(self) -> np.ndarray:
-        """Two 4-bit values per byte, low nibble first (MatMulNBits' ``B``)."""
-        return (self.q[..., 0::2] | (self.q[..., 1::2] << 4)).astype(np.uint8)
+        """MatMulNBits' ``B``."""
+        return pack_nibbles(self.q)
 
 
 def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
@@ -143,8 +149,8 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
                 nodes.append(helper.make_node("MatMul", [x, indicators[k]], [block_sums[x]], name=f"{base}_block_sums"))
             on = f"{n.input[1]}.grid_offsets"
             offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
-            half = offsets.astype(np.float16)
-            if offsets_dtype == "float16" and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
+            half = offsets.astype(np.float16) if offsets_dtype == "float16" else None
+            if half is not None and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
                 new_inits.append(numpy_helper.from_array(half, on + ".f16"))
                 nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
             else:

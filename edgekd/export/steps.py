@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError, first_line
-from edgekd.export.grid import splice, store_on_grid
+from edgekd.export.grid import pack_nibbles, splice, store_on_grid
 from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -98,7 +98,7 @@ def _quantize_rows(w, bits: int, block_size: int):
     q = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)
     q = q.astype(np.uint8)
     if bits == 4:
-        q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        q = pack_nibbles(q)
     return q, scales
 
 
