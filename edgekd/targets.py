@@ -23,7 +23,7 @@ from edgekd.errors import UsageError
 SHIPPED = ("cpu", "mobile", "cuda")
 # The export steps a profile may name, each implemented in edgekd.export.steps.STEPS (a test
 # keeps the two equal); named here so this data module imports nothing above it.
-STEP_NAMES = ("quantize_head_embedding", "matmul_nbits", "quantize_dynamic", "fp16", "optimize", "to_ort")
+STEP_NAMES = ("fuse_attention", "quantize_head_embedding", "matmul_nbits", "quantize_dynamic", "fp16", "optimize", "to_ort")
 
 HeadPrecision = Literal["fp32", "int8", "int4"]
 
@@ -35,6 +35,20 @@ def _check(cond: bool, msg: str) -> None:
 
 def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FuseAttention:
+    """Step ``fuse_attention``: each layer's attention as one onnxruntime ``GroupQueryAttention``
+    node (rotary, cache append, causal softmax in one kernel). Checked against the unfused graph;
+    a graph it does not recognise, or that disagrees, is kept unfused and the recipe says why."""
+
+    max_positions: int = 8192  # rotary table length: the bundle's context is capped at this
+    tolerance: float = 1e-3    # largest |logit or cache difference| to the unfused graph accepted
+
+    def __post_init__(self):
+        _check(self.max_positions >= 16, f"fuse_attention.max_positions = {self.max_positions}: use at least 16 (8192 is the usual)")
+        _check(self.tolerance > 0, "fuse_attention.tolerance must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +181,7 @@ class TargetProfile:
     steps: tuple[str, ...] = ()
     external_data: bool = False  # weights in model.onnx.data beside the graph (forced above 2 GB)
     check: Check = Check()
+    fuse_attention: FuseAttention = FuseAttention()
     quantize_head_embedding: QuantizeHeadEmbedding = QuantizeHeadEmbedding()
     matmul_nbits: MatMulNBits = MatMulNBits()
     quantize_dynamic: QuantizeDynamic = QuantizeDynamic()

@@ -87,6 +87,9 @@ def test_bundle_files_and_manifest(bundles, sources, name):
     assert inputs["past_key_values.0.key"]["shape"] == ["batch_size", 2, "past_sequence_length", 16]
     assert [o["name"] for o in m["outputs"]][:2] == ["logits", "present.0.key"]
     assert manifest["export_check"]["fp32_max_abs_logit_diff"] < 1e-3
+    fused = [r for r in manifest["recipe"] if r["step"] == "fuse_attention"]
+    if fused:  # cpu and mobile: one GroupQueryAttention a layer; the tiny model's context is under the cap
+        assert fused[0]["fused_layers"] == 4 and m["context_length"] == 256
 
     genai = json.loads((root / "genai_config.json").read_text())
     dec = genai["model"]["decoder"]
@@ -139,7 +142,8 @@ def test_cpu_bundle_quantizes_head_and_embedding_once(bundles):
     vocab_rows = [t for t in model.graph.initializer if t.dims and t.dims[0] == 384]
     assert [(t.data_type, list(t.dims)) for t in vocab_rows] == [(onnx.TensorProto.UINT8, [384, 2, 32])]  # stored once
     assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
-                   for t in model.graph.initializer)  # no fp32 weight matrix left
+                   and not t.name.startswith("edgekd_gqa.") for t in model.graph.initializer)  # no fp32 weight matrix left
+    #                  (the fused attention's rotary cos/sin tables are the one fp32 pair)
 
 
 def test_cuda_bundle_is_fp16(bundles):
@@ -204,3 +208,19 @@ def test_source_info_reads_distill_json(tmp_path, tiny_student_dir):
     assert info["teacher"] == "smollm2-135m-instruct"
     assert info["heldout"] == str((folder / "heldout.jsonl").resolve())
     assert info["spec"] == str(folder.resolve())
+
+
+def test_fused_attention_caps_the_context_at_its_rotary_tables(tmp_path, tiny_teacher_dir):
+    """GroupQueryAttention reads positions from its cos/sin tables: the bundle's context (manifest,
+    genai_config) ends where they end, so the runtime refuses a longer prompt instead of failing in it."""
+    import dataclasses
+
+    from edgekd.export import export_bundle
+    from edgekd.targets import FuseAttention
+
+    profile = dataclasses.replace(load_target("cpu"), steps=("fuse_attention",), fuse_attention=FuseAttention(max_positions=64),
+                                  candidates=())
+    manifest = export_bundle(str(tiny_teacher_dir), profile, tmp_path / "b", golden_prompts=0)
+    assert manifest["model"]["context_length"] == 64
+    genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 64

@@ -10,10 +10,11 @@ import pytest
 
 from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
 from edgekd.export.steps import STEPS, _quantize_rows
-from edgekd.targets import SHIPPED, MatMulNBits, OrtFormat, QuantizeHeadEmbedding, load_target
+from edgekd.targets import SHIPPED, FuseAttention, MatMulNBits, OrtFormat, QuantizeHeadEmbedding, load_target
 
 # Each registered step, the settings it is tested with, and how far its logits may move (tiny model).
 CASES = {
+    "fuse_attention": [(FuseAttention(), 1e-3)],
     "quantize_head_embedding": [(QuantizeHeadEmbedding(), 0.1), (QuantizeHeadEmbedding(head="int4", embedding="int4"), 1.0),
                                 (QuantizeHeadEmbedding(head="int8", embedding="fp32"), 0.1)],
     "matmul_nbits": [(MatMulNBits(bits=8), 0.1), (MatMulNBits(bits=4, algorithm="hqq"), 1.0),
@@ -198,3 +199,57 @@ def test_a_float_weight_is_on_no_grid():
     coarse = np.rint(w * 2) / 2  # a few levels, but spanning more than 16 steps in some block
     assert find_grid(coarse * np.array([1.0] * 32 + [40.0] * 32, dtype=np.float32), 32) is None or \
         np.abs(find_grid(coarse, 32).dequantized() - coarse).max() <= 1e-6
+
+
+def _decode(path, facts, ids, steps: int = 3):
+    """Logits of a prompt and ``steps`` cached greedy steps after it, and the last cache."""
+    sess, out, past, x = session(path), [], None, ids
+    for _ in range(steps + 1):
+        logits, past = ort_forward(sess, x, past, facts)
+        out.append(logits[:, -1])
+        x = logits[:, -1:].argmax(-1).astype(np.int64)
+    return np.concatenate(out), past
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}])
+def test_fused_attention_is_one_node_a_layer_and_decodes_as_the_unfused_graph(tmp_path, rope_scaling):
+    """GroupQueryAttention replaces each layer's attention subgraph; the rotary tables are the
+    model's own (a scaled rope too), so prompt and cached steps give the unfused logits and cache."""
+    import onnx
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=2, rope_scaling=rope_scaling))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    dst = tmp_path / "fused" / "model.onnx"
+    info = STEPS["fuse_attention"].fn(src, dst, FuseAttention(max_positions=64), load_target("cpu"))
+    assert info["fused_layers"] == 2 and info["context_length_cap"] == 64
+    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    assert len(ops) < len(onnx.load(str(src)).graph.node) / 3
+    ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
+    (want, want_past), (got, got_past) = _decode(src, facts, ids), _decode(dst, facts, ids)
+    assert np.abs(got - want).max() < 1e-3
+    assert all(np.abs(got_past[k] - want_past[k]).max() < 1e-3 for k in want_past)
+
+
+def test_attention_that_disagrees_or_is_unknown_is_left_unfused(tmp_path, fp32_export):
+    """The fusion is kept only when it checks out: otherwise the unfused graph goes on and the
+    recipe says why (a tolerance no fusion meets; a graph without the projections it knows)."""
+    import onnx
+
+    src, facts, ids, want = fp32_export
+    dst = tmp_path / "strict" / "model.onnx"
+    info = STEPS["fuse_attention"].fn(src, dst, FuseAttention(tolerance=1e-12), load_target("cpu"))
+    assert info["fused_layers"] == 0 and "fuse_attention.tolerance" in info["not_fused"]
+    assert "GroupQueryAttention" not in {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert np.abs(ort_forward(session(dst), ids, None, facts)[0] - want).max() < 1e-5
+
+    renamed = onnx.load(str(src))
+    for n in renamed.graph.node:
+        n.name = n.name.replace("o_proj", "out_proj")
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    onnx.save(renamed, str(other))
+    info = STEPS["fuse_attention"].fn(other, tmp_path / "o" / "model.onnx", FuseAttention(), load_target("cpu"))
+    assert info["fused_layers"] == 0 and "o_proj" in info["not_fused"]

@@ -76,6 +76,10 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
         offsets = f", {grid['grid_offset_matmuls']} with per-block offsets" if grid["grid_offset_matmuls"] else ""
         lines.append(f"{grid['kept_on_grid_matmuls']} weights were already on a 4-bit grid and are stored on it exactly{offsets} "
                      "(matmul_nbits.keep_grid)")
+    fused = next((r for r in m.data.get("recipe", []) if r.get("step") == "fuse_attention"), None)
+    if fused:
+        lines.append(f"attention fused into GroupQueryAttention in {fused['fused_layers']} layers" if fused["fused_layers"]
+                     else f"attention left unfused: {fused['not_fused']}")
     golden = check.get("golden")
     if golden:
         lines.append(f"greedy answers equal to PyTorch's on {golden['greedy_exact']:.0%} of {golden['prompts']} held-out prompts "
@@ -213,6 +217,9 @@ def export_bundle(
         fp32_bytes = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
 
         path, steps_run = run_steps(path, profile, work, say)
+        cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
+        if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
+            facts["context_length"] = cap
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
 
         model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE

@@ -80,6 +80,28 @@ def _ensure_ms_domain(model) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+@step("fuse_attention")
+def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
+    """Each layer's attention as one GroupQueryAttention node, checked against the unfused graph."""
+    from edgekd.export.fuse import NotFusable, agreement, fuse_gqa
+
+    model = load_onnx(src)
+    try:
+        layers = fuse_gqa(model, settings.max_positions)
+    except NotFusable as e:
+        layers, why = 0, str(e)
+    else:
+        save_onnx(model, dst, external=True)
+        diff = agreement(src, dst)
+        why = "" if diff <= settings.tolerance else (
+            f"the fused graph differs from the unfused one by {diff:.2g} (> fuse_attention.tolerance = {settings.tolerance})")
+    if not layers or why:  # the graph goes on as it was
+        save_onnx(load_onnx(src), dst, external=True)
+        return {"fused_layers": 0, "not_fused": why}
+    return {"fused_layers": layers, "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
+
+
+# ---------------------------------------------------------------------------------------------
 # quantize_head_embedding: the largest size win left by the stock quantizer (FACTS.md).
 def _quantize_rows(w, bits: int, block_size: int):
     """Symmetric block-wise quantization of ``w`` (rows, K) along K, MatMulNBits' layout.
