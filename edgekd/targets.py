@@ -44,6 +44,7 @@ class FuseAttention:
     a graph it does not recognise, or that disagrees, is kept unfused and the recipe says why."""
 
     max_positions: int = 8192  # rotary table length: the bundle's context is capped at this
+    pack_qkv: bool = True      # q, k, v weights as one MatMul (GroupQueryAttention's packed input)
     tolerance: float = 1e-3    # largest |logit or cache difference| to the unfused graph accepted
 
     def __post_init__(self):

@@ -21,7 +21,10 @@ def test_smollm2_cpu_bundle(smollm2_cpu_bundle):
     assert manifest["source"]["spec"] == "smollm2-135m-instruct" and manifest["source"]["kind"] == "gguf"
     m = manifest["model"]
     assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (30, 3, 64, 49152)
-    assert manifest["recipe"][1] == {**manifest["recipe"][1], "tied": True, "shared": True}
+    steps = {r["step"]: r for r in manifest["recipe"]}
+    assert steps["quantize_head_embedding"] == {**steps["quantize_head_embedding"], "tied": True, "shared": True}
+    assert steps["fuse_attention"] == {**steps["fuse_attention"], "fused_layers": 30, "packed_qkv_layers": 30}
+    assert steps["matmul_nbits"]["kept_on_grid_matmuls"] == 150  # 30 x (qkv, o, gate, up, down): the GGUF's Q4_1, exactly
 
 
 @requires_smollm2

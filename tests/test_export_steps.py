@@ -211,10 +211,11 @@ def _decode(path, facts, ids, steps: int = 3):
     return np.concatenate(out), past
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}])
-def test_fused_attention_is_one_node_a_layer_and_decodes_as_the_unfused_graph(tmp_path, rope_scaling):
-    """GroupQueryAttention replaces each layer's attention subgraph; the rotary tables are the
-    model's own (a scaled rope too), so prompt and cached steps give the unfused logits and cache."""
+@pytest.mark.parametrize("rope_scaling, pack", [(None, True), ({"rope_type": "linear", "factor": 2.0}, True), (None, False)])
+def test_fused_attention_is_one_node_a_layer_and_decodes_as_the_unfused_graph(tmp_path, rope_scaling, pack):
+    """GroupQueryAttention replaces each layer's attention subgraph (q, k, v as one packed MatMul,
+    or three); the rotary tables are the model's own (a scaled rope too), so prompt and cached
+    steps give the unfused logits and cache."""
     import onnx
     from conftest import build_model, tiny_llama_config
 
@@ -222,10 +223,14 @@ def test_fused_attention_is_one_node_a_layer_and_decodes_as_the_unfused_graph(tm
     src = export_onnx(model, tmp_path / "fp32", 17)
     facts = model_facts(model.config)
     dst = tmp_path / "fused" / "model.onnx"
-    info = STEPS["fuse_attention"].fn(src, dst, FuseAttention(max_positions=64), load_target("cpu"))
-    assert info["fused_layers"] == 2 and info["context_length_cap"] == 64
-    ops = [n.op_type for n in onnx.load(str(dst)).graph.node]
+    info = STEPS["fuse_attention"].fn(src, dst, FuseAttention(max_positions=64, pack_qkv=pack), load_target("cpu"))
+    assert info["fused_layers"] == 2 and info["context_length_cap"] == 64 and info["packed_qkv_layers"] == (2 if pack else 0)
+    nodes = onnx.load(str(dst)).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    # per layer: q, k, v (one packed or three), o, gate, up, down; plus the tied head (reads the embedding)
+    assert ops.count("MatMul") == 2 * (5 if pack else 7) + 1
+    assert sum("qkv_proj" in n.name for n in nodes) == (2 if pack else 0)
     assert len(ops) < len(onnx.load(str(src)).graph.node) / 3
     ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
     (want, want_past), (got, got_past) = _decode(src, facts, ids), _decode(dst, facts, ids)

@@ -129,10 +129,12 @@ def _projection(by_name: dict[str, Any], consumers: dict[str, list], layer: int,
     return n
 
 
-def fuse_gqa(model, max_positions: int) -> int:
+def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int]:
     """Rewrite ``model`` in place: each layer's attention becomes one GroupQueryAttention node.
-    Returns the number of layers fused; raises ``NotFusable`` (the model untouched) when the graph
-    is not the attention it knows."""
+    ``pack_qkv``: where q, k and v are bias-free projections of one input, their weights become one
+    (K, q + k + v) MatMul feeding GroupQueryAttention's packed input (one weight read, one node, and
+    one set of grid offsets instead of three). Returns (layers fused, layers packed); raises
+    ``NotFusable`` (the model untouched) when the graph is not the attention it knows."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -185,6 +187,7 @@ def fuse_gqa(model, max_positions: int) -> int:
         helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
     ]
     before: dict[int, list] = {}
+    packed = 0
     for i, q, k, v, o, heads, present in plans:
         for p in present:  # the unfused cache outputs are renamed, so dead-node removal drops them
             for n in g.node:
@@ -192,12 +195,23 @@ def fuse_gqa(model, max_positions: int) -> int:
                     if out == p:
                         n.output[j] = f"{p}.unfused"
         out = f"/model/layers.{i}/self_attn/{P}_output"
-        before[id(o)] = [helper.make_node(
+        qkv, nodes = [q.output[0], k.output[0], v.output[0]], []
+        projections = (q, k, v)
+        if pack_qkv and all(n.op_type == "MatMul" and n.input[1] in inits for n in projections) \
+                and len({n.input[0] for n in projections}) == 1:
+            w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in projections], axis=1)
+            name = f"/model/layers.{i}/self_attn/qkv_proj/MatMul"
+            new_inits.append(numpy_helper.from_array(w, f"model.layers.{i}.self_attn.qkv_proj.weight"))
+            nodes.append(helper.make_node("MatMul", [q.input[0], f"model.layers.{i}.self_attn.qkv_proj.weight"],
+                                          [name + "_output_0"], name=name))
+            qkv, packed = [name + "_output_0", "", ""], packed + 1
+        nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [q.output[0], k.output[0], v.output[0], f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+            [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
              f"{P}.seqlens_k", f"{P}.total_len", f"{P}.cos_cache", f"{P}.sin_cache"],
             [out, *present], name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)]
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0))
+        before[id(o)] = nodes
         o.input[0] = out
     nodes = list(shared)
     for n in g.node:
@@ -209,7 +223,7 @@ def fuse_gqa(model, max_positions: int) -> int:
     _drop_dead(g)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return len(plans)
+    return len(plans), packed
 
 
 def _drop_dead(graph) -> None:

@@ -87,9 +87,9 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
 
     model = load_onnx(src)
     try:
-        layers = fuse_gqa(model, settings.max_positions)
+        layers, packed = fuse_gqa(model, settings.max_positions, settings.pack_qkv)
     except NotFusable as e:
-        layers, why = 0, str(e)
+        layers, packed, why = 0, 0, str(e)
     else:
         save_onnx(model, dst, external=True)
         diff = agreement(src, dst)
@@ -98,7 +98,7 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
     if not layers or why:  # the graph goes on as it was
         save_onnx(load_onnx(src), dst, external=True)
         return {"fused_layers": 0, "not_fused": why}
-    return {"fused_layers": layers, "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
+    return {"fused_layers": layers, "packed_qkv_layers": packed, "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
 
 
 # ---------------------------------------------------------------------------------------------
