@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.export.grid import set_nodes, splice
+
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
 
 
@@ -186,7 +188,7 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
         helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
         helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
     ]
-    before: dict[int, list] = {}
+    replace: list[tuple[Any, list]] = []
     packed = 0
     for i, q, k, v, o, heads, present in plans:
         for p in present:  # the unfused cache outputs are renamed, so dead-node removal drops them
@@ -211,14 +213,10 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
              f"{P}.seqlens_k", f"{P}.total_len", f"{P}.cos_cache", f"{P}.sin_cache"],
             [out, *present], name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0))
-        before[id(o)] = nodes
+        replace.append((o, [*nodes, o]))  # GroupQueryAttention (and the packed q/k/v) just before o_proj
         o.input[0] = out
-    nodes = list(shared)
-    for n in g.node:
-        nodes.extend(before.get(id(n), []))
-        nodes.append(n)
-    del g.node[:]
-    g.node.extend(nodes)
+    first = g.node[0]  # the shared nodes read only graph inputs and constants: they go first
+    splice(g, [(first, [*shared, first]), *replace])
     g.initializer.extend(new_inits)
     _drop_dead(g)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
@@ -228,13 +226,7 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
 
 def _drop_dead(graph) -> None:
     """Remove the nodes no graph output depends on, then the initializers nothing reads."""
-    nodes = _needed(graph, [o.name for o in graph.output])
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    set_nodes(graph, _needed(graph, [o.name for o in graph.output]))
 
 
 def agreement(unfused: Path, fused: Path, seed: int = 0) -> float:

@@ -175,6 +175,11 @@ def splice(graph, replace: list[tuple[Any, list]], drop: tuple = ()) -> None:
     for n in graph.node:
         if id(n) not in gone:
             nodes.extend(new.get(id(n), [n]))
+    set_nodes(graph, nodes)
+
+
+def set_nodes(graph, nodes: list) -> None:
+    """Make ``nodes`` the graph's nodes (in that order) and drop the initializers none of them reads."""
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
