@@ -224,3 +224,21 @@ def test_fused_attention_caps_the_context_at_its_rotary_tables(tmp_path, tiny_te
     assert manifest["model"]["context_length"] == 64
     genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())
     assert genai["model"]["context_length"] == 64
+
+
+def test_fused_attention_caps_a_sliding_window_models_context_at_its_window(tmp_path, tokenizer):
+    """GroupQueryAttention attends to the whole cache; a sliding-window model (Mistral) agrees with
+    it only up to the window, so the bundle's context ends there."""
+    import torch
+    from conftest import save_model, tiny_llama_config
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from edgekd.export import export_bundle
+
+    cfg = MistralConfig(**{k: v for k, v in tiny_llama_config(layers=2).to_dict().items()
+                           if k in MistralConfig().to_dict() and k not in ("architectures", "model_type")}, sliding_window=32)
+    torch.manual_seed(0)
+    src = save_model(MistralForCausalLM(cfg).eval(), tokenizer, tmp_path / "mistral")
+    manifest = export_bundle(str(src), "cpu", tmp_path / "b", golden_prompts=0)
+    fused = next(r for r in manifest["recipe"] if r["step"] == "fuse_attention")
+    assert fused["fused_layers"] == 2 and manifest["model"]["context_length"] == 32

@@ -218,7 +218,11 @@ def export_bundle(
 
         path, steps_run = run_steps(path, profile, work, say)
         cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
+        window = getattr(torch_model.config, "sliding_window", None)
+        if cap and window and getattr(torch_model.config, "use_sliding_window", True) is not False:
+            cap = min(cap, int(window))  # fused attention sees the whole cache: the same only up to the window
         if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
+            say(f"context capped at {cap} tokens (fused attention)")
             facts["context_length"] = cap
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
 

@@ -18,7 +18,8 @@ The step checks itself: the fused and the unfused graph run the same prompt and 
 and the fusion is kept only if logits and cache agree within ``tolerance``; otherwise the unfused
 graph goes on unchanged and the recipe says why. Positions come from the cache length, as
 GroupQueryAttention computes them: right for the left-aligned, unpadded rows edgekd's runtime and
-onnxruntime-genai feed at batch 1.
+onnxruntime-genai feed at batch 1. GroupQueryAttention here attends to the whole cache: for a model
+with a sliding attention window, export caps the bundle's context at the window, where the two agree.
 """
 
 from __future__ import annotations
@@ -215,8 +216,8 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0))
         replace.append((o, [*nodes, o]))  # GroupQueryAttention (and the packed q/k/v) just before o_proj
         o.input[0] = out
-    first = g.node[0]  # the shared nodes read only graph inputs and constants: they go first
-    splice(g, [(first, [*shared, first]), *replace])
+    top = g.node[0]  # the shared nodes read only graph inputs and constants: they go first
+    splice(g, [(top, [*shared, top]), *replace])
     g.initializer.extend(new_inits)
     _drop_dead(g)
     if not any(op.domain == "com.microsoft" for op in model.opset_import):
