@@ -74,17 +74,13 @@ def rotary_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     names = [_chain_end(cos[0].output[0], consumers), _chain_end(sin[0].output[0], consumers)]
     if "position_ids" not in {i.name for i in g.input}:
         raise NotFusable("the graph has no position_ids input to evaluate its rotary embedding from")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend([onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names])
-    nodes = _needed(probe.graph, names)
-    del probe.graph.node[:]
-    probe.graph.node.extend(nodes)
-    used = {i for n in probe.graph.node for i in n.input}
-    inputs = [i for i in probe.graph.input if i.name in used]
-    del probe.graph.input[:]
-    probe.graph.input.extend(inputs)
+    nodes = _needed(g, names)  # the rotary subgraph alone, with only the constants it reads
+    used = {i for n in nodes for i in n.input}
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "rotary", [i for i in g.input if i.name in used],
+                               [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+                               [t for t in g.initializer if t.name in used]),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -133,8 +129,8 @@ def _projection(by_name: dict[str, Any], consumers: dict[str, list], layer: int,
 
 
 def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int]:
-    """Rewrite ``model`` in place: each layer's attention becomes one GroupQueryAttention node.
-    ``pack_qkv``: where q, k and v are bias-free projections of one input, their weights become one
+    """Rewrite ``model`` in place: each layer's attention becomes one GroupQueryAttention node (a
+    com.microsoft op: the caller declares the domain). ``pack_qkv``: where q, k and v are bias-free projections of one input, their weights become one
     (K, q + k + v) MatMul feeding GroupQueryAttention's packed input (one weight read, one node, and
     one set of grid offsets instead of three). Returns (layers fused, layers packed); raises
     ``NotFusable`` (the model untouched) when the graph is not the attention it knows."""
@@ -189,14 +185,13 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
         helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
         helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
     ]
+    producer = {out: (n, j) for n in g.node for j, out in enumerate(n.output)}
     replace: list[tuple[Any, list]] = []
     packed = 0
     for i, q, k, v, o, heads, present in plans:
         for p in present:  # the unfused cache outputs are renamed, so dead-node removal drops them
-            for n in g.node:
-                for j, out in enumerate(n.output):
-                    if out == p:
-                        n.output[j] = f"{p}.unfused"
+            n, j = producer[p]
+            n.output[j] = f"{p}.unfused"
         out = f"/model/layers.{i}/self_attn/{P}_output"
         qkv, nodes = [q.output[0], k.output[0], v.output[0]], []
         projections = (q, k, v)
@@ -220,8 +215,6 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
     splice(g, [(top, [*shared, top]), *replace])
     g.initializer.extend(new_inits)
     _drop_dead(g)
-    if not any(op.domain == "com.microsoft" for op in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(plans), packed
 
 

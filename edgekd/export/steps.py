@@ -91,6 +91,7 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
     except NotFusable as e:
         layers, packed, why = 0, 0, str(e)
     else:
+        _ensure_ms_domain(model)
         save_onnx(model, dst, external=True)
         diff = agreement(src, dst)
         why = "" if diff <= settings.tolerance else (
