@@ -62,6 +62,7 @@ class QuantizeHeadEmbedding:
     embedding: HeadPrecision = "int8"
     block_size: int = 32
     accuracy_level: int = 0  # the head's MatMulNBits; see MatMulNBits.accuracy_level
+    keep_grid: bool = True  # a head/embedding already on the int4 grid (--qat-head-bits 4) is stored at int4, exactly
 
     def __post_init__(self):
         _check(self.accuracy_level in (0, 1, 2, 3, 4),

@@ -116,6 +116,34 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     assert np.abs(got - want).max() <= 0.1
 
 
+def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
+    """A head distilled with --qat-head-bits 4 under an int8 setting: stored at int4 (re-rounding
+    its int4 points to int8 would move them), shared with the embedding, and exact; keep_grid =
+    false re-rounds it to int8 as asked."""
+    import torch
+    from conftest import build_model, tiny_llama_config
+
+    from edgekd.quant import absmax_grid
+
+    model = build_model(tiny_llama_config(layers=1))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(absmax_grid(emb, 4, 32))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
+    want, _ = ort_forward(session(src), ids, None, facts)
+    step = STEPS["quantize_head_embedding"].fn
+    info = step(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
+    assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": True}
+    got, _ = ort_forward(session(tmp_path / "k" / "model.onnx"), ids, None, facts)
+    assert np.abs(got - want).max() <= 1e-4
+    info = step(src, tmp_path / "r" / "model.onnx", QuantizeHeadEmbedding(keep_grid=False), None)
+    assert info["head"] == info["embedding"] == "int8" and "kept_int4_grid" not in info
+    again, _ = ort_forward(session(tmp_path / "r" / "model.onnx"), ids, None, facts)
+    assert np.abs(again - want).max() > 1e-4
+
+
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 

@@ -145,3 +145,19 @@ def test_qat_student_exports_to_the_same_weights(tiny_teacher_dir, tmp_path):
     hqq.write_text(hqq.read_text().replace("[matmul_nbits]\n", "[matmul_nbits]\nkeep_grid = false\n"))
     r = CliRunner().invoke(app, ["export", str(out), "--target", str(hqq), "--out", str(tmp_path / "hqq-refit")])
     assert r.exit_code == 0 and "distilled for the 4-bit grid" in r.output, r.output
+
+
+def test_the_cpu_profile_keeps_an_int4_head_on_its_grid():
+    """--qat-head-bits 4 under the cpu profile's int8 head: kept at int4 by keep_grid, so the
+    recipe reproduces the student; with keep_grid off it would re-round the head to int8."""
+    import dataclasses
+
+    from edgekd.export import reproduces_qat_grid
+    from edgekd.targets import load_target
+
+    cpu = load_target("cpu")
+    for head_bits in (8, 4):
+        assert reproduces_qat_grid(cpu, {"bits": 4, "block_size": 32, "head_bits": head_bits})
+    off = dataclasses.replace(cpu, quantize_head_embedding=dataclasses.replace(cpu.quantize_head_embedding, keep_grid=False))
+    assert not reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 4})
+    assert reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 8})

@@ -107,7 +107,7 @@ def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
     4-bit grid point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16), or keep the
     weights on their own grid (``keep_grid``, a block size dividing the trained one); a quantized
     head or embedding must use the trained precision and block size (int4 points are not int8
-    points on that grid); ``quantize_dynamic`` re-rounds everything."""
+    points on that grid), or keep an int4 one on its grid (``keep_grid``); ``quantize_dynamic`` re-rounds everything."""
     if "quantize_dynamic" in profile.steps:
         return False
     if "matmul_nbits" in profile.steps:
@@ -118,7 +118,9 @@ def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
     if "quantize_head_embedding" in profile.steps:
         h = profile.step_settings("quantize_head_embedding")
         want = f"int{qat.get('head_bits') or 0}"
-        if any(p != "fp32" and (p != want or h.block_size != qat["block_size"]) for p in (h.head, h.embedding)):
+        kept = h.keep_grid and want == "int4"  # an int8 setting stores an int4-grid head at int4
+        if any(p != "fp32" and (p != want and not (kept and p == "int8") or h.block_size != qat["block_size"])
+               for p in (h.head, h.embedding)):
             return False
     return True
 

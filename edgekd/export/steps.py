@@ -125,6 +125,22 @@ def _quantize_rows(w, bits: int, block_size: int):
     return q, scales
 
 
+def _on_int4_grid(w, block_size: int) -> bool:
+    """Whether ``w`` (rows, K) already lies on the int4 grid :func:`_quantize_rows` stores at this
+    block size (a head distilled with ``--qat-head-bits 4``: ``edgekd.quant.absmax_grid``), so that
+    storing it at int4 is exact. The first rows decide cheaply for a float weight."""
+    import numpy as np
+
+    def exact(rows) -> bool:
+        blocks = rows.reshape(rows.shape[0], -1, block_size).astype(np.float32)
+        scales = np.abs(blocks).max(axis=-1, keepdims=True) / 7
+        scales = np.where(scales == 0, 1.0, scales)
+        err = np.abs(np.clip(np.rint(blocks / scales), -7, 7) * scales - blocks)
+        return bool((err <= 1e-5 * scales).all())
+
+    return w.shape[1] % block_size == 0 and exact(w[:64]) and exact(w)
+
+
 @step("quantize_head_embedding")
 def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
@@ -132,6 +148,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     A tied pair at the same precision shares one quantized matrix, stored once: the head reads it as
     ``B`` (vocab, K/block, block*bits/8), the embedding gathers rows of the same tensor. The stock
     quantizer cannot do this: it skips a head fed by a Transpose and refuses 8-bit Gathers.
+    With ``keep_grid``, an int8 setting stores a matrix that already lies on the int4 grid (a head
+    distilled with ``--qat-head-bits 4``) at int4: exact, where re-rounding to int8 would not be.
     """
     import numpy as np
     import onnx
@@ -171,7 +189,20 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     info: dict[str, Any] = {"tied": bool(tied)}
     emb = numpy_helper.to_array(inits[emb_name])
     bits_of = {"int8": 8, "int4": 4}
-    shared = tied and settings.head == settings.embedding and settings.head != "fp32"
+    head_w = None
+    if head is not None:
+        head_w = emb if head_transposed else np.ascontiguousarray(numpy_helper.to_array(inits[head_w_name]).T)  # (vocab, hidden)
+
+    def precision(asked: str, w) -> str:
+        """int4 for a matrix already on the int4 grid (exact, and half the bytes of int8)."""
+        if asked == "int8" and settings.keep_grid and w is not None and _on_int4_grid(w, bs):
+            info["kept_int4_grid"] = True
+            return "int4"
+        return asked
+
+    head_prec = precision(settings.head, head_w)
+    emb_prec = head_prec if tied and settings.embedding == settings.head else precision(settings.embedding, emb)
+    shared = tied and head_prec == emb_prec and head_prec != "fp32"
 
     def quantized(tag: str, rows_w, bits: int):
         q, s = _quantize_rows(rows_w, bits, bs)
@@ -179,24 +210,23 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         new_inits.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(s.reshape(-1), sn)])
         return qn, sn, q.shape
 
-    if head is not None and settings.head != "fp32":
-        bits = bits_of[settings.head]
-        w = emb if head_transposed else numpy_helper.to_array(inits[head_w_name]).T  # (vocab, hidden)
-        qn, sn, _ = quantized("shared_embedding" if shared else "lm_head", np.ascontiguousarray(w), bits)
+    if head is not None and head_prec != "fp32":
+        bits = bits_of[head_prec]
+        qn, sn, _ = quantized("shared_embedding" if shared else "lm_head", head_w, bits)
         node = helper.make_node("MatMulNBits", [head.input[0], qn, sn], list(head.output), name=head.name + "_Q",
                                 domain="com.microsoft", K=int(hidden), N=int(vocab), bits=bits, block_size=bs,
                                 accuracy_level=settings.accuracy_level)
         new_nodes.append((head, [node]))
         if transpose_node is not None:
             remove_nodes.append(transpose_node)
-        info["head"] = settings.head
+        info["head"] = head_prec
         head_q = (qn, sn, bits)
     else:
         info["head"] = "fp32" if head is not None else "not found"
         head_q = None
 
-    if settings.embedding != "fp32":
-        bits = bits_of[settings.embedding]
+    if emb_prec != "fp32":
+        bits = bits_of[emb_prec]
         if shared:
             assert head_q is not None  # shared implies a tied head, quantized just above
             qn, sn, bits = head_q
@@ -216,7 +246,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
             helper.make_node("Reshape", [out + ".blocks", shape_out], [out], name=gather.name + "_flat"),
         ]
         new_nodes.append((gather, nodes))
-        info["embedding"] = settings.embedding
+        info["embedding"] = emb_prec
         info["shared"] = bool(shared)
     else:
         info["embedding"] = "fp32"
@@ -291,7 +321,8 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.name not in made)
     save_onnx(model, dst, external=True)
     return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
-            "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"]}
+            "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"],
+            "grid_offsets_float16": grid.get("float16_offsets", 0)}
 
 
 def _set_int_attr(node, name: str, value: int) -> None:
