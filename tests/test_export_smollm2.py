@@ -25,6 +25,8 @@ def test_smollm2_cpu_bundle(smollm2_cpu_bundle):
     assert steps["quantize_head_embedding"] == {**steps["quantize_head_embedding"], "tied": True, "shared": True}
     assert steps["fuse_attention"] == {**steps["fuse_attention"], "fused_layers": 30, "packed_qkv_layers": 30}
     assert steps["matmul_nbits"]["kept_on_grid_matmuls"] == 150  # 30 x (qkv, o, gate, up, down): the GGUF's Q4_1, exactly
+    assert steps["matmul_nbits"]["grid_offsets_float16"] == 150  # every offset fits float16 (grid_offsets)
+    assert steps["quantize_head_embedding"]["head"] == "int8"  # the GGUF's Q8_0 head is on no int4 grid: int8, as asked
 
 
 @requires_smollm2

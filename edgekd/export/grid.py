@@ -107,7 +107,7 @@ def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
 def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, offsets_dtype: str = "float32") -> dict[str, Any]:
     """Replace each MatMul named in ``names`` whose constant weight lies on a 4-bit grid by
     MatMulNBits (plus the offsets' correction where the grid has them). Returns the names of the
-    MatMuls kept (``matmuls``) and how many of them have offsets.
+    MatMuls kept (``matmuls``), how many of them have offsets, and how many store them float16.
 
     ``offsets_dtype = "float16"`` stores the offsets at half the bytes, cast to fp32 in the graph;
     a weight whose offsets float16 would move by more than 1/100 of a grid step keeps them fp32
@@ -120,7 +120,7 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
     new_inits: list = []
     block_sums: dict[str, str] = {}  # input name -> its block sums (computed once per input)
     indicators: dict[int, str] = {}  # K -> the (K, K/block) block indicator
-    kept, with_offsets = [], 0
+    kept, with_offsets, half_offsets = [], 0, 0
     for n in g.node:
         if n.op_type != "MatMul" or n.name not in names or n.input[1] not in inits:
             continue
@@ -151,6 +151,7 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
             offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
             half = offsets.astype(np.float16) if offsets_dtype == "float16" else None
             if half is not None and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
+                half_offsets += 1
                 new_inits.append(numpy_helper.from_array(half, on + ".f16"))
                 nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
             else:
@@ -162,7 +163,7 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
     if replace:
         splice(g, replace)
         g.initializer.extend(new_inits)
-    return {"matmuls": kept, "with_offsets": with_offsets}
+    return {"matmuls": kept, "with_offsets": with_offsets, "float16_offsets": half_offsets}
 
 
 def splice(graph, replace: list[tuple[Any, list]], drop: tuple = ()) -> None:
