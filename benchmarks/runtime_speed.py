@@ -5,8 +5,9 @@ and PyTorch eager `generate`, side by side in one process, plus the memory-bandw
     python benchmarks/runtime_speed.py --student runs/demo/student --targets cpu
 
 Prints a Markdown table. Batch 1, greedy, eos ignored; every engine decodes the same prompt.
-Each number is the median of ``--rounds`` rounds, engines interleaved within a round so that the
-load from other processes falls on all of them alike.
+Each number is the median of ``--rounds`` rounds; every engine of every model (teacher and student)
+runs once in each round, so that the load from other processes falls on all of them alike and a
+ratio between two rows is one run's.
 
 The ceiling: decode at batch 1 reads every weight once per token, so tokens/s <= bandwidth /
 bytes read per token. Bytes read per token = the bundle's initializers except those read only
@@ -196,7 +197,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     bandwidth = measure_bandwidth(threads=args.threads)
     print(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
-    rows = []
+    models = []  # (label, PyTorch model, [(target, bundle, Runtime, ORTModel or None)])
     for label, spec in prepare_models(args):
         bundles = [(t, ensure_bundle(spec, t, args.work / f"{Path(spec).name}-{Path(t).stem}", args.relax_export_check))
                    for t in args.targets.split(",")]
@@ -213,39 +214,47 @@ def main() -> None:
                 print(f"ORTModelForCausalLM could not load {bundle}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 ort_model = None
             engines.append((target, bundle, rt, ort_model))
-        rt0 = engines[0][2]
-        ids = rt0.encode_prompt(SPEED_PROMPT)
-        prefill_ids = synthetic_ids(rt0, args.prefill)
-        results: dict[str, dict[str, list[float]]] = {}
-        for r in range(args.rounds):
-            print(f"{label}: round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        models.append((label, model, engines))
+    if not models:
+        sys.exit("no bundle to time: every export was refused")
+    rt0 = models[0][2][0][2]
+    ids = rt0.encode_prompt(SPEED_PROMPT)
+    prefill_ids = synthetic_ids(rt0, args.prefill)
+    # Every engine of every model runs once per round (teacher and student alike), so a ratio
+    # between any two rows is measured under the same load.
+    results: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for r in range(args.rounds):
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+        for label, model, engines in models:
             t = torch_times(model, ids, prefill_ids, args.tokens)
-            results.setdefault("torch", {}).setdefault("decode", []).append(t["decode"])
-            results["torch"].setdefault("prefill_ms", []).append(t["prefill_ms"])
+            results.setdefault((label, "torch"), {}).setdefault("decode", []).append(t["decode"])
+            results[(label, "torch")].setdefault("prefill_ms", []).append(t["prefill_ms"])
             for target, bundle, rt, ort_model in engines:
                 ours = time_runtime(rt, prefill_tokens=args.prefill, decode_tokens=args.tokens, repeats=1)
-                res = results.setdefault(target, {})
+                res = results.setdefault((label, target), {})
                 res.setdefault("decode", []).append(ours["decode_tokens_per_s"])
                 res.setdefault("prefill_ms", []).append(ours["prefill_ms"])
                 if ort_model is not None:
                     o = ort_generate_times(ort_model, ids, prefill_ids, args.tokens)
                     res.setdefault("ort_decode", []).append(o["decode"])
                     res.setdefault("ort_prefill_ms", []).append(o["prefill_ms"])
-        med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in results.items()}
+    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in results.items()}
+    rows = []
+    for label, _, engines in models:
+        torch_med = med[(label, "torch")]
         for target, bundle, rt, ort_model in engines:
             weights, how = bytes_read_per_token(bundle)
             per_token = weights + kv_bytes(rt, len(ids) + args.tokens // 2)
             ceiling = bandwidth / per_token
-            m = med[target]
+            m = med[(label, target)]
             size = sum(f.stat().st_size for f in bundle.glob(rt.model_path.name + "*"))
             rows.append({
                 "model": label, "target": Path(target).stem, "size_mb": size / 1e6,
-                "edgekd": m["decode"], "ort": m.get("ort_decode"), "torch": med["torch"]["decode"],
-                "pre_edgekd": m["prefill_ms"], "pre_ort": m.get("ort_prefill_ms"), "pre_torch": med["torch"]["prefill_ms"],
+                "edgekd": m["decode"], "ort": m.get("ort_decode"), "torch": torch_med["decode"],
+                "pre_edgekd": m["prefill_ms"], "pre_ort": m.get("ort_prefill_ms"), "pre_torch": torch_med["prefill_ms"],
                 "mb_per_token": per_token / 1e6, "ceiling": ceiling, "how": how,
             })
             print(f"{label} {target}: {rows[-1]}", file=sys.stderr, flush=True)
-        del model, engines
 
     def f(x, fmt="{:.1f}"):
         return "n/a" if x is None else fmt.format(x)
