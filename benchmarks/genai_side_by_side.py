@@ -127,11 +127,14 @@ def main() -> None:
         for i, (_, _, path, fn) in enumerate(engines):
             results[i].append(fn(path, prompt_ids, args.tokens))
     import onnxruntime
-    import onnxruntime_genai
 
+    versions = f"onnxruntime {onnxruntime.__version__}"
+    if any(fn is time_genai for *_, fn in engines):
+        import onnxruntime_genai
+
+        versions += f", onnxruntime-genai {onnxruntime_genai.__version__}"
     print(f"\nDecode at batch 1, greedy, {args.tokens} tokens after a {len(prompt_ids)}-token chat prompt; median of "
-          f"{args.rounds} rounds, engines interleaved; onnxruntime {onnxruntime.__version__}, onnxruntime-genai "
-          f"{onnxruntime_genai.__version__}.\n")
+          f"{args.rounds} rounds, engines interleaved; {versions}.\n")
     fidelity = {}
     if args.golden:
         import json

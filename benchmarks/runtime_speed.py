@@ -214,18 +214,16 @@ def main() -> None:
                 print(f"ORTModelForCausalLM could not load {bundle}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 ort_model = None
             engines.append((target, bundle, rt, ort_model))
-        models.append((label, model, engines))
+        rt0 = engines[0][2]  # each model's prompt through its own bundle's tokenizer
+        models.append((label, model, engines, rt0.encode_prompt(SPEED_PROMPT), synthetic_ids(rt0, args.prefill)))
     if not models:
         sys.exit("no bundle to time: every export was refused")
-    rt0 = models[0][2][0][2]
-    ids = rt0.encode_prompt(SPEED_PROMPT)
-    prefill_ids = synthetic_ids(rt0, args.prefill)
     # Every engine of every model runs once per round (teacher and student alike), so a ratio
     # between any two rows is measured under the same load.
     results: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-        for label, model, engines in models:
+        for label, model, engines, ids, prefill_ids in models:
             t = torch_times(model, ids, prefill_ids, args.tokens)
             results.setdefault((label, "torch"), {}).setdefault("decode", []).append(t["decode"])
             results[(label, "torch")].setdefault("prefill_ms", []).append(t["prefill_ms"])
@@ -240,7 +238,7 @@ def main() -> None:
                     res.setdefault("ort_prefill_ms", []).append(o["prefill_ms"])
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in results.items()}
     rows = []
-    for label, _, engines in models:
+    for label, _, engines, ids, _ in models:
         torch_med = med[(label, "torch")]
         for target, bundle, rt, ort_model in engines:
             weights, how = bytes_read_per_token(bundle)

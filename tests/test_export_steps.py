@@ -111,7 +111,7 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     want, _ = ort_forward(session(src), ids, None, facts)
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "q" / "model.onnx",
                                               dataclasses.replace(QuantizeHeadEmbedding(), head="int8"), None)
-    assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False}
+    assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False, "kept_int4_grid": []}
     got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 0.1
 
@@ -135,13 +135,29 @@ def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
     want, _ = ort_forward(session(src), ids, None, facts)
     step = STEPS["quantize_head_embedding"].fn
     info = step(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
-    assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": True}
+    assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": ["head", "embedding"]}
     got, _ = ort_forward(session(tmp_path / "k" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 1e-4
     info = step(src, tmp_path / "r" / "model.onnx", QuantizeHeadEmbedding(keep_grid=False), None)
-    assert info["head"] == info["embedding"] == "int8" and "kept_int4_grid" not in info
+    assert info["head"] == info["embedding"] == "int8" and info["kept_int4_grid"] == []
     again, _ = ort_forward(session(tmp_path / "r" / "model.onnx"), ids, None, facts)
     assert np.abs(again - want).max() > 1e-4
+
+
+def test_an_untied_head_on_the_int4_grid_is_kept_alone(tmp_path):
+    """Untied: each matrix is decided on its own weights (the embedding here is on no grid)."""
+    import torch
+    from conftest import build_model, tiny_llama_config
+
+    from edgekd.quant import absmax_grid
+
+    model = build_model(tiny_llama_config(layers=1, tie_word_embeddings=False))
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.copy_(absmax_grid(head, 4, 32))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
+    assert info == {"tied": False, "head": "int4", "embedding": "int8", "shared": False, "kept_int4_grid": ["head"]}
 
 
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):

@@ -91,7 +91,8 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
         warnings.append(f"this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
                         f"(--qat-bits), but {m.target_name} quantizes differently: use matmul_nbits with "
                         f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
-                        + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32" if qat.get("head_bits") else ""))
+                        + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32"
+                           + (" (or int8 with keep_grid)" if qat.get("head_bits") == 4 else "") if qat.get("head_bits") else ""))
     budget = m.gates.get("max_size_mb")
     if budget is not None and check["model_bytes"] / 1e6 > budget:
         warnings.append(f"the model is over the target's size budget of {budget} MB: validate will fail it")
@@ -219,6 +220,12 @@ def export_bundle(
         fp32_bytes = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
 
         path, steps_run = run_steps(path, profile, work, say)
+        qat = origin.get("quantization_aware")
+        if qat and qat.get("head_bits") == 4 and qat["reproduced_by_recipe"]:
+            # keep_grid's int4 is decided on the weights: a head it did not find on the grid was re-rounded
+            head = next((r for r in steps_run if r["step"] == "quantize_head_embedding"), None)
+            if head is not None and any(head.get(k) not in ("int4", "fp32") for k in ("head", "embedding")):
+                qat["reproduced_by_recipe"] = False
         cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
         window = getattr(torch_model.config, "sliding_window", None)
         if cap and window and getattr(torch_model.config, "use_sliding_window", True) is not False:

@@ -193,15 +193,22 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     if head is not None:
         head_w = emb if head_transposed else np.ascontiguousarray(numpy_helper.to_array(inits[head_w_name]).T)  # (vocab, hidden)
 
-    def precision(asked: str, w) -> str:
+    kept: list[str] = []  # the matrices stored at int4 because they already lie on its grid
+
+    def precision(asked: str, w, name: str) -> str:
         """int4 for a matrix already on the int4 grid (exact, and half the bytes of int8)."""
         if asked == "int8" and settings.keep_grid and w is not None and _on_int4_grid(w, bs):
-            info["kept_int4_grid"] = True
+            kept.append(name)
             return "int4"
         return asked
 
-    head_prec = precision(settings.head, head_w)
-    emb_prec = head_prec if tied and settings.embedding == settings.head else precision(settings.embedding, emb)
+    head_prec = precision(settings.head, head_w, "head")
+    if tied and settings.embedding == settings.head:
+        emb_prec = head_prec  # one matrix: one decision
+        kept.extend(["embedding"] if "head" in kept else [])
+    else:
+        emb_prec = precision(settings.embedding, emb, "embedding")
+    info["kept_int4_grid"] = kept
     shared = tied and head_prec == emb_prec and head_prec != "fp32"
 
     def quantized(tag: str, rows_w, bits: int):
