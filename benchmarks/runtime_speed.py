@@ -258,7 +258,7 @@ def main() -> None:
         return "n/a" if x is None else fmt.format(x)
 
     print()
-    print(f"Decode at batch 1 (greedy, {args.tokens} tokens after a {len(ids)}-token chat prompt) and prefill of "
+    print(f"Decode at batch 1 (greedy, {args.tokens} tokens after a {len(models[0][3])}-token chat prompt) and prefill of "
           f"{args.prefill} tokens; {os.cpu_count()} cores, threads {args.threads or 'default'}, median of {args.rounds} "
           f"rounds; measured read bandwidth {bandwidth / 1e9:.1f} GB/s.")
     print()

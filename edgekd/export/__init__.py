@@ -88,11 +88,15 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
     warnings = []
     qat = m.source.quantization_aware
     if qat and not qat["reproduced_by_recipe"]:
+        head_hint = ""
+        if qat.get("head_bits"):
+            head_hint = f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32"
+            if qat["head_bits"] == 4:
+                head_hint += " (or int8 with keep_grid)"
         warnings.append(f"this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
                         f"(--qat-bits), but {m.target_name} quantizes differently: use matmul_nbits with "
                         f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
-                        + (f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32"
-                           + (" (or int8 with keep_grid)" if qat.get("head_bits") == 4 else "") if qat.get("head_bits") else ""))
+                        + head_hint)
     budget = m.gates.get("max_size_mb")
     if budget is not None and check["model_bytes"] / 1e6 > budget:
         warnings.append(f"the model is over the target's size budget of {budget} MB: validate will fail it")
@@ -124,6 +128,15 @@ def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
                for p in (h.head, h.embedding)):
             return False
     return True
+
+
+def _head_as_trained(qat: dict[str, Any], steps_run: list[dict[str, Any]]) -> bool:
+    """Whether an int4-trained head came out at int4: ``keep_grid`` decides on the weights, so an
+    int8 setting re-rounds a head it did not find on the grid (what the profile alone cannot say)."""
+    head = next((r for r in steps_run if r["step"] == "quantize_head_embedding"), None)
+    if qat.get("head_bits") != 4 or head is None:
+        return True
+    return all(head.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
 
 
 def _io_table(sess) -> tuple[list[dict], list[dict]]:
@@ -194,8 +207,6 @@ def export_bundle(
 
         load_records(Path(golden_data), limit=1)  # a missing or malformed file fails now, not after the export
     origin = source_info(source)
-    if origin.get("quantization_aware"):
-        origin["quantization_aware"]["reproduced_by_recipe"] = reproduces_qat_grid(profile, origin["quantization_aware"])
     t0 = time.time()
     say(f"loading {model}")
     torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
@@ -221,11 +232,8 @@ def export_bundle(
 
         path, steps_run = run_steps(path, profile, work, say)
         qat = origin.get("quantization_aware")
-        if qat and qat.get("head_bits") == 4 and qat["reproduced_by_recipe"]:
-            # keep_grid's int4 is decided on the weights: a head it did not find on the grid was re-rounded
-            head = next((r for r in steps_run if r["step"] == "quantize_head_embedding"), None)
-            if head is not None and any(head.get(k) not in ("int4", "fp32") for k in ("head", "embedding")):
-                qat["reproduced_by_recipe"] = False
+        if qat:
+            qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat) and _head_as_trained(qat, steps_run)
         cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
         window = getattr(torch_model.config, "sliding_window", None)
         if cap and window and getattr(torch_model.config, "use_sliding_window", True) is not False:

@@ -44,6 +44,15 @@ def _dim(value_info, axis: int) -> int | None:
     return d.dim_value if d.HasField("dim_value") else None
 
 
+def _consumers(graph) -> dict[str, list]:
+    """Each tensor name -> the nodes that read it."""
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return consumers
+
+
 def _chain_end(start: str, consumers: dict[str, list]) -> str:
     """Follow ``start`` through single-consumer Mul/Cast/Unsqueeze nodes (attention scaling, dtype,
     broadcast axes) to the tensor the layers share."""
@@ -63,10 +72,7 @@ def rotary_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     import onnxruntime as ort
 
     g = model.graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(g)
     cos = [n for n in g.node if n.op_type == "Cos"]
     sin = [n for n in g.node if n.op_type == "Sin"]
     if len(cos) != 1 or len(sin) != 1:
@@ -148,10 +154,7 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
     if first.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise NotFusable("the cache is not float32 (fuse before converting to float16)")
     by_name = {n.name: n for n in g.node}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(g)
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
     plans = []

@@ -104,13 +104,10 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # quantize_head_embedding: the largest size win left by the stock quantizer (FACTS.md).
-def _quantize_rows(w, bits: int, block_size: int):
-    """Symmetric block-wise quantization of ``w`` (rows, K) along K, MatMulNBits' layout.
-
-    Returns ``packed`` uint8 (rows, K/block, block*bits/8) with the zero point 2**(bits-1) implied
-    (the default both MatMulNBits and GatherBlockQuantized assume) and ``scales`` float32
-    (rows, K/block). 4-bit values are packed two per byte, low nibble first.
-    """
+def _absmax_levels(w, bits: int, block_size: int):
+    """``w`` (rows, K) on the symmetric absmax grid along K: its blocks (rows, K/block, block),
+    the signed levels in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` and the float32 scales
+    (rows, K/block), ``scale = max|block| / (2**(bits-1) - 1)`` (``edgekd.quant.absmax_grid``)."""
     import numpy as np
 
     rows, k = w.shape
@@ -118,8 +115,18 @@ def _quantize_rows(w, bits: int, block_size: int):
     qmax = 2 ** (bits - 1) - 1
     scales = np.abs(blocks).max(axis=-1) / qmax
     scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int32) + 2 ** (bits - 1)
-    q = q.astype(np.uint8)
+    return blocks, np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int32), scales
+
+
+def _quantize_rows(w, bits: int, block_size: int):
+    """Symmetric block-wise quantization of ``w`` (rows, K) along K, MatMulNBits' layout.
+
+    Returns ``packed`` uint8 (rows, K/block, block*bits/8) with the zero point 2**(bits-1) implied
+    (the default both MatMulNBits and GatherBlockQuantized assume) and ``scales`` float32
+    (rows, K/block). 4-bit values are packed two per byte, low nibble first.
+    """
+    _, levels, scales = _absmax_levels(w, bits, block_size)
+    q = (levels + 2 ** (bits - 1)).astype("uint8")
     if bits == 4:
         q = pack_nibbles(q)
     return q, scales
@@ -127,16 +134,13 @@ def _quantize_rows(w, bits: int, block_size: int):
 
 def _on_int4_grid(w, block_size: int) -> bool:
     """Whether ``w`` (rows, K) already lies on the int4 grid :func:`_quantize_rows` stores at this
-    block size (a head distilled with ``--qat-head-bits 4``: ``edgekd.quant.absmax_grid``), so that
-    storing it at int4 is exact. The first rows decide cheaply for a float weight."""
+    block size (a head distilled with ``--qat-head-bits 4``), so that storing it at int4 is exact.
+    The first rows decide cheaply for a float weight."""
     import numpy as np
 
     def exact(rows) -> bool:
-        blocks = rows.reshape(rows.shape[0], -1, block_size).astype(np.float32)
-        scales = np.abs(blocks).max(axis=-1, keepdims=True) / 7
-        scales = np.where(scales == 0, 1.0, scales)
-        err = np.abs(np.clip(np.rint(blocks / scales), -7, 7) * scales - blocks)
-        return bool((err <= 1e-5 * scales).all())
+        blocks, levels, scales = _absmax_levels(rows, 4, block_size)
+        return bool((np.abs(levels * scales[..., None] - blocks) <= 1e-5 * scales[..., None]).all())
 
     return w.shape[1] % block_size == 0 and exact(w[:64]) and exact(w)
 
@@ -205,7 +209,8 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     head_prec = precision(settings.head, head_w, "head")
     if tied and settings.embedding == settings.head:
         emb_prec = head_prec  # one matrix: one decision
-        kept.extend(["embedding"] if "head" in kept else [])
+        if "head" in kept:
+            kept.append("embedding")
     else:
         emb_prec = precision(settings.embedding, emb, "embedding")
     info["kept_int4_grid"] = kept
@@ -307,7 +312,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
 
     before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
-    grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0}
+    grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0, "float16_offsets": 0}
     if settings.keep_grid:  # weights already on a 4-bit grid (a --qat-bits 4 student, a Q4 GGUF) stay on it, exactly
         grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level, settings.grid_offsets)
     on_grid = set(grid["matmuls"])
@@ -329,7 +334,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     save_onnx(model, dst, external=True)
     return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
             "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"],
-            "grid_offsets_float16": grid.get("float16_offsets", 0)}
+            "grid_offsets_float16": grid["float16_offsets"]}
 
 
 def _set_int_attr(node, name: str, value: int) -> None:
