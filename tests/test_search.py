@@ -211,3 +211,32 @@ mixed_precision = true
     cands = resolve_candidates(prof)
     over = Tried("rtn4", "", {}, tmp_path, report={"passed": False, "gates": [], "cost": {"size_mb": 6.0}})
     assert "already over max_size_mb (6.0 MB > 5)" in _beaten(cands[1], cands, [over])
+
+
+def test_a_candidate_that_exports_the_same_model_reuses_the_first_ones_validation(tmp_path, tiny_teacher_dir):
+    """An override that changes nothing (as an int8-head setting on a student whose head export
+    keeps on its int4 grid) gives the same model files: validated once, reported as the same."""
+    from edgekd.search.run import table_rows
+
+    path = profile(tmp_path, """
+[[candidates]]
+name = "rtn4"
+[[candidates]]
+name = "rtn4-again"
+[candidates.matmul_nbits]
+bits = 4
+[[candidates]]
+name = "int8"
+[candidates.matmul_nbits]
+bits = 8
+""")
+    seen: list[str] = []
+    result = search_export(str(tiny_teacher_dir), path, tmp_path / "bundle", validate_config=QUICK, log=seen.append)
+    by = {t.name: t for t in result.tried}
+    assert by["rtn4-again"].same_as == "rtn4" and by["int8"].same_as is None and by["rtn4"].same_as is None
+    assert by["rtn4-again"].report is by["rtn4"].report and by["rtn4"].report is not None
+    assert [line for line in seen if line.startswith("validating")] == ["validating rtn4, int8 on the held-out set"]
+    row = next(r for r in table_rows(result) if r[0] == "rtn4-again")
+    assert row[-1].endswith("(the same model as rtn4)")
+    record = next(c for c in read_manifest(tmp_path / "bundle")["search"]["candidates"] if c["name"] == "rtn4-again")
+    assert record["same_as"] == "rtn4"

@@ -27,6 +27,7 @@ class Tried:
     error: str | None = None
     int8_layers: list[int] | None = None
     skipped: str | None = None  # why it was not tried (it could not have won)
+    same_as: str | None = None  # an earlier candidate whose export gave the same model files (its report reused)
 
     @property
     def passed(self) -> bool:
@@ -56,7 +57,8 @@ class Tried:
     def record(self) -> dict:
         return {
             "name": self.name, "description": self.description, "overrides": self.overrides,
-            "int8_layers": self.int8_layers, "error": self.error, "skipped": self.skipped, "passed": self.passed,
+            "int8_layers": self.int8_layers, "error": self.error, "skipped": self.skipped, "same_as": self.same_as,
+            "passed": self.passed,
             "size_mb": self.metric("cost", "size_mb"),
             "decode_tokens_per_s": self.metric("cost", "decode_tokens_per_s"),
             "top1_vs_reference": self.metric("fidelity", "reference", "top1"),
@@ -120,6 +122,19 @@ def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
     report = {"passed": False, "validated": False, "cost": {"size_mb": size}, "fidelity": {}}
     report["gates"] = [dataclasses.asdict(g) for g in apply_gates({"max_size_mb": max_size_mb}, report)]
     return report
+
+
+def model_digest(bundle: Path) -> str:
+    """What a runtime loads from ``bundle``, as one hash: its manifest's file hashes but the golden
+    replay's. Two candidates with the same digest are the same model (e.g. an int8-head setting
+    on a student whose head export keeps on its int4 grid), so one validation speaks for both."""
+    import hashlib
+
+    from edgekd.bundle import read_manifest
+
+    files = read_manifest(bundle, verify=False)["files"]
+    kept = sorted((f["path"], f["sha256"]) for f in files if f["path"] != "golden.json")
+    return hashlib.sha256(repr(kept).encode()).hexdigest()
 
 
 def _beaten(mixed: Candidate, cands: Sequence[Candidate], tried: Sequence[Tried]) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.search.results import NoCandidatePasses, SearchResult, Tried, _beaten, _over_budget, _pick
+from edgekd.search.results import NoCandidatePasses, SearchResult, Tried, _beaten, _over_budget, _pick, model_digest
 from edgekd.search.sensitivity import measure_sensitivity
 from edgekd.targets import Candidate, resolve_candidates
 
@@ -83,24 +83,33 @@ def search_export(
                 return Tried(cand.name, cand.description, cand.overrides, None, error=str(e))
 
         rounds = 0
+        seen: dict[str, Tried] = {}  # model digest -> the first candidate exported with it
 
         def check(tried: list[Tried]) -> None:
             nonlocal rounds
-            todo = [t for t in tried if t.bundle is not None and t.report is None]
-            for t in todo:
-                assert t.bundle is not None  # todo holds only exported candidates
+            todo, copies = [], []
+            for t in tried:
+                if t.bundle is None or t.report is not None:
+                    continue
+                first = seen.setdefault(model_digest(t.bundle), t)
                 over = _over_budget(t.bundle, profile.gates.max_size_mb)
-                if over is not None:  # cannot pass whatever it measures: not worth validating
+                if first is not t:  # the same model files: one validation speaks for both
+                    say(f"{t.name}: the same model files as {first.name}: its validation is reused")
+                    t.same_as = first.name
+                    copies.append((t, first))
+                elif over is not None:  # cannot pass whatever it measures: not worth validating
                     say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
                     t.report = over
-            todo = [t for t in todo if t.report is None]
-            if not todo:
-                return
-            rounds += 1
-            say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
-            reports, _ = validate([t.bundle for t in todo if t.bundle is not None], vcfg, out=work / f"report-{rounds}", log=say)
-            for t, r in zip(todo, reports):
-                t.report = r
+                else:
+                    todo.append(t)
+            if todo:
+                rounds += 1
+                say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
+                reports, _ = validate([t.bundle for t in todo if t.bundle is not None], vcfg, out=work / f"report-{rounds}", log=say)
+                for t, r in zip(todo, reports):
+                    t.report = r
+            for t, first in copies:
+                t.report = first.report
 
         # 1. every fixed candidate, validated together (the models are loaded once)
         tried = [export(c, c.profile, c.name) for c in cands if not c.mixed_precision]
@@ -181,6 +190,8 @@ def table_rows(result: SearchResult) -> list[list[str]]:
             verdict = "FAIL " + "; ".join(GateResult(**g).line() for g in t.report["gates"] if not g["passed"])
             if t.report.get("validated") is False:
                 verdict += " (not validated)"
+        if t.same_as:
+            verdict += f" (the same model as {t.same_as})"
         rows.append([name, fmt(t.metric("cost", "size_mb"), "{:.1f}"), fmt(t.metric("cost", "decode_tokens_per_s"), "{:.1f}"),
                      fmt(t.metric("fidelity", "reference", "top1"), "{:.3f}"),
                      fmt(t.metric("fidelity", "reference", "kl_mean"), "{:.4f}"), verdict])
