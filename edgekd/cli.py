@@ -245,6 +245,8 @@ def distill(
     beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
     skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
     label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
+    hidden_loss: Annotated[Optional[float], _opt("hidden_loss", "--hidden-loss")] = None,
+    on_policy: Annotated[Optional[float], _opt("on_policy", "--on-policy")] = None,
     train_on_prompt: Annotated[Optional[bool], _opt("train_on_prompt", "--train-on-prompt/--no-train-on-prompt", metavar="")] = None,
     epochs: Annotated[Optional[int], _opt("epochs", "--epochs")] = None,
     max_steps: Annotated[Optional[int], _opt("max_steps", "--max-steps")] = None,

@@ -300,6 +300,79 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(tiny_teacher_dir):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
 
 
+def test_intermediate_state_loss_is_exact_with_the_shared_prefix_and_adds_its_term(tiny_teacher_dir):
+    """The teacher's stream at the matched depths, and the student's, come out the same with the
+    prompt prefix run once; the hidden term adds exactly weight x its hand-computed sum."""
+    from edgekd.distill.data import collate, encode_chat
+    from edgekd.distill.loop import StudentLoss, decoder_forward, matched_layers, shared_prefix_len
+    from edgekd.distill.losses import LossSpec, TeacherTargets, hidden_state_loss
+    from edgekd.distill.students import depth_pruned
+
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = depth_pruned(teacher, [0, 2, 3])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [encode_chat(tok, [{"role": "user", "content": f"Classify this: {t}"}, {"role": "assistant", "content": a}])
+            for t, a in [("the sea is blue", "positive"), ("rude staff", "negative here")]]
+    P = shared_prefix_len(rows)
+    b = collate(rows, 0)
+    s_idx, t_idx = matched_layers([0, 2, 3])
+    assert (s_idx, t_idx) == ((1, 2), (2, 3))
+    results = []
+    for prefix, weight in ((0, 0.0), (0, 0.7), (P, 0.7)):
+        with torch.no_grad():
+            out = decoder_forward(teacher.get_decoder(), b["input_ids"], b["attention_mask"], prefix, True)
+        mask = b["loss_mask"][:, prefix:]
+        states = torch.stack([out.hidden_states[t][mask] for t in t_idx])
+        tt = TeacherTargets(hidden=out.last_hidden_state[mask], weight=teacher.get_output_embeddings().weight, states=states)
+        student.zero_grad()
+        loss, _ = StudentLoss(student, LossSpec("fkl", vocab=384, hidden_weight=weight), 64, prefix, s_idx)(
+            b["input_ids"], b["attention_mask"], b["loss_mask"], b["labels"], tt)
+        loss.backward()
+        results.append((loss.item(), states, student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (kd, _, g_kd), (both, st0, g0), (both_p, st1, g1) = results
+    with torch.no_grad():
+        mine = decoder_forward(student.get_decoder(), b["input_ids"], b["attention_mask"], 0, True)
+        term = hidden_state_loss(torch.stack([mine.hidden_states[i][b["loss_mask"]] for i in s_idx]), st0).sum().item()
+    assert term > 0.01 and both == pytest.approx(kd + 0.7 * term, rel=1e-5)
+    assert not torch.allclose(g_kd, g0)  # the term reaches the first layer
+    assert torch.allclose(st0, st1, atol=1e-5) and both == pytest.approx(both_p, rel=1e-5)
+    assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4)
+
+
+def test_hidden_loss_trains_a_pruned_student_and_refuses_one_that_is_not(tiny_teacher_dir, tiny_data, tmp_path, tiny_student_dir):
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "hs", tiny_data, "--data", str(tiny_data / "pairs.jsonl"),
+                           "--student", "layers:0,3", "--hidden-loss", "0.5", "--epochs", "1"))
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "hs" / "distill.json").read_text())
+    assert result["config"]["hidden_loss"] == 0.5 and result["timing"].get("teacher_cache_s") is None
+    assert not list((tmp_path / "hs").glob("cache/topk-*"))  # the teacher ran in the loop
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "bad", tiny_data, "--data", str(tiny_data / "pairs.jsonl"),
+                           "--student", str(tiny_student_dir), "--hidden-loss", "0.5"))
+    assert r.exit_code != 0 and "--hidden-loss needs a student pruned from the teacher" in r.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_on_policy_steps_train_on_the_students_own_answers_in_the_second_half(tiny_teacher_dir, tiny_data, tmp_path):
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "op", tiny_data, "--prompts", str(tiny_data / "prompts.jsonl"),
+                           "--on-policy", "1.0", "--epochs", "2"))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "op" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    half = len(steps) // 2
+    assert [row["on_policy"] for row in steps] == [False] * half + [True] * (len(steps) - half)
+    assert all(row["loss"] >= 0 and row["tokens"] > 0 for row in steps)
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "text", tiny_data, "--data", str(tiny_data / "pairs.jsonl"),
+                           "--on-policy", "0.5"))
+    assert r.exit_code == 0, r.output  # prompt/response records: the student can answer their prompts
+    text = tmp_path / "plain.txt"
+    text.write_text("The sea is blue and the sky is near. " * 20)
+    r = run_cli(*tiny_args(tiny_teacher_dir, tmp_path / "bad", tiny_data, "--data", str(text), "--on-policy", "0.5"))
+    assert r.exit_code != 0 and "--on-policy needs prompt records" in " ".join(r.output.split())
+
+
 def test_prompt_loss_leaves_out_what_every_prompt_shares(tiny_teacher_dir):
     """train_on_prompt puts loss on the prompts' own text, not on the template and instruction
     every prompt starts with, so the shared prefix still runs once per batch."""

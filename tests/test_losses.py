@@ -17,6 +17,7 @@ from edgekd.distill.losses import (
     chunk_loss,
     distillation_loss,
     fused_head_loss,
+    hidden_state_loss,
     topk_support,
 )
 from edgekd.errors import UsageError
@@ -235,3 +236,23 @@ def test_label_decision_kl_gradients_are_finite_when_a_label_is_missing_from_the
     kl.sum().backward()
     assert torch.isfinite(kl).all() and torch.isfinite(s.grad).all()
     assert kl[1] == 0 and kl[3] == 0 and kl[2] > 0  # rows 1 and 3 name no label (mass < 0.1)
+
+
+def test_hidden_state_loss_is_normalised_per_position_and_depth():
+    """0 where the states agree, 1 for a zero state, 2 at right angles, the same whatever
+    the stream's scale (a massive-activation position weighs as any other), averaged over layers."""
+    t = torch.tensor([[[3.0, 4.0], [0.0, 1000.0]]])  # (L=1, N=2, H=2)
+    orth = torch.tensor([[[-4.0, 3.0], [1000.0, 0.0]]])
+    assert hidden_state_loss(t, t).tolist() == [0.0, 0.0]
+    assert hidden_state_loss(orth, t).tolist() == pytest.approx([2.0, 2.0])
+    assert hidden_state_loss(0 * t, t).tolist() == pytest.approx([1.0, 1.0])
+    assert hidden_state_loss(0.5 * t, t).tolist() == pytest.approx([0.25, 0.25])
+    two = hidden_state_loss(torch.cat([t, orth]), torch.cat([t, t]))  # layers 1 and 2: 0 and 2
+    assert two.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_matched_layers_pair_each_student_layer_with_the_depth_it_stands_for():
+    from edgekd.distill.loop import matched_layers
+
+    assert matched_layers([0, 1, 8, 29]) == ((1, 2, 3), (1, 8, 29))
+    assert matched_layers([5]) == ((), ())

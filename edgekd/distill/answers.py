@@ -113,8 +113,9 @@ def answers_key(cfg, fingerprint: str, prompts: list[str]) -> str:
 
 def captures_topk(cfg) -> bool:
     """Whether the training answers keep the teacher's top-k as they are generated (then the
-    teacher cache needs no second pass): answer-only loss, with the cache on."""
-    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0
+    teacher cache needs no second pass): answer-only loss, with the cache on (and no
+    intermediate-state KD, whose teacher runs in the loop)."""
+    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0 and not cfg.hidden_loss
 
 
 def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerprint, accel, say, what: str,

@@ -57,6 +57,10 @@ class DistillConfig:
     beta: float = _f(0.5, "jsd only: mixture weight of the teacher, M = beta*P + (1-beta)*Q.")
     skew: float = _f(0.1, "skl only: skew alpha, KL(P || a*P + (1-a)*Q).")
     label_loss: float = _f(0.0, "Labelled tasks: weight of an extra KL on the teacher's choice among the task's labels, renormalised over them, at the positions where it names one (0 = off).")
+    # Off by default: it needs the teacher in the loop (no top-k cache), a cost when epochs > 1.
+    hidden_loss: float = _f(0.0, "Weight of intermediate-state KD (Minitron): each layer of a pruned student is pulled toward the teacher's residual stream at the depth it stands for (normalised squared error). Runs the teacher in the loop instead of the top-k cache (0 = off).")
+    # Off by default: each on-policy step costs a student generation and a teacher pass in the loop.
+    on_policy: float = _f(0.0, "On-policy distillation (GKD, Agarwal et al. 2024): in the second half of the run, this share of the optimizer steps trains on answers the student writes itself (greedy, or sampled at gen_temperature), scored by the teacher in the loop (0 = off; teacher-written answers only).")
     # --- optimisation --------------------------------------------------------------------
     epochs: int = _f(3, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
@@ -103,14 +107,14 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in ["max_steps", "max_prompts", "max_heldout", "eval_every", "checkpoint_every", "weight_decay",
-                     "max_grad_norm", "gen_temperature", "label_loss"]:
+                     "max_grad_norm", "gen_temperature", "label_loss", "hidden_loss"]:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} = {getattr(self, name)} must not be negative")
         if self.temperature <= 0:
             raise UsageError(f"temperature = {self.temperature} must be > 0")
         if self.lr <= 0:
             raise UsageError(f"lr = {self.lr} must be > 0")
-        for name in ["alpha", "warmup", "min_lr_ratio", "gen_top_p"]:
+        for name in ["alpha", "warmup", "min_lr_ratio", "gen_top_p", "on_policy"]:
             if not 0 <= getattr(self, name) <= 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be between 0 and 1")
         for name in ["beta", "skew"]:

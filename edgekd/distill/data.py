@@ -31,6 +31,7 @@ from edgekd.io import iter_jsonl
 class Example:
     ids: list[int]
     target: list[int]  # 1 = a token the loss predicts (response tokens, or all tokens of plain text)
+    prompt: str | None = dataclasses.field(default=None, compare=False)  # the user prompt it answers (prompt records)
 
     @property
     def n_targets(self) -> int:
@@ -203,6 +204,7 @@ def encode_records(tok, records: list[dict], max_length: int, train_on_prompt: b
         if ex.n_targets == 0:
             dropped += 1  # the prompt alone filled max_length: nothing left to learn
             continue
+        ex.prompt = rec.get("prompt") if isinstance(rec.get("prompt"), str) else None
         examples.append(ex)
     summary = {
         "examples": len(examples),

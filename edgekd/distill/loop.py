@@ -33,7 +33,7 @@ from edgekd.distill.data import (
     common_prefix,
     expand_cache,
 )
-from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss
+from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss, hidden_state_loss
 from edgekd.distill.run import CONFIG_TOML, DISTILL_JSON, StudentRun
 from edgekd.errors import UsageError
 from edgekd.io import proc_kib_field
@@ -50,31 +50,53 @@ class StudentLoss(torch.nn.Module):
     (a task's chat template, system prompt and instruction): they are run once, as one row, and
     their keys and values are shared by the batch, so a batch costs B x (S - P) + P tokens, not
     B x S. Exact: the same loss and gradients (``tests/test_distill.py``).
+
+    ``matched``: indices into the student's hidden states (``output_hidden_states``) whose outputs
+    ``hidden_state_loss`` pulls toward ``teacher.states``, in the same order (``matched_layers``).
     """
 
-    def __init__(self, model, spec: LossSpec, chunk_size: int, prefix_len: int = 0):
+    def __init__(self, model, spec: LossSpec, chunk_size: int, prefix_len: int = 0, matched: tuple[int, ...] = ()):
         super().__init__()
-        self.model, self.spec, self.chunk_size, self.prefix_len = model, spec, chunk_size, prefix_len
+        self.model, self.spec, self.chunk_size, self.prefix_len, self.matched = model, spec, chunk_size, prefix_len, matched
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, teacher: TeacherTargets):
-        decoder, P = self.model.get_decoder(), self.prefix_len
-        if P:
-            hidden = shared_prefix_forward(decoder, input_ids, attention_mask, P)
-            loss_mask, labels = loss_mask[:, P:], labels[:, P:]
-        else:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        states = bool(self.matched) and teacher.states is not None and self.spec.hidden_weight > 0
+        out = decoder_forward(self.model.get_decoder(), input_ids, attention_mask, self.prefix_len, states)
+        if self.prefix_len:
+            loss_mask, labels = loss_mask[:, self.prefix_len :], labels[:, self.prefix_len :]
         head = self.model.get_output_embeddings()
-        return fused_head_loss(hidden[loss_mask], head.weight, labels[loss_mask], teacher, self.spec, self.chunk_size, head.bias)
+        loss, agree = fused_head_loss(out.last_hidden_state[loss_mask], head.weight, labels[loss_mask], teacher, self.spec,
+                                      self.chunk_size, head.bias)
+        if states:
+            mine = torch.stack([out.hidden_states[i][loss_mask] for i in self.matched])
+            loss = loss + self.spec.hidden_weight * hidden_state_loss(mine, teacher.states).sum()
+        return loss, agree
 
 
-def shared_prefix_forward(decoder, input_ids, attention_mask, P: int):
-    """Hidden states ``(B, S - P, hidden)`` of positions P.. of every row, the first P tokens (the
-    same in every row) run once and their key/value cache expanded to the batch."""
+def decoder_forward(decoder, input_ids, attention_mask, P: int = 0, hidden_states: bool = False):
+    """The decoder's output for every row; ``P > 0``: for positions P.. only, the first P tokens
+    (the same in every row) run once and their key/value cache expanded to the batch.
+    ``hidden_states``: also every layer's output (``output.hidden_states``, as Hugging Face orders
+    them: the embeddings, then layer i's output at i + 1, the last one after the final norm)."""
+    if not P:
+        return decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
     B, S = input_ids.shape
     shared = expand_cache(decoder(input_ids=input_ids[:1, :P], use_cache=True).past_key_values, B)
     positions = torch.arange(P, S, device=input_ids.device)[None].expand(B, -1)
     return decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=shared,
-                   position_ids=positions, use_cache=True).last_hidden_state
+                   position_ids=positions, use_cache=True, output_hidden_states=hidden_states)
+
+
+def matched_layers(teacher_layers: list[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which hidden states intermediate-state KD compares, for a student made of ``teacher_layers``
+    (student layer j is teacher layer ``teacher_layers[j]``): the output of student layer j, for
+    every layer but the last, stands for the teacher's stream where the next kept layer reads it,
+    the input of teacher layer ``teacher_layers[j + 1]``. -> (student indices, teacher indices) into
+    ``output_hidden_states``. The last layer's output is what the logits already score.
+
+    ``matched_layers([0, 1, 8, 29]) == ((1, 2, 3), (1, 8, 29))``."""
+    student = tuple(range(1, len(teacher_layers)))
+    return student, tuple(teacher_layers[1:])
 
 
 def shared_prefix_len(examples: list[Example], minimum: int = 8) -> int:

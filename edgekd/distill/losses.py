@@ -14,6 +14,11 @@ the teacher's top-k plus one tail bucket, see ``topk_support``) and returns one 
 - ``skl``  skew KL(P || a P + (1-a) Q), a = skew.    Ko et al. 2024, "DistiLLM: Towards Streamlined
                                                      Distillation for Large Language Models".
 
+``hidden_state_loss`` is intermediate-state distillation (Minitron, Muralidharan et al. 2024,
+arXiv 2407.14679: logit plus intermediate-state KD when the depth is cut a lot; TinyBERT, Jiao et
+al. 2020): a pruned student's layer outputs pulled toward the teacher's residual stream at the
+same depth.
+
 ``fused_head_loss`` computes any of them (mixed with cross-entropy by ``alpha``) straight from the
 student's last hidden states, ``chunk_size`` positions at a time, so the ``(positions x vocab)``
 logits of teacher and student never all exist at once, in forward or backward.
@@ -146,6 +151,7 @@ class LossSpec:
     # A labelled task's decision (``label_decision_kl``): token ids per label, and the term's weight.
     label_groups: tuple[tuple[int, ...], ...] = ()
     label_weight: float = 0.0
+    hidden_weight: float = 0.0  # weight of ``hidden_state_loss`` (teacher states in ``TeacherTargets.states``)
 
     def __post_init__(self):
         get_divergence(self.loss)
@@ -158,6 +164,8 @@ class TeacherTargets:
 
     Full: ``hidden (N, H)``, ``weight (V, H)``, ``bias (V,)`` or None.
     Cached: ``topk_logp (N, k)`` log_softmax(teacher_logits / T) of the k largest, ``topk_idx (N, k)``.
+    ``states (L, N, H)``: the teacher's residual stream at the depths the student's L matched
+    layers stand for (``hidden_state_loss``), or None.
     """
 
     hidden: torch.Tensor | None = None
@@ -165,6 +173,7 @@ class TeacherTargets:
     bias: torch.Tensor | None = None
     topk_logp: torch.Tensor | None = None
     topk_idx: torch.Tensor | None = None
+    states: torch.Tensor | None = None
 
     def chunk(self, start: int, end: int, vocab: int | None) -> tuple[str, torch.Tensor, torch.Tensor | None]:
         if self.topk_logp is not None:
@@ -177,6 +186,19 @@ class TeacherTargets:
             w = self.weight[:vocab] if vocab else self.weight
             b = None if self.bias is None else (self.bias[:vocab] if vocab else self.bias)
             return "full", F.linear(self.hidden[start:end], w, b).float(), None
+
+
+def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Intermediate-state distillation, per position: ``(L, N, H), (L, N, H) -> (N,)``, the mean
+    over the L matched layers of ``||s - t||^2 / ||t||^2``.
+
+    Normalised by the teacher's own norm at each position and depth, because the residual stream's
+    scale grows with depth and differs between tokens by orders of magnitude (massive activations):
+    a plain MSE would be set by a few positions of the last layers. 0 when the states agree, 1 for
+    a zero state, 2 for one of the right norm at right angles."""
+    t = teacher.float()
+    err = (student.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(eps)
+    return err.mean(0)
 
 
 def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],

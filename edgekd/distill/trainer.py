@@ -19,12 +19,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import parametrize
 
 from edgekd import __version__
 from edgekd.config import to_dict
@@ -32,7 +34,16 @@ from edgekd.distill import answers
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill import loop as helpers
 from edgekd.distill.config import DistillConfig
-from edgekd.distill.data import collate, encode_records, padding_waste, plan_epoch, steps_per_epoch, untarget_common_prefix
+from edgekd.distill.data import (
+    Example,
+    collate,
+    encode_records,
+    generate_answers,
+    padding_waste,
+    plan_epoch,
+    steps_per_epoch,
+    untarget_common_prefix,
+)
 from edgekd.distill.losses import LossSpec, TeacherTargets
 from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
@@ -135,6 +146,9 @@ class Trainer:
         if self.summary["truncated"]:
             say(f"[yellow]{self.summary['truncated']} training sequences were longer than max_length={cfg.max_length} and were truncated[/yellow]")
         self.lengths = [len(e.ids) for e in self.examples]
+        if cfg.on_policy and any(e.prompt is None for e in self.examples):
+            raise UsageError("--on-policy needs prompt records (the student answers their prompts); text and messages records "
+                             "have none: pass --prompts, or set --on-policy 0")
 
     # ---- the student: pruned by measured importance on the run's own data (or given) ----------
     def build_student(self) -> None:
@@ -155,15 +169,23 @@ class Trainer:
                 say(f"[yellow]warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
                     "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body[/yellow]")
         helpers.check_memory(cfg, student, sum(e.n_targets for e in self.held) // self.world + 1, max(self.lengths), self.device)
+        self.matched: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+        if cfg.hidden_loss:
+            if "layers" not in student.describe or student.model.config.hidden_size != self.teacher.config.hidden_size:
+                raise UsageError(f"--hidden-loss needs a student pruned from the teacher (layers:N, layers-kl:N, even:N, layers:i,j,...), "
+                                 f"whose layers stand for the teacher's; {cfg.student!r} is not one: set --hidden-loss 0")
+            self.matched = helpers.matched_layers(student.describe["layers"])
+            say(f"intermediate-state KD: student layers 0-{len(self.matched[0]) - 1} follow the teacher's stream at the inputs of "
+                f"teacher layers {list(self.matched[1])} (weight {cfg.hidden_loss}); the teacher runs in the loop")
 
     # ---- teacher targets: top-k log-probs per loss position, kept from its answers or computed once
     def prepare_targets(self) -> None:
         cfg = self.cfg
         groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
         self.spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=self.student.vocab,
-                             label_groups=groups, label_weight=cfg.label_loss if groups else 0.0)
+                             label_groups=groups, label_weight=cfg.label_loss if groups else 0.0, hidden_weight=cfg.hidden_loss)
         self.cached = None
-        if cfg.cache_teacher:
+        if cfg.cache_teacher and not cfg.hidden_loss:  # intermediate states are not cached: the teacher runs in the loop
             t0 = time.time()
             self.cached = answers.captured_cache(self.out, self.data_info, self.records, self.examples, self.student.vocab,
                                                  cfg.top_k, self.say)
@@ -183,7 +205,7 @@ class Trainer:
         self.prefix_len = 0 if cfg.gradient_checkpointing else helpers.shared_prefix_len(self.examples)
         if self.prefix_len:
             say(f"shared prefix: the first {self.prefix_len} tokens of every example are run once per batch")
-        wrapped = helpers.StudentLoss(model, self.spec, cfg.chunk_size, self.prefix_len)
+        wrapped = helpers.StudentLoss(model, self.spec, cfg.chunk_size, self.prefix_len, self.matched[0])
         # fused on the CPU too: 0.04 s instead of 0.24 s a step for a 50M-parameter student (measured, torch 2.13)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=True)
         if cfg.qat_bits:  # the fused step does not bump the weights' version: recompute the grids after it
@@ -253,33 +275,69 @@ class Trainer:
         self.epoch_times.append(round(time.time() - epoch_t0, 2))
         self.train_s = time.time() - self.train_t0
 
-    def teacher_targets(self, rows: list[int], batch: dict[str, torch.Tensor], dummy: bool) -> TeacherTargets:
-        """What the student learns from for these rows: the cached top-k, or a teacher forward."""
-        if self.cached is not None:
+    def teacher_targets(self, rows: list[int], batch: dict[str, torch.Tensor], dummy: bool, online: bool = False) -> TeacherTargets:
+        """What the student learns from for these rows: the cached top-k, or a teacher forward (its
+        last hidden states, and its stream at the matched depths for intermediate-state KD);
+        ``online``: always the forward (the batch holds the student's own answers)."""
+        if self.cached is not None and not online:
             return TeacherTargets(topk_logp=helpers._cat([self.cached[i][0] for i in rows], dummy).to(self.device),
                                   topk_idx=helpers._cat([self.cached[i][1] for i in rows], dummy).to(self.device))
-        if self.cfg.alpha == 0:  # plain SFT: the teacher is not needed in the loop
+        depths = self.matched[1]
+        if self.cfg.alpha == 0 and not depths:  # plain SFT: the teacher is not needed in the loop
             return TeacherTargets()
         with torch.no_grad():
-            th = self.teacher.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        return TeacherTargets(hidden=th[batch["loss_mask"]], weight=self.teacher_head.weight, bias=self.teacher_head.bias)
+            out = helpers.decoder_forward(self.teacher.get_decoder(), batch["input_ids"], batch["attention_mask"], self.prefix_len,
+                                          bool(depths))
+        mask = batch["loss_mask"][:, self.prefix_len :]
+        states = torch.stack([out.hidden_states[t][mask] for t in depths]) if depths else None
+        return TeacherTargets(hidden=out.last_hidden_state[mask], weight=self.teacher_head.weight, bias=self.teacher_head.bias,
+                              states=states)
+
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step ``step`` trains on the student's own answers (GKD's lambda, in the
+        run's second half, once the student has learnt from the teacher's answers): a seeded draw,
+        the same in every process and after a resume."""
+        lam = self.cfg.on_policy
+        return lam > 0 and step >= self.total // 2 and random.Random(f"{self.cfg.seed}/{step}").random() < lam
+
+    def student_answers(self, rows: list[int], step: int) -> list[Example]:
+        """The student's own answers to the prompts of ``rows`` (greedy, or sampled at
+        gen_temperature), as examples whose targets are the answer: the teacher scores them."""
+        cfg, model = self.cfg, self.accel.unwrap_model(self.wrapped).model
+        model.eval()
+        with parametrize.cached():  # a QAT student's grids applied once per generation, not per token
+            records, _ = generate_answers(model, self.tok, [self.examples[i].prompt or "" for i in rows],
+                                          max_new_tokens=cfg.max_new_tokens,
+                                          temperature=cfg.gen_temperature, top_p=cfg.gen_top_p, batch_size=len(rows),
+                                          seed=cfg.seed * 1000 + step, max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens))
+        model.train()
+        return encode_records(self.tok, records, cfg.max_length, False)[0]
 
     def step(self, step: int, epoch: int, micro: list[list[int]]) -> tuple[float, float]:
         """One optimizer step over the global micro-batches ``micro``; returns (loss, tokens/s)."""
         cfg, accel, world, rank = self.cfg, self.accel, self.world, self.rank
         step_t0 = time.time()
-        n_global = sum(self.examples[i].n_targets for gb in micro for i in gb)  # every process knows it
+        on_policy = self.on_policy(step)
+        plan = []  # (rows, dummy, examples) per micro-batch: this process's rows of it
+        for gb in micro:
+            rows, dummy = (gb[rank::world], False) if gb[rank::world] else ([gb[0]], True)
+            examples = self.student_answers(rows, step) if on_policy and not dummy else [self.examples[i] for i in rows]
+            plan.append((rows, dummy, examples))
+        if on_policy:  # the answers' lengths are known only where they were written
+            mine = sum(e.n_targets for _, dummy, ex in plan if not dummy for e in ex)
+            n_global = int(accel.reduce(torch.tensor([float(mine)], dtype=torch.float64, device=self.device), "sum").item())
+        else:
+            n_global = sum(self.examples[i].n_targets for gb in micro for i in gb)  # every process knows it
         for group in self.optimizer.param_groups:
             group["lr"] = helpers.lr_at(step, self.total, cfg)
         stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss_sum, agree, targets, tokens
-        for j, gb in enumerate(micro):
-            rows, dummy = (gb[rank::world], False) if gb[rank::world] else ([gb[0]], True)
-            batch = {k: v.to(self.device) for k, v in collate([self.examples[i] for i in rows], self.tok.pad_token_id or 0).items()}
+        for j, (rows, dummy, examples) in enumerate(plan):
+            batch = {k: v.to(self.device) for k, v in collate(examples, self.tok.pad_token_id or 0).items()}
             if dummy:  # this process has no row in the last, short batch: a row without loss keeps DDP in step
                 batch["loss_mask"].zero_()
-            tt = self.teacher_targets(rows, batch, dummy)
+            tt = self.teacher_targets(rows, batch, dummy, online=on_policy)
             # loss: a sum over this process's positions, scaled so the gradient is the mean over the global step
-            sync = contextlib.nullcontext() if j == len(micro) - 1 else accel.no_sync(self.wrapped)
+            sync = contextlib.nullcontext() if j == len(plan) - 1 else accel.no_sync(self.wrapped)
             with sync:
                 loss_sum, agree = self.wrapped(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["labels"], tt)
                 accel.backward(loss_sum * world / max(n_global, 1))
@@ -299,6 +357,8 @@ class Trainer:
         row = {"step": step + 1, "epoch": epoch, "loss": round(loss, 5), "lr": self.optimizer.param_groups[0]["lr"],
                "grad_norm": round(float(grad_norm), 4), "train_top1": round((stats[1] / stats[2].clamp_min(1)).item(), 4),
                "tokens": int(stats[3]), "step_s": round(time.time() - step_t0, 3), "tokens_per_s": round(tps, 1)}
+        if cfg.on_policy:
+            row["on_policy"] = on_policy
         if self.cuda:
             row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         helpers._log(self.metrics_path, self.main, row)
