@@ -82,6 +82,7 @@ class MatMulNBits:
     algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps)
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
+    int8_activation_nodes: tuple[str, ...] = ()  # node-name substrings computed with accuracy_level 4 (int8 activations)
     keep_grid: bool = True  # a weight already on a 4-bit grid (--qat-bits 4, a Q4 GGUF) is stored on it, exactly
     grid_accuracy_level: int = 0  # the accuracy_level of those weights (4-bit: fp32 activations have fast kernels)
     grid_offsets: Literal["float32", "float16"] = "float32"  # how a grid's per-block offsets are stored (float16: half the bytes, a Cast)
@@ -95,6 +96,8 @@ class MatMulNBits:
         _check(self.grid_accuracy_level in (0, 1, 2, 3, 4),
                f"matmul_nbits.grid_accuracy_level = {self.grid_accuracy_level}: use 0 (fp32 activations), 1, 2, 3 or 4 (int8)")
         _check(not (self.algorithm != "rtn" and self.bits != 4), f"matmul_nbits: algorithm '{self.algorithm}' needs bits = 4 (8-bit is rtn)")
+        both = sorted(set(self.fp32_activation_nodes) & set(self.int8_activation_nodes))
+        _check(not both, f"matmul_nbits: {both} is in both fp32_activation_nodes and int8_activation_nodes: name each pattern in one")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ CASES = {
     "matmul_nbits": [(MatMulNBits(bits=8), 0.1), (MatMulNBits(bits=4, algorithm="hqq"), 1.0),
                      (MatMulNBits(bits=4, int8_nodes=("down_proj",)), 1.0),
                      (MatMulNBits(bits=8, accuracy_level=4, fp32_activation_nodes=("down_proj",)), 0.2),
+                     (MatMulNBits(bits=4, accuracy_level=0, int8_activation_nodes=("down_proj",),
+                                  fp32_activation_nodes=("layers.1/mlp/down_proj",)), 1.0),
                      (MatMulNBits(bits=4, algorithm="k_quant"), 1.0),
                      (MatMulNBits(bits=4, algorithm="k_quant", int8_nodes=("down_proj",)), 1.0)],
     "quantize_dynamic": [(load_target("cpu").quantize_dynamic, 1.5)],
@@ -98,7 +100,10 @@ def test_step_output_runs_and_stays_close(tmp_path, fp32_export, name, case):
         assert len(levels) == info["quantized_matmuls"] == 14  # 7 per layer; the tied head is not a const MatMul
         for node, level in levels.items():
             fp32_act = any(p in node for p in settings.fp32_activation_nodes)
-            assert level == (0 if fp32_act else settings.accuracy_level), node
+            int8_act = any(p in node for p in settings.int8_activation_nodes)
+            assert level == (0 if fp32_act else 4 if int8_act else settings.accuracy_level), node
+        if settings.int8_activation_nodes:  # layer 0's down_proj; layer 1's is named in both lists: fp32 wins
+            assert info["int8_activation_matmuls"] == 1 and sorted(levels.values()).count(4) == 1
 
 
 def test_untied_head_and_embedding_are_quantized_separately(tmp_path):

@@ -73,6 +73,13 @@ def test_bad_profile_is_one_line_naming_key_and_file(tmp_path, edit, message):
         assert str(path) in text
 
 
+def test_a_node_pattern_in_both_activation_lists_is_refused(tmp_path):
+    text = CPU_TOML.replace("fp32_activation_nodes = []", 'fp32_activation_nodes = ["down_proj"]', 1)
+    path = write(tmp_path, text.replace("int8_activation_nodes = []", 'int8_activation_nodes = ["down_proj", "o_proj"]', 1))
+    with pytest.raises(UsageError, match=r"\['down_proj'\] is in both fp32_activation_nodes and int8_activation_nodes"):
+        load_target(path)
+
+
 def test_missing_and_unknown_targets(tmp_path):
     with pytest.raises(UsageError, match="neither a shipped profile"):
         load_target("gpu")

@@ -312,6 +312,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
 
     before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
+    int8_act = set(matching(settings.int8_activation_nodes)) - fp32_act if settings.int8_activation_nodes else set()
     grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0, "float16_offsets": 0}
     if settings.keep_grid:  # weights already on a 4-bit grid (a --qat-bits 4 student, a Q4 GGUF) stay on it, exactly
         grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level, settings.grid_offsets)
@@ -322,17 +323,19 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
         if int8_nodes:  # onnxruntime's nodes_to_include adds to its op types, it does not restrict: exclude the rest
             model = run(model, 8, None, sorted((before | made) - set(int8_nodes)))
         model = run(model, settings.bits, None, sorted(set(int8_nodes) | made))
-    # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): 0 where asked.
+    # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): the node lists
+    # first (a node in both gets fp32 activations), then the grid's or the step's level.
     count = 0
     for n in model.graph.node:
         original = n.name.rsplit("_Q", 1)[0]
         if n.op_type == "MatMulNBits" and original in before:
             level = settings.grid_accuracy_level if original in on_grid else settings.accuracy_level
-            _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else level)
+            _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else 4 if original in int8_act else level)
             count += 1
     left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.name not in made)
     save_onnx(model, dst, external=True)
     return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
+            "int8_activation_matmuls": len(int8_act),
             "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"],
             "grid_offsets_float16": grid["float16_offsets"]}
 
