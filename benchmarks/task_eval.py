@@ -3,10 +3,11 @@
     python benchmarks/task_eval.py --task sentiment --prompts benchmarks/data/sentiment-unseen.jsonl \
         runs/sentiment-student [more students ...] [--zero-shot layers:14 even:14]
 
-For each model: answer-position top-1 against the teacher (teacher-forced on the teacher's greedy
-answers), and the task figures of its own greedy answers against the teacher's (label agreement,
+For each model: its parameters, answer-position top-1 and KL against the teacher (teacher-forced
+on the teacher's greedy answers), and the task figures of its own greedy answers against the teacher's (label agreement,
 exact match, ROUGE-L; edgekd.tasks.score_answers). ``--zero-shot SPEC``: a pruned copy built from
-the teacher with that student spec (calibrated on the task's train prompts), without training.
+the teacher with that student spec (calibrated on the task's train prompts), without training
+(``layers:20+mlp:0.5``, ``layers:17+heads:0.5``; ``budget:F`` also prints every candidate it measured).
 Prints a Markdown table; ``--json FILE`` also writes the figures.
 """
 
@@ -28,10 +29,12 @@ from edgekd.tasks import load_task, score_answers
 
 
 @torch.no_grad()
-def answer_top1(model, teacher, tok, prompts: list[str], answers: list[str], batch_size: int = 8) -> float:
-    """Share of the teacher's answer positions where ``model``'s argmax is the teacher's."""
+def answer_agreement(model, teacher, tok, prompts: list[str], answers: list[str], batch_size: int = 8) -> tuple[float, float]:
+    """At the teacher's answer positions (teacher-forced): the share where ``model``'s argmax is the
+    teacher's, and the mean KL(teacher || model) in nats."""
     rows = [encode_chat(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": a}]) for p, a in zip(prompts, answers)]
     agree = n = 0
+    kl = 0.0
     for i in range(0, len(rows), batch_size):
         b = collate(rows[i : i + batch_size], tok.pad_token_id or 0)
         mask = b["loss_mask"]
@@ -39,8 +42,10 @@ def answer_top1(model, teacher, tok, prompts: list[str], answers: list[str], bat
         t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[mask]
         v = min(s.shape[-1], t.shape[-1])
         agree += int((s[:, :v].argmax(-1) == t[:, :v].argmax(-1)).sum())
+        t_logp, s_logp = torch.log_softmax(t[:, :v].float(), -1), torch.log_softmax(s[:, :v].float(), -1)
+        kl += float((t_logp.exp() * (t_logp - s_logp)).sum())
         n += int(mask.sum())
-    return agree / max(n, 1)
+    return agree / max(n, 1), kl / max(n, 1)
 
 
 def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -79,7 +84,11 @@ def main() -> None:
         recs = [{"prompt": p, "response": a} for p, a in zip(calib_prompts, greedy(teacher, tok, calib_prompts, args.max_new_tokens))]
         examples, _ = encode_records(tok, recs, 512, False)
         student = build_student(spec, teacher, tok, calibration=calibration_batches(examples, tok, 0))
-        models.append((f"{spec} (zero-shot)", student.model.eval(), student.describe["num_hidden_layers"]))
+        budget = student.describe.get("scan", {}).get("budget")
+        if budget:  # every candidate the budget measured, on its own calibration answers
+            print(f"{spec}: chose {budget['chosen']} of " + ", ".join(f"{c['spec']} ({c['parameters'] / 1e6:.1f}M, KL {c['kl']:.3f})" for c in budget["candidates"]))
+        name = f"{spec} = {budget['chosen']}" if budget else spec
+        models.append((f"{name} (zero-shot)", student.model.eval(), student.describe["num_hidden_layers"]))
     for folder in args.students:
         m, _ = load_model(folder)
         models.append((folder, m.eval(), m.config.num_hidden_layers))
@@ -88,17 +97,17 @@ def main() -> None:
         t0 = time.time()
         answers = greedy(model, tok, prompts, args.max_new_tokens)
         figures = score_answers(answers, t_answers, labels)
-        figures["answer_top1"] = answer_top1(model, teacher, tok, prompts, t_answers)
-        figures.update(name=name, layers=layers, seconds=round(time.time() - t0, 1),
+        figures["answer_top1"], figures["answer_kl"] = answer_agreement(model, teacher, tok, prompts, t_answers)
+        figures.update(name=name, layers=layers, parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1),
                        examples=[{"prompt": p, "teacher": t, "student": a} for p, t, a in list(zip(prompts, t_answers, answers))[:3]])
         rows.append(figures)
         print(f"{name}: {json.dumps({k: v for k, v in figures.items() if k != 'examples'})}", flush=True)
     print()
     print(f"{len(prompts)} prompts from {args.prompts}, greedy, up to {args.max_new_tokens} new tokens\n")
-    cols = ["model", "layers", "answer top-1 vs teacher"] + (["label agreement"] if labels else []) + ["exact match", "ROUGE-L"]
+    cols = ["model", "layers", "parameters", "answer top-1 vs teacher", "answer KL"] + (["label agreement"] if labels else []) + ["exact match", "ROUGE-L"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        cells = [r["name"], str(r["layers"]), f"{r['answer_top1']:.3f}"]
+        cells = [r["name"], str(r["layers"]), f"{r['parameters'] / 1e6:.1f}M", f"{r['answer_top1']:.3f}", f"{r['answer_kl']:.3f}"]
         if labels:
             cells.append("–" if r["label_agreement"] is None else f"{r['label_agreement']:.3f}")
         cells += [f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}"]

@@ -175,6 +175,51 @@ def test_width_pruning_keeps_the_most_active_channels(tiny_teacher_dir):
     assert answer_kl(half.model, cal, t, 384) < answer_kl(rand, cal, t, 384)
 
 
+@pytest.mark.filterwarnings("ignore:the student")
+def test_head_pruning_keeps_the_loudest_heads_of_each_group_and_equals_zeroing_the_others(tiny_teacher_dir, tmp_path):
+    from edgekd.distill.importance import attention_head_importance
+
+    teacher, tok = load_model(str(tiny_teacher_dir))  # 4 query heads of 16 channels, 2 key/value heads
+    cal = _calibration(tok)
+    scores = attention_head_importance(teacher, cal)
+    student = build_student("even:4+heads:0.5", teacher, tok, calibration=cal)
+    expected = [[g * 2 + int(torch.argmax(s[g * 2:g * 2 + 2])) for g in range(2)] for s in scores]
+    info = student.describe["heads"]
+    assert info["kept_heads"] == expected and info["attention_heads"] == 2 and info["heads_share"] == 0.5
+    cfg = student.model.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 2, 16)
+    assert student.model.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
+    assert student.model.model.layers[0].self_attn.o_proj.weight.shape == (64, 32)
+    # dropping a head is exactly zeroing its slice of o_proj's input
+    ref = build_student("even:4", teacher, tok).model.eval()
+    for layer, kept in zip(ref.model.layers, expected):
+        for h in set(range(4)) - set(kept):
+            layer.self_attn.o_proj.weight.data[:, h * 16:(h + 1) * 16] = 0
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
+    assert torch.allclose(student.model.eval()(ids).logits, ref(ids).logits, atol=1e-5)
+    # a Hugging Face folder that loads back (head_dim is no longer hidden_size / heads)
+    again, _ = load_model(str(save_model(student.model, tok, tmp_path / "s")))
+    assert torch.allclose(again.eval()(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+def test_a_head_pruned_student_exports_with_fused_attention(tiny_teacher_dir, tmp_path):
+    """Fewer query heads (head_dim no longer hidden_size / heads) through the whole export: optimum's
+    graph checked against PyTorch, the GroupQueryAttention fusion, the bundle's description."""
+    import json
+
+    from edgekd.export import export_bundle
+    from edgekd.runtime import Runtime
+
+    teacher, tok = load_model(str(tiny_teacher_dir))
+    student = build_student("layers:3+heads:0.5", teacher, tok, calibration=_calibration(tok))
+    manifest = export_bundle(str(save_model(student.model, tok, tmp_path / "s")), "cpu", tmp_path / "b", golden_prompts=0)
+    fused = next(r for r in manifest["recipe"] if r["step"] == "fuse_attention")
+    assert fused["fused_layers"] == 3
+    genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())["model"]["decoder"]
+    assert (genai["num_attention_heads"], genai["num_key_value_heads"], genai["head_size"]) == (2, 2, 16)
+    assert len(list(Runtime(tmp_path / "b").generate_ids([5, 9, 17], 4, stop_at_eos=False))) == 4
+
+
 def test_budget_picks_a_candidate_that_fits(tiny_teacher_dir):
     teacher, tok = load_model(str(tiny_teacher_dir))
     student = build_student("budget:0.8", teacher, tok, calibration=_calibration(tok))
@@ -183,6 +228,8 @@ def test_budget_picks_a_candidate_that_fits(tiny_teacher_dir):
     assert student.describe["parameters"] <= 0.8 * student.describe["teacher_parameters"]
     chosen = [c for c in budget["candidates"] if c["spec"] == budget["chosen"]][0]
     assert chosen["kl"] == min(c["kl"] for c in budget["candidates"])
+    assert any("+heads:" in c["spec"] for c in budget["candidates"])  # fewer query heads are candidates too
+    assert all(c["parameters"] <= 0.8 * student.describe["teacher_parameters"] for c in budget["candidates"])
     with pytest.raises(UsageError, match="raise the budget"):
         build_student("budget:0.05", teacher, tok, calibration=_calibration(tok))
 
@@ -190,6 +237,9 @@ def test_budget_picks_a_candidate_that_fits(tiny_teacher_dir):
 @pytest.mark.parametrize("spec, message", [
     ("layers:3+width:2", "mlp:F"),
     ("layers:3+mlp:1.5", "must be in"),
+    ("layers:3+heads:0", "must be in"),
+    ("layers:3+heads:x", "heads:F needs a number"),
+    ("layers:3+mlp:0.5+mlp:0.5", "given twice"),
     ("budget:2", "share in"),
     ("layers:x", "integer"),
 ])

@@ -32,7 +32,7 @@ class DistillConfig:
     # The 21 of SmolLM2's 30 layers of highest block influence on the run's own data (ShortGPT): a
     # general chat student a CPU can heal in minutes (benchmarks/RESULTS-students.md); evenly spaced
     # layers throw away the ones that matter (20 layers zero-shot: top-1 0.015 evenly spaced, 0.21 by importance).
-    student: str = _f("layers:21", "Student: layers:N (the N teacher layers of highest block influence, measured on the run's data), layers-kl:N (removed one at a time by KL to the teacher), even:N (evenly spaced), layers:0,6,... (exactly these), any of them +mlp:F (keep a share F of MLP channels by activation), budget:F (the lowest zero-shot KL within a share F of the teacher's parameters), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
+    student: str = _f("layers:21", "Student: layers:N (the N teacher layers of highest block influence, measured on the run's data), layers-kl:N (removed one at a time by KL to the teacher), even:N (evenly spaced), layers:0,6,... (exactly these), any of them +mlp:F and/or +heads:F (keep a share F of MLP channels / query heads by activation), budget:F (the lowest zero-shot KL within a share F of the teacher's parameters), a model folder sharing the teacher's tokenizer, or an architecture .toml.")
     # --- data ----------------------------------------------------------------------------
     data: tuple[str, ...] = _f((), "Training files: .txt, or .jsonl with text / messages / prompt+response records.")
     prompts: str = _f("", "A .jsonl of {\"prompt\"} records (or a .txt, one prompt a line): the teacher writes the answers. Default with no --data: the shipped prompt set.")

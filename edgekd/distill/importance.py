@@ -11,6 +11,8 @@
 - ``mlp_channel_importance``: Minitron's activation-based width importance (Muralidharan et al.
   2024, arXiv 2407.14679): the mean |activation| of each MLP intermediate channel (the input of
   ``down_proj``) over the calibration tokens.
+- ``attention_head_importance``: Minitron's head importance: the mean L2 norm of each query head's
+  attention output (its ``head_dim`` slice of the input of ``o_proj``) over the calibration tokens.
 
 Every function takes ``batches``: a list of ``collate`` outputs ``{"input_ids", "attention_mask",
 "loss_mask"} (B, S)``; positions are weighted by ``attention_mask`` (BI, width) or ``loss_mask`` (KL).
@@ -166,3 +168,31 @@ def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
             raise UsageError("measuring MLP channel importance needs calibration data")
         out.append(s / max(seen, 1))
     return out
+
+
+@torch.no_grad()
+def attention_head_importance(model, batches) -> list[torch.Tensor]:
+    """Per decoder layer, ``(heads,)``: the mean L2 norm of each query head's attention output over
+    the real tokens (Minitron). The input of ``o_proj`` is ``(B, S, heads * head_dim)``, head by head."""
+    layers = decoder_layers(model)
+    heads = model.config.num_attention_heads
+    sums = [torch.zeros(heads, dtype=torch.float64) for _ in layers]
+    mask_now: list[torch.Tensor] = []
+
+    def hook(i):
+        def fn(module, args):
+            x = args[0].float()
+            norms = x.reshape(*x.shape[:-1], heads, -1).norm(dim=-1) * mask_now[0][..., None]  # (B, S, heads)
+            sums[i] += norms.sum(dim=(0, 1)).double().cpu()
+        return fn
+
+    handles = []
+    for i, layer in enumerate(layers):
+        o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+        if o_proj is None:
+            raise UsageError(f"cannot prune the attention heads of {type(model).__name__}: its attention has no o_proj")
+        handles.append(o_proj.register_forward_pre_hook(hook(i)))
+    seen = _run_hooked(model, batches, handles, mask_now)
+    if not seen:
+        raise UsageError("measuring attention head importance needs calibration data")
+    return [s / seen for s in sums]

@@ -9,6 +9,8 @@ on ``calibration`` (batches of the run's own data; ``edgekd.distill.importance``
 - ``even:N``        N evenly spaced layers, first and last kept (DistilBERT-style, no scan)
 - ``layers:0,1,5``  exactly these layers
 - ``...+mlp:F``     also keep the share F of every MLP's channels, by activation magnitude (Minitron)
+- ``...+heads:F``   also keep the share F of every layer's query heads, by the norm of their output
+                    (Minitron; the same number in each key/value group); both: ``layers:20+mlp:0.75+heads:0.67``
 - ``budget:F``      the candidate of at most a share F of the teacher's parameters with the lowest
                     zero-shot KL to the teacher (depth and width candidates, each measured)
 """
@@ -160,20 +162,28 @@ def is_pruned_spec(spec: str) -> bool:
     return spec.startswith(PRUNED_PREFIXES)
 
 
-def _split_width(spec: str) -> tuple[str, float | None]:
-    """``layers:15+mlp:0.75`` -> ``("layers:15", 0.75)``."""
-    if "+" not in spec:
-        return spec, None
-    depth, width = spec.split("+", 1)
-    if not width.startswith("mlp:"):
-        raise UsageError(f"--student {spec}: after '+' write mlp:F (the share of MLP channels kept, e.g. mlp:0.75)")
-    try:
-        share = float(width[4:])
-    except ValueError:
-        raise UsageError(f"--student {spec}: mlp:F needs a number, e.g. mlp:0.75") from None
-    if not 0 < share <= 1:
-        raise UsageError(f"--student {spec}: mlp:{share} must be in (0, 1]")
-    return depth, share
+WIDTHS = ("mlp", "heads")  # what a ``+KIND:F`` after the depth prunes
+
+
+def _split_width(spec: str) -> tuple[str, dict[str, float]]:
+    """``layers:15+mlp:0.75+heads:0.67`` -> ``("layers:15", {"mlp": 0.75, "heads": 0.67})``."""
+    depth, *parts = spec.split("+")
+    widths: dict[str, float] = {}
+    for part in parts:
+        kind, _, value = part.partition(":")
+        if kind not in WIDTHS:
+            raise UsageError(f"--student {spec}: after '+' write mlp:F or heads:F (the share of MLP channels or "
+                             "attention heads kept, e.g. mlp:0.75)")
+        try:
+            share = float(value)
+        except ValueError:
+            raise UsageError(f"--student {spec}: {kind}:F needs a number, e.g. {kind}:0.75") from None
+        if not 0 < share <= 1:
+            raise UsageError(f"--student {spec}: {kind}:{share} must be in (0, 1]")
+        if kind in widths:
+            raise UsageError(f"--student {spec}: {kind} is given twice")
+        widths[kind] = share
+    return depth, widths
 
 
 def choose_layers(spec: str, teacher, calibration, vocab: int, say) -> tuple[list[int], dict[str, Any]]:
@@ -206,35 +216,31 @@ def choose_layers(spec: str, teacher, calibration, vocab: int, say) -> tuple[lis
     return kept, scan
 
 
-def width_pruned(model, share: float, calibration, multiple: int = 64) -> dict[str, Any]:
+MLP_MULTIPLE = 64  # MLP channels are kept in multiples of this: whole blocks for the 4-bit quantizer
+
+
+def _mlp_channels_kept(cfg, share: float) -> int:
+    keep = max(MLP_MULTIPLE, int(round(cfg.intermediate_size * share / MLP_MULTIPLE)) * MLP_MULTIPLE)
+    return min(keep, cfg.intermediate_size)
+
+
+def width_pruned(model, share: float, calibration) -> dict[str, Any]:
     """Keep the share ``share`` of every MLP's intermediate channels, the ones of highest mean
-    |activation| on ``calibration`` (Minitron), rounded to a multiple of ``multiple`` (the quantizer's
-    blocks). Changes ``model`` in place; returns what distill.json records."""
+    |activation| on ``calibration`` (Minitron), rounded to a multiple of ``MLP_MULTIPLE``. Changes
+    ``model`` in place; returns what distill.json records."""
     from edgekd.distill import importance
 
     cfg = model.config
     original = cfg.intermediate_size
-    keep = max(multiple, int(round(cfg.intermediate_size * share / multiple)) * multiple)
-    keep = min(keep, cfg.intermediate_size)
+    keep = _mlp_channels_kept(cfg, share)
     if keep == cfg.intermediate_size:
         return {"mlp_channels": keep, "mlp_share": 1.0}
     scores = importance.mlp_channel_importance(model, calibration)
     for layer, score in zip(importance.decoder_layers(model), scores):
         idx = torch.sort(torch.topk(score, keep).indices).values
         mlp = layer.mlp
-        for name in ("gate_proj", "up_proj"):
-            lin = getattr(mlp, name)
-            new = torch.nn.Linear(lin.in_features, keep, bias=lin.bias is not None)
-            new.weight.data = lin.weight.data[idx].clone()
-            if lin.bias is not None:
-                new.bias.data = lin.bias.data[idx].clone()
-            setattr(mlp, name, new)
-        lin = mlp.down_proj
-        new = torch.nn.Linear(keep, lin.out_features, bias=lin.bias is not None)
-        new.weight.data = lin.weight.data[:, idx].clone()
-        if lin.bias is not None:
-            new.bias.data = lin.bias.data.clone()
-        mlp.down_proj = new
+        mlp.gate_proj, mlp.up_proj = _sliced(mlp.gate_proj, rows=idx), _sliced(mlp.up_proj, rows=idx)
+        mlp.down_proj = _sliced(mlp.down_proj, cols=idx)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = keep
     cfg.intermediate_size = keep
@@ -242,14 +248,62 @@ def width_pruned(model, share: float, calibration, multiple: int = 64) -> dict[s
             "method": "activation magnitude (Minitron, arXiv 2407.14679)"}
 
 
+def _sliced(lin: torch.nn.Linear, rows=None, cols=None) -> torch.nn.Linear:
+    """A copy of ``lin`` keeping the output features ``rows`` and the input features ``cols``."""
+    w = lin.weight.data if rows is None else lin.weight.data[rows]
+    w = w if cols is None else w[:, cols]
+    new = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype)
+    new.weight.data = w.clone()
+    if lin.bias is not None:
+        new.bias.data = (lin.bias.data if rows is None else lin.bias.data[rows]).clone()
+    return new
+
+
+def _heads_kept_per_group(cfg, share: float) -> tuple[int, int, int]:
+    """(query heads per key/value group now, kept per group for ``share``, key/value heads)."""
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    group = heads // kv
+    return group, min(group, max(1, round(group * share))), kv
+
+
+def heads_pruned(model, share: float, calibration) -> dict[str, Any]:
+    """Keep the share ``share`` of every layer's query heads, the ones whose attention output has the
+    highest mean L2 norm on ``calibration`` (Minitron), the same number in each key/value group: each
+    group's queries read one key/value head, so the student stays grouped-query attention and its
+    KV cache keeps its shape. Keys and values are kept whole. Changes ``model`` in place; returns
+    what distill.json records (``kept_heads``: per layer, the teacher's head indices kept)."""
+    from edgekd.distill import importance
+
+    cfg = model.config
+    group, keep, kv = _heads_kept_per_group(cfg, share)
+    if keep == group:
+        return {"attention_heads": cfg.num_attention_heads, "heads_share": 1.0}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    scores = importance.attention_head_importance(model, calibration)
+    kept_heads = []
+    for layer, score in zip(importance.decoder_layers(model), scores):
+        chosen = [g * group + int(i) for g in range(kv) for i in torch.sort(torch.topk(score[g * group:(g + 1) * group], keep).indices).values]
+        idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in chosen])
+        attn = layer.self_attn
+        attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=idx), _sliced(attn.o_proj, cols=idx)
+        attn.num_key_value_groups = keep  # query heads per key/value head (transformers' attention reads it)
+        kept_heads.append(chosen)
+    cfg.num_attention_heads, cfg.head_dim = keep * kv, head_dim  # head_dim no longer hidden_size / heads
+    return {"attention_heads": keep * kv, "heads_share": round(keep / group, 4), "kept_heads": kept_heads,
+            "method": "attention output norm (Minitron, arXiv 2407.14679)"}
+
+
 def pruned(spec: str, teacher, calibration, vocab: int, say):
-    """A pruned student for ``spec`` (depth, optionally ``+mlp:F``) and what its scan measured."""
-    depth, share = _split_width(spec)
+    """A pruned student for ``spec`` (depth, optionally ``+mlp:F``, ``+heads:F``) and what its scan measured."""
+    depth, widths = _split_width(spec)
     layers, scan = choose_layers(depth, teacher, calibration, vocab, say)
     model = depth_pruned(teacher, layers)
     extra: dict[str, Any] = {"layers": layers, "scan": scan}
-    if share is not None:
-        extra["width"] = width_pruned(model, share, calibration)
+    if "mlp" in widths:
+        extra["width"] = width_pruned(model, widths["mlp"], calibration)
+    if "heads" in widths:
+        extra["heads"] = heads_pruned(model, widths["heads"], calibration)
     return model, extra
 
 
@@ -264,9 +318,9 @@ def layer_params(teacher) -> tuple[int, int]:
 
 
 def budget_student(spec: str, teacher, calibration, vocab: int, say):
-    """``budget:F``: depth-only and depth+width candidates of at most F x the teacher's parameters,
-    each built by block influence and measured zero-shot (KL to the teacher at answer positions);
-    the lowest KL wins. Every candidate is recorded."""
+    """``budget:F``: depth-only and depth+width (MLP channels, query heads) candidates of at most F x
+    the teacher's parameters, each built by block influence and measured zero-shot (KL to the
+    teacher at answer positions); the lowest KL wins. Every candidate is recorded."""
     from edgekd.distill import importance
 
     try:
@@ -278,20 +332,30 @@ def budget_student(spec: str, teacher, calibration, vocab: int, say):
     n_teacher = teacher.config.num_hidden_layers
     per_layer, outside = layer_params(teacher)
     total = per_layer * n_teacher + outside
-    mlp_share = sum(p.numel() for n, p in importance.decoder_layers(teacher)[0].named_parameters() if ".mlp." in f".{n}") / per_layer
-    candidates = []
-    for width in (1.0, 0.75, 0.5):
-        layer_cost = per_layer * (1 - mlp_share * (1 - width))
-        depth = int((share * total - outside) // layer_cost)
-        if depth >= 1:
-            candidates.append((min(depth, n_teacher), width))
+    layer0 = dict(importance.decoder_layers(teacher)[0].named_parameters())
+    mlp_share = sum(p.numel() for n, p in layer0.items() if ".mlp." in f".{n}") / per_layer
+    qo_share = sum(p.numel() for n, p in layer0.items() if ".q_proj." in f".{n}" or ".o_proj." in f".{n}") / per_layer
+    cfg = teacher.config
+    group = _heads_kept_per_group(cfg, 1.0)[0]
+    candidates, seen = [], set()
+    for heads in (1.0, 0.5):
+        heads_kept = _heads_kept_per_group(cfg, heads)[1] / group
+        for width in (1.0, 0.75, 0.5):
+            mlp_kept = _mlp_channels_kept(cfg, width) / cfg.intermediate_size
+            if (heads < 1 and heads_kept == 1) or (width < 1 and mlp_kept == 1):
+                continue  # nothing to prune at this share (one query head per group; a small MLP's rounding)
+            layer_cost = per_layer * (1 - mlp_share * (1 - mlp_kept) - qo_share * (1 - heads_kept))
+            depth = min(int((share * total - outside) // layer_cost), n_teacher)
+            if depth >= 1 and (depth, mlp_kept, heads_kept) not in seen:
+                seen.add((depth, mlp_kept, heads_kept))
+                candidates.append((depth, width, heads))
     if not candidates:
         raise UsageError(f"--student {spec}: no student fits {share:.0%} of the teacher's {total / 1e6:.1f}M parameters "
                          f"(the embedding and head alone are {outside / total:.0%}): raise the budget")
     t_logp = importance.teacher_answer_logp(teacher, calibration, vocab)
     tried, best = [], None
-    for depth, width in candidates:
-        cand = f"layers:{depth}" + (f"+mlp:{width}" if width < 1 else "")
+    for depth, width, heads in candidates:
+        cand = f"layers:{depth}" + (f"+mlp:{width}" if width < 1 else "") + (f"+heads:{heads}" if heads < 1 else "")
         model, extra = pruned(cand, teacher, calibration, vocab, lambda m: None)
         kl = importance.answer_kl(model, calibration, t_logp, vocab)
         params = sum(p.numel() for p in model.parameters())
