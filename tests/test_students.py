@@ -186,6 +186,9 @@ def test_head_pruning_keeps_the_loudest_heads_of_each_group_and_equals_zeroing_t
     expected = [[g * 2 + int(torch.argmax(s[g * 2:g * 2 + 2])) for g in range(2)] for s in scores]
     info = student.describe["heads"]
     assert info["kept_heads"] == expected and info["attention_heads"] == 2 and info["heads_share"] == 0.5
+    from edgekd.distill.loop import describe_student
+
+    assert "2 query heads (50%)" in describe_student(student.describe)  # the line distill prints
     cfg = student.model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 2, 16)
     assert student.model.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)

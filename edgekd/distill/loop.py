@@ -172,6 +172,8 @@ def describe_student(d: dict[str, Any]) -> str:
         line += f" by {scan['method']}"
     if "width" in d:
         line += f"; MLP {d['width']['mlp_channels']} channels ({d['width']['mlp_share']:.0%})"
+    if "heads" in d:
+        line += f"; {d['heads']['attention_heads']} query heads ({d['heads']['heads_share']:.0%})"
     return line
 
 
