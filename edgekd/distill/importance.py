@@ -141,58 +141,41 @@ def iterative_kl(teacher, batches, n: int, vocab: int, scores: Sequence[float], 
     return kept, history
 
 
-@torch.no_grad()
-def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
-    """Per decoder layer, the mean |activation| of each MLP intermediate channel (Minitron)."""
-    layers = decoder_layers(model)
-    sums: list[torch.Tensor | None] = [None] * len(layers)
+def _input_means(model, batches, owner: str, name: str, stat: Callable[[torch.Tensor], torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Per decoder layer, the mean over the real tokens of ``stat(x)``, ``(B, S, C) -> (B, S, C')``,
+    where ``x`` is the input of ``layer.<owner>.<name>``; ``what`` names the measure in errors."""
+    found = [getattr(getattr(layer, owner, None), name, None) for layer in decoder_layers(model)]
+    modules = [m for m in found if m is not None]
+    if len(modules) != len(found):
+        raise UsageError(f"cannot measure the {what} of {type(model).__name__}: its layers have no {owner}.{name}")
+    sums: list[torch.Tensor | None] = [None] * len(modules)
     mask_now: list[torch.Tensor] = []
 
     def hook(i):
         def fn(module, args):
-            act = args[0].float().abs() * mask_now[0][..., None]
-            s = act.sum(dim=(0, 1)).double().cpu()
+            s = (stat(args[0].float()) * mask_now[0][..., None]).sum(dim=(0, 1)).double().cpu()
             sums[i] = s if sums[i] is None else sums[i] + s
         return fn
 
-    handles = []
-    for i, layer in enumerate(layers):
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if down is None:
-            raise UsageError(f"cannot prune the width of {type(model).__name__}: its MLP has no down_proj")
-        handles.append(down.register_forward_pre_hook(hook(i)))
+    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(modules)]
     seen = _run_hooked(model, batches, handles, mask_now)
-    out = []
-    for s in sums:
-        if s is None:  # no batches: the hooks never ran
-            raise UsageError("measuring MLP channel importance needs calibration data")
-        out.append(s / max(seen, 1))
-    return out
+    out = [s for s in sums if s is not None]
+    if not seen or len(out) != len(sums):  # no batches: the hooks never ran
+        raise UsageError(f"measuring the {what} needs calibration data")
+    return [s / seen for s in out]
+
+
+@torch.no_grad()
+def mlp_channel_importance(model, batches) -> list[torch.Tensor]:
+    """Per decoder layer, ``(intermediate,)``: the mean |activation| of each MLP intermediate
+    channel, the input of ``down_proj`` (Minitron)."""
+    return _input_means(model, batches, "mlp", "down_proj", torch.abs, "MLP channel importance")
 
 
 @torch.no_grad()
 def attention_head_importance(model, batches) -> list[torch.Tensor]:
     """Per decoder layer, ``(heads,)``: the mean L2 norm of each query head's attention output over
     the real tokens (Minitron). The input of ``o_proj`` is ``(B, S, heads * head_dim)``, head by head."""
-    layers = decoder_layers(model)
     heads = model.config.num_attention_heads
-    sums = [torch.zeros(heads, dtype=torch.float64) for _ in layers]
-    mask_now: list[torch.Tensor] = []
-
-    def hook(i):
-        def fn(module, args):
-            x = args[0].float()
-            norms = x.reshape(*x.shape[:-1], heads, -1).norm(dim=-1) * mask_now[0][..., None]  # (B, S, heads)
-            sums[i] += norms.sum(dim=(0, 1)).double().cpu()
-        return fn
-
-    handles = []
-    for i, layer in enumerate(layers):
-        o_proj = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-        if o_proj is None:
-            raise UsageError(f"cannot prune the attention heads of {type(model).__name__}: its attention has no o_proj")
-        handles.append(o_proj.register_forward_pre_hook(hook(i)))
-    seen = _run_hooked(model, batches, handles, mask_now)
-    if not seen:
-        raise UsageError("measuring attention head importance needs calibration data")
-    return [s / seen for s in sums]
+    return _input_means(model, batches, "self_attn", "o_proj", lambda x: x.reshape(*x.shape[:-1], heads, -1).norm(dim=-1),
+                        "attention head importance")
