@@ -205,15 +205,42 @@ def test_head_pruning_keeps_the_loudest_heads_of_each_group_and_equals_zeroing_t
     assert torch.allclose(again.eval()(ids).logits, ref(ids).logits, atol=1e-5)
 
 
-def test_a_head_pruned_student_exports_with_fused_attention(tiny_teacher_dir, tmp_path):
-    """Fewer query heads (head_dim no longer hidden_size / heads) through the whole export: optimum's
-    graph checked against PyTorch, the GroupQueryAttention fusion, the bundle's description."""
+@pytest.mark.filterwarnings("ignore:the student")
+def test_head_pruning_of_multi_head_attention_takes_whole_heads_with_their_keys_and_values(tokenizer):
+    from edgekd.distill.importance import attention_head_importance
+
+    teacher = build_model(tiny_llama_config(num_key_value_heads=4))  # one query head per key/value head
+    cal = _calibration(tokenizer)
+    expected = [sorted(torch.topk(s, 2).indices.tolist()) for s in attention_head_importance(teacher, cal)]
+    student = build_student("even:4+heads:0.5", teacher, tokenizer, calibration=cal)
+    info = student.describe["heads"]
+    assert info["kept_heads"] == expected and (info["attention_heads"], info["key_value_heads"]) == (2, 2)
+    attn = student.model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == attn.k_proj.weight.shape == attn.v_proj.weight.shape == (32, 64)
+    ref = build_student("even:4", teacher, tokenizer).model.eval()
+    for layer, kept in zip(ref.model.layers, expected):
+        for h in set(range(4)) - set(kept):
+            layer.self_attn.o_proj.weight.data[:, h * 16:(h + 1) * 16] = 0
+    ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
+    assert torch.allclose(student.model.eval()(ids).logits, ref(ids).logits, atol=1e-5)
+    budget = build_student("budget:0.8", teacher, tokenizer, calibration=cal).describe
+    assert any("+heads:" in c["spec"] for c in budget["scan"]["budget"]["candidates"])
+    assert all(c["parameters"] <= 0.8 * budget["teacher_parameters"] for c in budget["scan"]["budget"]["candidates"])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_a_head_pruned_student_exports_with_fused_attention(tiny_teacher_dir, tmp_path, kv_heads):
+    """Fewer query heads (head_dim no longer hidden_size / heads; with multi-head attention, fewer
+    key/value heads too) through the whole export: optimum's graph checked against PyTorch, the
+    GroupQueryAttention fusion, the bundle's description."""
     import json
 
     from edgekd.export import export_bundle
     from edgekd.runtime import Runtime
 
     teacher, tok = load_model(str(tiny_teacher_dir))
+    if kv_heads == 4:
+        teacher = build_model(tiny_llama_config(num_key_value_heads=4))
     student = build_student("layers:3+heads:0.5", teacher, tok, calibration=_calibration(tok))
     manifest = export_bundle(str(save_model(student.model, tok, tmp_path / "s")), "cpu", tmp_path / "b", golden_prompts=0)
     fused = next(r for r in manifest["recipe"] if r["step"] == "fuse_attention")

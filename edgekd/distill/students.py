@@ -10,7 +10,8 @@ on ``calibration`` (batches of the run's own data; ``edgekd.distill.importance``
 - ``layers:0,1,5``  exactly these layers
 - ``...+mlp:F``     also keep the share F of every MLP's channels, by activation magnitude (Minitron)
 - ``...+heads:F``   also keep the share F of every layer's query heads, by the norm of their output
-                    (Minitron; the same number in each key/value group); both: ``layers:20+mlp:0.75+heads:0.67``
+                    (Minitron; the same number in each key/value group, or, with one query head per
+                    group, whole heads with their keys and values); both: ``layers:20+mlp:0.75+heads:0.67``
 - ``budget:F``      the candidate of at most a share F of the teacher's parameters with the lowest
                     zero-shot KL to the teacher (depth and width candidates, each measured)
 """
@@ -259,38 +260,51 @@ def _sliced(lin: torch.nn.Linear, rows=None, cols=None) -> torch.nn.Linear:
     return new
 
 
-def _heads_kept_per_group(cfg, share: float) -> tuple[int, int, int]:
-    """(query heads per key/value group now, kept per group for ``share``, key/value heads)."""
+def _heads_plan(cfg, share: float) -> tuple[int, int, int]:
+    """(query heads per key/value group, groups kept, query heads kept per group) for ``share``.
+    With several query heads per group, every group stays and keeps the same number of them (GQA
+    stays GQA, the KV cache keeps its shape); with one (multi-head attention), whole heads go, their
+    keys and values with them."""
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     group = heads // kv
-    return group, min(group, max(1, round(group * share))), kv
+    if group > 1:
+        return group, kv, min(group, max(1, round(group * share)))
+    return 1, min(kv, max(1, round(kv * share))), 1
 
 
 def heads_pruned(model, share: float, calibration) -> dict[str, Any]:
     """Keep the share ``share`` of every layer's query heads, the ones whose attention output has the
-    highest mean L2 norm on ``calibration`` (Minitron), the same number in each key/value group: each
-    group's queries read one key/value head, so the student stays grouped-query attention and its
-    KV cache keeps its shape. Keys and values are kept whole. Changes ``model`` in place; returns
-    what distill.json records (``kept_heads``: per layer, the teacher's head indices kept)."""
+    highest mean L2 norm on ``calibration`` (Minitron), as ``_heads_plan`` says. Changes ``model`` in
+    place; returns what distill.json records (``kept_heads``: per layer, the teacher's head indices kept)."""
     from edgekd.distill import importance
 
     cfg = model.config
-    group, keep, kv = _heads_kept_per_group(cfg, share)
-    if keep == group:
-        return {"attention_heads": cfg.num_attention_heads, "heads_share": 1.0}
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group, groups_kept, per_group = _heads_plan(cfg, share)
+    heads = cfg.num_attention_heads
+    if groups_kept * per_group == heads:
+        return {"attention_heads": heads, "heads_share": 1.0}
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def rows(indices: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in indices])
+
     scores = importance.attention_head_importance(model, calibration)
     kept_heads = []
     for layer, score in zip(importance.decoder_layers(model), scores):
-        chosen = [g * group + int(i) for g in range(kv) for i in torch.sort(torch.topk(score[g * group:(g + 1) * group], keep).indices).values]
-        idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in chosen])
         attn = layer.self_attn
-        attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=idx), _sliced(attn.o_proj, cols=idx)
-        attn.num_key_value_groups = keep  # query heads per key/value head (transformers' attention reads it)
+        if group > 1:  # the loudest heads of each group
+            chosen = [g * group + int(i) for g in range(groups_kept) for i in torch.sort(torch.topk(score[g * group:(g + 1) * group], per_group).indices).values]
+        else:  # the loudest heads, each with its own key and value
+            chosen = torch.sort(torch.topk(score, groups_kept).indices).values.tolist()
+            attn.k_proj, attn.v_proj = _sliced(attn.k_proj, rows=rows(chosen)), _sliced(attn.v_proj, rows=rows(chosen))
+        attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=rows(chosen)), _sliced(attn.o_proj, cols=rows(chosen))
+        attn.num_key_value_groups = per_group  # query heads per key/value head (transformers' attention reads it)
         kept_heads.append(chosen)
-    cfg.num_attention_heads, cfg.head_dim = keep * kv, head_dim  # head_dim no longer hidden_size / heads
-    return {"attention_heads": keep * kv, "heads_share": round(keep / group, 4), "kept_heads": kept_heads,
+    cfg.num_attention_heads, cfg.num_key_value_heads = groups_kept * per_group, groups_kept
+    cfg.head_dim = head_dim  # no longer hidden_size / heads
+    return {"attention_heads": groups_kept * per_group, "key_value_heads": groups_kept,
+            "heads_share": round(groups_kept * per_group / heads, 4), "kept_heads": kept_heads,
             "method": "attention output norm (Minitron, arXiv 2407.14679)"}
 
 
@@ -332,19 +346,24 @@ def budget_student(spec: str, teacher, calibration, vocab: int, say):
     n_teacher = teacher.config.num_hidden_layers
     per_layer, outside = layer_params(teacher)
     total = per_layer * n_teacher + outside
-    layer0 = dict(importance.decoder_layers(teacher)[0].named_parameters())
-    mlp_share = sum(p.numel() for n, p in layer0.items() if ".mlp." in f".{n}") / per_layer
-    qo_share = sum(p.numel() for n, p in layer0.items() if ".q_proj." in f".{n}" or ".o_proj." in f".{n}") / per_layer
     cfg = teacher.config
-    group = _heads_kept_per_group(cfg, 1.0)[0]
+    layer0 = dict(importance.decoder_layers(teacher)[0].named_parameters())
+
+    def share_of(*parts: str) -> float:
+        return sum(p.numel() for n, p in layer0.items() if any(f".{x}." in f".{n}" for x in parts)) / per_layer
+
+    mlp_share = share_of("mlp")
+    # what pruning heads removes: q and o within groups; q, k, v and o for whole heads (one per group)
+    heads_share = share_of("q_proj", "o_proj") if _heads_plan(cfg, 1.0)[0] > 1 else share_of("q_proj", "k_proj", "v_proj", "o_proj")
     candidates, seen = [], set()
     for heads in (1.0, 0.5):
-        heads_kept = _heads_kept_per_group(cfg, heads)[1] / group
+        _, groups_kept, per_group = _heads_plan(cfg, heads)
+        heads_kept = groups_kept * per_group / cfg.num_attention_heads
         for width in (1.0, 0.75, 0.5):
             mlp_kept = _mlp_channels_kept(cfg, width) / cfg.intermediate_size
             if (heads < 1 and heads_kept == 1) or (width < 1 and mlp_kept == 1):
-                continue  # nothing to prune at this share (one query head per group; a small MLP's rounding)
-            layer_cost = per_layer * (1 - mlp_share * (1 - mlp_kept) - qo_share * (1 - heads_kept))
+                continue  # nothing to prune at this share (a single head; a small MLP's rounding)
+            layer_cost = per_layer * (1 - mlp_share * (1 - mlp_kept) - heads_share * (1 - heads_kept))
             depth = min(int((share * total - outside) // layer_cost), n_teacher)
             if depth >= 1 and (depth, mlp_kept, heads_kept) not in seen:
                 seen.add((depth, mlp_kept, heads_kept))
