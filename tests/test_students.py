@@ -175,6 +175,15 @@ def test_width_pruning_keeps_the_most_active_channels(tiny_teacher_dir):
     assert answer_kl(half.model, cal, t, 384) < answer_kl(rand, cal, t, 384)
 
 
+def _with_heads_silenced(model, kept_heads: list[list[int]], heads: int = 4, head_dim: int = 16):
+    """``model`` with every head not in ``kept_heads[layer]`` zeroed in o_proj's input: what
+    dropping those heads must equal, exactly."""
+    for layer, kept in zip(model.model.layers, kept_heads):
+        for h in set(range(heads)) - set(kept):
+            layer.self_attn.o_proj.weight.data[:, h * head_dim:(h + 1) * head_dim] = 0
+    return model.eval()
+
+
 @pytest.mark.filterwarnings("ignore:the student")
 def test_head_pruning_keeps_the_loudest_heads_of_each_group_and_equals_zeroing_the_others(tiny_teacher_dir, tmp_path):
     from edgekd.distill.importance import attention_head_importance
@@ -193,11 +202,7 @@ def test_head_pruning_keeps_the_loudest_heads_of_each_group_and_equals_zeroing_t
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 2, 16)
     assert student.model.model.layers[0].self_attn.q_proj.weight.shape == (32, 64)
     assert student.model.model.layers[0].self_attn.o_proj.weight.shape == (64, 32)
-    # dropping a head is exactly zeroing its slice of o_proj's input
-    ref = build_student("even:4", teacher, tok).model.eval()
-    for layer, kept in zip(ref.model.layers, expected):
-        for h in set(range(4)) - set(kept):
-            layer.self_attn.o_proj.weight.data[:, h * 16:(h + 1) * 16] = 0
+    ref = _with_heads_silenced(build_student("even:4", teacher, tok).model, expected)
     ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
     assert torch.allclose(student.model.eval()(ids).logits, ref(ids).logits, atol=1e-5)
     # a Hugging Face folder that loads back (head_dim is no longer hidden_size / heads)
@@ -217,10 +222,7 @@ def test_head_pruning_of_multi_head_attention_takes_whole_heads_with_their_keys_
     assert info["kept_heads"] == expected and (info["attention_heads"], info["key_value_heads"]) == (2, 2)
     attn = student.model.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == attn.k_proj.weight.shape == attn.v_proj.weight.shape == (32, 64)
-    ref = build_student("even:4", teacher, tokenizer).model.eval()
-    for layer, kept in zip(ref.model.layers, expected):
-        for h in set(range(4)) - set(kept):
-            layer.self_attn.o_proj.weight.data[:, h * 16:(h + 1) * 16] = 0
+    ref = _with_heads_silenced(build_student("even:4", teacher, tokenizer).model, expected)
     ids = torch.tensor([[5, 9, 17, 33, 2, 40, 41]])
     assert torch.allclose(student.model.eval()(ids).logits, ref(ids).logits, atol=1e-5)
     budget = build_student("budget:0.8", teacher, tokenizer, calibration=cal).describe
