@@ -285,10 +285,6 @@ def heads_pruned(model, share: float, calibration) -> dict[str, Any]:
     if groups_kept * per_group == heads:
         return {"attention_heads": heads, "heads_share": 1.0}
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-
-    def rows(indices: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in indices])
-
     scores = importance.attention_head_importance(model, calibration)
     kept_heads = []
     for layer, score in zip(importance.decoder_layers(model), scores):
@@ -297,8 +293,10 @@ def heads_pruned(model, share: float, calibration) -> dict[str, Any]:
             chosen = [g * group + int(i) for g in range(groups_kept) for i in torch.sort(torch.topk(score[g * group:(g + 1) * group], per_group).indices).values]
         else:  # the loudest heads, each with its own key and value
             chosen = torch.sort(torch.topk(score, groups_kept).indices).values.tolist()
-            attn.k_proj, attn.v_proj = _sliced(attn.k_proj, rows=rows(chosen)), _sliced(attn.v_proj, rows=rows(chosen))
-        attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=rows(chosen)), _sliced(attn.o_proj, cols=rows(chosen))
+        idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in chosen])  # their rows of q, k, v
+        if group == 1:
+            attn.k_proj, attn.v_proj = _sliced(attn.k_proj, rows=idx), _sliced(attn.v_proj, rows=idx)
+        attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=idx), _sliced(attn.o_proj, cols=idx)
         attn.num_key_value_groups = per_group  # query heads per key/value head (transformers' attention reads it)
         kept_heads.append(chosen)
     cfg.num_attention_heads, cfg.num_key_value_heads = groups_kept * per_group, groups_kept
