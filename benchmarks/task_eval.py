@@ -25,7 +25,7 @@ from edgekd.distill.loop import calibration_batches
 from edgekd.distill.students import build_student
 from edgekd.io import iter_jsonl
 from edgekd.models import load_model
-from edgekd.tasks import load_task, score_answers
+from edgekd.tasks import load_task, score_answers, task_inputs
 
 
 @torch.no_grad()
@@ -54,6 +54,35 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return [a["response"] for a in answers]
 
 
+def print_label_tables(rows: list[dict], labels, t_answers: list[str], truths) -> None:
+    """Balanced figures beside their baselines: a constant answer must not pass for reading."""
+    from edgekd.tasks import NO_LABEL, label_of
+
+    t_labels = [label_of(a, labels) for a in t_answers]
+    counts = {lab: t_labels.count(lab) for lab in labels}
+    print(f"\nteacher labels: {counts}; a constant answer of the teacher's majority label agrees on {max(counts.values()) / max(sum(counts.values()), 1):.3f}, "
+          f"balanced agreement of any constant answer: {1 / len(labels):.3f}")
+    cols = ["model", "label agreement (95%)", "balanced agreement"] + [f"agreement where teacher {lab}" for lab in labels]
+    if truths:
+        cols += ["accuracy vs truth (95%)", "teacher accuracy (95%)", "drop vs teacher"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        ci = r.get("label_agreement_ci95") or [0, 0]
+        cells = [r["name"], f"{r['label_agreement']:.3f} ({ci[0]:.2f}-{ci[1]:.2f})", f"{r['balanced_label_agreement']:.3f}"]
+        cells += [f"{r['label_agreement_per_label'].get(lab, float('nan')):.3f}" for lab in labels]
+        if truths:
+            t = r["truth"]
+            cells += [f"{t['accuracy']:.3f} ({t['accuracy_ci95'][0]:.2f}-{t['accuracy_ci95'][1]:.2f})",
+                      f"{t['teacher_accuracy']:.3f} ({t['teacher_accuracy_ci95'][0]:.2f}-{t['teacher_accuracy_ci95'][1]:.2f})",
+                      f"{t['accuracy_drop_vs_teacher']:+.3f}"]
+        print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        print(f"\n{r['name']}: confusion (rows: teacher's label, columns: the model's)")
+        print("| teacher \\ model | " + " | ".join([*labels, NO_LABEL]) + " |\n|" + "---|" * (len(labels) + 2))
+        for t, row in r["label_confusion"].items():
+            print(f"| {t} | " + " | ".join(str(row[a]) for a in [*labels, NO_LABEL]) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("students", nargs="*", help="distilled student folders")
@@ -68,9 +97,12 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     task = load_task(args.task) if args.task else None
     labels = task.labels if task else ()
-    prompts = [r["prompt"] for _, r in iter_jsonl(Path(args.prompts))]
+    records = [r for _, r in iter_jsonl(Path(args.prompts))]
     if args.limit:
-        prompts = prompts[: args.limit]
+        records = records[: args.limit]
+    prompts = [r["prompt"] for r in records]
+    # the records' own truth where they carry one: a label, or a reference answer
+    truths = [r.get("label") or r.get("reference") for r in records] if any("label" in r or "reference" in r for r in records) else None
     teacher, tok = load_model(args.teacher)
     teacher.eval()
     t0 = time.time()
@@ -96,7 +128,7 @@ def main() -> None:
     for name, model, layers in models:
         t0 = time.time()
         answers = greedy(model, tok, prompts, args.max_new_tokens)
-        figures = score_answers(answers, t_answers, labels)
+        figures = score_answers(answers, t_answers, labels, truths=truths, inputs=None if labels else task_inputs(prompts))
         figures["answer_top1"], figures["answer_kl"] = answer_agreement(model, teacher, tok, prompts, t_answers)
         figures.update(name=name, layers=layers, parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1),
                        examples=[{"prompt": p, "teacher": t, "student": a} for p, t, a in list(zip(prompts, t_answers, answers))[:3]])
@@ -112,6 +144,8 @@ def main() -> None:
             cells.append("–" if r["label_agreement"] is None else f"{r['label_agreement']:.3f}")
         cells += [f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}"]
         print("| " + " | ".join(cells) + " |")
+    if labels:
+        print_label_tables(rows, labels, t_answers, truths)
     if args.json:
         Path(args.json).write_text(json.dumps({"prompts": args.prompts, "teacher_answers": t_answers, "rows": rows}, indent=1))
 

@@ -26,13 +26,12 @@ Every path read from a manifest goes through ``edgekd.paths.inside``: nothing es
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError
-from edgekd.io import sha256_file, write_json
+from edgekd.io import WORK_MARKER, read_json, sha256_file, write_json
 from edgekd.paths import inside
 
 MANIFEST = "manifest.json"
@@ -43,6 +42,8 @@ FORMAT_VERSION = 1
 GOLDEN_FILE = "golden.json"
 GOLDEN_FORMAT = "edgekd-golden"
 GOLDEN_VERSION = 1
+DEFAULT_CONTEXT = 2048  # the context of a model whose config does not say (null in a manifest)
+MAX_CONTEXT = 1 << 22  # a context_length above this is a damaged manifest, not a model
 GOLDEN_TOP_K = 20  # log-probs kept per answer position: enough for KL over the mass that matters
 
 
@@ -52,7 +53,7 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
     for p in sorted(root.rglob("*")):
         if p.is_symlink():
             raise UsageError(f"refused symlink {p.relative_to(root)} in bundle {root}")
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and p.relative_to(root).as_posix() != WORK_MARKER:  # the marker goes at the rename
             entries.append({"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     return entries
 
@@ -67,10 +68,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 def read_versioned_json(path: Path, fmt: str, version: int, what: str, fix: str = "") -> dict[str, Any]:
     """A JSON object of edgekd's own format ``fmt`` at ``version`` (``{"format", "format_version",
     ...}``), or a one-line ``UsageError`` naming the file, what is wrong and ``fix``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not valid JSON ({e}){fix}") from None
+    data = read_json(path, fix)
     if not isinstance(data, dict) or data.get("format") != fmt:
         raise UsageError(f"{path} is not {what}{fix}")
     if data.get("format_version") != version:
@@ -212,6 +210,10 @@ def check_types(manifest: dict[str, Any], path: Path) -> None:
     for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
         if key in model:
             need(isinstance(model[key], int) and not isinstance(model[key], bool) and model[key] > 0, f"model.{key}", "a positive integer")
+    if model.get("context_length") is not None:
+        ctx = model["context_length"]
+        need(isinstance(ctx, int) and not isinstance(ctx, bool) and 0 < ctx <= MAX_CONTEXT, "model.context_length",
+             f"a whole number of tokens from 1 to {MAX_CONTEXT} (or null)")
     if "eos_token_ids" in model:
         need(isinstance(model["eos_token_ids"], list) and all(isinstance(t, int) for t in model["eos_token_ids"]), "model.eos_token_ids", "a list of integers")
     need(isinstance(manifest.get("source", {}), (dict, type(None))), "source", "a table")

@@ -24,6 +24,7 @@ Figures (against the reference, the unquantized model that was exported):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,17 +70,25 @@ def read_golden(root: Path, manifest: Manifest) -> dict[str, Any]:
     if not isinstance(examples, list) or not examples:
         raise UsageError(f"{path} holds no examples: re-export the bundle")
 
-    def ints(x) -> bool:
-        return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+    vocab = manifest.model.get("vocab_size")
+    vocab = vocab if isinstance(vocab, int) and vocab > 0 else 2**31
+
+    def ids(x) -> bool:  # token ids within the model's vocabulary
+        return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in x)
+
+    def logprobs(x) -> bool:  # finite log-probabilities
+        return isinstance(x, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= 1e-6 for v in x)
 
     for i, ex in enumerate(examples):
-        ok = (isinstance(ex, dict) and isinstance(ex.get("prompt"), str) and ints(ex.get("prompt_ids"))
-              and ints(ex.get("answer_ids")) and len(ex["answer_ids"]) > 0 and len(ex["prompt_ids"]) > 0
+        ok = (isinstance(ex, dict) and isinstance(ex.get("prompt"), str) and ids(ex.get("prompt_ids"))
+              and ids(ex.get("answer_ids")) and len(ex["answer_ids"]) > 0 and len(ex["prompt_ids"]) > 0
               and isinstance(ex.get("topk_ids"), list) and isinstance(ex.get("topk_logprobs"), list)
               and len(ex["topk_ids"]) == len(ex["topk_logprobs"]) == len(ex["answer_ids"])
-              and all(ints(r) for r in ex["topk_ids"]))
+              and all(ids(r) and len(r) > 0 for r in ex["topk_ids"])
+              and all(logprobs(lp) and len(lp) == len(r) for r, lp in zip(ex["topk_ids"], ex["topk_logprobs"])))
         if not ok:
-            raise UsageError(f"{path}: examples[{i}] must hold prompt, prompt_ids, answer_ids and one topk row per answer token: re-export the bundle")
+            raise UsageError(f"{path}: examples[{i}] must hold prompt, prompt_ids and answer_ids (token ids below the vocabulary's "
+                             f"{vocab}) and one top-k row of ids and finite log-probs per answer token: re-export the bundle")
     return golden
 
 

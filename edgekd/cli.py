@@ -11,14 +11,15 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from edgekd import __version__
-from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError, first_line
+from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError, UsageError, first_line
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -27,28 +28,36 @@ app = typer.Typer(
     name="edgekd",
     help=(
         "Ship a small, fast, faithful copy of a teacher LLM to the edge.\n\n"
-        "The road: [bold]distill[/bold] a student from the teacher -> [bold]export[/bold] it to ONNX "
-        "for a target profile (cpu, mobile, cuda) -> [bold]validate[/bold] the bundle against the "
-        "teacher and pass or fail the target's gates -> [bold]generate[/bold] with it.\n\n"
+        "The road: distill a student from the teacher -> export it to ONNX "
+        "for a target profile (cpu, mobile, cuda) -> validate the bundle against the "
+        "teacher and pass or fail the target's gates -> generate with it.\n\n"
         "Start with `edgekd teachers`, `edgekd tasks` and `edgekd inspect smollm2-135m-instruct`.\n\n"
         "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
     ),
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # Help and usage errors as plain text: a help text's [gates] or a path's [/dim] is text, not
+    # markup, and a usage error is one line (main() below), not a box.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+# Text is text: nothing edgekd prints is parsed as Rich markup (paths and prompts hold brackets);
+# colour is given as a style.
+console = Console(markup=False, highlight=False)
 # What `pip install edgekd` leaves out and `pip install 'edgekd[toolchain]'` brings (pyproject.toml).
 TOOLCHAIN_MODULES = {"torch", "transformers", "optimum", "onnx", "onnx_ir", "accelerate", "safetensors", "gguf",
                      "huggingface_hub", "matplotlib"}
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, markup=False, highlight=False)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings as one line (no file, line number or source line from deep inside a library)."""
     return f"warning: {first_line(str(message), 10**6)}\n"
+
+
+# click's (typer's vendored copy) base error: a usage error, printed as one line by main()
+_CLICK_ERROR: Any = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def command(*args, **kwargs) -> Callable:
@@ -60,16 +69,17 @@ def command(*args, **kwargs) -> Callable:
             if not os.environ.get("EDGEKD_DEBUG"):
                 warnings.formatwarning = _one_line_warning
             try:
+                _check_numbers(k)
                 return fn(*a, **k)
             except EdgekdError as e:
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
                 _error_line(str(e))
                 raise typer.Exit(e.exit_code) from None
-            except KeyboardInterrupt:
-                err_console.print("[yellow]interrupted[/yellow]")
-                raise typer.Exit(130) from None
-            except (typer.Exit, typer.Abort, SystemExit):
+            except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (main() makes them this)
+                err_console.print("interrupted" if not isinstance(e, Terminated) else f"stopped by signal {e.signum}", style="yellow")
+                raise typer.Exit(128 + getattr(e, "signum", 2)) from None
+            except (typer.Exit, typer.Abort, SystemExit, _CLICK_ERROR):  # a usage error: one line in main()
                 raise
             except ModuleNotFoundError as e:  # a runtime-only install (pip install edgekd) running a toolchain command
                 if os.environ.get("EDGEKD_DEBUG") or (e.name or "").split(".")[0] not in TOOLCHAIN_MODULES:
@@ -80,12 +90,17 @@ def command(*args, **kwargs) -> Callable:
             except OSError as e:  # a full disk, a read-only folder, a missing permission: the user's to fix
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
-                where = f" {e.filename}" if e.filename else ""
+                where = e.filename or next((k[o] for o in ("out", "json_out", "bundle") if k.get(o)), None)
+                where = f" {where}" if where else ""
                 _error_line(f"cannot use{where}: {e.strerror or e} (free some space, or choose a writable folder)")
                 raise typer.Exit(2) from None
             except Exception as e:  # a bug or an unforeseen failure: still one line, its own exit code
                 if os.environ.get("EDGEKD_DEBUG"):
                     raise
+                machine = machine_error(e)  # a library's words for a full disk or a read-only folder
+                if machine is not None:
+                    _error_line(machine)
+                    raise typer.Exit(2) from None
                 first = first_line(str(e))
                 _error_line(f"internal error, {type(e).__name__}: {first} (set EDGEKD_DEBUG=1 for the traceback)")
                 raise typer.Exit(INTERNAL_ERROR) from None
@@ -96,19 +111,58 @@ def command(*args, **kwargs) -> Callable:
     return deco
 
 
-def _error_line(message: str) -> None:
-    """``error: message`` in red; the message is text, never markup (paths may hold brackets)."""
-    from rich.text import Text
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that every ``finally`` and context
+    manager cleans up as for Ctrl-C (the lock, the ``.partial`` folder, temporary work)."""
 
-    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _check_numbers(options: dict) -> None:
+    """Every number a flag gives is finite: ``--lr nan`` or ``--temperature inf`` is bad input,
+    named here, not a late failure deep in a library (``nan <= 0`` is false, so range checks pass it)."""
+    import math
+
+    for name, value in options.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"--{name.replace('_', '-')} = {v}: give a finite number")
+
+
+def machine_error(e: BaseException) -> str | None:
+    """One line for an error a library raises about the machine rather than the code (safetensors
+    reports a full disk as a bare Exception), or None when it is not one."""
+    text = str(e)
+    for words, what in (("No space left", "the disk is full"), ("Read-only file system", "the folder is read-only"),
+                        ("Permission denied", "permission denied"), ("Disk quota exceeded", "the disk quota is exceeded")):
+        if words in text:
+            return f"cannot write: {what} ({first_line(e)}): free some space, or choose a writable folder"
+    return None
+
+
+_LINE_BREAKS = set("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # what str.splitlines (and a terminal) breaks at
+
+
+def _error_line(message: str) -> None:
+    """``error: message`` in red, on one line: text, never markup (paths may hold brackets), with
+    line breaks inside it (a path or a prompt may hold one) shown escaped."""
+    one = "".join(ascii(c)[1:-1] if c in _LINE_BREAKS else c for c in message)
+    err_console.print(Text("error: ", style="bold red") + Text(one), soft_wrap=True)
 
 
 def _progress(status: Status, soft_wrap: bool | None = None) -> Callable[[str], None]:
     """A ``log`` callback: each progress line replaces the spinner's text and is kept, dimmed, on stderr."""
 
     def log(msg: str) -> None:
-        status.update(msg)
-        err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=soft_wrap)
+        status.update(Text(msg))  # a spinner parses markup whatever the console says: text only
+        err_console.print(msg, style="dim", soft_wrap=soft_wrap)
 
     return log
 
@@ -149,7 +203,7 @@ def teachers() -> None:
     for t in KNOWN_TEACHERS.values():
         path = t.path()
         where = f"installed at {path}" if path else f"install with: {t.install}"
-        table.add_row(t.name, "[green]yes[/green]" if path else "[red]no[/red]", f"{t.description}\n{where}")
+        table.add_row(t.name, Text("yes", style="green") if path else Text("no", style="red"), f"{t.description}\n{where}")
     console.print(table)
     console.print("Any Hugging Face folder, cached hub id (org/name) or .gguf file works too.")
 
@@ -204,7 +258,7 @@ def inspect(
     from edgekd.models import describe, load_model, resolve_source
 
     source = resolve_source(model)
-    with console.status(f"loading {model} ..."):
+    with console.status(Text(f"loading {model} ...")):
         m, tok = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     facts = describe(m, tok, source)
     if json_out:
@@ -244,6 +298,7 @@ def distill(
     temperature: Annotated[Optional[float], _opt("temperature", "--temperature")] = None,
     beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
     skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
+    balance_labels: Annotated[Optional[bool], _opt("balance_labels", "--balance-labels/--no-balance-labels", metavar="")] = None,
     label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
     hidden_loss: Annotated[Optional[float], _opt("hidden_loss", "--hidden-loss")] = None,
     on_policy: Annotated[Optional[float], _opt("on_policy", "--on-policy")] = None,
@@ -294,11 +349,9 @@ def distill(
     cfg = resolve(config, flags, resume_from=resume_from)
     result = run_distill(cfg, resume=resume, overwrite=overwrite, console=err_console)
     after = result["metrics"]["after"]
-    console.print(
-        f"[green]done[/green] in {result['timing']['wall_s']:.0f} s: {cfg.out} (held-out top-1 agreement "
-        f"{after['top1_agreement']:.3f}, KL {after['kl']:.3f}, perplexity ratio {after['ppl_ratio']:.2f})",
-        highlight=False,
-    )
+    console.print(Text.assemble(
+        ("done", "green"), f" in {result['timing']['wall_s']:.0f} s: {cfg.out} (held-out top-1 agreement "
+        f"{after['top1_agreement']:.3f}, KL {after['kl']:.3f}, perplexity ratio {after['ppl_ratio']:.2f})"))
 
 
 from edgekd.export import GOLDEN_PROMPTS  # noqa: E402  (light: the flag's default)
@@ -311,7 +364,7 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).", metavar="")] = False,
     trust_remote_code: TrustRemoteCode = False,
-    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's \\[\\[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).", metavar="")] = False,
+    search: Annotated[bool, typer.Option("--search", help="Export and validate each of the target's [[candidates]] recipes; keep the smallest that passes its gates (exit 1 if none does).", metavar="")] = False,
     golden_prompts: Annotated[Optional[int], typer.Option("--golden-prompts", help=f"Held-out prompts whose reference answers and top-k log-probs go into golden.json, for `edgekd check` on the device (0: none; default: {GOLDEN_PROMPTS}).", show_default=False)] = None,
     golden_data: Annotated[Optional[Path], typer.Option("--golden-data", help="A jsonl of {\"prompt\"} records for golden.json (default: the distillation's held-out split, else the shipped held-out prompts).")] = None,
 ) -> None:
@@ -320,13 +373,13 @@ def export(
     from edgekd.export import export_bundle
 
     if golden_prompts is not None and golden_prompts < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--golden-prompts")
+        raise UsageError(f"--golden-prompts {golden_prompts}: give 0 (no golden reference) or more")
     if search:
         return _export_search(model, target, out, overwrite, trust_remote_code)
 
     with console.status("exporting ...") as status:
         manifest = export_bundle(model, target, out, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                                 log=lambda msg: status.update(msg), golden_prompts=golden_prompts, golden_data=golden_data)
+                                 log=lambda msg: status.update(Text(msg)), golden_prompts=golden_prompts, golden_data=golden_data)
     from edgekd.export import summary
 
     lines, warnings = summary(manifest, out)
@@ -357,16 +410,16 @@ def generate(
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     rt = Runtime(bundle, threads=threads)
     for note in rt.warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("warning:", "yellow"), f" {note}"), soft_wrap=True)
     for piece in rt.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=not raw):
         console.out(piece, end="", highlight=False)
         console.file.flush()
     t = rt.last
     console.out("")
     err_console.print(
-        f"[dim]{t.new_tokens} tokens; prefill {t.prompt_tokens} tokens in {1000 * t.prefill_s:.0f} ms; "
-        f"decode {t.decode_tokens_per_s:.1f} tokens/s ({', '.join(rt.session.get_providers())})[/dim]",
-        highlight=False,
+        f"{t.new_tokens} tokens; prefill {t.prompt_tokens} tokens in {1000 * t.prefill_s:.0f} ms; "
+        f"decode {t.decode_tokens_per_s:.1f} tokens/s ({', '.join(rt.session.get_providers())})",
+        style="dim",
         soft_wrap=True,
     )
 
@@ -424,9 +477,9 @@ def validate(
     if not n_gates:
         console.print("no gates in the bundle's target")
     elif any("FAR from the teacher" in line for line in lines):
-        console.print(f"[yellow]all {n_gates} gates pass, but the student is far from its teacher (above)[/yellow]")
+        console.print(f"all {n_gates} gates pass, but the student is far from its teacher (above)", style="yellow")
     else:
-        console.print(f"[green]all gates pass[/green] ({n_gates})")
+        console.print(Text.assemble(("all gates pass", "green"), f" ({n_gates})"))
 
 
 @command("check")
@@ -442,9 +495,13 @@ def check(
     reference export wrote into it (the unquantized model's answers and top-k log-probs) and apply
     the target's gates. Exit 0 when every gate passes, 1 when one fails, 2 for bad input."""
     from edgekd.check import CheckConfig, check_bundle
-    from edgekd.io import write_json
+    from edgekd.io import check_writable, write_json
     from edgekd.validate.gates import GateFailed, GateResult
 
+    if json_out is not None:  # before the check runs, not after it
+        if json_out.is_dir():
+            raise UsageError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'check.json'}")
+        check_writable(json_out.parent)
     config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target)
     with console.status("checking ...") as status:
         report = check_bundle(bundle, config, log=_progress(status))
@@ -475,7 +532,7 @@ def check(
     failed = [GateResult(**g).line() for g in report["gates"] if not g["passed"]] + report["problems"]
     if failed:
         raise GateFailed(f"{len(failed)} check(s) failed: " + "; ".join(failed))
-    console.print(f"[green]all gates pass[/green] ({len(report['gates'])}, from {report['gates_from']})" if report["gates"]
+    console.print(Text.assemble(("all gates pass", "green"), f" ({len(report['gates'])}, from {report['gates_from']})") if report["gates"]
                   else "no gates in the bundle's target")
 
 
@@ -503,13 +560,14 @@ def bench(
 def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_remote_code: bool) -> None:
     """`edgekd export --search`: the search, then its table (also when no candidate passes)."""
     from edgekd.search import NoCandidatePasses, search_export, table_rows
+    from edgekd.validate.report import verdict_text
 
     def show(result) -> None:
         table = Table(title=f"search: target {result.target}")
         for col in ("candidate", "size MB", "decode tok/s", "top-1", "KL", "verdict"):
             table.add_column(col, overflow="fold")
         for row in table_rows(result):
-            table.add_row(*row[:5], row[5].replace("PASS", "[green]PASS[/green]").replace("FAIL", "[red]FAIL[/red]"))
+            table.add_row(*row[:5], verdict_text(row[5]))
         console.print(table)
 
     try:
@@ -520,13 +578,13 @@ def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_re
         show(e.result)
         raise
     show(result)
-    console.print(f"[green]wrote[/green] {out}: candidate {result.chosen!r}, the smallest that passes the gates")
+    console.print(Text.assemble(("wrote", "green"), f" {out}: candidate {result.chosen!r}, the smallest that passes the gates"))
     console.print(f"next: edgekd validate {out}")
 
 
 @command("run")
 def run(
-    pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: \\[distill] (or model = ...), \\[\\[export]] per target, \\[validate].")],
+    pipeline: Annotated[Path, typer.Argument(help="A pipeline .toml: [distill] (or model = ...), [[export]] per target, [validate].")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and why, and run nothing.", metavar="")] = False,
 ) -> None:
     """Distill -> export -> validate from one file; each stage is skipped when its output is up to
@@ -535,14 +593,14 @@ def run(
     from edgekd.pipeline import run_pipeline
     from edgekd.validate.gates import GateFailed
 
-    results = run_pipeline(pipeline, dry_run=dry_run, log=lambda msg: err_console.print(f"[dim]{msg}[/dim]", highlight=False, soft_wrap=True))
+    results = run_pipeline(pipeline, dry_run=dry_run, log=lambda msg: err_console.print(msg, style="dim", soft_wrap=True))
     colors = {"ran": "green", "up to date": "cyan", "skipped": "yellow", "failed": "red", "would run": "magenta"}
     table = Table(title=f"pipeline {pipeline}" + (" (dry run)" if dry_run else ""))
     for col in ("stage", "output", "status", "verdict", "s", "why"):
         table.add_column(col, overflow="fold")
     for r in results:
-        verdict = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: ""}[r.passed]
-        table.add_row(r.stage, r.name, f"[{colors[r.status]}]{r.status}[/{colors[r.status]}]", verdict,
+        verdict = Text({True: "PASS", False: "FAIL", None: ""}[r.passed], style="green" if r.passed else "red")
+        table.add_row(r.stage, r.name, Text(r.status, style=colors[r.status]), verdict,
                       f"{r.seconds:.0f}" if r.seconds else "", r.detail)
     console.print(table)
     failed = [r for r in results if r.passed is False]
@@ -551,7 +609,28 @@ def run(
 
 
 def main() -> None:
-    app()
+    """The ``edgekd`` command: SIGTERM and SIGHUP stop it as Ctrl-C does (everything cleans up);
+    a usage error (an unknown flag, a bad value) is one line, exit 2."""
+    import signal
+    import sys
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:  # `nohup edgekd ...` keeps ignoring SIGHUP
+            signal.signal(sig, _terminate)
+    try:
+        code = app(standalone_mode=False)
+    except _CLICK_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `edgekd` alone: its help, as click prints it
+            print(e.format_message())
+            sys.exit(e.exit_code)
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+        _error_line(e.format_message() + hint)
+        sys.exit(e.exit_code)
+    except Terminated as e:
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ A dataclass validates ranges in its own ``__post_init__`` by raising ``UsageErro
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -84,6 +85,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{where}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # nan passes every `<= 0` check after it: refuse it here, once
+            raise UsageError(f"{where}: {key} = {value} must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -8,16 +8,20 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
+import signal
+import socket
+import stat
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError
+from edgekd.errors import UsageError, first_line
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -38,6 +42,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private (0600); a written file is not
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -57,55 +62,187 @@ def proc_kib_field(path: str, key: str) -> int | None:
     return None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSON-lines text, split at ``\n`` only (JSON Lines' separator; ``\r\n`` too).
+    ``str.splitlines`` would also split at U+2028, U+0085 and others, which JSON allows raw inside
+    a string."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def jsonl_text(records: Iterable[Any]) -> str:
+    """Records as JSON lines, ASCII-escaped: no character inside a string can split a line."""
+    return "".join(json_line(r) + "\n" for r in records)
+
+
 def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a JSON-lines file; a line that is not
     one JSON object is a ``UsageError`` naming the file and line."""
     path = Path(path)
     if text is None:
-        text = path.read_text(encoding="utf-8")
-    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not a UTF-8 text file") from None
+    for n, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not a JSON line ({e.msg}); each line must be one JSON object") from None
+            rec = loads_bounded(line)
+        except ValueError as e:
+            raise UsageError(f"{path}:{n}: not a JSON line ({first_line(e)}); each line must be one JSON object") from None
         if not isinstance(rec, dict):
             raise UsageError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
         yield n, rec
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a diverged loss, an undefined ratio) as null: JSON has
+    no NaN, and a reader of edgekd's files (ours or another language's) must not meet one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """One JSON line: finite numbers only, ASCII-escaped (no character inside a string splits a line)."""
+    return json.dumps(finite_json(obj), ensure_ascii=True, allow_nan=False, default=str)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    text = json.dumps(finite_json(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_bytes(Path(path), (text + "\n").encode())
 
 
-# The files that mark a folder as edgekd's own output: only such a folder may be replaced.
-OUTPUT_MARKERS = {
-    "manifest.json": "a bundle",
-    "distill.json": "a distill run",
-    "distill.toml": "a distill run",
-    "report.json": "a validate report",
+MAX_JSON_BYTES = 256 << 20  # edgekd's own JSON files (manifest, golden, report) are far smaller
+MAX_JSON_DEPTH = 64  # edgekd writes at most a few levels; deeper is a damaged or hostile file
+
+
+def _depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
+def loads_bounded(text: str) -> Any:
+    """``json.loads`` that raises ``ValueError`` (never ``RecursionError``) for a text nested deeper
+    than ``MAX_JSON_DEPTH`` or a number too long for Python's int parser. ``NaN`` and ``Infinity``
+    parse, as Python's json does: each reader's field checks name the field that holds one."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if not _depth_ok(data):
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def read_json(path: Path, fix: str = "") -> Any:
+    """A JSON file edgekd reads (its own, or one a user hands it), bounded in size and depth; any
+    problem is one ``UsageError`` naming the file and ending with ``fix``. Only a regular file is
+    read (a FIFO or a link to a device named manifest.json would block or never end)."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise UsageError(f"{path} is not a regular file{fix}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist{fix}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise UsageError(f"{path} is over the {MAX_JSON_BYTES >> 20} MiB edgekd reads as JSON{fix}")
+    try:
+        return loads_bounded(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a UTF-8 text file{fix}") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({first_line(e)}){fix}") from None
+
+
+def json_format(path: Path) -> str | None:
+    """The ``format`` field of a JSON object file (edgekd's own files carry one), or None for
+    anything else: a missing or unreadable file, other JSON, not JSON at all."""
+    try:
+        data = read_json(path)
+    except (UsageError, OSError):
+        return None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+# What marks a folder as edgekd's own output. Read from the file's content, never from its name
+# alone: a web app has a manifest.json of its own, a project a report.json.
+DISTILL_TOML_MARKER = "# The resolved config of this run: `edgekd distill --config distill.toml` reruns it."
+BUNDLE, DISTILL_RUN, REPORT = "a bundle", "a distill run", "a validate report"
+OUTPUT_MARKERS = {  # file -> (what it marks, the ``format`` its JSON carries)
+    "manifest.json": (BUNDLE, "edgekd-bundle"),
+    "distill.json": (DISTILL_RUN, "edgekd-distill"),
+    "report.json": (REPORT, "edgekd-report"),
 }
 
 
-def check_output_dir(out: Path, overwrite: bool, inputs: tuple[Path | str, ...] = ()) -> None:
+def _legacy_report(folder: Path) -> bool:
+    """A report of an edgekd before the marker: report.json holding exactly its three keys, with
+    report.md beside it."""
+    try:
+        data = read_json(folder / "report.json")
+    except (UsageError, OSError):
+        return False
+    return isinstance(data, dict) and set(data) == {"passed", "command", "bundles"} and (folder / "report.md").is_file()
+
+
+def edgekd_output(folder: Path) -> str | None:
+    """What edgekd output ``folder`` is ("a bundle", "a distill run", "a validate report"), read
+    from the markers edgekd writes into it, or None when nothing in it says it is edgekd's."""
+    folder = Path(folder)
+    for name, (what, fmt) in OUTPUT_MARKERS.items():
+        if json_format(folder / name) == fmt:
+            return what
+    if _legacy_report(folder):
+        return REPORT
+    try:
+        with open(folder / "distill.toml", encoding="utf-8") as f:
+            if f.readline().rstrip("\n") == DISTILL_TOML_MARKER:
+                return DISTILL_RUN
+    except (OSError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def check_output_dir(out: Path, overwrite: bool, inputs: tuple[Path | str, ...] = (), kind: str | None = None) -> None:
     """The one rule for every command's ``--out``, checked before any work starts.
 
     A missing or empty folder is fine. A non-empty one is replaced only with ``overwrite`` and only
-    when edgekd made it (one of ``OUTPUT_MARKERS``); never ``/``, the home folder, one of the
-    command's ``inputs`` or a folder that contains one; anything else is refused naming what is there.
+    when edgekd wrote it (``edgekd_output`` reads its marker; with ``kind``, only that kind of
+    output); never ``/``, the home folder, one of the command's ``inputs`` or a folder that
+    contains one; anything else is refused naming what is there. A previous output that a killed
+    run left aside mid-swap is put back first.
     """
     out = Path(out)
+    if out.parent.is_dir():
+        _restore_or_sweep_old(out)
     refuse_unsafe_out(out, inputs)
     check_writable(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not overwrite:
         raise UsageError(f"{out} exists and is not empty: pass --overwrite to replace it, or choose another --out")
-    if not any((out / name).is_file() for name in OUTPUT_MARKERS):
+    what = edgekd_output(out)
+    if what is None or (kind is not None and what != kind):
         held = sorted(p.name for p in out.iterdir())
         shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise UsageError(f"{out} was not written by edgekd (it holds {shown}; no {', '.join(OUTPUT_MARKERS)}): "
+        found = f"it is {what}, not {kind}" if what else f"it holds {shown}; no file in it carries edgekd's marker"
+        raise UsageError(f"{out} was not written by edgekd ({found}): "
                          "--overwrite replaces only edgekd's own outputs; choose another --out")
 
 
@@ -132,35 +269,163 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"cannot write into {probe} (read-only or no permission): choose a writable --out")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Which process owns a lock or a work folder: PID, its start time and the boot, so that a PID
+# reused by another process (or by edgekd itself, PID 1 in a restarted container) is not taken
+# for the run that wrote it.
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, field 22 of ``/proc/PID/stat``), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_identity() -> dict[str, Any]:
+    """This process as a lock or a work folder records it."""
+    return {"pid": os.getpid(), "start": _start_ticks(os.getpid()), "boot": _boot_id(), "host": socket.gethostname()}
+
+
+def owner_alive(ident: Any) -> bool:
+    """Is the process a lock or work folder recorded still running? Unknown hosts count as alive
+    (a shared disk: edgekd cannot tell, so it leaves their files alone)."""
+    if not isinstance(ident, dict) or not isinstance(ident.get("pid"), int) or not 0 < ident["pid"] < 2**31:
+        return False  # damaged: nothing runs under it
+    if ident.get("host") not in (None, socket.gethostname()):
+        return True
+    boot = _boot_id()
+    if ident.get("boot") and boot and ident["boot"] != boot:
+        return False  # written before this machine (or container) started
+    pid = ident["pid"]
+    start = _start_ticks(pid)
+    if isinstance(ident.get("start"), int) and start is not None:
+        return start == ident["start"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()  # a legacy lock naming this very process was left by an earlier one
+
+
+def _read_identity(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.isascii() and text.isdigit():  # a lock of an earlier edgekd: the PID alone
+        return {"pid": int(text)}
+    try:
+        return loads_bounded(text)
+    except ValueError:
+        return None
+
+
+WORK_MARKER = ".edgekd-work"  # inside every temporary folder edgekd makes: who made it
+
+
+def make_work_dir(parent: Path | None, prefix: str) -> Path:
+    """A new temporary folder (``tempfile.mkdtemp``) marked with this process's identity, after
+    removing the folders of the same ``prefix`` in ``parent`` that killed runs left behind."""
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    sweep_stale(parent, prefix)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        write_marker(tmp)
+    except BaseException:  # a full disk, a signal: no unmarked folder is left that no sweep would take
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def write_marker(folder: Path) -> None:
+    """Mark ``folder`` as this process's work (``WORK_MARKER``)."""
+    (folder / WORK_MARKER).write_text(json.dumps(process_identity()), encoding="utf-8")
+
+
+def sweep_stale(parent: Path, prefix: str) -> list[Path]:
+    """Remove the folders ``parent/prefix*`` that carry edgekd's work marker and whose process is
+    gone (a kill -9, a power cut); a folder without the marker is not edgekd's and stays."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in Path(parent).iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for p in candidates:
+        marker = p / WORK_MARKER
+        if p.is_dir() and not p.is_symlink() and marker.is_file() and not owner_alive(_read_identity(marker)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str, parent: Path | None = None) -> Iterator[Path]:
+    """``make_work_dir`` for the length of a block; removed at its end (error, Ctrl-C and SIGTERM
+    included); a kill -9 leaves it to the next run's sweep."""
+    tmp = make_work_dir(parent, prefix)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_with(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text`` in one step (``FileExistsError`` if it exists): written to a
+    temporary file, then hard-linked into place, so that no reader ever sees it empty."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
     """One writer per output: an exclusive ``.NAME.lock`` beside ``out`` for the whole run.
 
-    A second run to the same ``--out`` fails at once with a clear line; a lock left by a killed run
-    (its process is gone) is taken over."""
+    A second run to the same ``--out`` fails at once with a line naming the lock file; a lock left
+    by a killed run (its process is gone, or its PID now belongs to another process) is taken over."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_with(lock, json.dumps(process_identity()))
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and _alive(pid):
-                raise UsageError(f"another edgekd run (process {pid}) is writing {out}: wait for it, or choose another --out") from None
+            ident = _read_identity(lock)
+            if owner_alive(ident):
+                raise UsageError(f"another edgekd run (process {ident['pid']}) is writing {out}: wait for it, choose another --out, "
+                                 f"or, if no such run is going on, remove the lock file {lock}") from None
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale: its process is gone
             continue
         except OSError as e:
             raise UsageError(f"cannot write into {out.parent} ({e.strerror}): choose a writable --out") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
         break
     else:
-        raise UsageError(f"another edgekd run is writing {out}: wait for it, or choose another --out")
+        raise UsageError(f"another edgekd run is writing {out}: wait for it, or remove the lock file {lock}")
     try:
         yield
     finally:
@@ -168,52 +433,75 @@ def output_lock(out: Path) -> Iterator[None]:
             lock.unlink()
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
+def atomic_dir(out: Path, overwrite: bool = False, inputs: tuple[Path | str, ...] = (), kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out`` in one rename.
 
-    A failure or a kill leaves ``out`` as it was (absent, or the previous output when
-    ``overwrite``). The old output is removed only after the new one is complete, and only if it
+    A failure, Ctrl-C or SIGTERM leaves ``out`` as it was (absent, or the previous output when
+    ``overwrite``); a kill -9 leaves a marked ``.NAME.partial-*`` folder that the next run to
+    ``out`` removes. The old output is removed only after the new one is complete, and only if it
     is still one edgekd may replace (checked again at the rename: another process may have written
     there meanwhile).
     """
     out = Path(out)
-    check_output_dir(out, overwrite, inputs)
+    check_output_dir(out, overwrite, inputs, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = make_work_dir(out.parent, f".{out.name}.partial-")
+    make_shareable(tmp)  # an output is the user's, with the permissions their umask gives
     try:
         yield tmp
-        check_output_dir(out, overwrite, inputs)
+        check_output_dir(out, overwrite, inputs, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    with signals_held():  # Ctrl-C or SIGTERM waits for the two renames: never between them
+        try:
+            if out.exists():
+                old = make_work_dir(out.parent, f".{out.name}.old-")
+                os.replace(out, old / out.name)
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None and (old / out.name).exists() and not out.exists():
+                os.replace(old / out.name, out)  # the previous output back where it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    (out / WORK_MARKER).unlink(missing_ok=True)  # moved in with the folder; a kill here leaves a harmless file
     if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP for a block (delivered at its end): a step that must not
+    be cut in two. Elsewhere than Unix the block runs as it is."""
+    held = {signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _restore_or_sweep_old(out: Path) -> None:
+    """A kill -9 between atomic_dir's two renames leaves the previous output in ``.NAME.old-*``
+    and nothing at ``out``: put it back. Otherwise an ``.old-*`` of a dead run is removed."""
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        marker = old / WORK_MARKER
+        if not marker.is_file() or owner_alive(_read_identity(marker)):
+            continue
+        if (old / out.name).is_dir() and not out.exists():
+            os.replace(old / out.name, out)
         shutil.rmtree(old, ignore_errors=True)
 
 
 def make_shareable(folder: Path) -> None:
     """Give a folder from ``tempfile.mkdtemp`` (private: 0700) the permissions the umask gives a
     new folder, before it is renamed into place as something others read (a bundle, a cache)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~_umask())
 
 
 @contextlib.contextmanager

@@ -210,20 +210,18 @@ def _is_cached(folder: Path | None) -> bool:
 
 def _keep_converted(folder: Path, model, tok) -> None:
     """Save a converted GGUF model into the cache atomically; a failure (a full disk, a read-only
-    cache) only costs the speed-up. Temporaries a killed conversion left over an hour ago go first."""
+    cache) only costs the speed-up. Temporaries of conversions whose process is gone go first."""
     import shutil
-    import tempfile
-    import time
+
+    from edgekd.io import WORK_MARKER, make_work_dir
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        for stale in folder.parent.glob(".converting-*"):
-            if time.time() - stale.stat().st_mtime > 3600:
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+        tmp = make_work_dir(folder.parent, ".converting-")  # sweeps what killed conversions left
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            (tmp / WORK_MARKER).unlink()
             make_shareable(tmp)  # a cache can be shared
             os.replace(tmp, folder)  # atomic; fails (and is ignored) when another process won the race
         finally:

@@ -24,7 +24,6 @@ Paths in the file are relative to the current folder, as on the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,7 @@ from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
-from edgekd.io import sha256_file, write_json
+from edgekd.io import read_json, sha256_file, write_json
 
 __all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "StageResult"]
 
@@ -90,9 +89,29 @@ class PipelineConfig:
             raise UsageError("give either model = \"...\" (export it as it is) or a [distill] table (distill a student first), not both or neither")
         if self.distill is not None and not self.distill.out:
             raise UsageError("[distill] has no out: add out = \"path/to/student\"")
-        outs = [e.out for e in self.export] + [str(e.report_dir) for e in self.export]
-        if len(set(map(_norm, outs))) != len(outs):
-            raise UsageError("two [[export]] tables write the same out or report folder: give each its own")
+        if not self.export:
+            raise UsageError("the pipeline has no [[export]] table, so it would do nothing: add one per target, "
+                             "e.g. [[export]] target = \"cpu\" out = \"runs/bundle-cpu\"")
+        # The whole plan is checked before any stage runs: no two stages write one folder, and no
+        # output lies inside (or holds) the model or the student it is made from.
+        outs = {"[distill] out": self.distill.out} if self.distill is not None else {}
+        for i, e in enumerate(self.export):
+            outs[f"[[export]] #{i + 1} out"] = e.out
+            outs[f"[[export]] #{i + 1} report"] = str(e.report_dir)
+        items = list(outs.items())
+        for i, (what, folder) in enumerate(items):
+            for other, other_folder in items[:i]:
+                a, b = Path(_norm(folder)), Path(_norm(other_folder))
+                if a == b:
+                    raise UsageError(f"{what} and {other} write the same out folder ({folder}): give each its own")
+                if a in b.parents or b in a.parents:
+                    raise UsageError(f"{what} {folder} and {other} {other_folder} are nested: replacing one would replace the other; give each its own folder")
+        if self.distill is None and self.model and Path(self.model).expanduser().exists():
+            src = Path(_norm(self.model))
+            for what, folder in items:
+                dst = Path(_norm(folder))
+                if dst == src or src in dst.parents or dst in src.parents:
+                    raise UsageError(f"{what} {folder} is inside (or holds) the model it is made from, {self.model}: choose a folder beside it")
 
 
 def _norm(p: str) -> str:
@@ -124,8 +143,8 @@ class StageResult:
 # Stage keys: what an output was made from
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(path)
+    except (OSError, UsageError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -160,13 +160,16 @@ class Gates:
     max_size_mb: Optional[float] = None
     # a task's figures (edgekd.tasks): usually set in the task's task.toml, a target may set them too
     min_label_agreement_vs_teacher: Optional[float] = None
+    min_balanced_label_agreement_vs_teacher: Optional[float] = None
+    max_accuracy_drop_vs_teacher: Optional[float] = None
     min_exact_match_vs_teacher: Optional[float] = None
     min_rouge_l_vs_teacher: Optional[float] = None
     # decode tokens/s at batch 1 where validate or check runs (a device's own profile sets it)
     min_decode_tokens_per_s: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference"):
+        for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference",
+                     "min_balanced_label_agreement_vs_teacher", "max_accuracy_drop_vs_teacher"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v <= 1.0, f"gates.{name} = {v}: use a fraction between 0 and 1")
         for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference", "min_decode_tokens_per_s"):

@@ -38,6 +38,8 @@ class TaskGates:
     on the task's held-out prompts (None = not checked)."""
 
     min_label_agreement_vs_teacher: Optional[float] = None  # labelled tasks: share of prompts, same label
+    min_balanced_label_agreement_vs_teacher: Optional[float] = None  # mean of the per-label agreements: a constant answer scores 1 / labels
+    max_accuracy_drop_vs_teacher: Optional[float] = None  # the teacher's accuracy minus the bundle's, where records carry a label
     min_exact_match_vs_teacher: Optional[float] = None  # share of prompts with the identical answer text
     min_rouge_l_vs_teacher: Optional[float] = None  # mean ROUGE-L F1 of the answer text
 
@@ -168,12 +170,29 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * p * r / (p + r)
 
 
-def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequence[str] = ()) -> dict[str, Any]:
-    """Task figures of ``answers`` against the ``teacher``'s answers to the same prompts.
+NO_LABEL = "none"  # an answer that names none of the task's labels, in a confusion matrix
 
-    ``label_agreement`` counts the prompts whose teacher answer names a label (the others are
-    reported as ``teacher_unlabelled``); ``exact_match`` compares the stripped answer texts.
+
+def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequence[str] = (),
+                  truths: Sequence[str | None] | None = None, inputs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Task figures of ``answers`` against the ``teacher``'s answers to the same prompts, each
+    beside the baseline a trivial answerer would score, so that a constant answer cannot pass.
+
+    Every task: ``exact_match`` (stripped texts) and ``rouge_l`` against the teacher.
+
+    A labelled task (``labels``): ``label_agreement`` over the prompts whose teacher answer names a
+    label (the others: ``teacher_unlabelled``); ``label_confusion`` (teacher label -> answer label
+    or "none" -> count); ``label_agreement_per_label`` and ``balanced_label_agreement``, their
+    mean, which a constant answer scores 1 / number of labels on; ``majority_baseline``, what
+    always answering the teacher's most frequent label agrees on.
+
+    ``truths`` (the records' own ``label``, or ``reference`` text for a generative task, None where
+    a record has none): accuracy of the answers and of the teacher against them, side by side,
+    with 95% intervals (``truth``); for a generative task ROUGE-L against the references, beside
+    the baselines ``inputs`` give (the input copied; its first sentence).
     """
+    from edgekd.stats import wilson_ci
+
     n = len(answers)
     out: dict[str, Any] = {
         "prompts": n,
@@ -186,9 +205,76 @@ def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequen
         agree = sum(a == t for a, t in labelled)
         out["label_agreement"] = agree / len(labelled) if labelled else None
         if labelled:
-            from edgekd.stats import wilson_ci
-
             out["label_agreement_ci95"] = wilson_ci(agree, len(labelled))
         out["teacher_unlabelled"] = n - len(labelled)
         out["answers_unlabelled"] = sum(a is None for a, _ in pairs)
+        out.update(label_balance(labelled, labels))
+        if truths is not None:
+            out["truth"] = truth_accuracy([a for a, _ in pairs], [t for _, t in pairs], truths)
+    elif truths is not None and any(truths):
+        refs = [(i, r) for i, r in enumerate(truths) if r]
+        out["truth"] = {"references": len(refs),
+                        "rouge_l": sum(rouge_l(answers[i], r) for i, r in refs) / len(refs),
+                        "teacher_rouge_l": sum(rouge_l(teacher[i], r) for i, r in refs) / len(refs),
+                        "exact_match": sum(answers[i].strip() == r.strip() for i, r in refs) / len(refs)}
+        if inputs is not None:
+            out["truth"]["baseline_input_rouge_l"] = sum(rouge_l(inputs[i], r) for i, r in refs) / len(refs)
+            out["truth"]["baseline_first_sentence_rouge_l"] = sum(rouge_l(first_sentence(inputs[i]), r) for i, r in refs) / len(refs)
+    if inputs is not None and not labels:  # what a student that copies its input would score against the teacher
+        out["baseline_input_rouge_l"] = sum(rouge_l(x, t) for x, t in zip(inputs, teacher)) / max(n, 1)
+        out["baseline_first_sentence_rouge_l"] = sum(rouge_l(first_sentence(x), t) for x, t in zip(inputs, teacher)) / max(n, 1)
     return out
+
+
+def label_balance(labelled: Sequence[tuple[str | None, str]], labels: Sequence[str]) -> dict[str, Any]:
+    """The confusion matrix, per-label and balanced agreement, and the majority baseline of
+    ``(answer label, teacher label)`` pairs."""
+    confusion = {t: {a: 0 for a in (*labels, NO_LABEL)} for t in labels}
+    for a, t in labelled:
+        confusion[t][a or NO_LABEL] += 1
+    per_label = {t: row[t] / sum(row.values()) for t, row in confusion.items() if sum(row.values())}
+    counts = {t: sum(row.values()) for t, row in confusion.items()}
+    return {
+        "label_confusion": confusion,
+        "label_agreement_per_label": per_label,
+        "balanced_label_agreement": sum(per_label.values()) / len(per_label) if per_label else None,
+        "majority_baseline": max(counts.values()) / len(labelled) if labelled else None,
+        "majority_label": max(counts, key=lambda k: counts[k]) if labelled else None,
+    }
+
+
+def truth_accuracy(answers: Sequence[str | None], teacher: Sequence[str | None], truths: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracy of the answers' and the teacher's labels against the records' own labels, side by
+    side with 95% intervals, and the drop (teacher minus answers); records without a label are left out."""
+    from edgekd.stats import wilson_ci
+
+    rows = [(a, t, y.lower()) for a, t, y in zip(answers, teacher, truths) if y]
+    if not rows:
+        return {"labelled": 0}
+    ours = sum(a is not None and a.lower() == y for a, _, y in rows)
+    theirs = sum(t is not None and t.lower() == y for _, t, y in rows)
+    counts: dict[str, int] = {}
+    for _, _, y in rows:
+        counts[y] = counts.get(y, 0) + 1
+    return {"labelled": len(rows), "accuracy": ours / len(rows), "accuracy_ci95": wilson_ci(ours, len(rows)),
+            "teacher_accuracy": theirs / len(rows), "teacher_accuracy_ci95": wilson_ci(theirs, len(rows)),
+            "accuracy_drop_vs_teacher": (theirs - ours) / len(rows),
+            "majority_baseline": max(counts.values()) / len(rows)}
+
+
+def task_inputs(prompts: Sequence[str]) -> list[str]:
+    """The inputs of a task's prompts: each prompt without the instruction they all share
+    ("Summarize in one sentence: "), cut at a word boundary; what a copying baseline copies."""
+    import os
+
+    if len(prompts) < 2:
+        return list(prompts)
+    shared = os.path.commonprefix(list(prompts))
+    cut = max(shared.rfind(" "), shared.rfind(":") + 1) if shared and not shared.endswith(" ") else len(shared)
+    return [p[cut:].strip() or p for p in prompts]
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (up to the first . ! or ? followed by a space): a summary baseline."""
+    m = re.search(r"[.!?](\s|$)", text.strip())
+    return text.strip()[: m.end()].strip() if m else text.strip()

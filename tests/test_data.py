@@ -100,6 +100,18 @@ def test_bucketed_batches_cover_every_example_once_and_pad_little():
     assert padding_waste(batches, lengths) < 0.1 < padding_waste(random_batches, lengths)
 
 
+def test_balanced_repeats_draw_each_label_as_often_as_the_commonest():
+    from edgekd.distill.data import balanced_repeats
+
+    labels = ["p"] * 7 + ["n"] * 3 + [None]
+    r = balanced_repeats(labels, seed=0)
+    assert sum(r[i] for i in range(7)) == 7 and sum(r[7:10]) == 7 and r[10] == 1
+    assert all(x in (2, 3) for x in r[7:10]) and r == balanced_repeats(labels, seed=0)
+    batches = plan_epoch([5] * 11, 4, seed=0, epoch=0, repeats=r)
+    drawn = sorted(i for b in batches for i in b)
+    assert drawn == sorted(i for i, k in enumerate(r) for _ in range(k))
+
+
 def test_collate_shifts_the_loss_mask(tokenizer):
     ex = encode_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sea"}])
     b = collate([ex], pad_id=0)

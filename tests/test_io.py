@@ -16,7 +16,7 @@ def test_atomic_dir_success_and_failure(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("1")
-        (tmp / MANIFEST).write_text("{}")  # edgekd's own output: --overwrite may replace it
+        (tmp / MANIFEST).write_text('{"format": "edgekd-bundle"}')  # edgekd's marker: --overwrite may replace it
         assert not out.exists()  # nothing at the destination until complete
     assert (out / "a.txt").read_text() == "1"
     with pytest.raises(UsageError, match="--overwrite"):

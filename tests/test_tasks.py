@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -41,6 +42,35 @@ def test_score_answers_against_the_teacher():
     assert s["exact_match"] == 0.25
     assert 0 < s["rouge_l"] < 1
     assert "label_agreement" not in score_answers(student, teacher)
+
+
+def test_a_constant_answer_cannot_pass_for_reading():
+    """Issue 32: beside label agreement, the balanced figures a constant answer scores 1 / labels on."""
+    teacher = ["positive"] * 7 + ["negative"] * 3
+    constant = ["The review is positive."] * 10
+    s = score_answers(constant, teacher, ["positive", "negative"], truths=["positive"] * 5 + ["negative"] * 5)
+    assert s["label_agreement"] == pytest.approx(0.7) and s["majority_baseline"] == pytest.approx(0.7)
+    assert s["balanced_label_agreement"] == pytest.approx(0.5)  # 1.0 on positive, 0.0 on negative
+    assert s["label_confusion"] == {"positive": {"positive": 7, "negative": 0, "none": 0},
+                                    "negative": {"positive": 3, "negative": 0, "none": 0}}
+    t = s["truth"]
+    assert t["accuracy"] == pytest.approx(0.5) and t["teacher_accuracy"] == pytest.approx(0.8)  # teacher: 5 positive right, 3 of 5 negative
+    assert t["accuracy_drop_vs_teacher"] == pytest.approx(0.3) and t["majority_baseline"] == 0.5
+    assert t["accuracy_ci95"][0] < 0.5 < t["accuracy_ci95"][1]
+    # a generative task: ROUGE-L against references beside the trivial baselines
+    g = score_answers(["a cat sat"], ["the cat sat"], truths=["the cat sat down"], inputs=["The cat sat down. Then it slept."])
+    assert g["truth"]["teacher_rouge_l"] > g["truth"]["rouge_l"] > 0
+    assert g["truth"]["baseline_first_sentence_rouge_l"] == pytest.approx(1.0)
+    assert 0 < g["baseline_input_rouge_l"] < 1
+
+
+def test_shipped_labelled_sets_carry_balanced_truths():
+    from collections import Counter
+
+    for path in (load_task("sentiment").heldout, Path(__file__).parents[1] / "benchmarks/data/sentiment-unseen.jsonl",
+                 Path(__file__).parents[1] / "benchmarks/data/sentiment-independent.jsonl"):
+        labels = Counter(r["label"] for _, r in iter_jsonl(path))
+        assert set(labels) == {"positive", "negative"} and labels["positive"] == labels["negative"], (path, labels)
 
 
 @pytest.mark.parametrize("name", SHIPPED_TASKS)
@@ -153,11 +183,14 @@ def test_task_end_to_end_on_a_tiny_model(tiny_teacher_dir, tmp_path):
     assert b["data"]["prompts"] == 4  # the task's validate_prompts
     assert set(b["task"]) >= {"label_agreement", "exact_match", "rouge_l", "reference_vs_teacher"}
     assert "min_rouge_l_vs_teacher" in {g["name"] for g in b["gates"]}
+    assert {"balanced_label_agreement", "label_confusion", "majority_baseline"} <= set(b["task"])
+    assert "labels," in r.stdout and "against the bundle's" in " ".join(r.stdout.split())  # the confusion matrix
     assert len(b["examples"]) == 4 and {"prompt", "teacher", "reference", "bundle"} <= set(b["examples"][0])
     assert "does the job the way the teacher does: PASS" in r.stdout
     assert "faithful to the reference" in r.stdout
     md = (report / "report.md").read_text()
     assert "Answers side by side" in md and "task: ROUGE-L vs teacher" in md
+    assert "## Labels, bundle" in md and "| teacher: positive |" in md  # (this random teacher names no label: zeros)
 
 
 def test_a_labelled_task_whose_teacher_names_no_label_is_refused(tiny_teacher_dir, tmp_path):

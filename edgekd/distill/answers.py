@@ -82,7 +82,7 @@ def check_labels(records: list[dict], labels, say) -> int:
         raise UsageError(f"none of the teacher's {len(records)} answers names a label ({', '.join(labels)}): "
                          "the task's prompts must ask for one of its labels, or the teacher cannot do this task")
     if missing:
-        say(f"[yellow]warning: {missing} of {len(records)} teacher answers name none of the labels ({', '.join(labels)})[/yellow]")
+        say(f"warning: {missing} of {len(records)} teacher answers name none of the labels ({', '.join(labels)})", style="yellow")
     return missing
 
 
@@ -127,7 +127,7 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
     meta = path.with_suffix(".key")
     if path.is_file() and meta.is_file() and meta.read_text().strip() == key:
         say(f"reusing the teacher's {what} answers in {path}")
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return _read_jsonl(path)
     rank, world = accel.process_index, accel.num_processes
     mine = list(range(rank, len(prompts), world))
     with progress_bar(accel.is_main_process, None, tokens=True) as progress:
@@ -148,7 +148,7 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
     if capture:
         tcache.write_part(path.parent / "topk", key, rank, world, _captured_part(answers, mine))
     if truncated:
-        say(f"[yellow]{truncated} {what} prompts were longer than max_length - max_new_tokens and were cut from the left[/yellow]")
+        say(f"{truncated} {what} prompts were longer than max_length - max_new_tokens and were cut from the left", style="yellow")
     part = path.parent / f".{path.name}.part{rank}"
     _write_jsonl(part, answers)
     accel.wait_for_everyone()
@@ -156,13 +156,13 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
         merged: list[dict | None] = [None] * len(prompts)
         for r in range(world):
             p = path.parent / f".{path.name}.part{r}"
-            for j, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-                merged[r + j * world] = json.loads(line)
+            for j, rec in enumerate(_read_jsonl(p)):
+                merged[r + j * world] = rec
             p.unlink()
         _write_jsonl(path, merged)
         meta.write_text(key + "\n")
     accel.wait_for_everyone()
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _read_jsonl(path)
 
 
 def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.Tensor]:
@@ -180,9 +180,16 @@ def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.T
 
 
 def _write_jsonl(path: Path, records: Sequence[dict | None]) -> None:
-    from edgekd.io import atomic_write_bytes
+    from edgekd.io import atomic_write_bytes, jsonl_text
 
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    atomic_write_bytes(path, jsonl_text(records).encode())
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """What ``_write_jsonl`` wrote (lines split at ``\\n`` only: a prompt may hold U+2028)."""
+    from edgekd.io import jsonl_lines
+
+    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
 
 
 def captured_cache(out: Path, data_info: dict, records: list[dict], examples: list[Example], vocab: int, k: int, say):

@@ -12,7 +12,7 @@ from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
-from edgekd.io import atomic_write_bytes
+from edgekd.io import DISTILL_TOML_MARKER, atomic_write_bytes
 
 # Settings a --resume may change: they do not change what the finished steps computed.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "out"}
@@ -70,6 +70,6 @@ def _toml_value(v: Any) -> str:
 
 
 def write_config_toml(path: Path, cfg: DistillConfig) -> None:
-    lines = ["# The resolved config of this run: `edgekd distill --config distill.toml` reruns it.\n"]
+    lines = [DISTILL_TOML_MARKER + "\n"]  # first: it marks the folder as a run of edgekd's
     lines += [f"{k} = {_toml_value(v)}\n" for k, v in to_dict(cfg).items()]
     atomic_write_bytes(Path(path), "".join(lines).encode())

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from edgekd.errors import UsageError
-from edgekd.io import iter_jsonl
+from edgekd.io import iter_jsonl, jsonl_lines
 
 
 @dataclasses.dataclass
@@ -99,7 +99,11 @@ def read_prompts(path: Path) -> list[str]:
     if path.suffix.lower() == ".txt":
         if not path.is_file():
             raise UsageError(f"prompts file {path} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
+        prompts = [line.strip() for line in jsonl_lines(text) if line.strip()]
         if not prompts:
             raise UsageError(f"{path} is empty: give it one prompt a line")
         return prompts
@@ -228,12 +232,14 @@ def examples_digest(examples: list[Example]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int, repeats: list[int] | None = None) -> list[list[int]]:
     """Example indices, batched for one epoch: shuffle, sort by length inside windows of 32
     batches, cut, and shuffle the batches. Deterministic in (seed, epoch), so a resumed run sees
-    the same order. Similar lengths share a batch, so little compute goes to padding."""
+    the same order. Similar lengths share a batch, so little compute goes to padding.
+    ``repeats[i]``: how often example i is drawn in the epoch (default once; ``balanced_repeats``)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(lengths), generator=g).tolist()
+    pool = [i for i, r in enumerate(repeats) for _ in range(r)] if repeats is not None else list(range(len(lengths)))
+    order = [pool[j] for j in torch.randperm(len(pool), generator=g).tolist()]
     window = batch_size * 32
     batches = []
     for w in range(0, len(order), window):
@@ -241,6 +247,30 @@ def plan_epoch(lengths: list[int], batch_size: int, seed: int, epoch: int) -> li
         batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
     perm = torch.randperm(len(batches), generator=g).tolist()
     return [batches[i] for i in perm]
+
+
+def balanced_repeats(labels: list[str | None], seed: int) -> list[int]:
+    """How often each example is drawn per epoch so that every label occurs as often as the most
+    common one: each example of a label with ``c`` of ``M`` examples is drawn ``M // c`` times, and a
+    seeded ``M % c`` of them once more. Examples without a label are drawn once.
+
+    ``balanced_repeats(["a", "a", "a", "b"], 0) == [1, 1, 1, 3]``. Oversampling the minority class
+    (Japkowicz & Stephen 2002) keeps every example and its soft targets, unlike undersampling."""
+    counts: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        if label is not None:
+            counts.setdefault(label, []).append(i)
+    repeats = [1] * len(labels)
+    if not counts:
+        return repeats
+    most = max(len(v) for v in counts.values())
+    g = torch.Generator().manual_seed(seed)
+    for members in counts.values():
+        base, extra = divmod(most, len(members))
+        lucky = {members[j] for j in torch.randperm(len(members), generator=g)[:extra].tolist()}
+        for i in members:
+            repeats[i] = base + (i in lucky)
+    return repeats
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from edgekd.distill.data import (
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss, hidden_state_loss
 from edgekd.distill.run import CONFIG_TOML, DISTILL_JSON, StudentRun
 from edgekd.errors import UsageError
-from edgekd.io import proc_kib_field
+from edgekd.io import json_line, jsonl_lines, proc_kib_field
 from edgekd.quant import bake_fake_quantize
 
 
@@ -300,8 +300,8 @@ def save_student(model, tok, teacher, out: Path) -> None:
 def _trim_metrics(path: Path, step: int) -> None:
     """Drop the lines a killed run logged after the checkpoint it resumes from."""
     if path.is_file():
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        rows = [(line, _row(line)) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+        kept = [line for line, row in rows if row is not None and row.get("step", 0) <= step]  # a torn last line goes
         from edgekd.io import atomic_write_bytes
 
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
@@ -311,23 +311,32 @@ def _logged_eval(path: Path, step: int) -> dict | None:
     """The evaluation logged at ``step`` (the "before" metrics of a resumed run)."""
     if not path.is_file():
         return None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        if row.get("step") == step and "eval" in row:
+    for line in jsonl_lines(path.read_text(encoding="utf-8")):
+        row = _row(line)
+        if row is not None and row.get("step") == step and "eval" in row:
             return row["eval"]
     return None
+
+
+def _row(line: str) -> dict | None:
+    """One metrics line, or None for a blank or damaged one (a kill or a full disk mid-write)."""
+    try:
+        row = json.loads(line) if line.strip() else None
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _log(path: Path, main: bool, row: dict) -> None:
     if main:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row) + "\n")
 
 
 def _sayer(console, main: bool):
-    def say(msg: str) -> None:
+    def say(msg: str, style: str | None = None) -> None:
         if main and console is not None:
-            console.print(msg, highlight=False)
+            console.print(msg, style=style, markup=False, highlight=False)
 
     return say
 
@@ -339,4 +348,8 @@ def progress_bar(main: bool, console, tokens: bool = False):
     if not tokens:
         cols.append(TextColumn("loss {task.fields[loss]:.4f}"))
     cols += [TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    if console is None:  # progress is not output: stderr, so that stdout stays the command's result
+        from rich.console import Console
+
+        console = Console(stderr=True)
     return Progress(*cols, disable=not main, console=console, transient=False)

@@ -15,7 +15,6 @@ Light on purpose (no torch): export and the pipeline read runs without training 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +60,11 @@ class StudentRun:
         return self.folder / METRICS
 
     def is_ours(self) -> bool:
-        """edgekd distill wrote this folder (it has the run's config)."""
-        return self.config_toml.is_file()
+        """edgekd distill wrote this folder: its distill.toml (written first) or distill.json carries
+        edgekd's marker. A file of the user's that only has the name is not enough."""
+        from edgekd.io import DISTILL_RUN, edgekd_output
+
+        return edgekd_output(self.folder) == DISTILL_RUN
 
     def is_complete(self) -> bool:
         return self.result_json.is_file()
@@ -82,10 +84,9 @@ class StudentRun:
         """The complete run's ``distill.json``, or None when the run is not complete."""
         if not self.is_complete():
             return None
-        try:
-            data = json.loads(self.result_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{self.result_json} is not valid JSON ({e}): re-run `edgekd distill` or remove it") from None
+        from edgekd.io import read_json
+
+        data = read_json(self.result_json, ": re-run `edgekd distill` or remove it")
         if not isinstance(data, dict):
             raise UsageError(f"{self.result_json} must hold a JSON object: re-run `edgekd distill` or remove it")
         held = data.get("heldout")

@@ -36,6 +36,7 @@ from edgekd.distill import loop as helpers
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.data import (
     Example,
+    balanced_repeats,
     collate,
     encode_records,
     generate_answers,
@@ -144,11 +145,28 @@ class Trainer:
         if not self.examples:
             raise UsageError("no training example has a token to learn from: check --data and --max-length")
         if self.summary["truncated"]:
-            say(f"[yellow]{self.summary['truncated']} training sequences were longer than max_length={cfg.max_length} and were truncated[/yellow]")
+            say(f"{self.summary['truncated']} training sequences were longer than max_length={cfg.max_length} and were truncated", style="yellow")
         self.lengths = [len(e.ids) for e in self.examples]
+        self.repeats = self.label_repeats() if cfg.balance_labels else None
         if cfg.on_policy and any(e.prompt is None for e in self.examples):
             raise UsageError("--on-policy needs prompt records (the student answers their prompts); text and messages records "
                              "have none: pass --prompts, or set --on-policy 0")
+
+    def label_repeats(self) -> list[int]:
+        """``balance_labels``: each example's draws per epoch, from the label of its teacher answer."""
+        from edgekd.tasks import label_of
+
+        labels = answers.task_of(self.cfg).labels if self.cfg.task else ()
+        if not labels:
+            raise UsageError("balance_labels needs a labelled task (--task with labels = [...] in its task.toml)")
+        by_prompt = {r.get("prompt"): label_of(r.get("response") or "", labels) for r in self.records}
+        example_labels = [by_prompt.get(e.prompt) for e in self.examples]
+        repeats = balanced_repeats(example_labels, self.cfg.seed)
+        counts = {label: example_labels.count(label) for label in labels}
+        self.summary["balance_labels"] = {"teacher_labels": counts, "drawn_per_epoch": sum(repeats)}
+        self.say(f"balancing labels: the teacher answered {', '.join(f'{k} {v}' for k, v in counts.items())}; "
+                 f"{sum(repeats)} examples drawn per epoch (was {len(repeats)})")
+        return repeats
 
     # ---- the student: pruned by measured importance on the run's own data (or given) ----------
     def build_student(self) -> None:
@@ -166,8 +184,8 @@ class Trainer:
             head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
             say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
             if n == 0:
-                say(f"[yellow]warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
-                    "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body[/yellow]")
+                say(f"warning: this student ({type(student.model).__name__}) has no nn.Linear layers to train on the grid "
+                    "(e.g. GPT-2's Conv1D): --qat-bits does not cover its body", style="yellow")
         helpers.check_memory(cfg, student, sum(e.n_targets for e in self.held) // self.world + 1, max(self.lengths), self.device)
         self.matched: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         if cfg.hidden_loss:
@@ -214,7 +232,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
 
         self.global_bs = cfg.batch_size * self.world
-        self.per_epoch = steps_per_epoch(len(plan_epoch(self.lengths, self.global_bs, cfg.seed, 0)), cfg.grad_accum)
+        self.per_epoch = steps_per_epoch(len(plan_epoch(self.lengths, self.global_bs, cfg.seed, 0, self.repeats)), cfg.grad_accum)
         self.total = cfg.max_steps or cfg.epochs * self.per_epoch
         self.start_step = 0
         if self.resume:
@@ -234,7 +252,7 @@ class Trainer:
     def plan(self, step: int) -> tuple[int, list[list[int]]]:
         """The global micro-batches of optimizer step ``step`` and its epoch."""
         epoch, within = divmod(step, self.per_epoch)
-        batches = plan_epoch(self.lengths, self.global_bs, self.cfg.seed, epoch)
+        batches = plan_epoch(self.lengths, self.global_bs, self.cfg.seed, epoch, self.repeats)
         return epoch, batches[within * self.cfg.grad_accum : (within + 1) * self.cfg.grad_accum]
 
     def evaluate(self) -> dict[str, float]:
@@ -380,7 +398,7 @@ class Trainer:
             "student": self.student.describe,
             "config": to_dict(cfg),
             "data": {**self.data_info, "train": self.summary, "heldout": self.held_summary, "shared_prefix_tokens": self.prefix_len,
-                     "padding_waste": round(padding_waste(plan_epoch(self.lengths, self.global_bs, cfg.seed, 0), self.lengths), 4)},
+                     "padding_waste": round(padding_waste(plan_epoch(self.lengths, self.global_bs, cfg.seed, 0, self.repeats), self.lengths), 4)},
             "metrics": {"before": self.before, "after": after},
             "steps": self.total,
             "processes": self.world,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -192,7 +191,7 @@ def export_bundle(
     from edgekd.bundle import MANIFEST, check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import atomic_dir, check_output_dir, make_shareable, output_lock, write_json
+    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, make_shareable, output_lock, work_dir, write_json
     from edgekd.models import load_model, resolve_source
 
     say = log or (lambda msg: None)
@@ -200,7 +199,7 @@ def export_bundle(
     profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
     source = resolve_source(model)
     inputs = (source.path,) if source.path is not None else ()
-    check_output_dir(out, overwrite, inputs)  # before minutes of work
+    check_output_dir(out, overwrite, inputs, kind=BUNDLE)  # before minutes of work
     golden_prompts = GOLDEN_PROMPTS if golden_prompts is None else golden_prompts
     if golden_data is not None and golden_prompts > 0:
         from edgekd.validate.data import load_records
@@ -212,9 +211,7 @@ def export_bundle(
     torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
     facts = model_facts(torch_model.config)
 
-    with output_lock(out), tempfile.TemporaryDirectory(prefix="edgekd-export-") as work_dir, \
-            atomic_dir(out, overwrite, inputs) as tmp:
-        work = Path(work_dir)
+    with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
         make_shareable(tmp)  # a bundle is meant to be shared
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
         path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)

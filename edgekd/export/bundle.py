@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgekd.bundle import DEFAULT_CONTEXT
 from edgekd.io import write_json
 
 # onnxruntime-genai's model types for the architectures optimum-onnx exports (its "type" key).
@@ -94,7 +95,7 @@ def genai_config(facts: dict[str, Any], model_type: str, filename: str, provider
                  "CoreMLExecutionProvider": "coreml", "WebGpuExecutionProvider": "webgpu"}.get(p)
         if short:
             provider_options.append({short: {}})
-    ctx = facts["context_length"] or 2048
+    ctx = facts["context_length"] or DEFAULT_CONTEXT
     return {
         "model": {
             "bos_token_id": facts["bos_token_id"],

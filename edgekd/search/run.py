@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ def search_export(
     from edgekd.bundle import MANIFEST
     from edgekd.export import export_bundle
     from edgekd.export.onnx import export_onnx
-    from edgekd.io import atomic_dir, check_output_dir, write_json
+    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, make_work_dir, read_json, write_json
     from edgekd.models import load_model, resolve_source
     from edgekd.targets import TargetProfile, load_target
     from edgekd.validate import ValidateConfig, validate
@@ -54,9 +53,9 @@ def search_export(
     vcfg = validate_config or ValidateConfig()
     source = resolve_source(model)
     inputs = (source.path,) if source.path is not None else ()
-    check_output_dir(out, overwrite, inputs)
+    check_output_dir(out, overwrite, inputs, kind=BUNDLE)
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.search-"))
+    work = make_work_dir(out.parent, f".{out.name}.search-")
     try:
         say(f"loading {model}")
         torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
@@ -154,11 +153,11 @@ def search_export(
         if best is None:
             raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
         assert best.bundle is not None  # a passing candidate was exported
-        with atomic_dir(out, overwrite, inputs) as tmp:
+        with atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
             for p in best.bundle.iterdir():
                 os.replace(p, tmp / p.name)
             os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)
-            manifest = json.loads((tmp / MANIFEST).read_text(encoding="utf-8"))
+            manifest = read_json(tmp / MANIFEST)
             # manifest.json is not among the hashed files: adding a key keeps read_manifest's check.
             manifest["search"] = {**result.record(), "profile": to_dict(profile)}
             write_json(tmp / MANIFEST, manifest)

@@ -95,6 +95,14 @@ class _Models:
         return self.cache[key]
 
 
+def answer_room(n: int, prompts: list[list[int]], context: int) -> int:
+    """``n`` answer tokens, capped so that the longest prompt and its answer fit the context."""
+    longest = max(len(p) for p in prompts)
+    if longest + 1 >= context:
+        raise UsageError(f"a prompt of {longest} tokens fills the bundle's {context}-token context: use shorter prompts")
+    return min(n, context - longest - 1)
+
+
 def validate(
     bundles: Sequence[str | Path],
     config: ValidateConfig = ValidateConfig(),
@@ -110,7 +118,7 @@ def validate(
     ``failed_gates``), so the report is always written first.
     """
     from edgekd.runtime import Runtime, answer_text, environment
-    from edgekd.tasks import score_answers
+    from edgekd.tasks import score_answers, task_inputs
     from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
         Example,
@@ -198,6 +206,9 @@ def validate(
         pkey = tuple(map(tuple, prompts))
         eos = sorted(rt.eos_token_ids)
         n = config.answer_tokens or (task or {}).get("validate_answer_tokens") or DEFAULT_ANSWER_TOKENS
+        asked, n = n, answer_room(n, prompts, rt.context_length)
+        if n < asked:
+            say(f"{name}: answers capped at {n} tokens (asked {asked}): the longest prompt and its answer fill the bundle's {rt.context_length}-token context")
         given = None
         if all("response" in r for r in records):
             given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
@@ -228,9 +239,11 @@ def validate(
         texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
         task_figures = None
         if task:
-            task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or ())}
+            truths = [r.get("label") or r.get("reference") for r in records] if any("label" in r or "reference" in r for r in records) else None
+            task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or (),
+                                                                      truths=truths, inputs=task_inputs([r["prompt"] for r in records]))}
             reference_task = score_answers(texts["reference"], texts["teacher"], task.get("labels") or ())
-            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in ("label_agreement", "exact_match", "rouge_l") if k in reference_task}
+            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in ("label_agreement", "balanced_label_agreement", "exact_match", "rouge_l") if k in reference_task}
         examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                            "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 
@@ -247,7 +260,8 @@ def validate(
             "warnings": list(rt.warnings),
             "reference": ref_spec,
             "teacher": teacher_spec,
-            "data": {"file": str(data_path), "source": data_source, "prompts": len(records), "answer_tokens": n, "answers_from": answers_from},
+            "data": {"file": str(data_path), "source": data_source, "prompts": len(records), "answer_tokens": n,
+                     **({"answer_tokens_asked": asked} if n < asked else {}), "answers_from": answers_from},
             "fidelity": fidelity,
             "task": task_figures,
             "examples": examples_shown,

@@ -16,7 +16,9 @@ from edgekd.paths import SHIPPED_HELDOUT, resource
 
 
 def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
-    """Read a jsonl of ``{"prompt": str, "response": str (optional)}``; blank lines are skipped."""
+    """Read a jsonl of ``{"prompt": str, "response": str (optional)}``, keeping a record's own
+    truth where it has one (``label`` for a labelled task, ``reference`` for a generative one);
+    blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"held-out data {path} does not exist: pass a jsonl of {{\"prompt\", \"response\"}} records")
@@ -27,7 +29,8 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
         response = rec.get("response")
         if response is not None and not isinstance(response, str):
             raise UsageError(f"{path}:{n}: \"response\" must be a string")
-        records.append({"prompt": rec["prompt"], **({"response": response} if response else {})})
+        truth = {k: rec[k] for k in ("label", "reference") if isinstance(rec.get(k), str) and rec[k].strip()}
+        records.append({"prompt": rec["prompt"], **({"response": response} if response else {}), **truth})
         if limit and len(records) >= limit:
             break
     if not records:

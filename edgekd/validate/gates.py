@@ -35,6 +35,10 @@ GATES: dict[str, tuple[tuple[str, ...], str, str]] = {
     "min_decode_tokens_per_s": (("cost", "decode_tokens_per_s"), "min", "decode tokens/s at batch 1 on this machine"),
     # a task's gates (task.toml [gates]): the bundle's greedy answers against the teacher's
     "min_label_agreement_vs_teacher": (("task", "label_agreement"), "min", "share of held-out prompts whose answer names the teacher's label"),
+    "min_balanced_label_agreement_vs_teacher": (("task", "balanced_label_agreement"), "min",
+                                                "mean over the teacher's labels of the share answered with that label (a constant answer scores 1 / labels)"),
+    "max_accuracy_drop_vs_teacher": (("task", "truth", "accuracy_drop_vs_teacher"), "max",
+                                     "the teacher's accuracy minus the bundle's, against the held-out records' own labels"),
     "min_exact_match_vs_teacher": (("task", "exact_match"), "min", "share of held-out prompts answered with the teacher's exact text"),
     "min_rouge_l_vs_teacher": (("task", "rouge_l"), "min", "mean ROUGE-L F1 of the answers against the teacher's"),
 }

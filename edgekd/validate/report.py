@@ -3,7 +3,6 @@ table, one column per bundle (side by side when several are given)."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,16 @@ ROWS: list[tuple[str, str, str, str]] = [
     ("greedy exact match vs teacher", "teacher", "greedy_exact", "{:.2f}"),
     ("greedy common prefix vs teacher (tokens)", "teacher", "greedy_prefix_tokens", "{:.1f}"),
     ("task: label agreement vs teacher", "task", "label_agreement", "{:.3f}"),
+    ("task: balanced label agreement vs teacher", "task", "balanced_label_agreement", "{:.3f}"),
+    ("task: a constant answer of the teacher's majority label", "task", "majority_baseline", "{:.3f}"),
+    ("task: accuracy vs the records' labels", "task", "truth.accuracy", "{:.3f}"),
+    ("task: teacher accuracy vs the records' labels", "task", "truth.teacher_accuracy", "{:.3f}"),
+    ("task: ROUGE-L vs the records' references", "task", "truth.rouge_l", "{:.3f}"),
+    ("task: teacher ROUGE-L vs the references", "task", "truth.teacher_rouge_l", "{:.3f}"),
     ("task: exact answer vs teacher", "task", "exact_match", "{:.3f}"),
     ("task: ROUGE-L vs teacher", "task", "rouge_l", "{:.3f}"),
+    ("task: ROUGE-L of the input copied (baseline)", "task", "baseline_input_rouge_l", "{:.3f}"),
+    ("task: ROUGE-L of its first sentence (baseline)", "task", "baseline_first_sentence_rouge_l", "{:.3f}"),
     ("model size (MB)", "cost", "size_mb", "{:.1f}"),
     ("size / teacher at fp32", "cost", "size_vs_teacher_fp32", "{:.0%}"),
     ("bundle size (MB)", "cost", "bundle_mb", "{:.1f}"),
@@ -45,11 +52,10 @@ ROWS: list[tuple[str, str, str, str]] = [
 
 
 def _value(report: dict[str, Any], section: str, key: str) -> Any:
-    if section in ("cost", "task"):
-        node = report.get(section) or {}
-    else:
-        node = report["fidelity"].get(section) or {}
-    return node.get(key)
+    node: Any = report.get(section) if section in ("cost", "task") else report["fidelity"].get(section)
+    for part in key.split("."):  # "truth.accuracy": a nested figure
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -88,6 +94,30 @@ def gate_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def confusion_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """A labelled task's confusion matrix (rows: the teacher's label; columns: the bundle's), with
+    each row's agreement: ``(header, rows)``, or None for a task without labels."""
+    confusion = (report.get("task") or {}).get("label_confusion")
+    if not confusion:
+        return None
+    answers = list(next(iter(confusion.values())))
+    per_label = report["task"].get("label_agreement_per_label") or {}
+    rows = [[f"teacher: {t}", *(str(row[a]) for a in answers), _fmt(per_label.get(t), "{:.3f}")] for t, row in confusion.items()]
+    return ["", *(f"bundle: {a}" for a in answers), "agreement"], rows
+
+
+def verdict_text(cell: str):
+    """A table cell as Rich text (never markup: it may quote a path), PASS in green, FAIL in red."""
+    import re
+
+    from rich.text import Text
+
+    text = Text(cell)
+    for m in re.finditer(r"\b(PASS|FAIL)\b", cell):
+        text.stylize("green" if m.group() == "PASS" else "red", m.start(), m.end())
+    return text
+
+
 def rich_tables(reports: Sequence[dict[str, Any]]):
     from rich.table import Table
 
@@ -103,8 +133,18 @@ def rich_tables(reports: Sequence[dict[str, Any]]):
     for n in names:
         gates.add_column(n)
     for row in gate_rows(reports):
-        gates.add_row(row[0], *[c.replace("PASS", "[green]PASS[/green]").replace("FAIL", "[red]FAIL[/red]") for c in row[1:]])
-    return metrics, gates
+        gates.add_row(row[0], *[verdict_text(c) for c in row[1:]])
+    tables = [metrics]
+    for r in reports:  # a labelled task: which labels the bundle gets wrong, and how
+        confusion = confusion_table(r)
+        if confusion:
+            t = Table(title=f"labels, {r['name']}: the teacher's (rows) against the bundle's (columns)")
+            for col in confusion[0]:
+                t.add_column(col, justify="right")
+            for row in confusion[1]:
+                t.add_row(*row)
+            tables.append(t)
+    return [*tables, gates]
 
 
 def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> str:
@@ -144,6 +184,10 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
         for warning in r.get("warnings", []):
             parts.append(f"  - warning: {warning}")
     parts += ["", table(["metric"] + names, metric_rows(reports)), ""]
+    for r in reports:
+        confusion = confusion_table(r)
+        if confusion:
+            parts += [f"## Labels, {r['name']}: the teacher's against the bundle's", "", table(*confusion), ""]
     gates = gate_rows(reports)
     if gates:
         parts += ["## Gates", "", table(["gate"] + names, gates), ""]
@@ -265,32 +309,35 @@ def plot_size_vs_agreement(path: Path, reports: Sequence[dict[str, Any]]) -> Non
     plt.close(fig)
 
 
+REPORT_FORMAT = "edgekd-report"  # report.json's marker: the folder is a report edgekd may replace
+
+
 def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output that is a file, ``/``, home, a bundle being validated (or a folder holding
-    one), a non-empty folder without an earlier ``report.json`` (it is not ours to overwrite), or a
-    folder that cannot be written. Checked before any work starts."""
-    from edgekd.io import check_writable, refuse_unsafe_out
+    one), a non-empty folder that is not an earlier edgekd report (read from its report.json's
+    marker, not its name: it is not ours to overwrite), or a folder that cannot be written.
+    Checked before any work starts."""
+    from edgekd.io import REPORT, check_writable, edgekd_output, refuse_unsafe_out
 
     out = Path(out)
     refuse_unsafe_out(out, inputs)
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise UsageError(f"{out} is not empty and holds no earlier report: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and edgekd_output(out) != REPORT:
+        raise UsageError(f"{out} is not empty and holds no earlier report of edgekd's (a report.json it wrote): choose another --out")
     check_writable(out)
 
 
-def prepare_out(out: Path) -> Path:
-    """An output folder for a report: new, empty, or holding a previous report (replaced)."""
-    out = Path(out)
-    check_out(out)
-    if out.is_dir() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, list[np.ndarray]], command: str | None = None) -> list[Path]:
-    """Write report.json, report.md and the plots into ``out``; return the paths written."""
-    out = prepare_out(out)
+    """Write report.json, report.md and the plots into ``out`` (a new folder, or an earlier report
+    replaced in one rename once the new one is complete); return the paths written."""
+    from edgekd.io import REPORT, atomic_dir
+
+    check_out(out)
+    with atomic_dir(out, overwrite=True, kind=REPORT) as tmp:
+        written = _write_report_files(tmp, reports, kls, command)
+    return [Path(out) / p.name for p in written]
+
+
+def _write_report_files(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, list[np.ndarray]], command: str | None) -> list[Path]:
     written = []
     gate = (reports[0].get("plots") or {}).get("kl_gate") if reports else None
     for name, fn in (("kl_per_position.png", plot_kl), ("kl_along_answer.png", plot_kl_along_answer)):
@@ -303,6 +350,6 @@ def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, li
     atomic_write_bytes(out / "report.md", markdown(reports, command).encode())
     written.append(out / "report.md")
     verdict = all(r["passed"] for r in reports)
-    write_json(out / "report.json", {"passed": verdict, "command": command, "bundles": list(reports)})
+    write_json(out / "report.json", {"format": REPORT_FORMAT, "passed": verdict, "command": command, "bundles": list(reports)})
     written.append(out / "report.json")
     return written
