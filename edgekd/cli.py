@@ -300,6 +300,7 @@ def distill(
     skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
     balance_labels: Annotated[Optional[bool], _opt("balance_labels", "--balance-labels/--no-balance-labels", metavar="")] = None,
     label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
+    label_hard: Annotated[Optional[bool], _opt("label_hard", "--label-hard/--label-soft", metavar="")] = None,
     hidden_loss: Annotated[Optional[float], _opt("hidden_loss", "--hidden-loss")] = None,
     on_policy: Annotated[Optional[float], _opt("on_policy", "--on-policy")] = None,
     train_on_prompt: Annotated[Optional[bool], _opt("train_on_prompt", "--train-on-prompt/--no-train-on-prompt", metavar="")] = None,

@@ -307,3 +307,42 @@ def test_attention_that_disagrees_or_is_unknown_is_left_unfused(tmp_path, fp32_e
     onnx.save(renamed, str(other))
     info = STEPS["fuse_attention"].fn(other, tmp_path / "o" / "model.onnx", FuseAttention(), load_target("cpu"))
     assert info["fused_layers"] == 0 and "o_proj" in info["not_fused"]
+
+
+def test_gemm_with_a_constant_weight_becomes_matmul_plus_add(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.export.steps import gemm_as_matmul
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="g", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(3, 4)).astype(np.float32)
+    assert gemm_as_matmul(model) == 1 and [n.op_type for n in model.graph.node] == ["MatMul", "Add"]
+    onnx.save(model, tmp_path / "m.onnx")
+    y = session(tmp_path / "m.onnx").run(None, {"x": x})[0]
+    assert np.allclose(y, x @ w.T + b, atol=1e-5)
+
+
+def test_a_gpt2_exports_for_cpu_with_its_gemms_quantized_and_its_embedding_shared(tmp_path, tokenizer):
+    """GPT-2 gathers Reshape(input_ids) and its Conv1D layers export as Gemm (issue 30)."""
+    import json
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from edgekd.export import export_bundle
+    from tests.conftest import VOCAB, save_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2))
+    folder = save_model(model.eval(), tokenizer, tmp_path / "gpt2")
+    export_bundle(str(folder), "cpu", tmp_path / "bundle")
+    recipe = {r["step"]: r for r in json.loads((tmp_path / "bundle" / "manifest.json").read_text())["recipe"]}
+    assert recipe["quantize_head_embedding"]["tied"] and recipe["quantize_head_embedding"]["shared"]
+    assert recipe["matmul_nbits"]["gemm_as_matmul"] == 8 and recipe["matmul_nbits"]["quantized_matmuls"] == 8

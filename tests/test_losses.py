@@ -203,6 +203,11 @@ def test_label_decision_kl_renormalises_over_the_labels():
     p = torch.tensor([0.6, 0.4])
     assert kl[0].item() == pytest.approx(float((p * (p.log() - p.flip(0).log())).sum()), rel=1e-4)
     assert kl[1].item() == 0.0  # no label named here: no term
+    # hard: cross-entropy on the label the teacher picks (A, 0.6 against 0.4), whatever its margin
+    ce = label_decision_kl(s, t_group, groups, hard=True)
+    assert ce[0].item() == pytest.approx(-float(torch.tensor(0.4).log()), rel=1e-4)  # the student gives A 0.4
+    assert ce[1].item() == 0.0
+    assert label_decision_kl(t_logp, t_group, groups, hard=True)[0].item() == pytest.approx(-float(torch.tensor(0.6).log()), rel=1e-4)
 
 
 def test_label_token_groups_refuse_labels_no_token_names(tiny_teacher_dir):

@@ -60,6 +60,7 @@ class DistillConfig:
     # calls 71% of the balanced training reviews positive, and its student learned that lean.
     balance_labels: bool = _f(False, "Labelled tasks: draw the training prompts so that each label the teacher answers with is seen as often as its most common one (the rarer ones repeat within an epoch): the student learns to read the input, not the teacher's prior.")
     label_loss: float = _f(0.0, "Labelled tasks: weight of an extra KL on the teacher's choice among the task's labels, renormalised over them, at the positions where it names one (0 = off).")
+    label_hard: bool = _f(False, "With --label-loss: cross-entropy on the label the teacher picks (its greedy decision) instead of the KL on its label probabilities: a near-tie is taught as the decision the teacher makes.")
     # Off by default: it needs the teacher in the loop (no top-k cache), a cost when epochs > 1.
     hidden_loss: float = _f(0.0, "Weight of intermediate-state KD (Minitron): each layer of a pruned student is pulled toward the teacher's residual stream at the depth it stands for (normalised squared error). Runs the teacher in the loop instead of the top-k cache (0 = off).")
     # Off by default: each on-policy step costs a student generation and a teacher pass in the loop.

@@ -151,6 +151,7 @@ class LossSpec:
     # A labelled task's decision (``label_decision_kl``): token ids per label, and the term's weight.
     label_groups: tuple[tuple[int, ...], ...] = ()
     label_weight: float = 0.0
+    label_hard: bool = False  # the label term as cross-entropy on the teacher's chosen label
     hidden_weight: float = 0.0  # weight of ``hidden_state_loss`` (teacher states in ``TeacherTargets.states``)
 
     def __post_init__(self):
@@ -202,7 +203,7 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float =
 
 
 def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],
-                      min_mass: float = 0.1) -> torch.Tensor:
+                      min_mass: float = 0.1, hard: bool = False) -> torch.Tensor:
     """KL between the teacher's and the student's choice among a task's labels, per position.
 
     ``s_logp (c, V)`` the student's log-probs, ``t_group_logp (c, G)`` the teacher's log-prob of
@@ -212,6 +213,10 @@ def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: 
     is, not as a 0.08 sliver of a full-vocabulary KL. Zero where the teacher puts less than
     ``min_mass`` on the labels (positions that name none). A task-specific form of the
     classification KD of Hinton et al. 2015 at the one token where the answer is decided.
+
+    ``hard``: cross-entropy on the label the teacher's greedy answer picks instead (sequence-level
+    KD's hard target, Kim & Rush 2016): a near-tie the teacher breaks 0.51 / 0.49 is taught as the
+    decision it makes, not as a coin flip the student may land either way.
     """
     t_group = t_group_logp.clamp_min(-50.0)  # a label outside a cached top-k: a tiny, finite mass
     named = t_group.exp().sum(-1) >= min_mass
@@ -222,6 +227,8 @@ def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: 
     s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
     t_bin = torch.log_softmax(t_group[rows], -1)
     s_bin = torch.log_softmax(s_group, -1)
+    if hard:
+        return out.index_put((rows,), -s_bin.gather(-1, t_bin.argmax(-1, keepdim=True)).squeeze(-1))
     return out.index_put((rows,), (t_bin.exp() * (t_bin - s_bin)).sum(-1))
 
 
@@ -259,7 +266,7 @@ def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec
         if spec.label_weight > 0 and spec.label_groups:
             t_group = _teacher_group_logp(kind, t_val / T if kind == "full" else t_val, t_idx, spec.label_groups)
             full_s = F.log_softmax(student_logits / T, -1)
-            total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups).sum()
+            total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups, hard=spec.label_hard).sum()
         div = get_divergence(spec.loss)(s_logp, t_logp, beta=spec.beta, skew=spec.skew)
         total = total + spec.alpha * T * T * div.sum()
     elif kind == "none":

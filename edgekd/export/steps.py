@@ -145,6 +145,22 @@ def _on_int4_grid(w, block_size: int) -> bool:
     return w.shape[1] % block_size == 0 and exact(w[:64]) and exact(w)
 
 
+_SHAPE_ONLY = {"Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
+
+
+def _reads_input_ids(name: str, producers: dict) -> bool:
+    """Is ``name`` the graph input ``input_ids``, or that input only reshaped or cast (GPT-2's
+    export gathers ``Reshape(input_ids)``)?"""
+    for _ in range(8):
+        if name == "input_ids":
+            return True
+        node = producers.get(name)
+        if node is None or node.op_type not in _SHAPE_ONLY:
+            return False
+        name = node.input[0]
+    return False
+
+
 @step("quantize_head_embedding")
 def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
@@ -166,7 +182,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     bs = settings.block_size
 
     gather = next((n for n in g.node if n.op_type == "Gather" and len(n.input) == 2
-                   and n.input[0] in inits and n.input[1] == "input_ids"), None)
+                   and n.input[0] in inits and _reads_input_ids(n.input[1], producers)), None)
     if gather is None:
         raise EdgekdError("quantize_head_embedding: found no embedding Gather on input_ids in this graph: "
                           "remove the step from the profile's steps for this model")
@@ -286,6 +302,7 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     model = load_onnx(src)
+    gemms = gemm_as_matmul(model)  # GPT-2's Conv1D layers export as Gemm, which MatMulNBits does not take
 
     def algo_config(bits: int):
         if bits == 4 and settings.algorithm == "hqq":
@@ -334,10 +351,43 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
             count += 1
     left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.name not in made)
     save_onnx(model, dst, external=True)
-    return {"quantized_matmuls": count, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
+    return {"quantized_matmuls": count, "gemm_as_matmul": gemms, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
             "int8_activation_matmuls": len(int8_act),
             "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"],
             "grid_offsets_float16": grid["float16_offsets"]}
+
+
+def gemm_as_matmul(model) -> int:
+    """Rewrite each ``Gemm`` with a constant weight and the plain form (alpha = beta = 1, A not
+    transposed) as ``MatMul`` (+ ``Add`` of its bias): the same numbers, and a node the weight-only
+    quantizer takes. A ``transB`` weight is stored transposed once. Returns how many were rewritten."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    count, nodes = 0, []
+    for n in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if n.op_type != "Gemm" or not plain or len(n.input) < 2 or n.input[1] not in inits:
+            nodes.append(n)
+            continue
+        weight = n.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight])
+            t = numpy_helper.from_array(np.ascontiguousarray(w.T), weight + "_t")
+            g.initializer.append(t)
+            weight = t.name
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        out = n.output[0] + "_mm" if bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], weight], [out], name=n.name + "_MatMul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [out, bias], [n.output[0]], name=n.name + "_Add"))
+        count += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    return count
 
 
 def _set_int_attr(node, name: str, value: int) -> None:
