@@ -168,8 +168,9 @@ class Gates:
     min_decode_tokens_per_s: Optional[float] = None
 
     def __post_init__(self):
-        for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference",
-                     "min_balanced_label_agreement_vs_teacher", "max_accuracy_drop_vs_teacher"):
+        for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference", "min_label_agreement_vs_teacher",
+                     "min_balanced_label_agreement_vs_teacher", "max_accuracy_drop_vs_teacher", "min_exact_match_vs_teacher",
+                     "min_rouge_l_vs_teacher"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v <= 1.0, f"gates.{name} = {v}: use a fraction between 0 and 1")
         for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference", "min_decode_tokens_per_s"):

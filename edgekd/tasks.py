@@ -20,34 +20,18 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from edgekd.config import from_mapping, read_toml
 from edgekd.errors import UsageError
+from edgekd.metrics import TASK_GATES
 from edgekd.paths import resource
+from edgekd.targets import Gates
 
 SHIPPED_TASKS = ("sentiment", "summary", "grammar")
 TASK_TOML = "task.toml"
 TRAIN = "train.jsonl"
 HELDOUT = "heldout.jsonl"
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskGates:
-    """Thresholds ``edgekd validate`` applies between the bundle's and the teacher's greedy answers
-    on the task's held-out prompts (None = not checked)."""
-
-    min_label_agreement_vs_teacher: Optional[float] = None  # labelled tasks: share of prompts, same label
-    min_balanced_label_agreement_vs_teacher: Optional[float] = None  # mean of the per-label agreements: a constant answer scores 1 / labels
-    max_accuracy_drop_vs_teacher: Optional[float] = None  # the teacher's accuracy minus the bundle's, where records carry a label
-    min_exact_match_vs_teacher: Optional[float] = None  # share of prompts with the identical answer text
-    min_rouge_l_vs_teacher: Optional[float] = None  # mean ROUGE-L F1 of the answer text
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if v is not None and not 0 <= v <= 1:
-                raise UsageError(f"gates.{f.name} = {v} must be between 0 and 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +41,7 @@ class TaskFile:
     description: str = ""
     labels: tuple[str, ...] = ()
     distill: dict[str, Any] = dataclasses.field(default_factory=dict)
-    gates: TaskGates = dataclasses.field(default_factory=TaskGates)
+    gates: Gates = dataclasses.field(default_factory=Gates)  # only a task's own gates (metrics.TASK_GATES)
     validate_prompts: int = 64  # held-out prompts validate compares for this task
     validate_answer_tokens: int = 32  # answer tokens validate scores and generates per prompt
 
@@ -72,6 +56,9 @@ class TaskFile:
             raise UsageError("labels needs at least two entries (or none, for a generative task)")
         if self.validate_prompts < 1 or self.validate_answer_tokens < 1:
             raise UsageError("validate_prompts and validate_answer_tokens must be at least 1")
+        for name, value in dataclasses.asdict(self.gates).items():
+            if value is not None and name not in TASK_GATES:
+                raise UsageError(f"gates.{name} is a target profile's gate, not a task's: a task sets {', '.join(TASK_GATES)}")
         for key in ("out", "task", "prompts", "heldout", "data"):
             if key in self.distill:
                 raise UsageError(f"[distill] {key} cannot be set by a task (the task folder gives the data; --out is the user's)")
@@ -98,7 +85,8 @@ class Task:
     def record(self) -> dict[str, Any]:
         """What ``distill.json`` and a bundle's manifest carry about the task (validate reads it)."""
         return {"name": self.name, "folder": str(self.folder), "labels": list(self.labels),
-                "description": self.spec.description, "gates": dataclasses.asdict(self.spec.gates),
+                "description": self.spec.description,
+                "gates": {k: v for k, v in dataclasses.asdict(self.spec.gates).items() if v is not None},
                 "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens}
 
 

@@ -117,6 +117,7 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
+    from edgekd.metrics import TASK_FIGURES
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import score_answers, task_inputs
     from edgekd.validate.data import choose_data, load_records
@@ -243,7 +244,7 @@ def validate(
             task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or (),
                                                                       truths=truths, inputs=task_inputs([r["prompt"] for r in records]))}
             reference_task = score_answers(texts["reference"], texts["teacher"], task.get("labels") or ())
-            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in ("label_agreement", "balanced_label_agreement", "exact_match", "rouge_l") if k in reference_task}
+            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in TASK_FIGURES if k in reference_task}
         examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                            "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 

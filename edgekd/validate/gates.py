@@ -12,36 +12,7 @@ import math
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError
-
-# gate name -> (where the value is in a bundle report, "min" or "max", what it means)
-GATES: dict[str, tuple[tuple[str, ...], str, str]] = {
-    "min_top1_vs_reference": (("fidelity", "reference", "top1"), "min", "top-1 agreement with the reference"),
-    "max_kl_vs_reference": (("fidelity", "reference", "kl_mean"), "max", "mean KL(reference || bundle), nats"),
-    "max_ppl_ratio_vs_reference": (("fidelity", "reference", "ppl_ratio"), "max", "perplexity ratio bundle / reference"),
-    "min_greedy_prefix_vs_reference": (
-        ("fidelity", "reference", "greedy_prefix_tokens"),
-        "min",
-        "mean common prefix (tokens) of greedy answers with the reference",
-    ),
-    "min_greedy_exact_vs_reference": (
-        ("fidelity", "reference", "greedy_exact"),
-        "min",
-        "share of prompts whose greedy answer is the reference's, token for token",
-    ),
-    "min_top1_vs_teacher": (("fidelity", "teacher", "top1"), "min", "top-1 agreement with the teacher"),
-    "max_kl_vs_teacher": (("fidelity", "teacher", "kl_mean"), "max", "mean KL(teacher || bundle), nats"),
-    "max_ppl_ratio_vs_teacher": (("fidelity", "teacher", "ppl_ratio"), "max", "perplexity ratio bundle / teacher"),
-    "max_size_mb": (("cost", "size_mb"), "max", "model file(s) size, MB (1e6 bytes)"),
-    "min_decode_tokens_per_s": (("cost", "decode_tokens_per_s"), "min", "decode tokens/s at batch 1 on this machine"),
-    # a task's gates (task.toml [gates]): the bundle's greedy answers against the teacher's
-    "min_label_agreement_vs_teacher": (("task", "label_agreement"), "min", "share of held-out prompts whose answer names the teacher's label"),
-    "min_balanced_label_agreement_vs_teacher": (("task", "balanced_label_agreement"), "min",
-                                                "mean over the teacher's labels of the share answered with that label (a constant answer scores 1 / labels)"),
-    "max_accuracy_drop_vs_teacher": (("task", "truth", "accuracy_drop_vs_teacher"), "max",
-                                     "the teacher's accuracy minus the bundle's, against the held-out records' own labels"),
-    "min_exact_match_vs_teacher": (("task", "exact_match"), "min", "share of held-out prompts answered with the teacher's exact text"),
-    "min_rouge_l_vs_teacher": (("task", "rouge_l"), "min", "mean ROUGE-L F1 of the answers against the teacher's"),
-}
+from edgekd.metrics import GATES
 
 
 class GateFailed(EdgekdError):

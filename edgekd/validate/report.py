@@ -11,49 +11,12 @@ import numpy as np
 
 from edgekd.errors import UsageError
 from edgekd.io import atomic_write_bytes, write_json
-
-# (label, section, key, format) of the rows shown per bundle
-ROWS: list[tuple[str, str, str, str]] = [
-    ("top-1 vs reference", "reference", "top1", "{:.3f}"),
-    ("mean KL vs reference", "reference", "kl_mean", "{:.4f}"),
-    ("p95 KL vs reference", "reference", "kl_p95", "{:.4f}"),
-    ("perplexity (bundle)", "reference", "ppl_bundle", "{:.2f}"),
-    ("perplexity (reference)", "reference", "ppl_model", "{:.2f}"),
-    ("ppl ratio vs reference", "reference", "ppl_ratio", "{:.3f}"),
-    ("max abs logit error vs reference", "reference", "max_abs_logit_error", "{:.3f}"),
-    ("greedy exact match vs reference", "reference", "greedy_exact", "{:.2f}"),
-    ("greedy common prefix vs reference (tokens)", "reference", "greedy_prefix_tokens", "{:.1f}"),
-    ("top-1 vs teacher", "teacher", "top1", "{:.3f}"),
-    ("mean KL vs teacher", "teacher", "kl_mean", "{:.4f}"),
-    ("p95 KL vs teacher", "teacher", "kl_p95", "{:.4f}"),
-    ("perplexity (teacher)", "teacher", "ppl_model", "{:.2f}"),
-    ("ppl ratio vs teacher", "teacher", "ppl_ratio", "{:.3f}"),
-    ("greedy exact match vs teacher", "teacher", "greedy_exact", "{:.2f}"),
-    ("greedy common prefix vs teacher (tokens)", "teacher", "greedy_prefix_tokens", "{:.1f}"),
-    ("task: label agreement vs teacher", "task", "label_agreement", "{:.3f}"),
-    ("task: balanced label agreement vs teacher", "task", "balanced_label_agreement", "{:.3f}"),
-    ("task: a constant answer of the teacher's majority label", "task", "majority_baseline", "{:.3f}"),
-    ("task: accuracy vs the records' labels", "task", "truth.accuracy", "{:.3f}"),
-    ("task: teacher accuracy vs the records' labels", "task", "truth.teacher_accuracy", "{:.3f}"),
-    ("task: ROUGE-L vs the records' references", "task", "truth.rouge_l", "{:.3f}"),
-    ("task: teacher ROUGE-L vs the references", "task", "truth.teacher_rouge_l", "{:.3f}"),
-    ("task: exact answer vs teacher", "task", "exact_match", "{:.3f}"),
-    ("task: ROUGE-L vs teacher", "task", "rouge_l", "{:.3f}"),
-    ("task: ROUGE-L of the input copied (baseline)", "task", "baseline_input_rouge_l", "{:.3f}"),
-    ("task: ROUGE-L of its first sentence (baseline)", "task", "baseline_first_sentence_rouge_l", "{:.3f}"),
-    ("model size (MB)", "cost", "size_mb", "{:.1f}"),
-    ("size / teacher at fp32", "cost", "size_vs_teacher_fp32", "{:.0%}"),
-    ("bundle size (MB)", "cost", "bundle_mb", "{:.1f}"),
-    ("load time (s)", "cost", "load_s", "{:.2f}"),
-    ("prefill (ms, 128 tokens)", "cost", "prefill_ms", "{:.1f}"),
-    ("decode (tokens/s, batch 1)", "cost", "decode_tokens_per_s", "{:.1f}"),
-    ("peak RSS (MB)", "cost", "peak_rss_mb", "{:.0f}"),
-]
+from edgekd.metrics import METRICS
 
 
-def _value(report: dict[str, Any], section: str, key: str) -> Any:
-    node: Any = report.get(section) if section in ("cost", "task") else report["fidelity"].get(section)
-    for part in key.split("."):  # "truth.accuracy": a nested figure
+def _value(report: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = report
+    for part in path:
         node = node.get(part) if isinstance(node, dict) else None
     return node
 
@@ -64,13 +27,14 @@ def _fmt(value: Any, fmt: str) -> str:
 
 def metric_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = []
-    for label, section, key, fmt in ROWS:
-        values = [_value(r, section, key) for r in reports]
+    for m in METRICS:
+        values = [_value(r, m.path) for r in reports]
         if all(v is None for v in values):
             continue
-        if section == "cost" and key == "prefill_ms":
+        label = m.label
+        if m.path == ("cost", "prefill_ms"):
             label = f"prefill (ms, {reports[0]['cost'].get('prefill_tokens', 128)} tokens)"
-        rows.append([label] + [_fmt(v, fmt) for v in values])
+        rows.append([label] + [_fmt(v, m.fmt) for v in values])
     return rows
 
 
