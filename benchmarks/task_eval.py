@@ -54,6 +54,18 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
     return [a["response"] for a in answers]
 
 
+def print_generative_table(rows: list[dict]) -> None:
+    """ROUGE-L beside the trivial baselines, against the teacher and against the references."""
+    cols = ["model", "ROUGE-L vs teacher", "input copied vs teacher", "first sentence vs teacher",
+            "ROUGE-L vs reference", "teacher vs reference", "input copied vs reference", "first sentence vs reference"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        t = r.get("truth") or {}
+        cells = [r["rouge_l"], r.get("baseline_input_rouge_l"), r.get("baseline_first_sentence_rouge_l"), t.get("rouge_l"),
+                 t.get("teacher_rouge_l"), t.get("baseline_input_rouge_l"), t.get("baseline_first_sentence_rouge_l")]
+        print(f"| {r['name']} | " + " | ".join("–" if c is None else f"{c:.3f}" for c in cells) + " |")
+
+
 def print_label_tables(rows: list[dict], labels, t_answers: list[str], truths) -> None:
     """Balanced figures beside their baselines: a constant answer must not pass for reading."""
     from edgekd.tasks import NO_LABEL, label_of
@@ -146,6 +158,8 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if labels:
         print_label_tables(rows, labels, t_answers, truths)
+    else:
+        print_generative_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"prompts": args.prompts, "teacher_answers": t_answers, "rows": rows}, indent=1))
 

@@ -66,8 +66,13 @@ def test_bundle_files_and_manifest(bundles, sources, name):
     root = bundles[name]
     manifest = read_manifest(root, verify=True)  # every file present with its size and SHA-256
     model_file = "model.ort" if name == "mobile" else "model.onnx"
-    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | {model_file}
-    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | {model_file}
+    # an ORT-format bundle carries the operator lists onnxruntime's reduced-size (Android) build reads
+    reduced = {"required_operators.config", "required_operators_and_types.config"} if name == "mobile" else set()
+    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | {model_file} | reduced
+    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | {model_file} | reduced
+    if reduced:
+        ops = (root / "required_operators.config").read_text()
+        assert "com.microsoft;1;" in ops and "MatMulNBits" in ops and "GroupQueryAttention" in ops and str(root) not in ops
 
     assert manifest["target"] == to_dict(load_target(name))
     assert manifest["target"]["gates"]["min_top1_vs_reference"] is not None

@@ -27,10 +27,32 @@ def copy_model(src: Path, out_dir: Path, name: str, external: bool) -> list[str]
     dst = out_dir / name
     if src.suffix == ".ort":
         shutil.copyfile(src, dst)
-        return [name]
+        return [name, *write_reduced_build_configs(dst, out_dir)]
     model = load_onnx(src)
     save_onnx(model, dst, external=external or None)
     return [p.name for p in out_dir.iterdir() if p.name in (name, name + ".data")]
+
+
+REDUCED_BUILD_CONFIGS = {"required_operators.config": False, "required_operators_and_types.config": True}
+
+
+def write_reduced_build_configs(ort_model: Path, out_dir: Path) -> list[str]:
+    """The operators (and, in the second file, the types) an ORT-format model uses, in the format
+    onnxruntime's reduced-size build reads (``build.sh --include_ops_by_config FILE``, also for
+    Android's ``--android``), written by onnxruntime's own ``create_config_from_models``: an app
+    ships a runtime holding only what its bundle needs."""
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    from edgekd.io import quiet
+
+    written = []
+    for name, with_types in REDUCED_BUILD_CONFIGS.items():
+        with quiet():
+            create_config_from_models([ort_model], out_dir / name, enable_type_reduction=with_types)
+        text = (out_dir / name).read_text(encoding="utf-8")  # its header names the build machine's path: keep the file name only
+        (out_dir / name).write_text(text.replace(str(ort_model.resolve()), ort_model.name).replace(str(ort_model), ort_model.name), encoding="utf-8")
+        written.append(name)
+    return written
 
 
 def write_tokenizer_and_configs(model, tokenizer, out_dir: Path) -> None:
