@@ -212,6 +212,9 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     head_w = None
     if head is not None:
         head_w = emb if head_transposed else np.ascontiguousarray(numpy_helper.to_array(inits[head_w_name]).T)  # (vocab, hidden)
+        if not tied and np.array_equal(head_w, emb):  # a tied head the exporter stored as its own transposed copy (Gemma 3)
+            tied, head_w = True, emb
+            info["tied"] = True
 
     kept: list[str] = []  # the matrices stored at int4 because they already lie on its grid
 
