@@ -53,7 +53,7 @@ def test_the_runtime_side_imports_no_toolchain_at_module_level():
     runtime_side = ["edgekd.cli", "edgekd.check", "edgekd.runtime", "edgekd.bundle", "edgekd.targets", "edgekd.tasks",
                     "edgekd.stats", "edgekd.config", "edgekd.io", "edgekd.paths", "edgekd.errors", "edgekd.export",
                     "edgekd.export.golden", "edgekd.validate", "edgekd.validate.fidelity", "edgekd.validate.gates",
-                    "edgekd.validate.speed", "edgekd.validate.data"]
+                    "edgekd.validate.speed", "edgekd.validate.data", "edgekd.templates", "edgekd.metrics"]
     modules = _modules()
     for name in runtime_side:
         heavy = {n for n in _imports(modules[name], top_level_only=True) if n.split(".")[0] in TOOLCHAIN}

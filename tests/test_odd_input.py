@@ -266,19 +266,19 @@ def test_markup_and_newlines_in_user_text_print_as_they_are(tmp_path):
     "{{ foo.bar.baz }}",
 ])
 def test_a_hostile_chat_template_is_bad_input(template):
-    from edgekd.runtime import ChatTemplate
+    from edgekd.templates import ChatTemplate
 
     with pytest.raises(UsageError, match="chat template"):
         ChatTemplate(template, {}).render([{"role": "user", "content": "hi"}])
 
 
 def test_a_template_that_loops_for_ever_is_stopped(monkeypatch):
-    import edgekd.runtime as runtime
+    import edgekd.templates as templates
 
-    monkeypatch.setattr(runtime, "TEMPLATE_MAX_SECONDS", 0.5)
+    monkeypatch.setattr(templates, "TEMPLATE_MAX_SECONDS", 0.5)
     t0 = time.time()
     with pytest.raises(UsageError, match="ran for over"):
-        runtime.ChatTemplate("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", {}).render([])
+        templates.ChatTemplate("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", {}).render([])
     assert time.time() - t0 < 10
 
 

@@ -35,7 +35,8 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
     import torch
     from tokenizers import Tokenizer
 
-    from edgekd.runtime import answer_text, encode_prompt, load_chat_template
+    from edgekd.runtime import answer_text, encode_prompt
+    from edgekd.templates import load_chat_template
 
     tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))
     template = load_chat_template(Path(bundle_dir))
