@@ -199,3 +199,13 @@ def test_a_labelled_task_whose_teacher_names_no_label_is_refused(tiny_teacher_di
     r = CliRunner().invoke(app, ["distill", "--task", str(task), "--teacher", str(tiny_teacher_dir), "--out", str(out)])
     assert r.exit_code == 2 and "names a label" in r.output
     assert not out.exists()  # a refused run leaves --out as it found it
+
+
+def test_a_distilled_split_gets_its_truths_from_the_task_folder(tmp_path):
+    from edgekd.validate.data import record_truths
+
+    (tmp_path / "heldout.jsonl").write_text('{"prompt": "a", "label": "positive"}\n{"prompt": "b", "label": "negative"}\n')
+    split = [{"prompt": "b", "response": "The review is negative."}, {"prompt": "c", "response": "x"}]  # the teacher's answers
+    assert record_truths(split, str(tmp_path)) == ["negative", None]
+    assert record_truths([{"prompt": "a", "label": "negative"}], str(tmp_path)) == ["negative"]  # a record's own wins
+    assert record_truths(split, None) is None

@@ -120,7 +120,7 @@ def validate(
     from edgekd.metrics import TASK_FIGURES
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import score_answers, task_inputs
-    from edgekd.validate.data import choose_data, load_records
+    from edgekd.validate.data import choose_data, load_records, record_truths
     from edgekd.validate.fidelity import (
         Example,
         bundle_greedy,
@@ -240,7 +240,7 @@ def validate(
         texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
         task_figures = None
         if task:
-            truths = [r.get("label") or r.get("reference") for r in records] if any("label" in r or "reference" in r for r in records) else None
+            truths = record_truths(records, task.get("folder"))
             task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or (),
                                                                       truths=truths, inputs=task_inputs([r["prompt"] for r in records]))}
             reference_task = score_answers(texts["reference"], texts["teacher"], task.get("labels") or ())

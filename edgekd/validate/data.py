@@ -38,6 +38,20 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     return records
 
 
+def record_truths(records: list[dict], task_folder: str | None) -> list[str | None] | None:
+    """Each record's own truth (``label`` or ``reference``); where the records carry none (a
+    distillation's held-out split: the teacher's answers), the task's held-out file's, matched by
+    prompt. None when nothing has one."""
+    truths = [r.get("label") or r.get("reference") for r in records]
+    if not any(truths) and task_folder and (Path(task_folder) / "heldout.jsonl").is_file():
+        try:
+            own = {r["prompt"]: r.get("label") or r.get("reference") for r in load_records(Path(task_folder) / "heldout.jsonl")}
+        except UsageError:
+            return None
+        truths = [own.get(r["prompt"]) for r in records]
+    return truths if any(truths) else None
+
+
 def choose_data(data: Path | None, *, task_heldout: Path | None = None, heldout: str | None = None) -> tuple[Path, str, list[str]]:
     """``(file, where it came from, notes)`` by the order in the module docstring: ``data`` (--data),
     ``task_heldout`` (--task), ``heldout`` (the manifest's ``source.heldout``), the shipped prompts."""
