@@ -6,7 +6,7 @@ EXIT_CODES = {
     1: "the run failed: a gate, or the training diverged (the message names which)",
     2: "bad input or usage: a path, a file, a setting, a full disk or a read-only folder (the message names it)",
     3: "an unexpected internal error (a bug: EDGEKD_DEBUG=1 shows the traceback)",
-    130: "interrupted",
+    130: "interrupted (Ctrl-C); 143 and 129 stopped by SIGTERM or SIGHUP, cleaned up the same way",
 }
 INTERNAL_ERROR = 3
 
