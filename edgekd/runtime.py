@@ -38,6 +38,7 @@ from edgekd.errors import UsageError, first_line
 from edgekd.paths import inside
 from edgekd.templates import ChatTemplate, load_chat_template
 
+MAX_THREADS = 4096  # intra-op threads; beyond any machine edgekd runs on
 _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
 
@@ -205,6 +206,8 @@ class Runtime:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        if threads is not None and not 0 <= threads <= MAX_THREADS:  # onnxruntime takes a C int: a huge one is a TypeError
+            raise UsageError(f"--threads {threads}: give 1 to {MAX_THREADS} (0 or none: one per physical core)")
         t0 = time.perf_counter()
         self.root = Path(bundle)
         self.manifest = Manifest(read_manifest(self.root, verify=verify))

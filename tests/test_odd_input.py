@@ -157,6 +157,8 @@ def test_written_json_holds_no_nan(tmp_path):
     (["-n", "2", "--seed", "-1"], "seed must be"),
     (["-n", "2", "--temperature", "nan"], "--temperature"),
     (["-n", "2", "--top-p", "inf"], "--top-p"),
+    (["-n", "2", "--threads", "99999999999999999999"], "--threads"),  # found by the fuzz test below
+    (["-n", "2", "--threads", "-1"], "--threads"),
 ])
 def test_generate_refuses_bad_sampling_in_one_line(bundle, args, words):
     _one_clear_line(_run("generate", bundle, "hi", *args), 2, words)
