@@ -26,6 +26,7 @@ from edgekd.distill.students import build_student
 from edgekd.io import iter_jsonl
 from edgekd.models import load_model
 from edgekd.tasks import load_task, score_answers, task_inputs
+from edgekd.validate.data import record_truths
 
 
 @torch.no_grad()
@@ -114,7 +115,7 @@ def main() -> None:
         records = records[: args.limit]
     prompts = [r["prompt"] for r in records]
     # the records' own truth where they carry one: a label, or a reference answer
-    truths = [r.get("label") or r.get("reference") for r in records] if any("label" in r or "reference" in r for r in records) else None
+    truths = record_truths(records, None)
     teacher, tok = load_model(args.teacher)
     teacher.eval()
     t0 = time.time()

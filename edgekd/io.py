@@ -169,15 +169,14 @@ def read_json(path: Path, fix: str = "") -> Any:
         raise UsageError(f"{path} is not valid JSON ({first_line(e)}){fix}") from None
 
 
-def json_format(path: Path) -> str | None:
-    """The ``format`` field of a JSON object file (edgekd's own files carry one), or None for
-    anything else: a missing or unreadable file, other JSON, not JSON at all."""
+def _json_object(path: Path) -> dict | None:
+    """A JSON object file's content, or None for anything else: a missing or unreadable file,
+    other JSON, not JSON at all."""
     try:
         data = read_json(path)
     except (UsageError, OSError):
         return None
-    fmt = data.get("format") if isinstance(data, dict) else None
-    return fmt if isinstance(fmt, str) else None
+    return data if isinstance(data, dict) else None
 
 
 # What marks a folder as edgekd's own output. Read from the file's content, never from its name
@@ -191,25 +190,17 @@ OUTPUT_MARKERS = {  # file -> (what it marks, the ``format`` its JSON carries)
 }
 
 
-def _legacy_report(folder: Path) -> bool:
-    """A report of an edgekd before the marker: report.json holding exactly its three keys, with
-    report.md beside it."""
-    try:
-        data = read_json(folder / "report.json")
-    except (UsageError, OSError):
-        return False
-    return isinstance(data, dict) and set(data) == {"passed", "command", "bundles"} and (folder / "report.md").is_file()
-
-
 def edgekd_output(folder: Path) -> str | None:
     """What edgekd output ``folder`` is ("a bundle", "a distill run", "a validate report"), read
     from the markers edgekd writes into it, or None when nothing in it says it is edgekd's."""
     folder = Path(folder)
     for name, (what, fmt) in OUTPUT_MARKERS.items():
-        if json_format(folder / name) == fmt:
+        data = _json_object(folder / name)
+        if data is not None and data.get("format") == fmt:
             return what
-    if _legacy_report(folder):
-        return REPORT
+        # a report of an edgekd before the marker: exactly its three keys, with report.md beside it
+        if what == REPORT and data is not None and set(data) == {"passed", "command", "bundles"} and (folder / "report.md").is_file():
+            return what
     try:
         with open(folder / "distill.toml", encoding="utf-8") as f:
             if f.readline().rstrip("\n") == DISTILL_TOML_MARKER:
@@ -369,11 +360,16 @@ def sweep_stale(parent: Path, prefix: str) -> list[Path]:
     except OSError:
         return removed
     for p in candidates:
-        marker = p / WORK_MARKER
-        if p.is_dir() and not p.is_symlink() and marker.is_file() and not owner_alive(_read_identity(marker)):
+        if _abandoned(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
+
+
+def _abandoned(folder: Path) -> bool:
+    """A folder of edgekd's work (it carries the marker) whose process is gone."""
+    marker = folder / WORK_MARKER
+    return folder.is_dir() and not folder.is_symlink() and marker.is_file() and not owner_alive(_read_identity(marker))
 
 
 @contextlib.contextmanager
@@ -490,8 +486,7 @@ def _restore_or_sweep_old(out: Path) -> None:
     """A kill -9 between atomic_dir's two renames leaves the previous output in ``.NAME.old-*``
     and nothing at ``out``: put it back. Otherwise an ``.old-*`` of a dead run is removed."""
     for old in sorted(out.parent.glob(f".{out.name}.old-*")):
-        marker = old / WORK_MARKER
-        if not marker.is_file() or owner_alive(_read_identity(marker)):
+        if not _abandoned(old):
             continue
         if (old / out.name).is_dir() and not out.exists():
             os.replace(old / out.name, out)

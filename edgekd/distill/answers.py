@@ -186,10 +186,10 @@ def _write_jsonl(path: Path, records: Sequence[dict | None]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """What ``_write_jsonl`` wrote (lines split at ``\\n`` only: a prompt may hold U+2028)."""
-    from edgekd.io import jsonl_lines
+    """What ``_write_jsonl`` wrote."""
+    from edgekd.io import iter_jsonl
 
-    return [json.loads(line) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
+    return [rec for _, rec in iter_jsonl(path)]
 
 
 def captured_cache(out: Path, data_info: dict, records: list[dict], examples: list[Example], vocab: int, k: int, say):

@@ -191,7 +191,7 @@ def export_bundle(
     from edgekd.bundle import MANIFEST, check_external_data, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, make_shareable, output_lock, work_dir, write_json
+    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir, write_json
     from edgekd.models import load_model, resolve_source
 
     say = log or (lambda msg: None)
@@ -212,7 +212,6 @@ def export_bundle(
     facts = model_facts(torch_model.config)
 
     with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
-        make_shareable(tmp)  # a bundle is meant to be shared
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
         path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)
 

@@ -12,13 +12,7 @@ import numpy as np
 from edgekd.errors import UsageError
 from edgekd.io import atomic_write_bytes, write_json
 from edgekd.metrics import METRICS
-
-
-def _value(report: dict[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = report
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+from edgekd.validate.gates import metric
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -28,7 +22,7 @@ def _fmt(value: Any, fmt: str) -> str:
 def metric_rows(reports: Sequence[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for m in METRICS:
-        values = [_value(r, m.path) for r in reports]
+        values = [metric(r, *m.path) for r in reports]
         if all(v is None for v in values):
             continue
         label = m.label
@@ -295,8 +289,7 @@ def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, li
     replaced in one rename once the new one is complete); return the paths written."""
     from edgekd.io import REPORT, atomic_dir
 
-    check_out(out)
-    with atomic_dir(out, overwrite=True, kind=REPORT) as tmp:
+    with atomic_dir(out, overwrite=True, kind=REPORT) as tmp:  # refuses a folder that is no report of ours
         written = _write_report_files(tmp, reports, kls, command)
     return [Path(out) / p.name for p in written]
 
