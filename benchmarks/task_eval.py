@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from edgekd.distill.data import collate, encode_chat, generate_answers
+from edgekd.distill.data import collate, encode_chat, generate_answers, prompt_text
 from edgekd.distill.loop import calibration_batches
 from edgekd.distill.students import build_student
 from edgekd.io import iter_jsonl
 from edgekd.models import load_model
-from edgekd.tasks import load_task, score_answers, task_inputs
+from edgekd.tasks import label_margins, load_task, score_answers, task_inputs
 from edgekd.validate.data import record_truths
+
+DEVICE = torch.device("cpu")  # --device: where the models run
 
 
 @torch.no_grad()
@@ -37,7 +39,7 @@ def answer_agreement(model, teacher, tok, prompts: list[str], answers: list[str]
     agree = n = 0
     kl = 0.0
     for i in range(0, len(rows), batch_size):
-        b = collate(rows[i : i + batch_size], tok.pad_token_id or 0)
+        b = {k: v.to(DEVICE) for k, v in collate(rows[i : i + batch_size], tok.pad_token_id or 0).items()}
         mask = b["loss_mask"]
         s = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[mask]
         t = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[mask]
@@ -49,10 +51,24 @@ def answer_agreement(model, teacher, tok, prompts: list[str], answers: list[str]
     return agree / max(n, 1), kl / max(n, 1)
 
 
-def greedy(model, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+def greedy(model, tok, prompts: list[str], max_new_tokens: int, ids: bool = False):
+    """The greedy answers' texts (``ids=True``: and their token ids)."""
     answers, _ = generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
                                   batch_size=16, seed=0, max_prompt_tokens=448)
-    return [a["response"] for a in answers]
+    texts = [a["response"] for a in answers]
+    return (texts, [list(a["answer_ids"]) for a in answers]) if ids else texts
+
+
+@torch.no_grad()
+def teacher_margins(teacher, tok, prompts: list[str], answer_ids: list[list[int]], labels) -> list[float | None]:
+    """``edgekd.tasks.label_margins`` of the teacher's own greedy answers: how decided each label was."""
+    out = []
+    for p, ans in zip(prompts, answer_ids):
+        pid = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
+        logits = teacher(input_ids=torch.tensor([pid + ans], device=DEVICE)).logits[0, len(pid) - 1 : len(pid) - 1 + len(ans)]
+        out += label_margins([ans], [logits.float().cpu().numpy()], labels, lambda ids: tok.decode(list(ids), skip_special_tokens=True),
+                             lambda text: tok.encode(text, add_special_tokens=False))
+    return out
 
 
 def print_generative_table(rows: list[dict]) -> None:
@@ -76,6 +92,10 @@ def print_label_tables(rows: list[dict], labels, t_answers: list[str], truths) -
     print(f"\nteacher labels: {counts}; a constant answer of the teacher's majority label agrees on {max(counts.values()) / max(sum(counts.values()), 1):.3f}, "
           f"balanced agreement of any constant answer: {1 / len(labels):.3f}")
     cols = ["model", "label agreement (95%)", "balanced agreement"] + [f"agreement where teacher {lab}" for lab in labels]
+    decided = rows[0].get("teacher_decided_share") if rows else None
+    if decided is not None:
+        print(f"the teacher decided {decided:.2f} of its labels (its label's logit >= 1 nat over the other's); the rest are near-ties")
+        cols += ["where the teacher decided", "on its near-ties"]
     if truths:
         cols += ["accuracy vs truth (95%)", "teacher accuracy (95%)", "drop vs teacher"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
@@ -83,6 +103,8 @@ def print_label_tables(rows: list[dict], labels, t_answers: list[str], truths) -
         ci = r.get("label_agreement_ci95") or [0, 0]
         cells = [r["name"], f"{r['label_agreement']:.3f} ({ci[0]:.2f}-{ci[1]:.2f})", f"{r['balanced_label_agreement']:.3f}"]
         cells += [f"{r['label_agreement_per_label'].get(lab, float('nan')):.3f}" for lab in labels]
+        if decided is not None:
+            cells += ["–" if r.get(k) is None else f"{r[k]:.3f}" for k in ("label_agreement_teacher_decided", "label_agreement_teacher_near_tie")]
         if truths:
             t = r["truth"]
             cells += [f"{t['accuracy']:.3f} ({t['accuracy_ci95'][0]:.2f}-{t['accuracy_ci95'][1]:.2f})",
@@ -106,7 +128,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="where the models run: cpu, or cuda (fp32 either way)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     task = load_task(args.task) if args.task else None
     labels = task.labels if task else ()
@@ -117,9 +142,10 @@ def main() -> None:
     # the records' own truth where they carry one: a label, or a reference answer
     truths = record_truths(records, None)
     teacher, tok = load_model(args.teacher)
-    teacher.eval()
+    teacher.eval().to(DEVICE)
     t0 = time.time()
-    t_answers = greedy(teacher, tok, prompts, args.max_new_tokens)
+    t_answers, t_ids = greedy(teacher, tok, prompts, args.max_new_tokens, ids=True)
+    margins = teacher_margins(teacher, tok, prompts, t_ids, labels) if labels else None
     print(f"teacher answered {len(prompts)} prompts in {time.time() - t0:.0f} s")
     models = []
     for spec in args.zero_shot:
@@ -136,12 +162,13 @@ def main() -> None:
         models.append((f"{name} (zero-shot)", student.model.eval(), student.describe["num_hidden_layers"]))
     for folder in args.students:
         m, _ = load_model(folder)
-        models.append((folder, m.eval(), m.config.num_hidden_layers))
+        models.append((folder, m.eval().to(DEVICE), m.config.num_hidden_layers))
     rows = []
     for name, model, layers in models:
         t0 = time.time()
         answers = greedy(model, tok, prompts, args.max_new_tokens)
-        figures = score_answers(answers, t_answers, labels, truths=truths, inputs=None if labels else task_inputs(prompts))
+        figures = score_answers(answers, t_answers, labels, truths=truths, inputs=None if labels else task_inputs(prompts),
+                                teacher_margins=margins)
         figures["answer_top1"], figures["answer_kl"] = answer_agreement(model, teacher, tok, prompts, t_answers)
         figures.update(name=name, layers=layers, parameters=sum(p.numel() for p in model.parameters()), seconds=round(time.time() - t0, 1),
                        examples=[{"prompt": p, "teacher": t, "student": a} for p, t, a in list(zip(prompts, t_answers, answers))[:3]])
@@ -162,7 +189,7 @@ def main() -> None:
     else:
         print_generative_table(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"prompts": args.prompts, "teacher_answers": t_answers, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"prompts": args.prompts, "teacher_answers": t_answers, "teacher_margins": margins, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ METRICS: tuple[Metric, ...] = (
     _task("balanced_label_agreement", "balanced label agreement vs teacher", gate="min_balanced_label_agreement_vs_teacher",
           meaning="mean over the teacher's labels of the share answered with that label (a constant answer scores 1 / labels)"),
     _task("majority_baseline", "a constant answer of the teacher's majority label"),
+    # how decided the teacher's own labels were (tasks.label_margins): a near-tie flips with any copy of it
+    _task("teacher_decided_share", "teacher's labels decided (margin >= 1 nat)"),
+    _task("label_agreement_teacher_decided", "label agreement where the teacher decided"),
+    _task("label_agreement_teacher_near_tie", "label agreement on the teacher's near-ties"),
     _task("truth.accuracy", "accuracy vs the records' labels"),
     _task("truth.teacher_accuracy", "teacher accuracy vs the records' labels"),
     _task("truth.accuracy_drop_vs_teacher", "accuracy drop vs the teacher", gate="max_accuracy_drop_vs_teacher",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,59 @@ def label_of(answer: str, labels: Sequence[str]) -> str | None:
     return best[1] if best else None
 
 
+DECIDED_MARGIN = 1.0  # nats: the teacher's label at least e (2.7) times as likely as any other label
+
+
+def label_margins(answers: Sequence[Sequence[int]], logits: Sequence[Any], labels: Sequence[str],
+                  decode: Callable[[Sequence[int]], str], encode: Callable[[str], list[int]]) -> list[float | None]:
+    """How decided a model was when it named its label: per greedy answer (token ids, with the
+    model's ``(answer_len, vocab)`` logits predicting each of them), the logit of the token that
+    names its label minus the best logit of a token that would name another label there
+    (``encode`` of the text so far with the other label written in). None: the answer names no
+    label, or names it across tokens this cannot pair.
+
+    A margin under ``DECIDED_MARGIN`` is a near-tie: a student, or the teacher quantized, can flip
+    it without reading the input any worse. ``score_answers(..., teacher_margins=)`` splits the
+    agreement there."""
+    out: list[float | None] = []
+    for ids, lg in zip(answers, logits):
+        margin = None
+        for j in range(len(ids)):
+            text = decode(ids[: j + 1])
+            label = label_of(text, labels)
+            if label is None:
+                continue
+            before = decode(ids[:j])
+            piece = text[len(before):] if text.startswith(before) else ""
+            k = piece.lower().find(label)
+            if k >= 0:
+                rivals = []
+                for other in labels:
+                    if other == label:
+                        continue
+                    word = other.capitalize() if piece[k : k + 1].isupper() else other
+                    alt = encode(before + piece[:k] + word)
+                    if len(alt) > j and list(alt[:j]) == list(ids[:j]) and alt[j] != ids[j]:
+                        rivals.append(alt[j])
+                if rivals:
+                    margin = float(lg[j][ids[j]] - max(lg[j][r] for r in rivals))
+            break
+        out.append(margin)
+    return out
+
+
+def decided_split(pairs: Sequence[tuple[str | None, str | None]], margins: Sequence[float | None]) -> dict[str, Any]:
+    """Label agreement where the teacher decided (margin >= ``DECIDED_MARGIN``) and on its near-ties."""
+    decided = [a == t for (a, t), m in zip(pairs, margins) if t is not None and m is not None and m >= DECIDED_MARGIN]
+    ties = [a == t for (a, t), m in zip(pairs, margins) if t is not None and m is not None and m < DECIDED_MARGIN]
+    measured = len(decided) + len(ties)
+    return {
+        "teacher_decided_share": len(decided) / measured if measured else None,
+        "label_agreement_teacher_decided": sum(decided) / len(decided) if decided else None,
+        "label_agreement_teacher_near_tie": sum(ties) / len(ties) if ties else None,
+    }
+
+
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
@@ -162,7 +215,8 @@ NO_LABEL = "none"  # an answer that names none of the task's labels, in a confus
 
 
 def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequence[str] = (),
-                  truths: Sequence[str | None] | None = None, inputs: Sequence[str] | None = None) -> dict[str, Any]:
+                  truths: Sequence[str | None] | None = None, inputs: Sequence[str] | None = None,
+                  teacher_margins: Sequence[float | None] | None = None) -> dict[str, Any]:
     """Task figures of ``answers`` against the ``teacher``'s answers to the same prompts, each
     beside the baseline a trivial answerer would score, so that a constant answer cannot pass.
 
@@ -178,6 +232,9 @@ def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequen
     a record has none): accuracy of the answers and of the teacher against them, side by side,
     with 95% intervals (``truth``); for a generative task ROUGE-L against the references, beside
     the baselines ``inputs`` give (the input copied; its first sentence).
+
+    ``teacher_margins`` (``label_margins`` of the teacher's answers): how many of the teacher's
+    labels were decided rather than near-ties, and the agreement on each (``decided_split``).
     """
     from edgekd.stats import wilson_ci
 
@@ -197,6 +254,8 @@ def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequen
         out["teacher_unlabelled"] = n - len(labelled)
         out["answers_unlabelled"] = sum(a is None for a, _ in pairs)
         out.update(label_balance(labelled, labels))
+        if teacher_margins is not None:
+            out.update(decided_split(pairs, teacher_margins))
         if truths is not None:
             out["truth"] = truth_accuracy([a for a, _ in pairs], [t for _, t in pairs], truths)
     elif truths is not None and any(truths):

@@ -13,7 +13,7 @@ from edgekd.distill.config import DistillConfig
 from edgekd.distill.config_io import resolve
 from edgekd.errors import UsageError
 from edgekd.io import iter_jsonl
-from edgekd.tasks import SHIPPED_TASKS, label_of, load_task, rouge_l, score_answers
+from edgekd.tasks import SHIPPED_TASKS, label_margins, label_of, load_task, rouge_l, score_answers
 
 
 def test_label_of_takes_the_first_label_named_as_a_word():
@@ -63,6 +63,42 @@ def test_a_constant_answer_cannot_pass_for_reading():
     assert g["truth"]["baseline_first_sentence_rouge_l"] == pytest.approx(1.0)
     assert 0 < g["baseline_input_rouge_l"] < 1
 
+
+
+def test_label_margins_read_how_decided_the_teacher_was():
+    """The logit of the token naming the label over the token that would name the other one there."""
+    import numpy as np
+
+    pieces = ["The", " review", " is", " positive", " negative", ".", " Positive", " Negative"]
+
+    def decode(ids):
+        return "".join(pieces[i] for i in ids)
+
+    def encode(text):  # longest piece first
+        ids = []
+        while text:
+            i = max((i for i, p in enumerate(pieces) if text.startswith(p)), key=lambda i: len(pieces[i]))
+            ids.append(i)
+            text = text[len(pieces[i]):]
+        return ids
+
+    def logits(n, row, scores):
+        lg = np.zeros((n, len(pieces)), dtype=np.float32)
+        for tok, v in scores.items():
+            lg[row, tok] = v
+        return lg
+
+    decided = [0, 1, 2, 4, 5]  # "The review is negative."
+    tie = [0, 1, 2, 3, 5]  # "The review is positive."
+    unlabelled = [0, 5]
+    margins = label_margins([decided, tie, unlabelled], [logits(5, 3, {4: 2.5, 3: 0.5}), logits(5, 3, {3: 1.2, 4: 0.9}), logits(2, 0, {})],
+                            ["positive", "negative"], decode, encode)
+    assert margins[0] == pytest.approx(2.0) and margins[1] == pytest.approx(0.3) and margins[2] is None
+    # agreement split where the teacher decided and on its near-ties
+    s = score_answers(["It is negative.", "It is negative.", "x"], ["The review is negative.", "The review is positive.", "x"],
+                      ["positive", "negative"], teacher_margins=margins)
+    assert s["teacher_decided_share"] == 0.5
+    assert s["label_agreement_teacher_decided"] == 1.0 and s["label_agreement_teacher_near_tie"] == 0.0
 
 def test_shipped_labelled_sets_carry_balanced_truths():
     from collections import Counter

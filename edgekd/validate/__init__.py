@@ -103,6 +103,27 @@ def answer_room(n: int, prompts: list[list[int]], context: int) -> int:
     return min(n, context - longest - 1)
 
 
+def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, list[str]], rt, teacher_read) -> dict[str, Any]:
+    """The task's figures of the bundle's answers against the teacher's (``tasks.score_answers``),
+    the reference's beside them, and, for a labelled task, how decided the teacher's labels were
+    (``teacher_read``: its greedy answers and its logits on them)."""
+    from edgekd.metrics import TASK_FIGURES
+    from edgekd.tasks import label_margins, score_answers, task_inputs
+    from edgekd.validate.data import record_truths
+
+    labels = task.get("labels") or ()
+    margins = None
+    if labels and teacher_read is not None:
+        margins = label_margins(*teacher_read, labels, lambda ids: rt.tokenizer.decode(list(ids)),
+                                lambda text: rt.tokenizer.encode(text, add_special_tokens=False).ids)
+    figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels,
+                                                         truths=record_truths(records, task.get("folder")),
+                                                         inputs=task_inputs([r["prompt"] for r in records]), teacher_margins=margins)}
+    reference = score_answers(texts["reference"], texts["teacher"], labels, teacher_margins=margins)
+    figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
+    return figures
+
+
 def validate(
     bundles: Sequence[str | Path],
     config: ValidateConfig = ValidateConfig(),
@@ -117,10 +138,8 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
-    from edgekd.metrics import TASK_FIGURES
     from edgekd.runtime import Runtime, answer_text, environment
-    from edgekd.tasks import score_answers, task_inputs
-    from edgekd.validate.data import choose_data, load_records, record_truths
+    from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
         Example,
         bundle_greedy,
@@ -223,6 +242,7 @@ def validate(
         ours_greedy = bundle_greedy(rt, prompts, n)
         fidelity: dict[str, Any] = {}
         texts: dict[str, list[str]] = {}
+        teacher_read = None
         for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
             say(f"{name}: comparing with the {role} ({spec}) ...")
             their_greedy = models.memo(("greedy", spec, n, pkey), model.greedy, prompts, n, eos)
@@ -235,16 +255,12 @@ def validate(
             greedy = compare_greedy(ours_greedy, their_greedy, n)
             fidelity[role] = {**metrics, **greedy, "model": spec}
             texts[role] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in their_greedy]
+            if role == "teacher" and given is None:  # the teacher's logits on its own answers: how decided its labels were
+                teacher_read = (their_greedy, theirs)
             if role == "reference":  # per prompt, for the plots
                 kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
         texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
-        task_figures = None
-        if task:
-            truths = record_truths(records, task.get("folder"))
-            task_figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], task.get("labels") or (),
-                                                                      truths=truths, inputs=task_inputs([r["prompt"] for r in records]))}
-            reference_task = score_answers(texts["reference"], texts["teacher"], task.get("labels") or ())
-            task_figures["reference_vs_teacher"] = {k: reference_task[k] for k in TASK_FIGURES if k in reference_task}
+        task_figures = _task_figures(task, records, texts, rt, teacher_read) if task else None
         examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                            "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
 
