@@ -24,7 +24,6 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,42 +37,19 @@ from edgekd.validate.speed import SPEED_PROMPT, synthetic_ids, time_runtime
 STUDENT_LAYERS = "layers:0,6,12,18,24,29"
 
 
-def measure_bandwidth(gib: float = 1.0, threads: int | None = None, repeats: int = 3) -> float:
-    """Read bandwidth in bytes/s: ``threads`` numpy max reductions over disjoint parts of one array, best of ``repeats``."""
-    threads = threads or os.cpu_count() or 1
-    a = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
-    parts = np.array_split(a, threads)
-    best = 0.0
-    for _ in range(repeats):
-        workers = [threading.Thread(target=np.max, args=(p,)) for p in parts]
-        t = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, a.nbytes / (time.perf_counter() - t))
-    return best
+def measure_bandwidth(threads: int | None = None) -> float:
+    """Read bandwidth in bytes/s, as validate measures it (``edgekd.validate.speed.read_bandwidth``), on 1 GiB."""
+    from edgekd.validate.speed import read_bandwidth
+
+    return read_bandwidth(threads, mib=1024)
 
 
 def bytes_read_per_token(bundle: Path) -> tuple[int, str]:
-    """Weight bytes a decode step reads (see the module docstring) and how they were counted."""
-    import onnx
+    """Weight bytes a decode step reads (``edgekd.export.bundle.decode_weight_bytes``) and how they were counted."""
+    from edgekd.export.bundle import decode_weight_bytes
 
-    model_file = bundle / Runtime(bundle, verify=False).model_path.name
-    if model_file.suffix != ".onnx":  # an .ort flatbuffer: count the whole file (an upper bound)
-        return model_file.stat().st_size, "file size (.ort)"
-    m = onnx.load(str(model_file))
-    consumers: dict[str, set[str]] = {}
-    for node in m.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
-    total = 0
-    for init in m.graph.initializer:
-        ops = consumers.get(init.name, set())
-        if ops and ops <= {"Gather", "GatherBlockQuantized"}:
-            continue  # an embedding table: one row per token
-        total += onnx.numpy_helper.to_array(init).nbytes
-    return total, "initializers not read only by Gather"
+    model_file = Runtime(bundle, verify=False).model_path
+    return decode_weight_bytes(model_file), "file size (.ort)" if model_file.suffix != ".onnx" else "initializers not read only by Gather"
 
 
 def kv_bytes(rt: Runtime, context: int) -> int:

@@ -137,7 +137,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import label_of
     from edgekd.validate.gates import apply_gates
-    from edgekd.validate.speed import time_runtime
+    from edgekd.validate.speed import read_bandwidth, roofline, time_runtime
 
     log(f"opening {bundle} (checking file hashes) ...")
     rt = Runtime(bundle, providers=config.providers, threads=config.threads)
@@ -153,6 +153,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     if config.speed:
         log("timing prefill and decode ...")
         cost.update({k: v for k, v in time_runtime(rt).items() if k in ("prefill_tokens", "prefill_ms", "decode_tokens_per_s")})
+        cost.update(roofline(cost["decode_tokens_per_s"], manifest.model.get("decode_weight_bytes"), read_bandwidth(config.threads)))
 
     answers = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours]
     task = manifest.source.task or {}

@@ -522,6 +522,10 @@ def check(
     if "decode_tokens_per_s" in cost:
         rows += [("decode, batch 1", f"{cost['decode_tokens_per_s']:.1f} tokens/s"),
                  (f"prefill, {cost['prefill_tokens']} tokens", f"{cost['prefill_ms']:.1f} ms")]
+    if "decode_roofline_share" in cost:
+        rows.append(("decode, share of the bandwidth roofline",
+                     f"{cost['decode_roofline_share']:.0%} ({cost['decode_weight_mb']:.1f} MB a token at {cost['read_bandwidth_gb_s']:.1f} GB/s: "
+                     f"{cost['decode_roofline_tokens_per_s']:.0f} tokens/s at most)"))
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -88,6 +88,11 @@ METRICS: tuple[Metric, ...] = (
     _cost("prefill_ms", "prefill (ms, 128 tokens)", "{:.1f}"),
     _cost("decode_tokens_per_s", "decode (tokens/s, batch 1)", "{:.1f}", gate="min_decode_tokens_per_s",
           meaning="decode tokens/s at batch 1 on this machine", on_device=True),
+    # decode reads every weight once a token: its limit is the read bandwidth over those bytes (validate.speed.roofline)
+    _cost("decode_weight_mb", "weights read a decode step (MB)", "{:.1f}"),
+    _cost("read_bandwidth_gb_s", "read bandwidth (GB/s, measured)", "{:.1f}"),
+    _cost("decode_roofline_tokens_per_s", "decode roofline (tokens/s)", "{:.0f}"),
+    _cost("decode_roofline_share", "decode, share of the bandwidth roofline", "{:.0%}"),
     _cost("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
 )
 

@@ -288,3 +288,29 @@ def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path, smollm2_cpu_bundle):
     assert b["data"]["source"] == "the held-out prompts of --task" and b["task"]["name"] == "sentiment"
     assert b["task"]["teacher_unlabelled"] < 4 and 0 <= b["task"]["label_agreement"] <= 1  # the teacher names a label
     assert "min_label_agreement_vs_teacher" in {g["name"] for g in b["gates"]}
+
+
+def test_decode_roofline_counts_the_weights_a_decode_step_reads(tmp_path):
+    """Issue 31: an embedding only gathered from is one row a token; a tied one the head reads counts whole."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekd.export.bundle import decode_weight_bytes
+    from edgekd.validate.speed import read_bandwidth, roofline
+
+    emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")  # 3,200 bytes, gathered only
+    head = numpy_helper.from_array(np.zeros((8, 50), np.float32), "head")  # 1,600 bytes, a MatMul reads it
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "head"], ["logits"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 50])],
+        [emb, head])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert decode_weight_bytes(tmp_path / "m.onnx") == 1600
+    tied = helper.make_graph([*graph.node, helper.make_node("MatMul", ["x", "emb"], ["y"])], "g", graph.input, graph.output, [emb, head])
+    onnx.save(helper.make_model(tied), str(tmp_path / "t.onnx"))
+    assert decode_weight_bytes(tmp_path / "t.onnx") == 4800
+    r = roofline(50.0, 100_000_000, 20e9)  # 100 MB a token at 20 GB/s: 200 tokens/s at most
+    assert r["decode_roofline_tokens_per_s"] == 200 and r["decode_roofline_share"] == 0.25
+    assert roofline(50.0, None, 20e9) == {}
+    assert read_bandwidth(threads=1, mib=8, repeats=1) > 1e8  # any machine reads 100 MB/s

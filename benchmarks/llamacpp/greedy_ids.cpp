@@ -6,10 +6,12 @@
 // template, no BOS added here, exactly the ids PyTorch and edgekd's bundles are given).
 // stdout: one line a prompt: the greedy token ids (the end-of-generation token ends it),
 // then a tab and the decode time of those tokens in seconds (the prompt's prefill excluded).
+// stderr, at the end: the process's peak resident memory, the VmHWM line of /proc/self/status.
 #include "llama.h"
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 #include <string>
@@ -65,5 +67,7 @@ int main(int argc, char ** argv) {
     }
     llama_free(ctx);
     llama_model_free(model);
+    std::ifstream status("/proc/self/status");
+    for (std::string s; std::getline(status, s);) if (s.rfind("VmHWM:", 0) == 0) fprintf(stderr, "%s\n", s.c_str());
     return 0;
 }

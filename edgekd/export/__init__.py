@@ -286,6 +286,7 @@ def export_bundle(
                 "outputs": io_outputs,
                 **facts,
                 "pad_token_id": tok.pad_token_id,
+                "decode_weight_bytes": files.decode_weight_bytes(tmp / model_file),
             },
             "export_check": {
                 "probe_tokens": int(ids.shape[1] + 1),

@@ -114,7 +114,8 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
     labels = task.get("labels") or ()
     margins = None
     if labels and teacher_read is not None:
-        margins = label_margins(*teacher_read, labels, lambda ids: rt.tokenizer.decode(list(ids)),
+        answers, logits = teacher_read
+        margins = label_margins(answers, logits, labels, lambda ids: rt.tokenizer.decode(list(ids)),
                                 lambda text: rt.tokenizer.encode(text, add_special_tokens=False).ids)
     figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels,
                                                          truths=record_truths(records, task.get("folder")),
@@ -138,6 +139,7 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
+    from edgekd.export.bundle import decode_weight_bytes
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
@@ -149,7 +151,7 @@ def validate(
     )
     from edgekd.validate.gates import apply_gates
     from edgekd.validate.report import check_out, write_report
-    from edgekd.validate.speed import measure_speed
+    from edgekd.validate.speed import measure_speed, roofline
 
     if not bundles:
         raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
@@ -215,6 +217,8 @@ def validate(
             speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
             cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
             cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
+            weight_bytes = manifest.model.get("decode_weight_bytes") or decode_weight_bytes(rt.model_path)
+            cost.update(roofline(speed["decode_tokens_per_s"], weight_bytes, speed["read_bandwidth_bytes_per_s"]))
 
         reference = models.get(ref_spec, "reference")
         reference.check_tokenizer(rt.tokenizer)

@@ -23,6 +23,7 @@ from edgekd.io import proc_kib_field
 
 PREFILL_TOKENS = 128  # the prompt length prefill is timed at (issue 5)
 DECODE_TOKENS = 64  # decode steps timed (batch 1, greedy, eos ignored)
+BANDWIDTH_MIB = 256  # the array the read bandwidth is measured on: larger than the caches
 SPEED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -57,6 +58,39 @@ def time_runtime(rt, prefill_tokens: int = PREFILL_TOKENS, decode_tokens: int = 
     }
 
 
+def read_bandwidth(threads: int | None = None, mib: int = BANDWIDTH_MIB, repeats: int = 3) -> float:
+    """The machine's read bandwidth, bytes/s: ``threads`` numpy reductions (which release the GIL)
+    over disjoint parts of one ``mib`` MiB array, best of ``repeats``. ``threads`` None: one per CPU."""
+    import threading
+
+    import numpy as np
+
+    threads = threads or os.cpu_count() or 1
+    a = np.ones(mib << 18, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.max, args=(part,)) for part in parts]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def roofline(decode_tokens_per_s: float, weight_bytes: int | None, bandwidth: float) -> dict[str, float]:
+    """Decode against its bandwidth limit: a decode step reads every weight once (``weight_bytes``,
+    the manifest's ``model.decode_weight_bytes``), so tokens/s cannot pass bandwidth / weight bytes.
+    Empty when the weight bytes are unknown (a bundle from before they were recorded)."""
+    if not weight_bytes or bandwidth <= 0:
+        return {}
+    return {"decode_weight_mb": weight_bytes / 1e6, "read_bandwidth_gb_s": bandwidth / 1e9,
+            "decode_roofline_tokens_per_s": bandwidth / weight_bytes,
+            "decode_roofline_share": decode_tokens_per_s * weight_bytes / bandwidth}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process. On Linux from ``VmHWM``: ``ru_maxrss`` would
     include the parent's resident memory at fork (the kernel carries it across exec)."""
@@ -75,7 +109,8 @@ def _measure_here(bundle: str, providers: list[str] | None, threads: int | None)
     rt = Runtime(bundle, providers=providers, threads=threads, verify=False)
     result = {"load_s": rt.load_s, "providers": rt.session.get_providers(), "warnings": rt.warnings}
     result.update(time_runtime(rt))
-    result["peak_rss_bytes"] = peak_rss_bytes()
+    result["peak_rss_bytes"] = peak_rss_bytes()  # before the bandwidth's array
+    result["read_bandwidth_bytes_per_s"] = read_bandwidth(threads)
     return result
 
 
