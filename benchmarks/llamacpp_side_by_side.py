@@ -97,7 +97,7 @@ def bundle_greedy_answers(bundle: Path, prompts: list[list[int]], tokens: int, t
 
 
 def bundle_bytes_per_token(bundle: Path) -> int:
-    from edgekd.export.bundle import decode_weight_bytes
+    from edgekd.bundle import decode_weight_bytes
     from edgekd.runtime import Runtime
 
     return decode_weight_bytes(Runtime(bundle, verify=False).model_path)

@@ -46,7 +46,7 @@ def measure_bandwidth(threads: int | None = None) -> float:
 
 def bytes_read_per_token(bundle: Path) -> tuple[int, str]:
     """Weight bytes a decode step reads (``edgekd.export.bundle.decode_weight_bytes``) and how they were counted."""
-    from edgekd.export.bundle import decode_weight_bytes
+    from edgekd.bundle import decode_weight_bytes
 
     model_file = Runtime(bundle, verify=False).model_path
     return decode_weight_bytes(model_file), "file size (.ort)" if model_file.suffix != ".onnx" else "initializers not read only by Gather"

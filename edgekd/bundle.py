@@ -254,3 +254,30 @@ def _all_tensors(graph):
                 yield attr.t
             for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
                 yield from _all_tensors(g)
+
+
+GATHERED_ONLY = {"Gather", "GatherBlockQuantized"}  # an embedding table: one row read a token
+
+
+def decode_weight_bytes(model_file: Path) -> int:
+    """Bytes of weights one decode step reads: every initializer but those only gathered from
+    (a tied embedding that the head also reads counts). The bandwidth roofline of decode is the
+    machine's read bandwidth over this. An ``.ort`` flatbuffer counts whole (an upper bound)."""
+    if model_file.suffix != ".onnx":
+        return model_file.stat().st_size
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(model_file), load_external_data=False)
+    consumers: dict[str, set[str]] = {}
+    for node in m.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in m.graph.initializer:
+        ops = consumers.get(init.name, set())
+        if ops and ops <= GATHERED_ONLY:
+            continue
+        total += int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return total

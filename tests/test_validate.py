@@ -296,7 +296,7 @@ def test_decode_roofline_counts_the_weights_a_decode_step_reads(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekd.export.bundle import decode_weight_bytes
+    from edgekd.bundle import decode_weight_bytes
     from edgekd.validate.speed import read_bandwidth, roofline
 
     emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")  # 3,200 bytes, gathered only

@@ -188,7 +188,7 @@ def export_bundle(
     split, else the shipped held-out prompts); ``golden``: one made earlier for this same model (the
     search reuses it).
     """
-    from edgekd.bundle import MANIFEST, check_external_data, write_manifest
+    from edgekd.bundle import MANIFEST, check_external_data, decode_weight_bytes, write_manifest
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
     from edgekd.io import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir, write_json
@@ -286,7 +286,7 @@ def export_bundle(
                 "outputs": io_outputs,
                 **facts,
                 "pad_token_id": tok.pad_token_id,
-                "decode_weight_bytes": files.decode_weight_bytes(tmp / model_file),
+                "decode_weight_bytes": decode_weight_bytes(tmp / model_file),
             },
             "export_check": {
                 "probe_tokens": int(ids.shape[1] + 1),

@@ -19,33 +19,6 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "granite": "granite", "olmo": "olmo", "smollm3": "smollm3", "nemotron": "nemotron"}
 
 
-GATHERED_ONLY = {"Gather", "GatherBlockQuantized"}  # an embedding table: one row read a token
-
-
-def decode_weight_bytes(model_file: Path) -> int:
-    """Bytes of weights one decode step reads: every initializer but those only gathered from
-    (a tied embedding that the head also reads counts). The bandwidth roofline of decode is the
-    machine's read bandwidth over this. An ``.ort`` flatbuffer counts whole (an upper bound)."""
-    if model_file.suffix != ".onnx":
-        return model_file.stat().st_size
-    import numpy as np
-    import onnx
-    from onnx import helper
-
-    m = onnx.load(str(model_file), load_external_data=False)
-    consumers: dict[str, set[str]] = {}
-    for node in m.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
-    total = 0
-    for init in m.graph.initializer:
-        ops = consumers.get(init.name, set())
-        if ops and ops <= GATHERED_ONLY:
-            continue
-        total += int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    return total
-
-
 def copy_model(src: Path, out_dir: Path, name: str, external: bool) -> list[str]:
     """Put the final model into the bundle as ``name`` (+ ``name.data`` when external); return the
     files written. ``.ort`` files are copied as they are (the format has no external data)."""

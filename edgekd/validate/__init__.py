@@ -139,7 +139,7 @@ def validate(
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
     """
-    from edgekd.export.bundle import decode_weight_bytes
+    from edgekd.bundle import decode_weight_bytes
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.validate.data import choose_data, load_records
     from edgekd.validate.fidelity import (
