@@ -125,6 +125,36 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
     return figures
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every bundle of one ``validate`` shares: the settings, the held-out records and where
+    they came from, the task, the gates a target pins, the PyTorch models, the per-prompt KLs for
+    the plots, and the progress line."""
+
+    config: ValidateConfig
+    say: Callable[[str], None]
+    models: _Models
+    records: list[dict[str, Any]]
+    data_path: Path
+    data_source: str
+    data_notes: list[str]
+    task: dict[str, Any] | None
+    pinned: tuple[dict[str, Any], str] | None
+    kls: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Compared:
+    """One bundle against the reference and the teacher on the held-out prompts."""
+
+    fidelity: dict[str, Any]  # role -> logits and greedy figures
+    texts: dict[str, list[str]]  # "bundle", "reference", "teacher" -> greedy answers
+    teacher_read: tuple[list, list] | None  # the teacher's greedy answers and its logits on them
+    answer_tokens: int
+    asked: int  # the answer tokens asked for, before the bundle's context capped them
+    answers_from: str
+
+
 def validate(
     bundles: Sequence[str | Path],
     config: ValidateConfig = ValidateConfig(),
@@ -138,25 +168,17 @@ def validate(
     ``passed`` and ``gates``) and the folder written.
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
+
+    The stages: open every bundle (hashes checked) -> choose the held-out records and the gates
+    (``_prepare``) -> per bundle, time it, compare it with the reference and the teacher, score
+    the task and apply the gates (``_validate_bundle``) -> write the report.
     """
-    from edgekd.bundle import decode_weight_bytes
-    from edgekd.runtime import Runtime, answer_text, environment
-    from edgekd.validate.data import choose_data, load_records
-    from edgekd.validate.fidelity import (
-        Example,
-        bundle_greedy,
-        bundle_logits,
-        compare_greedy,
-        compare_logits,
-    )
-    from edgekd.validate.gates import apply_gates
+    import time
+
     from edgekd.validate.report import check_out, write_report
-    from edgekd.validate.speed import measure_speed, roofline
 
     if not bundles:
         raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
-    import time
-
     t_start = time.perf_counter()
 
     def say(msg: str) -> None:  # every progress line carries the time since the start
@@ -165,15 +187,24 @@ def validate(
     paths = [Path(b) for b in bundles]
     out = Path(out) if out is not None else paths[0].resolve().with_name(paths[0].resolve().name + "-report")
     check_out(out, inputs=tuple(paths))
-    pinned = None
-    if config.target is not None:  # a release pipeline pins its gates: the bundle cannot loosen them
-        from edgekd.config import to_dict
-        from edgekd.targets import load_target
+    runtimes = _open_bundles(paths, config, say)
+    run = _prepare(config, runtimes[0], say)
+    taken: set[str] = set()
+    reports = [_validate_bundle(run, p, rt, _bundle_name(p, taken)) for p, rt in zip(paths, runtimes)]
 
-        profile = load_target(config.target)
-        pinned = (to_dict(profile.gates), f"the target profile {profile.name} (--target {config.target})")
+    say(f"writing the report into {out}")
+    for r in reports:
+        r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
+        gate = next((g["threshold"] for g in r["gates"] if g["name"] == "max_kl_vs_reference"), None)
+        r["plots"] = {"kl_gate": gate}
+    write_report(out, reports, run.kls, command)
+    return reports, out
 
-    # Open every bundle first: a tampered or foreign folder fails before minutes of work.
+
+def _open_bundles(paths: list[Path], config: ValidateConfig, say: Callable[[str], None]) -> list:
+    """Every bundle opened first: a tampered or foreign folder fails before minutes of work."""
+    from edgekd.runtime import Runtime
+
     runtimes = []
     for p in paths:
         say(f"opening {p} (checking file hashes) ...")
@@ -181,134 +212,163 @@ def validate(
     for rt in runtimes:
         for note in rt.warnings:
             say(f"warning: {rt.root}: {note}")
+    return runtimes
 
-    task = runtimes[0].manifest.source.task
+
+def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
+    """The gates a target pins, the task (the first bundle's, or ``config.task``) and the held-out records."""
+    from edgekd.validate.data import choose_data, load_records
+
+    pinned = None
+    if config.target is not None:  # a release pipeline pins its gates: the bundle cannot loosen them
+        from edgekd.config import to_dict
+        from edgekd.targets import load_target
+
+        profile = load_target(config.target)
+        pinned = (to_dict(profile.gates), f"the target profile {profile.name} (--target {config.target})")
+    task = first.manifest.source.task
     task_heldout = None
     if config.task is not None:  # e.g. the teacher's own bundle, scored on the user's job
         from edgekd.tasks import load_task
 
         chosen = load_task(config.task)
         task, task_heldout = chosen.record(), chosen.heldout
-    data_path, data_source, data_notes = choose_data(config.data, task_heldout=task_heldout, heldout=runtimes[0].manifest.source.heldout)
+    data_path, data_source, data_notes = choose_data(config.data, task_heldout=task_heldout, heldout=first.manifest.source.heldout)
     num_prompts = config.num_prompts or (task or {}).get("validate_prompts") or DEFAULT_PROMPTS
     records = load_records(data_path, limit=num_prompts)
     say(f"{len(records)} held-out prompts from {data_source} ({data_path})")
-    models = _Models(config.batch_size, say)
-    reports: list[dict[str, Any]] = []
-    kls: dict[str, list[np.ndarray]] = {}
-    taken: set[str] = set()
+    return _Run(config, say, _Models(config.batch_size, say), records, data_path, data_source, list(data_notes), task, pinned)
 
-    for p, rt in zip(paths, runtimes):
-        name = _bundle_name(p, taken)
-        manifest = rt.manifest
-        source = manifest.source
-        notes = list(data_notes)
-        ref_spec = config.reference or source.spec
-        if not ref_spec:
-            raise UsageError(f"{p}'s manifest names no source model: pass --reference MODEL")
-        teacher_spec = config.teacher or source.teacher
-        if not teacher_spec:
-            teacher_spec = ref_spec
-            notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
 
-        cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6, "bundle_mb": manifest.bundle_bytes / 1e6}
-        if config.speed:
-            say(f"{name}: measuring load time, prefill, decode and peak memory ...")
-            speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
-            cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
-            cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
-            weight_bytes = manifest.model.get("decode_weight_bytes") or decode_weight_bytes(rt.model_path)
-            cost.update(roofline(speed["decode_tokens_per_s"], weight_bytes, speed["read_bandwidth_bytes_per_s"]))
+def _validate_bundle(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
+    """One bundle's report: its cost, its fidelity to the reference and the teacher, its task
+    figures and its gates."""
+    from edgekd.runtime import environment
 
-        reference = models.get(ref_spec, "reference")
-        reference.check_tokenizer(rt.tokenizer)
-        teacher = models.get(teacher_spec, "teacher")
-        teacher.check_tokenizer(rt.tokenizer)
+    manifest, source, config = rt.manifest, rt.manifest.source, run.config
+    notes = list(run.data_notes)
+    ref_spec = config.reference or source.spec
+    if not ref_spec:
+        raise UsageError(f"{p}'s manifest names no source model: pass --reference MODEL")
+    teacher_spec = config.teacher or source.teacher
+    if not teacher_spec:
+        teacher_spec = ref_spec
+        notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
+    cost = _cost(run, p, rt, name)
+    reference = run.models.get(ref_spec, "reference")
+    reference.check_tokenizer(rt.tokenizer)
+    teacher = run.models.get(teacher_spec, "teacher")
+    teacher.check_tokenizer(rt.tokenizer)
+    compared = _compare(run, p, rt, name, {"reference": (ref_spec, reference), "teacher": (teacher_spec, teacher)})
+    texts, records = compared.texts, run.records
+    cost["reference_fp32_mb"] = (manifest.export_check.get("fp32_model_bytes") or 0) / 1e6 or None
+    cost["teacher_fp32_mb"] = teacher.fp32_bytes() / 1e6
+    cost["size_vs_teacher_fp32"] = cost["size_mb"] / cost["teacher_fp32_mb"]
+    n, asked = compared.answer_tokens, compared.asked
+    report = {
+        "name": name,
+        "bundle": str(p.resolve()),
+        "model_sha256": manifest.model_sha256,
+        "environment": environment(config.threads, rt.session.get_providers()),
+        "target": manifest.target_name,
+        "providers": rt.session.get_providers(),
+        "warnings": list(rt.warnings),
+        "reference": ref_spec,
+        "teacher": teacher_spec,
+        "data": {"file": str(run.data_path), "source": run.data_source, "prompts": len(records), "answer_tokens": n,
+                 **({"answer_tokens_asked": asked} if n < asked else {}), "answers_from": compared.answers_from},
+        "fidelity": compared.fidelity,
+        "task": _task_figures(run.task, records, texts, rt, compared.teacher_read) if run.task else None,
+        "examples": [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
+                      "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))],
+        "cost": cost,
+        "notes": notes,
+    }
+    _apply_gates(report, run, manifest)
+    return report
 
-        # The same token ids go to the bundle and to PyTorch: encoded once, by the bundle's tokenizer.
-        prompts = [rt.encode_prompt(r["prompt"]) for r in records]
-        pkey = tuple(map(tuple, prompts))
-        eos = sorted(rt.eos_token_ids)
-        n = config.answer_tokens or (task or {}).get("validate_answer_tokens") or DEFAULT_ANSWER_TOKENS
-        asked, n = n, answer_room(n, prompts, rt.context_length)
-        if n < asked:
-            say(f"{name}: answers capped at {n} tokens (asked {asked}): the longest prompt and its answer fill the bundle's {rt.context_length}-token context")
-        given = None
-        if all("response" in r for r in records):
-            given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
-            answers_from = f"{data_source} (teacher-forced)"
-        else:
-            # Each model is compared on its own greedy answers: the reference's for "vs reference",
-            # the teacher's for "vs teacher" (what a distilled student was trained to imitate).
-            answers_from = "each compared model's own greedy answers"
 
-        say(f"{name}: greedy answers of the bundle through its KV cache ...")
-        ours_greedy = bundle_greedy(rt, prompts, n)
-        fidelity: dict[str, Any] = {}
-        texts: dict[str, list[str]] = {}
-        teacher_read = None
-        for role, spec, model in (("reference", ref_spec, reference), ("teacher", teacher_spec, teacher)):
-            say(f"{name}: comparing with the {role} ({spec}) ...")
-            their_greedy = models.memo(("greedy", spec, n, pkey), model.greedy, prompts, n, eos)
-            answers = given if given is not None else their_greedy
-            examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
-            akey = tuple(map(tuple, answers))
-            ours = models.memo(("bundle", str(p.resolve()), pkey, akey), bundle_logits, rt, examples)
-            theirs = models.memo(("logits", spec, pkey, akey), model.logits, examples)
-            metrics, kl = compare_logits(ours, theirs, answers)
-            greedy = compare_greedy(ours_greedy, their_greedy, n)
-            fidelity[role] = {**metrics, **greedy, "model": spec}
-            texts[role] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in their_greedy]
-            if role == "teacher" and given is None:  # the teacher's logits on its own answers: how decided its labels were
-                teacher_read = (their_greedy, theirs)
-            if role == "reference":  # per prompt, for the plots
-                kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
-        texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
-        task_figures = _task_figures(task, records, texts, rt, teacher_read) if task else None
-        examples_shown = [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
-                           "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))]
+def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
+    """Size, and (``config.speed``) load time, prefill, decode, peak memory and the decode's share
+    of the bandwidth roofline, measured in a fresh process."""
+    from edgekd.bundle import decode_weight_bytes
+    from edgekd.validate.speed import measure_speed, roofline
 
-        cost["reference_fp32_mb"] = (manifest.export_check.get("fp32_model_bytes") or 0) / 1e6 or None
-        cost["teacher_fp32_mb"] = teacher.fp32_bytes() / 1e6
-        cost["size_vs_teacher_fp32"] = cost["size_mb"] / cost["teacher_fp32_mb"]
-        report = {
-            "name": name,
-            "bundle": str(p.resolve()),
-            "model_sha256": manifest.model_sha256,
-            "environment": environment(config.threads, rt.session.get_providers()),
-            "target": manifest.target_name,
-            "providers": rt.session.get_providers(),
-            "warnings": list(rt.warnings),
-            "reference": ref_spec,
-            "teacher": teacher_spec,
-            "data": {"file": str(data_path), "source": data_source, "prompts": len(records), "answer_tokens": n,
-                     **({"answer_tokens_asked": asked} if n < asked else {}), "answers_from": answers_from},
-            "fidelity": fidelity,
-            "task": task_figures,
-            "examples": examples_shown,
-            "cost": cost,
-            "notes": notes,
-        }
-        task_gates = {k: v for k, v in ((task or {}).get("gates") or {}).items() if v is not None}
-        if pinned is not None:
-            target_gates, report["gates_from"] = pinned
-        else:
-            target_gates = manifest.gates
-            report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
-        if task and task_gates:
-            report["gates_from"] += f", and the task {task.get('name')}'s task.toml"
-        gates = apply_gates({**target_gates, **task_gates}, report)
-        report["gates"] = [dataclasses.asdict(g) for g in gates]
-        report["passed"] = all(g.passed for g in gates)
-        reports.append(report)
+    manifest, config = rt.manifest, run.config
+    cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6, "bundle_mb": manifest.bundle_bytes / 1e6}
+    if config.speed:
+        run.say(f"{name}: measuring load time, prefill, decode and peak memory ...")
+        speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
+        cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
+        cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
+        weight_bytes = manifest.model.get("decode_weight_bytes") or decode_weight_bytes(rt.model_path)
+        cost.update(roofline(speed["decode_tokens_per_s"], weight_bytes, speed["read_bandwidth_bytes_per_s"]))
+    return cost
 
-    say(f"writing the report into {out}")
-    for r in reports:
-        r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
-        gate = next((g["threshold"] for g in r["gates"] if g["name"] == "max_kl_vs_reference"), None)
-        r["plots"] = {"kl_gate": gate}
-    write_report(out, reports, kls, command)
-    return reports, out
+
+def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any]]) -> _Compared:
+    """The bundle's logits and greedy answers against each of ``models`` (role -> (spec, TorchModel)).
+    The same token ids go to the bundle and to PyTorch: encoded once, by the bundle's tokenizer."""
+    from edgekd.runtime import answer_text
+    from edgekd.validate.fidelity import Example, bundle_greedy, bundle_logits, compare_greedy, compare_logits
+
+    config, records, say, memo = run.config, run.records, run.say, run.models.memo
+    prompts = [rt.encode_prompt(r["prompt"]) for r in records]
+    pkey = tuple(map(tuple, prompts))
+    eos = sorted(rt.eos_token_ids)
+    n = config.answer_tokens or (run.task or {}).get("validate_answer_tokens") or DEFAULT_ANSWER_TOKENS
+    asked, n = n, answer_room(n, prompts, rt.context_length)
+    if n < asked:
+        say(f"{name}: answers capped at {n} tokens (asked {asked}): the longest prompt and its answer fill the bundle's {rt.context_length}-token context")
+    given = None
+    if all("response" in r for r in records):
+        given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
+        answers_from = f"{run.data_source} (teacher-forced)"
+    else:
+        # Each model is compared on its own greedy answers: the reference's for "vs reference",
+        # the teacher's for "vs teacher" (what a distilled student was trained to imitate).
+        answers_from = "each compared model's own greedy answers"
+
+    say(f"{name}: greedy answers of the bundle through its KV cache ...")
+    ours_greedy = bundle_greedy(rt, prompts, n)
+    fidelity: dict[str, Any] = {}
+    texts: dict[str, list[str]] = {}
+    teacher_read = None
+    for role, (spec, model) in models.items():
+        say(f"{name}: comparing with the {role} ({spec}) ...")
+        their_greedy = memo(("greedy", spec, n, pkey), model.greedy, prompts, n, eos)
+        answers = given if given is not None else their_greedy
+        examples = [Example(pr, an) for pr, an in zip(prompts, answers)]
+        akey = tuple(map(tuple, answers))
+        ours = memo(("bundle", str(p.resolve()), pkey, akey), bundle_logits, rt, examples)
+        theirs = memo(("logits", spec, pkey, akey), model.logits, examples)
+        metrics, kl = compare_logits(ours, theirs, answers)
+        fidelity[role] = {**metrics, **compare_greedy(ours_greedy, their_greedy, n), "model": spec}
+        texts[role] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in their_greedy]
+        if role == "teacher" and given is None:  # the teacher's logits on its own answers: how decided its labels were
+            teacher_read = (their_greedy, theirs)
+        if role == "reference":  # per prompt, for the plots
+            run.kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
+    texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
+    return _Compared(fidelity, texts, teacher_read, n, asked, answers_from)
+
+
+def _apply_gates(report: dict[str, Any], run: _Run, manifest) -> None:
+    """The target's gates (pinned, else the bundle's own) and the task's, applied to ``report``."""
+    from edgekd.validate.gates import apply_gates
+
+    task = run.task
+    task_gates = {k: v for k, v in ((task or {}).get("gates") or {}).items() if v is not None}
+    if run.pinned is not None:
+        target_gates, report["gates_from"] = run.pinned
+    else:
+        target_gates = manifest.gates
+        report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
+    if task and task_gates:
+        report["gates_from"] += f", and the task {task.get('name')}'s task.toml"
+    gates = apply_gates({**target_gates, **task_gates}, report)
+    report["gates"] = [dataclasses.asdict(g) for g in gates]
+    report["passed"] = all(g.passed for g in gates)
 
 
 def failed_gates(reports: Sequence[dict[str, Any]]) -> list[str]:
