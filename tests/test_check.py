@@ -156,3 +156,39 @@ def test_rest_bucket_kl_is_a_lower_bound_of_the_full_kl():
         top = np.argsort(-lp)[:5]
         assert 0.0 <= _rest_kl(np.exp(lp[top]), lq[top]) <= full + 1e-9
         assert abs(_rest_kl(np.exp(lp), lq) - full) < 1e-9  # the whole vocabulary: the KL itself
+
+
+JS_MODULES = Path(os.environ.get("EDGEKD_JS_MODULES") or Path(__file__).resolve().parents[1] / ".cache" / "js" / "node_modules")
+
+
+@pytest.mark.skipif(not (JS_MODULES / "onnxruntime-node").is_dir() or not __import__("shutil").which("node"),
+                    reason="needs node and onnxruntime-node (`make js-deps`)")
+def test_the_js_golden_replay_gives_the_figures_of_check(fp32_bundle, tmp_path):
+    """Issue 28: check.mjs, in every bundle, replays golden.json in onnxruntime-node as `edgekd check` does."""
+    import shutil
+
+    assert "check.mjs" in {f["path"] for f in read_manifest(fp32_bundle)["files"]}  # hashed with the rest
+    env = {**os.environ, "NODE_PATH": str(JS_MODULES)}
+
+    def node(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["node", str(fp32_bundle / "check.mjs"), str(bundle), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    ours = check_bundle(fp32_bundle, CheckConfig(speed=False))["fidelity"]["reference"]
+    r = node(fp32_bundle, "--json", str(tmp_path / "js.json"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    js = json.loads((tmp_path / "js.json").read_text())
+    for key in ("positions", "top1", "greedy_exact", "greedy_prefix_tokens"):
+        assert js["figures"][key] == pytest.approx(ours[key]), key
+    for key in ("kl_mean", "ppl_ratio"):
+        assert js["figures"][key] == pytest.approx(ours[key], abs=1e-5), key
+    assert {g["name"] for g in js["gates"]} == {"min_top1_vs_reference", "max_kl_vs_reference", "min_greedy_exact_vs_reference", "max_size_mb"}
+    # a gate the replay fails is exit 1; a folder that is no bundle, exit 2 with one line
+    strict = tmp_path / "strict"
+    shutil.copytree(fp32_bundle, strict)
+    manifest = json.loads((strict / "manifest.json").read_text())
+    manifest["target"]["gates"]["max_kl_vs_reference"] = -1.0
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    r = node(strict)
+    assert r.returncode == 1 and "FAIL max_kl_vs_reference" in r.stdout, r.stdout + r.stderr
+    r = node(tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json is missing" in r.stderr

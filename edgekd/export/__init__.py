@@ -259,6 +259,7 @@ def export_bundle(
             say(f"tokenizer: {tokenizer_note}")
         files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
                                                          profile.execution_providers, tok.pad_token_id))
+        files.write_js_check(tmp)
         if golden is None and golden_prompts > 0:
             from edgekd.export.golden import golden_records, make_golden
 

@@ -159,3 +159,12 @@ def genai_config(facts: dict[str, Any], model_type: str, filename: str, provider
 
 def write_genai_config(out_dir: Path, config: dict[str, Any]) -> None:
     write_json(out_dir / "genai_config.json", config)
+
+
+JS_CHECK = "check.mjs"  # the golden replay in JavaScript (edgekd/assets/check.mjs), in every bundle
+
+
+def write_js_check(out_dir: Path) -> None:
+    """Copy the JavaScript golden replay into the bundle: ``node check.mjs`` (with onnxruntime-node)
+    replays golden.json and applies the golden gates, as ``edgekd check`` does, where an app runs."""
+    shutil.copyfile(Path(__file__).resolve().parent.parent / "assets" / JS_CHECK, out_dir / JS_CHECK)
