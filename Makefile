@@ -40,13 +40,13 @@ demo: install
 	-$(EDGEKD) check $(DEMO_DIR)/bundle-mobile
 	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)" --max-new-tokens 16
 
-# onnxruntime-node for the test of the JavaScript golden replay (tests/test_check.py skips without
-# node or without it: an install that fails, offline say, leaves that one test skipped, never red)
+# onnxruntime-node and onnxruntime-web for the test of the JavaScript golden replay (tests/test_check.py
+# skips without node or them: an install that fails, offline say, leaves that test skipped, never red)
 JS_DIR := .cache/js
-$(JS_DIR)/node_modules/onnxruntime-node:
-	-command -v npm >/dev/null && npm install --silent --ignore-scripts --no-audit --no-fund --prefix $(JS_DIR) onnxruntime-node@1.30.0
+$(JS_DIR)/node_modules/onnxruntime-web:
+	-command -v npm >/dev/null && npm install --silent --ignore-scripts --no-audit --no-fund --prefix $(JS_DIR) onnxruntime-node@1.30.0 onnxruntime-web@1.30.0
 
-js-deps: $(JS_DIR)/node_modules/onnxruntime-node
+js-deps: $(JS_DIR)/node_modules/onnxruntime-web
 
 test: install js-deps
 	$(PY) -m pytest -q -ra

@@ -182,6 +182,13 @@ def test_the_js_golden_replay_gives_the_figures_of_check(fp32_bundle, tmp_path):
     for key in ("kl_mean", "ppl_ratio"):
         assert js["figures"][key] == pytest.approx(ours[key], abs=1e-5), key
     assert {g["name"] for g in js["gates"]} == {"min_top1_vs_reference", "max_kl_vs_reference", "min_greedy_exact_vs_reference", "max_size_mb"}
+    # onnxruntime-web's WebAssembly kernels (a browser's CPU path), run in Node: the same figures
+    if (JS_MODULES / "onnxruntime-web").is_dir():
+        r = node(fp32_bundle, "--ort", "web", "--json", str(tmp_path / "web.json"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        web = json.loads((tmp_path / "web.json").read_text())["figures"]
+        assert web["top1"] == pytest.approx(ours["top1"]) and web["greedy_exact"] == pytest.approx(ours["greedy_exact"])
+        assert web["kl_mean"] == pytest.approx(ours["kl_mean"], abs=1e-5)
     # a gate the replay fails is exit 1; a folder that is no bundle, exit 2 with one line
     strict = tmp_path / "strict"
     shutil.copytree(fp32_bundle, strict)

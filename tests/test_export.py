@@ -25,6 +25,7 @@ from edgekd.targets import SHIPPED, load_target
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json", "golden.json"}
+REPLAY_FILES = {"check.mjs"}  # the golden replay in JavaScript (issue 28)
 TEXT = "Write a short poem about the sea. The capital of Italy is Rome."
 
 
@@ -68,8 +69,8 @@ def test_bundle_files_and_manifest(bundles, sources, name):
     model_file = "model.ort" if name == "mobile" else "model.onnx"
     # an ORT-format bundle carries the operator lists onnxruntime's reduced-size (Android) build reads
     reduced = {"required_operators.config", "required_operators_and_types.config"} if name == "mobile" else set()
-    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | {model_file} | reduced
-    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | {model_file} | reduced
+    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | REPLAY_FILES | {model_file} | reduced
+    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | REPLAY_FILES | {model_file} | reduced
     if reduced:
         ops = (root / "required_operators.config").read_text()
         assert "com.microsoft;1;" in ops and "MatMulNBits" in ops and "GroupQueryAttention" in ops and str(root) not in ops

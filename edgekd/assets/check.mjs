@@ -1,7 +1,9 @@
 // edgekd's golden replay in JavaScript: is this bundle still the model it was exported from?
 //
 //     npm install --ignore-scripts onnxruntime-node      # once, beside your app
-//     node check.mjs [BUNDLE_DIR] [--threads N] [--num-prompts N] [--json FILE]
+//     node check.mjs [BUNDLE_DIR] [--threads N] [--num-prompts N] [--json FILE] [--ort node|web]
+//
+// `--ort web` runs onnxruntime-web's WebAssembly build (the CPU kernels a browser runs) in Node.
 //
 // The bundle's golden.json holds the reference's greedy answers to held-out prompts as token ids,
 // and its top-k log-probabilities at every answer position. This module replays them through
@@ -183,13 +185,14 @@ async function main(argv) {
   const fs = await import("node:fs");
   const path = await import("node:path");
   const url = await import("node:url");
-  const args = { dir: path.dirname(url.fileURLToPath(import.meta.url)), threads: 0, numPrompts: 0, json: null };
+  const args = { dir: path.dirname(url.fileURLToPath(import.meta.url)), threads: 0, numPrompts: 0, json: null, ort: "node" };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--threads") args.threads = parseInt(argv[++i], 10);
     else if (a === "--num-prompts") args.numPrompts = parseInt(argv[++i], 10);
     else if (a === "--json") args.json = argv[++i];
-    else if (a.startsWith("--")) throw new UsageError(`unknown option ${a}: use [BUNDLE_DIR] [--threads N] [--num-prompts N] [--json FILE]`);
+    else if (a === "--ort") args.ort = argv[++i];
+    else if (a.startsWith("--")) throw new UsageError(`unknown option ${a}: use [BUNDLE_DIR] [--threads N] [--num-prompts N] [--json FILE] [--ort node|web]`);
     else args.dir = a;
   }
   if (!(args.threads >= 0) || !(args.numPrompts >= 0)) throw new UsageError("--threads and --num-prompts take a whole number >= 0");
@@ -202,18 +205,26 @@ async function main(argv) {
   if (manifest.format !== "edgekd-bundle") throw new UsageError(`${args.dir} is not an edgekd bundle (its manifest.json has no "format": "edgekd-bundle")`);
   const golden = read("golden.json");
   const modelFile = path.join(args.dir, path.basename(manifest.model.file || "model.onnx"));  // never a path out of the bundle
+  if (!["node", "web"].includes(args.ort)) throw new UsageError(`--ort ${args.ort}: node (onnxruntime-node) or web (onnxruntime-web's WebAssembly)`);
+  const pkg = `onnxruntime-${args.ort}`;
   let ort;
   try {  // beside the app (node_modules up the tree), else where NODE_PATH says
-    ort = (await import("onnxruntime-node")).default;
+    ort = await import(pkg);
   } catch {
     try {
-      ort = (await import("node:module")).createRequire(import.meta.url)("onnxruntime-node");
+      ort = (await import("node:module")).createRequire(import.meta.url)(pkg);
     } catch {
-      throw new UsageError("onnxruntime-node is not installed here: npm install --ignore-scripts onnxruntime-node (or set NODE_PATH to its node_modules)");
+      throw new UsageError(`${pkg} is not installed here: npm install --ignore-scripts ${pkg} (or set NODE_PATH to its node_modules)`);
     }
   }
-  const options = { executionProviders: ["cpu"], ...(args.threads ? { intraOpNumThreads: args.threads } : {}) };
-  const session = await ort.InferenceSession.create(modelFile, options);
+  ort = ort.default || ort;
+  let session;
+  if (args.ort === "web") {  // the WebAssembly CPU kernels, single-threaded as in a page without cross-origin isolation
+    ort.env.wasm.numThreads = 1;
+    session = await ort.InferenceSession.create(new Uint8Array(fs.readFileSync(modelFile)), { executionProviders: ["wasm"] });
+  } else {
+    session = await ort.InferenceSession.create(modelFile, { executionProviders: ["cpu"], ...(args.threads ? { intraOpNumThreads: args.threads } : {}) });
+  }
   const { figures } = await replay(ort, session, manifest, golden, { numPrompts: args.numPrompts, log: (m) => console.log(m) });
   const name = manifest.model.file || "model.onnx";  // the model file and its external data, as Manifest.model_bytes
   figures.size_mb = (manifest.files || []).filter((f) => f.path === name || f.path.startsWith(`${name}.`)).reduce((s, f) => s + f.bytes, 0) / 1e6;
@@ -225,7 +236,7 @@ async function main(argv) {
   console.log(`greedy answers identical           ${f(figures.greedy_exact, 2)}`);
   console.log(`greedy common prefix, tokens       ${f(figures.greedy_prefix_tokens, 1)} of ${figures.answer_tokens}`);
   console.log(`model size                         ${f(figures.size_mb, 1)} MB`);
-  console.log(`decode, batch 1 (in the greedy replay) ${f(figures.decode_tokens_per_s, 1)} tokens/s (onnxruntime-node ${ort.env.versions.common})`);
+  console.log(`decode, batch 1 (in the greedy replay) ${f(figures.decode_tokens_per_s, 1)} tokens/s (${pkg} ${ort.env.versions.common})`);
   const gates = applyGates((manifest.target || {}).gates, figures);
   for (const g of gates) console.log(`${g.passed ? "PASS" : "FAIL"} ${g.line}`);
   const passed = gates.every((g) => g.passed);
