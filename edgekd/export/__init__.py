@@ -187,11 +187,16 @@ def export_bundle(
     (0: none; None: ``GOLDEN_PROMPTS``), from ``golden_data`` (a jsonl of ``{"prompt"}``; default: the distillation's held-out
     split, else the shipped held-out prompts); ``golden``: one made earlier for this same model (the
     search reuses it).
+
+    The stages: the fp32 ONNX, checked against PyTorch on a probe (``_fp32_probe``) -> the
+    profile's steps (``run_steps``) -> the model, checked again (``_write_model``) -> tokenizer and
+    configs (``_write_configs``) -> the golden reference (``_write_golden``) -> the manifest, and
+    the golden replayed through the bundle (``_replay_into_manifest``); all in a temporary folder
+    that replaces ``out`` only when every stage passed.
     """
-    from edgekd.bundle import MANIFEST, check_external_data, decode_weight_bytes, write_manifest
-    from edgekd.export import bundle as files
-    from edgekd.export.onnx import compare, export_onnx, model_facts, ort_probe, probe_ids, session, torch_probe
-    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir, write_json
+    from edgekd.bundle import write_manifest
+    from edgekd.export.onnx import export_onnx, model_facts
+    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir
     from edgekd.models import load_model, resolve_source
 
     say = log or (lambda msg: None)
@@ -214,107 +219,167 @@ def export_bundle(
     with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
         path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)
-
-        ids = probe_ids(tok)
-        reference = torch_probe(torch_model, ids)
-        next_ids = reference[:, ids.shape[1] - 1 : ids.shape[1]].argmax(-1).astype("int64")
-        fp32 = compare(reference, ort_probe(session(path), ids, facts, next_ids))
-        if fp32["max_abs_logit_diff"] > profile.check.atol_fp32:
-            raise EdgekdError(
-                f"the fp32 ONNX export differs from PyTorch by {fp32['max_abs_logit_diff']:.2g} logits "
-                f"(> check.atol_fp32 = {profile.check.atol_fp32}): the exporter mis-traced this model"
-            )
-        fp32_bytes = sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))
-
+        probe = _fp32_probe(torch_model, tok, path, facts, profile)
         path, steps_run = run_steps(path, profile, work, say)
-        qat = origin.get("quantization_aware")
-        if qat:
-            qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat) and _head_as_trained(qat, steps_run)
-        cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
-        window = getattr(torch_model.config, "sliding_window", None)
-        if cap and window and getattr(torch_model.config, "use_sliding_window", True) is not False:
-            cap = min(cap, int(window))  # fused attention sees the whole cache: the same only up to the window
-        if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
-            say(f"context capped at {cap} tokens (fused attention)")
-            facts["context_length"] = cap
+        _note_qat_and_context(origin, profile, steps_run, torch_model.config, facts, say)
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
-
         model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE
-        say(f"writing the bundle ({model_file})")
-        files.copy_model(path, tmp, model_file, profile.external_data)
-        if model_file.endswith(".onnx"):
-            check_external_data(tmp / model_file)
-        sess = session(tmp / model_file, profile.execution_providers)
-        final = compare(reference, ort_probe(sess, ids, facts, next_ids))
-        if final["max_abs_logit_diff"] > profile.check.max_abs_logit_diff:
-            raise EdgekdError(
-                f"the exported model drifts from PyTorch by {final['max_abs_logit_diff']:.3g} logits on the probe "
-                f"(> check.max_abs_logit_diff = {profile.check.max_abs_logit_diff} in {profile.name}): "
-                "use a higher precision recipe or relax the check"
-            )
-        io_inputs, io_outputs = _io_table(sess)
-        files.write_tokenizer_and_configs(torch_model, tok, tmp)
-        tokenizer_note = files.normalize_decoder(tmp)  # so onnxruntime-genai tokenizes as edgekd does
-        if tokenizer_note:
-            say(f"tokenizer: {tokenizer_note}")
-        files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
-                                                         profile.execution_providers, tok.pad_token_id))
-        files.write_js_check(tmp)
+        final, io_tables = _write_model(path, tmp, model_file, profile, probe, facts, say)
+        tokenizer_note = _write_configs(torch_model, tok, tmp, facts, model_file, profile, say)
         if golden is None and golden_prompts > 0:
-            from edgekd.export.golden import golden_records, make_golden
-
-            records, where = golden_records(origin, golden_prompts, golden_data)
-            n = (origin.get("task") or {}).get("validate_answer_tokens") or GOLDEN_ANSWER_TOKENS
-            golden = make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say)
+            golden = _make_golden(torch_model, tmp, origin, golden_prompts, golden_data, facts, say)
         if golden is not None:
             from edgekd.bundle import GOLDEN_FILE
             from edgekd.io import atomic_write_bytes
 
             atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
-        model_bytes = sum(p.stat().st_size for p in tmp.glob(model_file + "*"))
-        manifest = {
-            "edgekd_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "source": origin,
-            "target": to_dict(profile),
-            "recipe": recipe,
-            "model": {
-                "file": model_file,
-                "opset": profile.opset,
-                "architecture": (torch_model.config.architectures or [type(torch_model).__name__])[0],
-                "model_type": torch_model.config.model_type,
-                "inputs": io_inputs,
-                "outputs": io_outputs,
-                **facts,
-                "pad_token_id": tok.pad_token_id,
-                "decode_weight_bytes": decode_weight_bytes(tmp / model_file),
-            },
-            "export_check": {
-                "probe_tokens": int(ids.shape[1] + 1),
-                "fp32_max_abs_logit_diff": fp32["max_abs_logit_diff"],
-                "max_abs_logit_diff": final["max_abs_logit_diff"],
-                "top1_agreement": final["top1_agreement"],
-                "fp32_model_bytes": fp32_bytes,
-                "model_bytes": model_bytes,
-                "size_ratio_vs_fp32": model_bytes / fp32_bytes,
-                "seconds": round(time.time() - t0, 1),
-                "onnxruntime": _onnxruntime_version(),  # the release the bundle was checked with (check names it)
-            },
-            "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
-        }
-        manifest = write_manifest(tmp, manifest)
-        if golden is not None:  # the bundle's greedy answers against the reference's, as check will see them
-            from edgekd.check import replay_golden
-            from edgekd.runtime import Runtime
-
-            say("replaying the golden reference with the bundle")
-            figures, _, _ = replay_golden(Runtime(tmp, providers=profile.execution_providers, verify=False),
-                                          golden["examples"], golden["answer_tokens"])
-            manifest["export_check"]["golden"] = {k: figures[k] for k in (
-                "positions", "top1", "kl_mean", "greedy_exact", "greedy_exact_ci95", "greedy_prefix_tokens")}
-            manifest["export_check"]["golden"]["prompts"] = len(golden["examples"])
-            write_json(tmp / MANIFEST, manifest)  # no file changed since it was written: the hashes stand
+        manifest = write_manifest(tmp, _manifest(origin, profile, recipe, torch_model, tok, facts, tmp, model_file, io_tables,
+                                                 probe, final, tokenizer_note, time.time() - t0))
+        if golden is not None:
+            _replay_into_manifest(manifest, tmp, golden, profile, say)
+    model_bytes = manifest["export_check"]["model_bytes"]
     budget = profile.gates.max_size_mb
     if budget is not None and model_bytes / 1e6 > budget:
         say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")
     return manifest
+
+
+def _fp32_probe(torch_model, tok, path: Path, facts: dict[str, Any], profile: TargetProfile) -> dict[str, Any]:
+    """PyTorch's logits on a short probe and the fp32 ONNX's against them: an exporter that
+    mis-traced the model fails here, before any step runs."""
+    from edgekd.export.onnx import compare, ort_probe, probe_ids, session, torch_probe
+
+    ids = probe_ids(tok)
+    reference = torch_probe(torch_model, ids)
+    next_ids = reference[:, ids.shape[1] - 1 : ids.shape[1]].argmax(-1).astype("int64")
+    fp32 = compare(reference, ort_probe(session(path), ids, facts, next_ids))
+    if fp32["max_abs_logit_diff"] > profile.check.atol_fp32:
+        raise EdgekdError(
+            f"the fp32 ONNX export differs from PyTorch by {fp32['max_abs_logit_diff']:.2g} logits "
+            f"(> check.atol_fp32 = {profile.check.atol_fp32}): the exporter mis-traced this model"
+        )
+    return {"ids": ids, "reference": reference, "next_ids": next_ids, "fp32": fp32,
+            "fp32_bytes": sum(p.stat().st_size for p in path.parent.glob("model.onnx*"))}
+
+
+def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_run: list[dict[str, Any]], config,
+                          facts: dict[str, Any], say: Callable[[str], None]) -> None:
+    """What the steps imply for the manifest: whether they reproduce a quantization-aware
+    student's grid, and the context fused attention caps (its rotary tables; a sliding window)."""
+    qat = origin.get("quantization_aware")
+    if qat:
+        qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat) and _head_as_trained(qat, steps_run)
+    cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
+    window = getattr(config, "sliding_window", None)
+    if cap and window and getattr(config, "use_sliding_window", True) is not False:
+        cap = min(cap, int(window))  # fused attention sees the whole cache: the same only up to the window
+    if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
+        say(f"context capped at {cap} tokens (fused attention)")
+        facts["context_length"] = cap
+
+
+def _write_model(path: Path, tmp: Path, model_file: str, profile: TargetProfile, probe: dict[str, Any],
+                 facts: dict[str, Any], say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[list, list]]:
+    """The final model into the bundle, checked against PyTorch on the probe once more; returns
+    that check and the model's input and output tables."""
+    from edgekd.bundle import check_external_data
+    from edgekd.export import bundle as files
+    from edgekd.export.onnx import compare, ort_probe, session
+
+    say(f"writing the bundle ({model_file})")
+    files.copy_model(path, tmp, model_file, profile.external_data)
+    if model_file.endswith(".onnx"):
+        check_external_data(tmp / model_file)
+    sess = session(tmp / model_file, profile.execution_providers)
+    final = compare(probe["reference"], ort_probe(sess, probe["ids"], facts, probe["next_ids"]))
+    if final["max_abs_logit_diff"] > profile.check.max_abs_logit_diff:
+        raise EdgekdError(
+            f"the exported model drifts from PyTorch by {final['max_abs_logit_diff']:.3g} logits on the probe "
+            f"(> check.max_abs_logit_diff = {profile.check.max_abs_logit_diff} in {profile.name}): "
+            "use a higher precision recipe or relax the check"
+        )
+    return final, _io_table(sess)
+
+
+def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_file: str, profile: TargetProfile,
+                   say: Callable[[str], None]) -> str | None:
+    """Tokenizer, configs, onnxruntime-genai's config and the JavaScript replay; returns what
+    was changed in the tokenizer's decoder (None: nothing)."""
+    from edgekd.export import bundle as files
+
+    files.write_tokenizer_and_configs(torch_model, tok, tmp)
+    tokenizer_note = files.normalize_decoder(tmp)  # so onnxruntime-genai tokenizes as edgekd does
+    if tokenizer_note:
+        say(f"tokenizer: {tokenizer_note}")
+    files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
+                                                     profile.execution_providers, tok.pad_token_id))
+    files.write_js_check(tmp)
+    return tokenizer_note
+
+
+def _make_golden(torch_model, tmp: Path, origin: dict[str, Any], prompts: int, data: Path | None,
+                 facts: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """The golden reference: the PyTorch model's greedy answers and top-k on held-out prompts."""
+    from edgekd.export.golden import golden_records, make_golden
+
+    records, where = golden_records(origin, prompts, data)
+    n = (origin.get("task") or {}).get("validate_answer_tokens") or GOLDEN_ANSWER_TOKENS
+    return make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say)
+
+
+def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[str, Any]], torch_model, tok,
+              facts: dict[str, Any], tmp: Path, model_file: str, io_tables: tuple[list, list], probe: dict[str, Any],
+              final: dict[str, Any], tokenizer_note: str | None, seconds: float) -> dict[str, Any]:
+    """The manifest's table (``write_manifest`` adds the files and their hashes)."""
+    from edgekd.bundle import decode_weight_bytes
+
+    model_bytes = sum(p.stat().st_size for p in tmp.glob(model_file + "*"))
+    fp32_bytes = probe["fp32_bytes"]
+    return {
+        "edgekd_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": origin,
+        "target": to_dict(profile),
+        "recipe": recipe,
+        "model": {
+            "file": model_file,
+            "opset": profile.opset,
+            "architecture": (torch_model.config.architectures or [type(torch_model).__name__])[0],
+            "model_type": torch_model.config.model_type,
+            "inputs": io_tables[0],
+            "outputs": io_tables[1],
+            **facts,
+            "pad_token_id": tok.pad_token_id,
+            "decode_weight_bytes": decode_weight_bytes(tmp / model_file),
+        },
+        "export_check": {
+            "probe_tokens": int(probe["ids"].shape[1] + 1),
+            "fp32_max_abs_logit_diff": probe["fp32"]["max_abs_logit_diff"],
+            "max_abs_logit_diff": final["max_abs_logit_diff"],
+            "top1_agreement": final["top1_agreement"],
+            "fp32_model_bytes": fp32_bytes,
+            "model_bytes": model_bytes,
+            "size_ratio_vs_fp32": model_bytes / fp32_bytes,
+            "seconds": round(seconds, 1),
+            "onnxruntime": _onnxruntime_version(),  # the release the bundle was checked with (check names it)
+        },
+        "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
+    }
+
+
+def _replay_into_manifest(manifest: dict[str, Any], tmp: Path, golden: dict[str, Any], profile: TargetProfile,
+                          say: Callable[[str], None]) -> None:
+    """The bundle's greedy answers against the golden reference's, as check will see them,
+    recorded in the manifest (no file changed since it was written: the hashes stand)."""
+    from edgekd.bundle import MANIFEST
+    from edgekd.check import replay_golden
+    from edgekd.io import write_json
+    from edgekd.runtime import Runtime
+
+    say("replaying the golden reference with the bundle")
+    figures, _, _ = replay_golden(Runtime(tmp, providers=profile.execution_providers, verify=False),
+                                  golden["examples"], golden["answer_tokens"])
+    manifest["export_check"]["golden"] = {k: figures[k] for k in (
+        "positions", "top1", "kl_mean", "greedy_exact", "greedy_exact_ci95", "greedy_prefix_tokens")}
+    manifest["export_check"]["golden"]["prompts"] = len(golden["examples"])
+    write_json(tmp / MANIFEST, manifest)
