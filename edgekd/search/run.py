@@ -34,14 +34,15 @@ def search_export(
 
     Raises ``NoCandidatePasses`` (exit 1) when none passes, after validating all of them; nothing
     is written at ``out`` then. ``validate_config``: an ``edgekd.validate.ValidateConfig``.
+
+    The stages: every fixed candidate exported and validated together -> each mixed-precision
+    candidate, its layers' sensitivity measured and the number of 8-bit layers bisected on the real
+    gates (``_Search.mixed_precision``) -> the smallest passing bundle moved into ``out``.
     """
-    from edgekd.bundle import MANIFEST
-    from edgekd.export import export_bundle
-    from edgekd.export.onnx import export_onnx
-    from edgekd.io import BUNDLE, atomic_dir, check_output_dir, make_work_dir, read_json, write_json
+    from edgekd.io import BUNDLE, check_output_dir, make_work_dir
     from edgekd.models import load_model, resolve_source
     from edgekd.targets import TargetProfile, load_target
-    from edgekd.validate import ValidateConfig, validate
+    from edgekd.validate import ValidateConfig
 
     say = log or (lambda msg: None)
     t0 = time.time()
@@ -59,61 +60,9 @@ def search_export(
     try:
         say(f"loading {model}")
         torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
-        fp32: dict[int, Path] = {}
-
-        def fp32_for(prof) -> Path:  # one fp32 export per opset, shared by the candidates
-            if prof.opset not in fp32:
-                say(f"exporting the fp32 ONNX once (opset {prof.opset})")
-                fp32[prof.opset] = export_onnx(torch_model, work / f"fp32-opset{prof.opset}", prof.opset)
-            return fp32[prof.opset]
-
-        golden: dict[str, Any] = {}  # the reference's golden answers, made by the first export, shared
-
-        def export(cand: Candidate, prof, tag: str) -> Tried:
-            bundle = work / "bundles" / tag
-            try:
-                export_bundle(model, prof, bundle, trust_remote_code=trust_remote_code, fp32_onnx=fp32_for(prof),
-                              log=lambda m: say(f"{tag}: {m}"), golden=golden.get("golden"))
-                if "golden" not in golden and (bundle / "golden.json").is_file():
-                    golden["golden"] = json.loads((bundle / "golden.json").read_text(encoding="utf-8"))
-                return Tried(cand.name, cand.description, cand.overrides, bundle)
-            except EdgekdError as e:
-                say(f"{tag}: export failed: {e}")
-                return Tried(cand.name, cand.description, cand.overrides, None, error=str(e))
-
-        rounds = 0
-        seen: dict[str, Tried] = {}  # model digest -> the first candidate exported with it
-
-        def check(tried: list[Tried]) -> None:
-            nonlocal rounds
-            todo, copies = [], []
-            for t in tried:
-                if t.bundle is None or t.report is not None:
-                    continue
-                first = seen.setdefault(model_digest(t.bundle), t)
-                over = _over_budget(t.bundle, profile.gates.max_size_mb)
-                if first is not t:  # the same model files: one validation speaks for both
-                    say(f"{t.name}: the same model files as {first.name}: its validation is reused")
-                    t.same_as = first.name
-                    copies.append((t, first))
-                elif over is not None:  # cannot pass whatever it measures: not worth validating
-                    say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
-                    t.report = over
-                else:
-                    todo.append(t)
-            if todo:
-                rounds += 1
-                say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
-                reports, _ = validate([t.bundle for t in todo if t.bundle is not None], vcfg, out=work / f"report-{rounds}", log=say)
-                for t, r in zip(todo, reports):
-                    t.report = r
-            for t, first in copies:
-                t.report = first.report
-
-        # 1. every fixed candidate, validated together (the models are loaded once)
-        tried = [export(c, c.profile, c.name) for c in cands if not c.mixed_precision]
-        check(tried)
-        # 2. mixed precision: sensitivity, then as few 8-bit layers as the gates allow
+        search = _Search(model, profile, vcfg, work, torch_model, tok, trust_remote_code, say)
+        tried = [search.export(c, c.profile, c.name) for c in cands if not c.mixed_precision]
+        search.check(tried)
         sensitivity: dict[str, dict] = {}
         for c in (c for c in cands if c.mixed_precision):
             beaten = _beaten(c, cands, tried)
@@ -121,50 +70,128 @@ def search_export(
                 say(f"{c.name}: skipped: {beaten}")
                 tried.append(Tried(c.name, c.description, c.overrides, None, skipped=beaten))
                 continue
-            sens = measure_sensitivity(c, fp32_for(c.profile), torch_model, tok, work / f"sens-{c.name}", say)
-            sensitivity[c.name] = sens.record()
-            # Validation decides: start where the proxy says, then bisect on the real gates (fewer
-            # 8-bit layers after a pass, more after a failure) for at most MAX_ROUNDS validations.
-            n, k = len(sens.order), sens.first_k
-            failing, passing = -1, None  # the most 8-bit layers known to fail, the fewest known to pass
-            for _ in range(MAX_ROUNDS):
-                prof = dataclasses.replace(c.profile, matmul_nbits=dataclasses.replace(
-                    c.profile.matmul_nbits, int8_nodes=sens.int8_nodes(k)))
-                t = export(c, prof, f"{c.name}-{k}")
-                t.int8_layers = sorted(sens.order[:k])
-                check([t])
-                tried.append(t)
-                if t.passed:  # (an export that fails its own check counts as a failed gate)
-                    passing = k
-                else:
-                    failing = k
-                if passing is None:
-                    k = min(n, k + max(1, math.ceil(n / 4)))
-                else:
-                    k = (failing + passing) // 2
-                if k <= failing or k == passing:
-                    break
-
-        # 3. keep the smallest passing bundle
+            sensitivity[c.name] = search.mixed_precision(c, tried)
         best = _pick(tried)
         result = SearchResult(profile.name, tried, best.name if best else None,
                               tried.index(best) if best else None, out if best else None, sensitivity,
                               vcfg.record(), time.time() - t0)
         if best is None:
             raise NoCandidatePasses(f"no candidate of target {profile.name!r} passes its gates; {result.closest()}", result)
-        assert best.bundle is not None  # a passing candidate was exported
-        with atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
-            for p in best.bundle.iterdir():
-                os.replace(p, tmp / p.name)
-            os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)
-            manifest = read_json(tmp / MANIFEST)
-            # manifest.json is not among the hashed files: adding a key keeps read_manifest's check.
-            manifest["search"] = {**result.record(), "profile": to_dict(profile)}
-            write_json(tmp / MANIFEST, manifest)
+        _keep(best, result, profile, out, overwrite, inputs)
         say(f"kept {best.name}: {out}")
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _Search:
+    """What the candidates of one search share: the model loaded once, one fp32 export per opset,
+    the reference's golden answers (made by the first export), and the validations so far."""
+
+    def __init__(self, model: str, profile, vcfg, work: Path, torch_model, tok, trust_remote_code: bool,
+                 say: Callable[[str], None]):
+        self.model, self.profile, self.vcfg, self.work = model, profile, vcfg, work
+        self.torch_model, self.tok, self.trust_remote_code, self.say = torch_model, tok, trust_remote_code, say
+        self.fp32: dict[int, Path] = {}
+        self.golden: dict[str, Any] | None = None
+        self.rounds = 0
+        self.seen: dict[str, Tried] = {}  # model digest -> the first candidate exported with it
+
+    def fp32_for(self, prof) -> Path:
+        """The fp32 ONNX at ``prof``'s opset, exported once and shared by the candidates."""
+        from edgekd.export.onnx import export_onnx
+
+        if prof.opset not in self.fp32:
+            self.say(f"exporting the fp32 ONNX once (opset {prof.opset})")
+            self.fp32[prof.opset] = export_onnx(self.torch_model, self.work / f"fp32-opset{prof.opset}", prof.opset)
+        return self.fp32[prof.opset]
+
+    def export(self, cand: Candidate, prof, tag: str) -> Tried:
+        """``cand`` exported with ``prof`` through export's own door; a failed export is a result, not an error."""
+        from edgekd.export import export_bundle
+
+        bundle = self.work / "bundles" / tag
+        try:
+            export_bundle(self.model, prof, bundle, trust_remote_code=self.trust_remote_code, fp32_onnx=self.fp32_for(prof),
+                          log=lambda m: self.say(f"{tag}: {m}"), golden=self.golden)
+            if self.golden is None and (bundle / "golden.json").is_file():
+                self.golden = json.loads((bundle / "golden.json").read_text(encoding="utf-8"))
+            return Tried(cand.name, cand.description, cand.overrides, bundle)
+        except EdgekdError as e:
+            self.say(f"{tag}: export failed: {e}")
+            return Tried(cand.name, cand.description, cand.overrides, None, error=str(e))
+
+    def check(self, tried: list[Tried]) -> None:
+        """Validate what ``tried`` has not yet, together (the models load once). The same model
+        files reuse one validation; a bundle over the size budget is not validated."""
+        from edgekd.validate import validate
+
+        todo, copies = [], []
+        for t in tried:
+            if t.bundle is None or t.report is not None:
+                continue
+            first = self.seen.setdefault(model_digest(t.bundle), t)
+            over = _over_budget(t.bundle, self.profile.gates.max_size_mb)
+            if first is not t:  # the same model files: one validation speaks for both
+                self.say(f"{t.name}: the same model files as {first.name}: its validation is reused")
+                t.same_as = first.name
+                copies.append((t, first))
+            elif over is not None:  # cannot pass whatever it measures: not worth validating
+                self.say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
+                t.report = over
+            else:
+                todo.append(t)
+        if todo:
+            self.rounds += 1
+            self.say(f"validating {', '.join(t.name for t in todo)} on the held-out set")
+            reports, _ = validate([t.bundle for t in todo if t.bundle is not None], self.vcfg,
+                                  out=self.work / f"report-{self.rounds}", log=self.say)
+            for t, r in zip(todo, reports):
+                t.report = r
+        for t, first in copies:
+            t.report = first.report
+
+    def mixed_precision(self, c: Candidate, tried: list[Tried]) -> dict[str, Any]:
+        """Sensitivity, then as few 8-bit layers as the gates allow: start where the proxy says,
+        then bisect on the real gates (fewer 8-bit layers after a pass, more after a failure) for
+        at most ``MAX_ROUNDS`` validations. Appends each try to ``tried``; returns the sensitivity."""
+        sens = measure_sensitivity(c, self.fp32_for(c.profile), self.torch_model, self.tok, self.work / f"sens-{c.name}", self.say)
+        n, k = len(sens.order), sens.first_k
+        failing, passing = -1, None  # the most 8-bit layers known to fail, the fewest known to pass
+        for _ in range(MAX_ROUNDS):
+            prof = dataclasses.replace(c.profile, matmul_nbits=dataclasses.replace(
+                c.profile.matmul_nbits, int8_nodes=sens.int8_nodes(k)))
+            t = self.export(c, prof, f"{c.name}-{k}")
+            t.int8_layers = sorted(sens.order[:k])
+            self.check([t])
+            tried.append(t)
+            if t.passed:  # (an export that fails its own check counts as a failed gate)
+                passing = k
+            else:
+                failing = k
+            if passing is None:
+                k = min(n, k + max(1, math.ceil(n / 4)))
+            else:
+                k = (failing + passing) // 2
+            if k <= failing or k == passing:
+                break
+        return sens.record()
+
+
+def _keep(best: Tried, result: SearchResult, profile, out: Path, overwrite: bool, inputs: tuple) -> None:
+    """Move the kept candidate's bundle into ``out`` and record the search in its manifest."""
+    from edgekd.bundle import MANIFEST
+    from edgekd.io import BUNDLE, atomic_dir, read_json, write_json
+
+    assert best.bundle is not None  # a passing candidate was exported
+    with atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
+        for p in best.bundle.iterdir():
+            os.replace(p, tmp / p.name)
+        os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)
+        manifest = read_json(tmp / MANIFEST)
+        # manifest.json is not among the hashed files: adding a key keeps read_manifest's check.
+        manifest["search"] = {**result.record(), "profile": to_dict(profile)}
+        write_json(tmp / MANIFEST, manifest)
 
 
 def table_rows(result: SearchResult) -> list[list[str]]:
