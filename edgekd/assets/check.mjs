@@ -106,6 +106,12 @@ class Decoder {
 
 class UsageError extends Error {}
 
+// The model file and its external data, MB: as edgekd.bundle.Manifest.model_bytes.
+function modelMB(manifest) {
+  const name = manifest.model.file || "model.onnx";
+  return (manifest.files || []).filter((f) => f.path === name || f.path.startsWith(`${name}.`)).reduce((s, f) => s + f.bytes, 0) / 1e6;
+}
+
 // The figures of `edgekd check` for `examples` (golden.json's), and the greedy answers.
 export async function replay(ort, session, manifest, golden, { numPrompts = 0, log = () => {} } = {}) {
   const dec = new Decoder(ort, session, manifest);
@@ -161,7 +167,7 @@ export async function replay(ort, session, manifest, golden, { numPrompts = 0, l
     figures: {
       prompts: examples.length, positions: agree.length, top1: mean(agree), kl_mean: mean(kls), kl_p95: percentile(kls, 95),
       ppl_bundle: pplB, ppl_model: pplR, ppl_ratio: pplB / pplR, greedy_exact: mean(exact.map(Number)), greedy_prefix_tokens: mean(prefix),
-      decode_tokens_per_s: decodeSteps / Math.max(decodeSeconds, 1e-9), answer_tokens: n,
+      decode_tokens_per_s: decodeSteps / Math.max(decodeSeconds, 1e-9), answer_tokens: n, size_mb: modelMB(manifest),
     },
     answers,
   };
@@ -226,8 +232,6 @@ async function main(argv) {
     session = await ort.InferenceSession.create(modelFile, { executionProviders: ["cpu"], ...(args.threads ? { intraOpNumThreads: args.threads } : {}) });
   }
   const { figures } = await replay(ort, session, manifest, golden, { numPrompts: args.numPrompts, log: (m) => console.log(m) });
-  const name = manifest.model.file || "model.onnx";  // the model file and its external data, as Manifest.model_bytes
-  figures.size_mb = (manifest.files || []).filter((f) => f.path === name || f.path.startsWith(`${name}.`)).reduce((s, f) => s + f.bytes, 0) / 1e6;
   const f = (x, d = 3) => x.toFixed(d);
   console.log(`golden prompts / answer positions  ${figures.prompts} / ${figures.positions}`);
   console.log(`top-1 agreement                    ${f(figures.top1)}`);
