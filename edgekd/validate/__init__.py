@@ -149,7 +149,7 @@ class _Compared:
 
     fidelity: dict[str, Any]  # role -> logits and greedy figures
     texts: dict[str, list[str]]  # "bundle", "reference", "teacher" -> greedy answers
-    teacher_read: tuple[list, list] | None  # the teacher's greedy answers and its logits on them
+    teacher_read: tuple[list, list] | None  # the teacher's answers and its logits on them: how decided its labels were
     answer_tokens: int
     asked: int  # the answer tokens asked for, before the bundle's context capped them
     answers_from: str
@@ -345,8 +345,8 @@ def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any
         metrics, kl = compare_logits(ours, theirs, answers)
         fidelity[role] = {**metrics, **compare_greedy(ours_greedy, their_greedy, n), "model": spec}
         texts[role] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in their_greedy]
-        if role == "teacher" and given is None:  # the teacher's logits on its own answers: how decided its labels were
-            teacher_read = (their_greedy, theirs)
+        if role == "teacher":  # the teacher's logits on its answers (its greedy ones, or those it wrote for the split)
+            teacher_read = (answers, theirs)
         if role == "reference":  # per prompt, for the plots
             run.kls[name] = np.split(kl, np.cumsum([len(a) for a in answers])[:-1])
     texts["bundle"] = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours_greedy]
