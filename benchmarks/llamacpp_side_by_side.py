@@ -96,15 +96,12 @@ def bundle_greedy_answers(bundle: Path, prompts: list[list[int]], tokens: int, t
     return bundle_greedy(Runtime(bundle, verify=False, threads=threads), prompts, tokens)
 
 
-def bundle_bytes_per_token(bundle: Path) -> int:
-    from edgekd.bundle import decode_weight_bytes
-    from edgekd.runtime import Runtime
+def bundle_sizes(bundle: Path) -> tuple[float, int]:
+    """The model's MB (``Manifest.model_bytes``) and the weight bytes a decode step reads."""
+    from edgekd.bundle import Manifest, bundle_decode_weight_bytes, read_manifest
 
-    return decode_weight_bytes(Runtime(bundle, verify=False).model_path)
-
-
-def model_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".ort", ".data")) / 1e6
+    manifest = Manifest(read_manifest(bundle, verify=False))
+    return manifest.model_bytes / 1e6, bundle_decode_weight_bytes(bundle, manifest)
 
 
 def main() -> None:
@@ -130,7 +127,8 @@ def main() -> None:
     rows["llama.cpp"].update(compare_greedy(answers, reference, n))
     for b in args.bundle:
         name = f"edgekd {b.name}"
-        rows[name] = {"file": b.name, "size_mb": model_mb(b), "bytes_per_token": bundle_bytes_per_token(b)}
+        size_mb, weight_bytes = bundle_sizes(b)
+        rows[name] = {"file": b.name, "size_mb": size_mb, "bytes_per_token": weight_bytes}
         rows[name].update(compare_greedy(bundle_greedy_answers(b, prompts, n, args.threads), reference, n))
     print("answers done", flush=True)
 

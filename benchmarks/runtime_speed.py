@@ -45,11 +45,12 @@ def measure_bandwidth(threads: int | None = None) -> float:
 
 
 def bytes_read_per_token(bundle: Path) -> tuple[int, str]:
-    """Weight bytes a decode step reads (``edgekd.export.bundle.decode_weight_bytes``) and how they were counted."""
-    from edgekd.bundle import decode_weight_bytes
+    """Weight bytes a decode step reads (``edgekd.bundle.bundle_decode_weight_bytes``) and how they were counted."""
+    from edgekd.bundle import bundle_decode_weight_bytes
 
-    model_file = Runtime(bundle, verify=False).model_path
-    return decode_weight_bytes(model_file), "file size (.ort)" if model_file.suffix != ".onnx" else "initializers not read only by Gather"
+    rt = Runtime(bundle, verify=False)
+    how = "file size (.ort)" if rt.model_path.suffix != ".onnx" else "initializers not read only by Gather"
+    return bundle_decode_weight_bytes(bundle, rt.manifest), how
 
 
 def kv_bytes(rt: Runtime, context: int) -> int:

@@ -281,3 +281,10 @@ def decode_weight_bytes(model_file: Path) -> int:
             continue
         total += int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     return total
+
+
+def bundle_decode_weight_bytes(root: Path, manifest: Manifest) -> int:
+    """The weight bytes a decode step of the bundle at ``root`` reads: as export recorded them
+    (``model.decode_weight_bytes``), else counted from its model file (a bundle exported before
+    they were recorded; needs onnx)."""
+    return manifest.model.get("decode_weight_bytes") or decode_weight_bytes(inside(root, manifest.model_file))

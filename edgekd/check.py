@@ -153,7 +153,9 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     if config.speed:
         log("timing prefill and decode ...")
         cost.update({k: v for k, v in time_runtime(rt).items() if k in ("prefill_tokens", "prefill_ms", "decode_tokens_per_s")})
-        cost.update(roofline(cost["decode_tokens_per_s"], manifest.model.get("decode_weight_bytes"), read_bandwidth(config.threads)))
+        weight_bytes = manifest.model.get("decode_weight_bytes")  # recorded at export (the device has no onnx to count them)
+        if weight_bytes:  # else no roofline: a 256 MiB bandwidth pass would be spent for nothing
+            cost.update(roofline(cost["decode_tokens_per_s"], weight_bytes, read_bandwidth(config.threads)))
 
     answers = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours]
     task = manifest.source.task or {}

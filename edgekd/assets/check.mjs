@@ -127,9 +127,7 @@ export async function replay(ort, session, manifest, golden, { numPrompts = 0, l
       if (pos > 0) { logits = await dec.run([ex.answer_ids[pos - 1]]); row = 0; }
       const lb = logSoftmax(logits, row * dec.vocab, dec.vocab);
       const ids = ex.topk_ids[pos], lp = ex.topk_logprobs[pos];
-      let best = 0;
-      for (let i = 1; i < dec.vocab; i++) if (lb[i] > lb[best]) best = i;
-      agree.push(best === ids[0] ? 1 : 0);
+      agree.push(argmax(lb, 0, dec.vocab) === ids[0] ? 1 : 0);
       kls.push(restKL(lp.map(Math.exp), ids.map((t) => lb[t])));
       const token = ex.answer_ids[pos];
       nllB.push(-lb[token]);

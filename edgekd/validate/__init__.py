@@ -106,7 +106,7 @@ def answer_room(n: int, prompts: list[list[int]], context: int) -> int:
 def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, list[str]], rt, teacher_read) -> dict[str, Any]:
     """The task's figures of the bundle's answers against the teacher's (``tasks.score_answers``),
     the reference's beside them, and, for a labelled task, how decided the teacher's labels were
-    (``teacher_read``: its greedy answers and its logits on them)."""
+    (``teacher_read``: the teacher's answers, its greedy ones or the split's, and its logits on them)."""
     from edgekd.metrics import TASK_FIGURES
     from edgekd.tasks import label_margins, score_answers, task_inputs
     from edgekd.validate.data import record_truths
@@ -120,7 +120,7 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
     figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels,
                                                          truths=record_truths(records, task.get("folder")),
                                                          inputs=task_inputs([r["prompt"] for r in records]), teacher_margins=margins)}
-    reference = score_answers(texts["reference"], texts["teacher"], labels, teacher_margins=margins)
+    reference = score_answers(texts["reference"], texts["teacher"], labels)  # only its gated figures are kept
     figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
     return figures
 
@@ -291,7 +291,7 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
 def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
     """Size, and (``config.speed``) load time, prefill, decode, peak memory and the decode's share
     of the bandwidth roofline, measured in a fresh process."""
-    from edgekd.bundle import decode_weight_bytes
+    from edgekd.bundle import bundle_decode_weight_bytes
     from edgekd.validate.speed import measure_speed, roofline
 
     manifest, config = rt.manifest, run.config
@@ -301,8 +301,7 @@ def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
         speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
         cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
         cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
-        weight_bytes = manifest.model.get("decode_weight_bytes") or decode_weight_bytes(rt.model_path)
-        cost.update(roofline(speed["decode_tokens_per_s"], weight_bytes, speed["read_bandwidth_bytes_per_s"]))
+        cost.update(roofline(speed["decode_tokens_per_s"], bundle_decode_weight_bytes(p, manifest), speed["read_bandwidth_bytes_per_s"]))
     return cost
 
 
