@@ -83,8 +83,9 @@ class MatMulNBits:
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
     int8_activation_nodes: tuple[str, ...] = ()  # node-name substrings computed with accuracy_level 4 (int8 activations)
-    keep_grid: bool = True  # a weight already on a 4-bit grid (--qat-bits 4, a Q4 GGUF) is stored on it, exactly
-    grid_accuracy_level: int = 0  # the accuracy_level of those weights (4-bit: fp32 activations have fast kernels)
+    keep_grid: bool = True  # a weight already on its grid (--qat-bits 4, a GGUF's Q4/Q5_0/Q6_K/Q8_0...) is stored on it, exactly
+    grid_accuracy_level: int = 0  # the accuracy_level of those weights; at 0 (fp32 activations) an 8-bit grid (Q5_0,
+    # Q6_K, Q8_0) is stored as two exact 4-bit halves: onnxruntime's 8-bit kernel is fast only at int8 activations
     grid_offsets: Literal["float32", "float16"] = "float32"  # how a grid's per-block offsets are stored (float16: half the bytes, a Cast)
 
     def __post_init__(self):

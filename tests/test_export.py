@@ -232,19 +232,36 @@ def test_fused_attention_caps_the_context_at_its_rotary_tables(tmp_path, tiny_te
     assert genai["model"]["context_length"] == 64
 
 
-def test_fused_attention_caps_a_sliding_window_models_context_at_its_window(tmp_path, tokenizer):
-    """GroupQueryAttention attends to the whole cache; a sliding-window model (Mistral) agrees with
-    it only up to the window, so the bundle's context ends there."""
+def test_fused_attention_keeps_a_sliding_window_past_the_window(tmp_path, tokenizer):
+    """A sliding-window model (Mistral, window 8) fuses with the window in the kernel
+    (GroupQueryAttention's local_window_size): its bundle answers as PyTorch does on a prompt three
+    windows long and on cached steps after it, and its context is not cut at the window."""
+    import numpy as np
     import torch
     from conftest import save_model, tiny_llama_config
     from transformers import MistralConfig, MistralForCausalLM
 
     from edgekd.export import export_bundle
+    from edgekd.export.onnx import model_facts, ort_forward, session
 
     cfg = MistralConfig(**{k: v for k, v in tiny_llama_config(layers=2).to_dict().items()
-                           if k in MistralConfig().to_dict() and k not in ("architectures", "model_type")}, sliding_window=32)
+                           if k in MistralConfig().to_dict() and k not in ("architectures", "model_type")}, sliding_window=8)
     torch.manual_seed(0)
-    src = save_model(MistralForCausalLM(cfg).eval(), tokenizer, tmp_path / "mistral")
+    model = MistralForCausalLM(cfg).eval()
+    src = save_model(model, tokenizer, tmp_path / "mistral")
     manifest = export_bundle(str(src), "cpu", tmp_path / "b", golden_prompts=0)
     fused = next(r for r in manifest["recipe"] if r["step"] == "fuse_attention")
-    assert fused["fused_layers"] == 2 and manifest["model"]["context_length"] == 32
+    assert fused["fused_layers"] == 2 and fused["sliding_window_layers"] == 2
+    assert manifest["model"]["context_length"] > 8
+    ids = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        full = model(torch.cat([ids, ids[:, :6]], dim=1)).logits.numpy()
+    sess = session(tmp_path / "b" / "model.onnx")
+    logits, past = ort_forward(sess, ids.numpy(), None, model_facts(cfg))
+    steps = [logits]
+    for t in ids[0, :6].tolist():  # cached steps, each past the window
+        logits, past = ort_forward(sess, np.array([[t]]), past, model_facts(cfg))
+        steps.append(logits)
+    got = np.concatenate(steps, axis=1)
+    assert np.abs(got - full).max() < 0.05  # the cpu target's 8-bit weights; a wrong window is off by whole logits
+    assert (got.argmax(-1) == full.argmax(-1)).mean() > 0.9

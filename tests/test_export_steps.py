@@ -240,6 +240,96 @@ def test_weights_on_a_4bit_grid_are_stored_on_it_exactly(tmp_path, kind):
         assert np.abs(again - want).max() > 1e-3
 
 
+# llama.cpp's weight types as gguf's own dequantization writes them (ggml-quants.c in numpy): the
+# legacy types quantized from normal weights, the k-quants from random blocks (gguf quantizes no
+# k-quant), their fp16 super-block scales set to sane values at these byte offsets.
+_HALVES = {"Q6_K": (208,), "Q4_K": (0, 2), "Q3_K": (108,), "Q2_K": (80, 82)}
+
+
+def _gguf_weight(name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    rng, qtype = np.random.default_rng(seed), GGMLQuantizationType[name]
+    if name not in _HALVES:
+        return quants.dequantize(quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32) * 0.05, qtype), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for offset in _HALVES[name]:
+        raw[..., offset:offset + 2] = np.full(raw.shape[:2], 2e-4, np.float16)[..., None].view(np.uint8)
+    return quants.dequantize(raw.reshape(rows, -1), qtype)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "Q5_0", "Q8_0", "Q6_K"])
+def test_each_gguf_type_edgekd_keeps_round_trips_exactly(name):
+    from edgekd.export.grid import GGUF_GRIDS, find_grid, find_symmetric, grid_kind
+
+    w = _gguf_weight(name, 24, 512)
+    kind = grid_kind([name], 32)
+    assert kind == GGUF_GRIDS[name]
+    grid = find_grid(w, kind.block) if kind.symmetric is None else find_symmetric(w, kind.block, kind.symmetric)
+    assert grid is not None and grid.bits == kind.bits
+    assert np.abs(grid.dequantized() - w).max() <= 1e-5 * np.abs(w).max()
+    if kind.bits == 8:  # a float weight, or a block off the type's rule, fits no 8-bit grid
+        assert find_symmetric(np.random.default_rng(1).normal(size=(4, 64)).astype(np.float32), kind.block, kind.symmetric) is None
+
+
+def test_types_without_an_exact_home_go_to_the_profile():
+    from edgekd.export.grid import grid_kind
+
+    assert grid_kind(["IQ2_XS"], 32) is None and grid_kind(["Q5_1"], 32) is None  # 32 levels with an offset
+    assert grid_kind(["Q4_K", "Q5_0"], 32) is None  # a packed matrix whose parts need different bits
+    assert grid_kind(["Q5_0", "Q8_0", "Q6_K"], 32).block == 16  # q, k, v packed: the finest block
+
+
+def test_a_gguf_models_weights_stay_on_their_types_grids(tmp_path):
+    """The GGUF types recorded in the exported graph choose each weight's grid: 4-bit types at 4
+    bits with their block, Q5_0, Q8_0 and Q6_K at 8 bits; a type with no exact home (IQ2_XS) is
+    named and goes to the profile's quantizer. At fp32 activations the bundle computes what the
+    fp32 model does."""
+    import onnx
+    import torch
+    from conftest import build_model, tiny_llama_config
+
+    from edgekd.export.grid import GGUF_TYPES
+
+    model = build_model(tiny_llama_config(layers=1, hidden=256, num_attention_heads=4, num_key_value_heads=4))
+    types = {"self_attn.q_proj": "Q5_0", "self_attn.k_proj": "Q8_0", "self_attn.v_proj": "Q6_K", "self_attn.o_proj": "Q4_K",
+             "mlp.gate_proj": "Q3_K", "mlp.up_proj": "Q2_K", "mlp.down_proj": "IQ2_XS"}
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for seed, (name, t) in enumerate(types.items()):
+            p = layer.get_submodule(name).weight
+            p.copy_(torch.from_numpy(_gguf_weight("Q4_0" if t == "IQ2_XS" else t, *p.shape, seed=seed)))
+    notes = {GGUF_TYPES: {f"model.layers.0.{k}": v for k, v in types.items()}}
+    src = export_onnx(model, tmp_path / "fp32", 17, notes)
+    facts = model_facts(model.config)
+    ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
+    want, _ = ort_forward(session(src), ids, None, facts)
+    info = STEPS["matmul_nbits"].fn(src, tmp_path / "g.onnx", MatMulNBits(bits=8, accuracy_level=0), load_target("cpu"))
+    assert info["kept_gguf_types"] == {"Q5_0": 1, "Q8_0": 1, "Q6_K": 1, "Q4_K": 1, "Q3_K": 1, "Q2_K": 1}
+    assert info["gguf_types_not_kept"] == {"/model/layers.0/mlp/down_proj/MatMul": ["IQ2_XS"]}  # named, then
+    assert info["quantized_matmuls"] == 7  # re-rounded by the profile's 8-bit RTN
+    nodes = {n.name: {a.name: a.i for a in n.attribute if a.name in ("bits", "block_size")}
+             for n in onnx.load(str(tmp_path / "g.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    # 8-bit grids at fp32 activations (grid_accuracy_level 0): two exact 4-bit halves each
+    assert info["grid_8bit_as_4bit_halves"] == 3
+    assert nodes["/model/layers.0/self_attn/v_proj/MatMul_Q_hi"] == {"bits": 4, "block_size": 16}  # Q6_K: a scale per 16
+    assert nodes["/model/layers.0/self_attn/v_proj/MatMul_Q_lo"] == {"bits": 4, "block_size": 16}
+    assert nodes["/model/layers.0/mlp/gate_proj/MatMul_Q"] == {"bits": 4, "block_size": 16}  # Q3_K
+    assert nodes["/model/layers.0/self_attn/o_proj/MatMul_Q"] == {"bits": 4, "block_size": 32}  # Q4_K, with offsets
+    graph = onnx.load(str(tmp_path / "g.onnx")).graph
+    half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert sum(t.endswith(".grid_scales.f16") for t in half) >= 2  # Q5_0's and Q8_0's fp16 scales: stored so, cast in the graph
+    got, _ = ort_forward(session(tmp_path / "g.onnx"), ids, None, facts)
+    assert np.abs(got - want).max() <= 2e-2  # only the IQ2_XS stand-in is re-rounded (8-bit RTN)
+    # at int8 activations an 8-bit grid is one 8-bit node: smaller graph, faster, less faithful
+    info = STEPS["matmul_nbits"].fn(src, tmp_path / "i.onnx", MatMulNBits(bits=8, grid_accuracy_level=4), load_target("cpu"))
+    assert info["grid_8bit_as_4bit_halves"] == 0 and info["kept_gguf_types"]["Q6_K"] == 1
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(tmp_path / "i.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert bits["/model/layers.0/self_attn/v_proj/MatMul_Q"] == 8
+
+
 def test_a_float_weight_is_on_no_grid():
     from edgekd.export.grid import find_grid
 
@@ -274,13 +364,19 @@ def test_fused_attention_is_one_node_a_layer_and_decodes_as_the_unfused_graph(tm
     dst = tmp_path / "fused" / "model.onnx"
     info = STEPS["fuse_attention"].fn(src, dst, FuseAttention(max_positions=64, pack_qkv=pack), load_target("cpu"))
     assert info["fused_layers"] == 2 and info["context_length_cap"] == 64 and info["packed_qkv_layers"] == (2 if pack else 0)
-    nodes = onnx.load(str(dst)).graph.node
+    fused = onnx.load(str(dst))
+    tables = [n for n in fused.graph.node if n.name.startswith("edgekd_gqa.tables/")]  # folded when a session loads
+    nodes = [n for n in fused.graph.node if n not in tables]
     ops = [n.op_type for n in nodes]
-    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops and "Cos" not in ops
     # per layer: q, k, v (one packed or three), o, gate, up, down; plus the tied head (reads the embedding)
     assert ops.count("MatMul") == 2 * (5 if pack else 7) + 1
     assert sum("qkv_proj" in n.name for n in nodes) == (2 if pack else 0)
     assert len(ops) < len(onnx.load(str(src)).graph.node) / 3
+    # the tables are the rotary subgraph on constant positions, not 64 x 8 floats twice in the file
+    assert {"Cos", "Sin"} <= {n.op_type for n in tables}
+    assert all(t.dims[0] != 64 for t in fused.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+               and t.dims[1] == 8)
     ids = np.array([[5, 17, 99, 250, 3, 42, 7, 300]], dtype=np.int64)
     (want, want_past), (got, got_past) = _decode(src, facts, ids), _decode(dst, facts, ids)
     assert np.abs(got - want).max() < 1e-3

@@ -17,15 +17,16 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
 # family -> (config class, model class, config overrides, why attention stays unfused or None when it is fused)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 128}, None),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}, None),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, None),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, "differs from the unfused one"),  # query/key norms
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, "no position_ids input"),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 128}, "no position_ids input"),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 128}, "no position_ids input"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, None),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, None),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 8}, None),  # soft-capped
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+                    {"head_dim": 16, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}, None),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}, "no q_proj MatMul"),  # packed qkv_proj
-    "granite": ("GraniteConfig", "GraniteForCausalLM", {}, "differs from the unfused one"),  # attention multiplier
-    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0}, "differs from the unfused one"),  # query/key norms
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}, None),  # attention multiplier as the kernel's scale
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0}, None),
     "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}, "partial rotary"),
 }
 
@@ -51,6 +52,9 @@ def test_each_family_exports_for_cpu(tmp_path, family):
     assert json.loads((tmp_path / "bundle" / "golden.json").read_text())["examples"]
     fused = recipe["fuse_attention"]
     if unfused is None:
-        assert fused["fused_layers"] == 2
+        assert fused["fused_layers"] == 2, fused
+        assert fused["rotary_tables"] == (2 if family == "gemma3_text" else 1)
+        assert fused["qk_norm_layers"] == (2 if family in ("qwen3", "olmo2", "gemma3_text") else 0)
+        assert fused["sliding_window_layers"] == {"mistral": 2, "gemma2": 1, "gemma3_text": 1}.get(family, 0)
     else:
         assert fused["fused_layers"] == 0 and unfused in fused["not_fused"], fused

@@ -25,7 +25,7 @@ from edgekd.config import to_dict
 from edgekd.errors import EdgekdError
 from edgekd.targets import TargetProfile, load_target
 
-__all__ = ["export_bundle", "run_steps", "source_info", "summary"]
+__all__ = ["export_bundle", "graph_notes", "run_steps", "source_info", "summary"]
 
 MODEL_FILE = "model.onnx"
 GOLDEN_PROMPTS = 16  # held-out prompts in the golden reference (edgekd check replays them on the device)
@@ -61,6 +61,16 @@ def source_info(source) -> dict[str, Any]:
     return {**info, "quantization_aware": qat} if qat else info
 
 
+def graph_notes(source, torch_model) -> dict[str, Any] | None:
+    """What the exported graph should carry about where its weights came from: a GGUF's weight
+    types (``grid.GGUF_TYPES``; the matmul_nbits step keeps each type's grid)."""
+    if source.kind != "gguf":
+        return None
+    from edgekd.export.grid import GGUF_TYPES, gguf_weight_types
+
+    return {GGUF_TYPES: gguf_weight_types(source.path, torch_model)}
+
+
 def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[str]]:
     """What ``edgekd export`` prints about the bundle it wrote: ``(lines, warnings)``."""
     from edgekd.bundle import Manifest
@@ -73,7 +83,9 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
     grid = next((r for r in m.data.get("recipe", []) if r.get("step") == "matmul_nbits" and r.get("kept_on_grid_matmuls")), None)
     if grid:
         offsets = f", {grid['grid_offset_matmuls']} with per-block offsets" if grid["grid_offset_matmuls"] else ""
-        lines.append(f"{grid['kept_on_grid_matmuls']} weights were already on a 4-bit grid and are stored on it exactly{offsets} "
+        types = grid.get("kept_gguf_types")
+        which = f"their GGUF grids ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})" if types else "a 4-bit grid"
+        lines.append(f"{grid['kept_on_grid_matmuls']} weights were already on {which} and are stored on it exactly{offsets} "
                      "(matmul_nbits.keep_grid)")
     fused = next((r for r in m.data.get("recipe", []) if r.get("step") == "fuse_attention"), None)
     if fused:
@@ -85,6 +97,12 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
                      f"(mean common prefix {golden['greedy_prefix_tokens']:.1f} tokens; top-1 {golden['top1']:.3f}); "
                      "golden.json lets `edgekd check` repeat this on the device")
     warnings = []
+    lost = next((r.get("gguf_types_not_kept") for r in m.data.get("recipe", []) if r.get("gguf_types_not_kept")), None)
+    if lost:
+        step = next(r for r in m.data["recipe"] if r.get("step") == "matmul_nbits")
+        named = ", ".join(f"{node.strip('/').rsplit('/', 1)[0].replace('/', '.')} ({'+'.join(t)})" for node, t in list(lost.items())[:4])
+        warnings.append(f"{len(lost)} GGUF weights have no exact home in MatMulNBits and were re-quantized by the profile "
+                        f"({step['bits']}-bit {step['algorithm']}): {named}{', ...' if len(lost) > 4 else ''}")
     qat = m.source.quantization_aware
     if qat and not qat["reproduced_by_recipe"]:
         head_hint = ""
@@ -218,7 +236,8 @@ def export_bundle(
 
     with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
-        path = Path(fp32_onnx) if fp32_onnx is not None else export_onnx(torch_model, work / "export", profile.opset)
+        path = Path(fp32_onnx) if fp32_onnx is not None else \
+            export_onnx(torch_model, work / "export", profile.opset, graph_notes(source, torch_model))
         probe = _fp32_probe(torch_model, tok, path, facts, profile)
         path, steps_run = run_steps(path, profile, work, say)
         _note_qat_and_context(origin, profile, steps_run, torch_model.config, facts, say)
@@ -271,8 +290,9 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
         qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat) and _head_as_trained(qat, steps_run)
     cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
     window = getattr(config, "sliding_window", None)
-    if cap and window and getattr(config, "use_sliding_window", True) is not False:
-        cap = min(cap, int(window))  # fused attention sees the whole cache: the same only up to the window
+    windowed = any(r.get("sliding_window_layers") for r in steps_run)  # the kernel applies the windows itself
+    if cap and window and not windowed and getattr(config, "use_sliding_window", True) is not False:
+        cap = min(cap, int(window))  # fused attention that sees the whole cache agrees only up to the window
     if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
         say(f"context capped at {cap} tokens (fused attention)")
         facts["context_length"] = cap

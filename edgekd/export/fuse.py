@@ -12,18 +12,26 @@ The rewrite keeps the bundle's inputs and outputs as they are (``attention_mask`
 ``past_key_values.N.*`` -> ``present.N.*``, BNSH), so every runtime that fed the unfused graph feeds
 this one. GroupQueryAttention takes ``seqlens_k`` (each row's length - 1) and the total length,
 computed here from ``attention_mask``; the rotary tables are the model's own, evaluated from its graph
-at positions ``0..max_positions-1`` (so any rope scaling the exporter traced is kept).
+at positions ``0..max_positions-1`` (so any rope scaling the exporter traced is kept), one pair per
+rotary embedding the layers use (Gemma 3's sliding-window layers rotate with another base than its
+global ones). Where a layer normalises its queries and keys before the rotary (Qwen 3, OLMo 2,
+Gemma 3), GroupQueryAttention reads the normalised tensors: the graph's own norm nodes stay. What the
+graph does not show, each layer's attention scale, sliding window and logit soft-capping, comes from
+the PyTorch modules, written into the ONNX file's metadata at export (``ATTENTION_NOTES``).
 
 The step checks itself: the fused and the unfused graph run the same prompt and one cached step,
 and the fusion is kept only if logits and cache agree within ``tolerance``; otherwise the unfused
 graph goes on unchanged and the recipe says why. Positions come from the cache length, as
 GroupQueryAttention computes them: right for the left-aligned, unpadded rows edgekd's runtime and
-onnxruntime-genai feed at batch 1. GroupQueryAttention here attends to the whole cache: for a model
-with a sliding attention window, export caps the bundle's context at the window, where the two agree.
+onnxruntime-genai feed at batch 1. A sliding window is GroupQueryAttention's ``local_window_size``,
+set to the model's window: the fused and the unfused graph agree then on prompts longer than the
+window (window - 1 differs; ``tests/test_families.py`` exports windows shorter than its prompts).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -33,6 +41,37 @@ import numpy as np
 from edgekd.export.grid import set_nodes, splice
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
+ATTENTION_NOTES = "edgekd.attention"  # ONNX metadata: per layer {"scale", "window", "softcap"} (see attention_notes)
+
+
+def attention_notes(model) -> list[dict[str, Any]] | None:
+    """Each decoder layer's attention scale, sliding window and logit soft-cap, read from the
+    PyTorch modules (``scaling``, ``sliding_window``, ``attn_logit_softcapping``; a Mistral-style
+    model keeps its window in the config); None when the model has no ``model.layers[i].self_attn``."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    config = model.config
+    notes = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            return None
+        window = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else (
+            getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None)
+        scale = getattr(attn, "scaling", None)
+        softcap = getattr(attn, "attn_logit_softcapping", None)
+        notes.append({"scale": float(scale) if scale is not None else None, "window": int(window) if window else None,
+                      "softcap": float(softcap) if softcap else None})
+    return notes
+
+
+def read_notes(model, key: str) -> Any:
+    """The JSON an export wrote into ``model``'s metadata under ``key`` (None when absent)."""
+    for p in model.metadata_props:
+        if p.key == key:
+            return json.loads(p.value)
+    return None
 
 
 class NotFusable(Exception):
@@ -65,47 +104,186 @@ def _chain_end(start: str, consumers: dict[str, list]) -> str:
     return t
 
 
-def rotary_tables(model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """The model's own cos/sin tables ``(max_positions, head_dim / 2)``: its rotary subgraph run at
-    positions ``0..max_positions-1``. Refuses an interleaved or partial rotary it cannot pass on."""
+def _constants(graph) -> set[str]:
+    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+
+_TABLE_OPS = ("Cast", "Unsqueeze", "Squeeze", "Mul", "Reshape", "Expand", "Gather", "Slice")
+
+
+def _table_roots(graph) -> dict[str, str]:
+    """Each tensor computed from a rotary table alone (a Cos or Sin output, cast, unsqueezed or
+    scaled by constants) -> the tensor its Cos/Sin read: one root per rotary embedding."""
+    const = _constants(graph)
+    roots: dict[str, str] = {}
+    for n in graph.node:
+        if n.op_type in ("Cos", "Sin"):
+            roots[n.output[0]] = n.input[0]
+        elif n.op_type in _TABLE_OPS and n.input and n.input[0] in roots and all(i in const or not i for i in n.input[1:]):
+            roots[n.output[0]] = roots[n.input[0]]
+    return roots
+
+
+def _probe_feeds(inputs, max_positions: int) -> dict[str, np.ndarray]:
+    """Feeds that put positions ``0..max_positions-1`` through a rotary subgraph: ``position_ids``
+    where the graph has it, else a prompt of that length after an empty cache (the positions the
+    graph computes from the cache length)."""
+    feeds: dict[str, np.ndarray] = {}
+    for i in inputs:
+        if i.name == "position_ids":
+            feeds[i.name] = np.arange(max_positions, dtype=np.int64).reshape(1, -1)
+        elif i.name in ("input_ids", "attention_mask"):
+            feeds[i.name] = np.ones((1, max_positions), dtype=np.int64)
+        elif i.name.startswith("past_key_values.") and len(i.shape) == 4 and all(isinstance(d, int) for d in (i.shape[1], i.shape[3])):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        else:
+            raise NotFusable(f"the rotary embedding reads {i.name}: not a position-only rotary")
+    return feeds
+
+
+def rotary_tables(model, roots: list[str], max_positions: int, head_dim: int) -> tuple[dict[str, tuple[str, str]], list, list]:
+    """GroupQueryAttention's cos/sin caches ``(max_positions, head_dim / 2)`` for each rotary
+    embedding (named by the tensor its Cos and Sin read), as nodes that compute them: a copy of the
+    model's own rotary subgraph fed with constants for positions ``0..max_positions-1``. onnxruntime
+    folds them into constants when it loads the model, so the file holds only the subgraph (Gemma
+    3's two tables at 8,192 positions would be 17 MB). The tables are evaluated here once to refuse
+    an interleaved or partial rotary it cannot pass on. Returns ({root: (cos, sin)}, nodes,
+    constants)."""
     import onnx
     import onnxruntime as ort
+    from onnx import helper, numpy_helper
 
     g = model.graph
     consumers = _consumers(g)
-    cos = [n for n in g.node if n.op_type == "Cos"]
-    sin = [n for n in g.node if n.op_type == "Sin"]
-    if len(cos) != 1 or len(sin) != 1:
-        raise NotFusable(f"expected one shared rotary embedding (Cos/Sin), found {len(cos)}/{len(sin)}")
-    names = [_chain_end(cos[0].output[0], consumers), _chain_end(sin[0].output[0], consumers)]
-    if "position_ids" not in {i.name for i in g.input}:
-        raise NotFusable("the graph has no position_ids input to evaluate its rotary embedding from")
-    nodes = _needed(g, names)  # the rotary subgraph alone, with only the constants it reads
+    names: list[str] = []
+    for root in roots:
+        trig = {n.op_type: n for n in consumers.get(root, []) if n.op_type in ("Cos", "Sin")}
+        if len(trig) != 2:
+            raise NotFusable(f"the rotary embedding at {root} has no Cos and Sin pair")
+        names += [_chain_end(trig["Cos"].output[0], consumers), _chain_end(trig["Sin"].output[0], consumers)]
+    nodes = _needed(g, names)  # the rotary subgraphs alone, with only the constants they read
     used = {i for n in nodes for i in n.input}
+    cut = _cut(nodes, {c.name.rsplit("/", 1)[0] + "/" for c in g.node if c.op_type in ("Cos", "Sin") and c.input[0] in roots},
+               _constants(g))
     probe = onnx.helper.make_model(
         onnx.helper.make_graph(nodes, "rotary", [i for i in g.input if i.name in used],
-                               [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names],
+                               [onnx.helper.make_empty_tensor_value_info(n) for n in [*names, *cut]],
                                [t for t in g.initializer if t.name in used]),
         opset_imports=model.opset_import, ir_version=model.ir_version)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    feeds: dict[str, np.ndarray] = {}
-    for i in sess.get_inputs():
-        if i.name == "position_ids":
-            feeds[i.name] = np.arange(max_positions, dtype=np.int64).reshape(1, -1)
-        elif i.name in ("input_ids", "attention_mask"):
-            feeds[i.name] = np.ones((1, max_positions), dtype=np.int64)
-        else:
-            raise NotFusable(f"the rotary embedding reads {i.name}: not a position-only rotary")
-    tables = []
-    for t in sess.run(None, feeds):
+    feeds = _probe_feeds(sess.get_inputs(), max_positions)
+    values = sess.run(None, feeds)
+    cut_values = dict(zip(cut, values[len(names):]))
+    if all(v.size <= 4 * max_positions for v in cut_values.values()):  # positions, not activations: feed them as constants
+        feeds, nodes = cut_values, _needed_from(nodes, names, set(cut))
+    for t in values[: len(names)]:
         t = np.asarray(t, dtype=np.float32).reshape(max_positions, -1)
         half = t.shape[1] // 2
         if not np.array_equal(t[:, :half], t[:, half:]):
             raise NotFusable("the rotary tables are not two equal halves (interleaved or partial rotary)")
-        tables.append(np.ascontiguousarray(t[:, :half]))
-    return tables[0], tables[1]
+        if half * 2 != head_dim:
+            raise NotFusable(f"the rotary covers {half * 2} of {head_dim} head channels (partial rotary)")
+    width = head_dim // 2
+    P = "edgekd_gqa.tables"
+    rename = {o: f"{P}/{o}" for n in nodes for o in n.output} | {name: f"{P}/{name}" for name in feeds}
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = f"{P}/{n.name}"
+        c.input[:] = [rename.get(i, i) for i in n.input]
+        c.output[:] = [rename[o] for o in n.output]
+        copies.append(c)
+    consts = [numpy_helper.from_array(v, rename[k]) for k, v in feeds.items()]
+    consts += [numpy_helper.from_array(np.array([max_positions, 2 * width], np.int64), f"{P}.shape"),
+               numpy_helper.from_array(np.array([0], np.int64), f"{P}.start"),
+               numpy_helper.from_array(np.array([width], np.int64), f"{P}.end"),
+               numpy_helper.from_array(np.array([1], np.int64), f"{P}.axis")]
+    caches: dict[str, tuple[str, str]] = {}
+    for j, root in enumerate(roots):
+        pair = []
+        for name in names[2 * j: 2 * j + 2]:
+            full, cache = f"{rename[name]}.2d", f"{rename[name]}.cache"
+            copies += [helper.make_node("Reshape", [rename[name], f"{P}.shape"], [full], name=f"{full}/Reshape"),
+                       helper.make_node("Slice", [full, f"{P}.start", f"{P}.end", f"{P}.axis"], [cache], name=f"{cache}/Slice")]
+            pair.append(cache)
+        caches[root] = (pair[0], pair[1])
+    return caches, copies, consts
+
+
+def _cut(nodes: list, scopes: set[str], constants: set[str]) -> list[str]:
+    """The tensors the rotary embedding modules (nodes named under ``scopes``) read from outside
+    them: the positions, computed from the graph's inputs (constants excluded)."""
+    inside = [n for n in nodes if any(n.name.startswith(s) for s in scopes if s != "/")]
+    made = {o for n in inside for o in n.output}
+    return list(dict.fromkeys(i for n in inside for i in n.input if i and i not in made and i not in constants))
+
+
+def _needed_from(nodes: list, outputs: list[str], given: set[str]) -> list:
+    """The nodes of ``nodes`` that ``outputs`` depend on when the tensors in ``given`` are known."""
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        t = stack.pop()
+        k = producer.get(t)
+        if t in given or k is None or k in keep:
+            continue
+        keep.add(k)
+        stack.extend(nodes[k].input)
+    return [nodes[k] for k in sorted(keep)]
+
+
+def _rotated(start: str, consumers: dict[str, list], roots: dict[str, str], depth: int = 40) -> tuple[str, str]:
+    """The tensor a layer rotates, reached forward from its projection's output ``start`` (a query or
+    key norm between them included), and the rotary embedding it is rotated with: the first
+    ``Mul`` of a tensor derived from ``start`` by a rotary table."""
+    seen, frontier = {start}, [start]
+    for _ in range(depth):
+        ahead = []
+        for t in frontier:
+            for c in consumers.get(t, []):
+                if c.op_type == "Mul" and len(c.input) == 2 and t not in roots:
+                    other = c.input[1] if c.input[0] == t else c.input[0]
+                    if other in roots:
+                        return t, roots[other]
+                for o in c.output:
+                    if o not in seen:
+                        seen.add(o)
+                        ahead.append(o)
+        frontier = ahead
+    raise NotFusable(f"found no rotary embedding applied to {start}")
+
+
+def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) -> tuple[str, list, list]:
+    """GroupQueryAttention's (batch, seq, heads * head_dim) input for the rotated tensor ``t``
+    (batch, heads, seq, head_dim): the projection's output itself when only its reshape and
+    transpose lie between, else ``t``'s normalised tensor brought back to that layout. Returns
+    (the input, the nodes and the constants that make it)."""
+    from onnx import helper, numpy_helper
+
+    layout, x = "bhsd", t
+    while x != projection and x in producer:
+        p = producer[x]
+        perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), None)
+        if layout == "bhsd" and p.op_type == "Transpose" and perm == [0, 2, 1, 3]:
+            layout, x = "bshd", p.input[0]
+        elif layout == "bshd" and p.op_type == "Reshape":
+            layout, x = "bsd", p.input[0]
+        else:
+            break
+    if x == projection and layout == "bsd":
+        return projection, [], []
+    nodes, shape = [], numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{name}.shape")
+    if layout == "bhsd":
+        nodes.append(helper.make_node("Transpose", [x], [f"{name}.bshd"], perm=[0, 2, 1, 3], name=f"{name}/Transpose"))
+        x, layout = f"{name}.bshd", "bshd"
+    if layout == "bshd":
+        nodes.append(helper.make_node("Reshape", [x, shape.name], [f"{name}.bsd"], name=f"{name}/Reshape"))
+        return f"{name}.bsd", nodes, [shape]
+    return x, nodes, []
 
 
 def _needed(graph, outputs: list[str]) -> list:
@@ -134,12 +312,25 @@ def _projection(by_name: dict[str, Any], consumers: dict[str, list], layer: int,
     return n
 
 
-def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int]:
+@dataclasses.dataclass
+class Fused:
+    """What :func:`fuse_gqa` did: layers fused, of them with q/k/v packed into one MatMul, with their
+    query/key norms kept before the kernel, with a sliding window; rotary tables written."""
+
+    layers: int
+    packed: int = 0
+    normed: int = 0
+    windowed: int = 0
+    tables: int = 0
+
+
+def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
     """Rewrite ``model`` in place: each layer's attention becomes one GroupQueryAttention node (a
-    com.microsoft op: the caller declares the domain). ``pack_qkv``: where q, k and v are bias-free projections of one input, their weights become one
-    (K, q + k + v) MatMul feeding GroupQueryAttention's packed input (one weight read, one node, and
-    one set of grid offsets instead of three). Returns (layers fused, layers packed); raises
-    ``NotFusable`` (the model untouched) when the graph is not the attention it knows."""
+    com.microsoft op: the caller declares the domain). ``pack_qkv``: where q, k and v are bias-free
+    projections of one input, their weights become one (K, q + k + v) MatMul feeding
+    GroupQueryAttention's packed input (one weight read, one node, and one set of grid offsets
+    instead of three). Raises ``NotFusable`` (the model untouched) when the graph is not the
+    attention it knows."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -155,8 +346,11 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
         raise NotFusable("the cache is not float32 (fuse before converting to float16)")
     by_name = {n.name: n for n in g.node}
     consumers = _consumers(g)
+    producer = {out: n for n in g.node for out in n.output}
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
+    roots = _table_roots(g)
+    notes = read_notes(model, ATTENTION_NOTES)
     plans = []
     for i in layers:
         q, k, v = (_projection(by_name, consumers, i, p) for p in ("q_proj", "k_proj", "v_proj"))
@@ -170,16 +364,18 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
         present = (f"present.{i}.key", f"present.{i}.value")
         if not all(p in outputs for p in present):
             raise NotFusable(f"layer {i} has no {present[0]} output")
-        plans.append((i, q, k, v, o, q_width // head_dim, present))
-    cos, sin = rotary_tables(model, max_positions)
-    if cos.shape[1] * 2 != head_dim:
-        raise NotFusable(f"the rotary covers {cos.shape[1] * 2} of {head_dim} head channels (partial rotary)")
+        (q_rot, table), (k_rot, k_table) = _rotated(q.output[0], consumers, roots), _rotated(k.output[0], consumers, roots)
+        if table != k_table:
+            raise NotFusable(f"layer {i} rotates its queries and keys with different tables")
+        note = notes[i] if notes and i < len(notes) else {}
+        plans.append((i, q, k, v, o, q_width // head_dim, present, q_rot, k_rot, table, note))
+    used = list(dict.fromkeys(p[9] for p in plans))
+    caches, table_nodes, new_inits = rotary_tables(model, used, max_positions, head_dim)
 
     P = "edgekd_gqa"
-    new_inits = [numpy_helper.from_array(cos, f"{P}.cos_cache"), numpy_helper.from_array(sin, f"{P}.sin_cache"),
-                 numpy_helper.from_array(np.array([1], np.int64), f"{P}.axis1"),
-                 numpy_helper.from_array(np.array(1, np.int64), f"{P}.one"),
-                 numpy_helper.from_array(np.array(1, np.int64), f"{P}.index1")]
+    new_inits += [numpy_helper.from_array(np.array([1], np.int64), f"{P}.axis1"),
+                  numpy_helper.from_array(np.array(1, np.int64), f"{P}.one"),
+                  numpy_helper.from_array(np.array(1, np.int64), f"{P}.index1")]
     shared = [  # seqlens_k = rows' lengths - 1 and the total length, from the attention mask (int32)
         helper.make_node("ReduceSum", ["attention_mask", f"{P}.axis1"], [f"{P}.lengths"], keepdims=0, name=f"{P}/ReduceSum"),
         helper.make_node("Sub", [f"{P}.lengths", f"{P}.one"], [f"{P}.seqlens64"], name=f"{P}/Sub"),
@@ -188,37 +384,51 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> tuple[int, int
         helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
         helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
     ]
-    producer = {out: (n, j) for n in g.node for j, out in enumerate(n.output)}
+    outputs_of = {out: (n, j) for n in g.node for j, out in enumerate(n.output)}
     replace: list[tuple[Any, list]] = []
-    packed = 0
-    for i, q, k, v, o, heads, present in plans:
+    done = Fused(len(plans), tables=len(used))
+    for i, q, k, v, o, heads, present, q_rot, k_rot, table, note in plans:
         for p in present:  # the unfused cache outputs are renamed, so dead-node removal drops them
-            n, j = producer[p]
+            n, j = outputs_of[p]
             n.output[j] = f"{p}.unfused"
         out = f"/model/layers.{i}/self_attn/{P}_output"
-        qkv, nodes = [q.output[0], k.output[0], v.output[0]], []
+        scope = f"/model/layers.{i}/self_attn/{P}"
+        q_in, q_nodes, q_inits = _as_gqa_input(q_rot, q.output[0], producer, f"{scope}/q")
+        k_in, k_nodes, k_inits = _as_gqa_input(k_rot, k.output[0], producer, f"{scope}/k")
+        qkv, nodes = [q_in, k_in, v.output[0]], [*q_nodes, *k_nodes]
+        new_inits += [*q_inits, *k_inits]
+        done.normed += q_in != q.output[0] or k_in != k.output[0]
         projections = (q, k, v)
-        if pack_qkv and all(n.op_type == "MatMul" and n.input[1] in inits for n in projections) \
+        if pack_qkv and qkv == [n.output[0] for n in projections] and all(n.op_type == "MatMul" and n.input[1] in inits for n in projections) \
                 and len({n.input[0] for n in projections}) == 1:
             w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in projections], axis=1)
             name = f"/model/layers.{i}/self_attn/qkv_proj/MatMul"
             new_inits.append(numpy_helper.from_array(w, f"model.layers.{i}.self_attn.qkv_proj.weight"))
             nodes.append(helper.make_node("MatMul", [q.input[0], f"model.layers.{i}.self_attn.qkv_proj.weight"],
                                           [name + "_output_0"], name=name))
-            qkv, packed = [name + "_output_0", "", ""], packed + 1
+            qkv, done.packed = [name + "_output_0", "", ""], done.packed + 1
+        attrs: dict[str, Any] = {}
+        if note.get("scale") is not None:
+            attrs["scale"] = float(note["scale"])
+        if note.get("softcap"):
+            attrs["softcap"] = float(note["softcap"])
+        if note.get("window"):
+            attrs["local_window_size"] = int(note["window"])  # measured: the unfused graph agrees at window, not window - 1
+            done.windowed += 1
+        cos_name, sin_name = caches[table]
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-             f"{P}.seqlens_k", f"{P}.total_len", f"{P}.cos_cache", f"{P}.sin_cache"],
+             f"{P}.seqlens_k", f"{P}.total_len", cos_name, sin_name],
             [out, *present], name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0))
+            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, **attrs))
         replace.append((o, [*nodes, o]))  # GroupQueryAttention (and the packed q/k/v) just before o_proj
         o.input[0] = out
     top = g.node[0]  # the shared nodes read only graph inputs and constants: they go first
-    splice(g, [(top, [*shared, top]), *replace])
+    splice(g, [(top, [*table_nodes, *shared, top]), *replace])
     g.initializer.extend(new_inits)
     _drop_dead(g)
-    return len(plans), packed
+    return done
 
 
 def _drop_dead(graph) -> None:

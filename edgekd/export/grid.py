@@ -23,6 +23,14 @@ indicator of the blocks, which is how llama.cpp computes a Q4_1 dot product (``d
 m * sum(x)``). It costs one small fp32 MatMul per weight (1/32 of its rows) and one block sum per
 distinct input; float zero points (HQQ's format) would avoid it but have no fast kernel in
 onnxruntime 1.32 (RESULTS-export.md: 7.9 against 47 tokens/s).
+
+A GGUF file says which llama.cpp type each weight was stored as (``gguf_weight_types``, written into
+the exported graph's metadata under ``GGUF_TYPES``), and :data:`GGUF_GRIDS` says how MatMulNBits holds
+each type exactly: the 4-bit types (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K) at 4 bits with their own block
+size, the 5-, 6- and 8-bit symmetric ones (Q5_0, Q6_K, Q8_0) at 8 bits, each block's scale its own
+(:func:`find_symmetric`; Q6_K's scale changes every 16 values, so it is stored in blocks of 16).
+Every weight is still recovered from its values and its round trip checked; a type with no exact
+home here (Q5_1, Q5_K, the IQ types) goes to the profile's quantizer, and the recipe names it.
 """
 
 from __future__ import annotations
@@ -35,6 +43,93 @@ import numpy as np
 LEVELS = 16  # 4 bits
 ZERO = 8     # MatMulNBits' implied zero point for 4-bit weights
 RTOL = 1e-5  # round trip tolerance, relative to the block's largest magnitude
+GGUF_TYPES = "edgekd.gguf_types"  # ONNX metadata: Hugging Face module -> the GGUF type its weight was stored as
+
+
+@dataclasses.dataclass(frozen=True)
+class GridKind:
+    """How MatMulNBits holds one llama.cpp weight type exactly: the ``bits`` it is stored at, the
+    type's scale ``block``, and for a symmetric type (``w = s * level``) the largest ``|level|`` a block
+    may have (tried in turn, per block); None: 16 levels with or without an offset (:func:`find_grid`)."""
+
+    bits: int
+    block: int
+    symmetric: tuple[int, ...] | None = None
+
+
+# ggml-quants.c's dequantization, type by type (d, dmin: per 256 or 32 values; sc, m: per 16 or 32)
+GGUF_GRIDS = {
+    "Q4_0": GridKind(4, 32),                       # d * (q - 8), q in [0, 15]
+    "Q4_1": GridKind(4, 32),                       # d * q + m
+    "Q4_K": GridKind(4, 32),                       # (d * sc) * q - dmin * m: a scale and an offset per 32
+    "Q3_K": GridKind(4, 16),                       # (d * sc) * (q - 4), q in [0, 7]
+    "Q2_K": GridKind(4, 16),                       # (d * sc) * q - dmin * m, q in [0, 3]
+    "Q5_0": GridKind(8, 32, (16,)),                # d * (q - 16), d = max / -16: a block's largest |w| is 16 |d|
+    "Q8_0": GridKind(8, 32, (127,)),               # d * q, d = max |w| / 127
+    "Q6_K": GridKind(8, 16, tuple(range(1, 33))),  # (d * sc) * (q - 32): any largest |level| up to 32
+}
+
+
+def gguf_weight_types(path, model) -> dict[str, str]:
+    """Each of ``model``'s modules -> the llama.cpp type of its weight in the GGUF file at ``path``
+    (gguf's own tensor name map, as transformers uses it to load the file); {} for an architecture
+    gguf does not name."""
+    from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+
+    reader = GGUFReader(str(path))
+    field = reader.fields.get("general.architecture")
+    name = field.contents() if field is not None else None
+    arch = {v: k for k, v in MODEL_ARCH_NAMES.items()}.get(name) if isinstance(name, str) else None
+    if arch is None:
+        return {}
+    names = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    stored = {t.name: t.tensor_type.name for t in reader.tensors}
+    types = {}
+    for module, _ in model.named_modules():
+        base = names.get_name(module) if module else None
+        if base and f"{base}.weight" in stored:
+            types[module] = stored[f"{base}.weight"]
+    return types
+
+
+def node_types(model) -> dict[str, list[str]] | None:
+    """Each MatMul node -> the GGUF types of the weights it holds (a packed q/k/v projection holds
+    three), from the graph's metadata; None when the graph was not exported from a GGUF."""
+    from edgekd.export.fuse import read_notes
+
+    types = read_notes(model, GGUF_TYPES)
+    if types is None:
+        return None
+    out = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        module = n.name.strip("/").rsplit("/", 1)[0].replace("/", ".")  # /model/layers.0/mlp/up_proj/MatMul
+        parts = [module] if module in types else [module[: -len("qkv_proj")] + p for p in ("q_proj", "k_proj", "v_proj")] \
+            if module.endswith("qkv_proj") else []
+        if parts and all(p in types for p in parts):
+            out[n.name] = [types[p] for p in parts]
+    return out
+
+
+def grid_kind(types: list[str] | None, block_size: int) -> GridKind | None:
+    """How to keep a weight of these GGUF types (several for a packed matrix) exactly; a weight of
+    no GGUF (``types`` None) is tried on the 4-bit grid at the profile's block size (a
+    ``--qat-bits 4`` student, a GGUF exported before types were recorded). None: no exact home."""
+    if types is None:
+        return GridKind(4, block_size)
+    if not types or any(t not in GGUF_GRIDS for t in types):
+        return None
+    kinds = [GGUF_GRIDS[t] for t in types]
+    bits = {k.bits for k in kinds}
+    if len(bits) != 1:
+        return None
+    if bits == {4}:
+        return GridKind(4, min(k.block for k in kinds))
+    largest = [k.symmetric for k in kinds if k.symmetric is not None]
+    if len(largest) != len(kinds):
+        return None
+    return GridKind(8, min(k.block for k in kinds), tuple(sorted({c for s in largest for c in s})))
 
 
 def pack_nibbles(q: np.ndarray) -> np.ndarray:
@@ -45,21 +140,49 @@ def pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class Grid:
-    """One weight on its 4-bit grid, in MatMulNBits' layout (rows = output features N)."""
+    """One weight on its grid, in MatMulNBits' layout (rows = output features N)."""
 
-    q: np.ndarray                # uint8 (N, K/block, block), values in [0, 15]
+    q: np.ndarray                # uint8 (N, K/block, block), values in [0, 2**bits - 1]
     scales: np.ndarray           # float32 (N, K/block), signed
     offsets: np.ndarray | None   # float32 (N, K/block), or None where every block runs through zero
+    bits: int = 4
 
     def dequantized(self) -> np.ndarray:
-        w = (self.q.astype(np.float32) - ZERO) * self.scales[..., None]
+        w = (self.q.astype(np.float32) - 2 ** (self.bits - 1)) * self.scales[..., None]
         if self.offsets is not None:
             w = w + self.offsets[..., None]
         return w.reshape(w.shape[0], -1)
 
     def packed(self) -> np.ndarray:
         """MatMulNBits' ``B``."""
-        return pack_nibbles(self.q)
+        return pack_nibbles(self.q) if self.bits == 4 else self.q
+
+
+def find_symmetric(w: np.ndarray, block_size: int, largest: tuple[int, ...]) -> Grid | None:
+    """``w`` (N, K) as an 8-bit :class:`Grid` of a symmetric type: every block ``s * level`` with
+    integer levels, ``s = max|block| / L`` for the first ``L`` in ``largest`` that reproduces the
+    block; ``None`` when some block fits none."""
+    rows, k = w.shape
+    if k % block_size:
+        return None
+    blocks = w.reshape(rows, k // block_size, block_size).astype(np.float64)
+    amax = np.abs(blocks).max(-1)
+    chosen = np.zeros(amax.shape)
+    for top in largest:
+        open_ = chosen == 0
+        if not open_.any():
+            break
+        scale = np.where(amax > 0, amax / top, 1.0)[..., None]
+        levels = blocks / scale
+        fits = (np.abs(levels - np.rint(levels)) * scale <= RTOL * amax[..., None]).all(-1)
+        chosen = np.where(open_ & fits, top, chosen)
+    if (chosen == 0).any():
+        return None
+    scale = np.where(amax > 0, amax / chosen, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[..., None]) + 128, 0, 255).astype(np.uint8)
+    grid = Grid(q, scale, None, bits=8)
+    err = np.abs(grid.dequantized() - w.astype(np.float64)).reshape(blocks.shape)
+    return grid if (err <= RTOL * amax[..., None] + 1e-12).all() else None
 
 
 def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
@@ -87,11 +210,12 @@ def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
             break
     else:
         return None
-    d = np.where(flat | (span == 0), 1.0, (hi - lo) / np.where(span == 0, 1, span))
+    # a constant block (Q4_K's scale 0 leaves -dmin * m) is one level through zero: its scale, its value
+    d = np.where(flat | (span == 0), np.where(lo != 0, np.abs(lo), 1.0), (hi - lo) / np.where(span == 0, 1, span))
     # Levels through zero (lo a whole number of steps) fit scale * (q - 8) with no offset, with the
     # scale's sign chosen so the levels land in [-8, 7].
     first = lo / d
-    whole = np.abs(first - np.rint(first)) <= 1e-4
+    whole = np.abs(first - np.rint(first)) * np.abs(d) <= tol[..., 0] / 2  # dropping the offset stays within the round trip
     top = np.rint(first) + span
     up = whole & (np.rint(first) >= -ZERO) & (top <= ZERO - 1)
     down = whole & ~up & (-top >= -ZERO) & (-np.rint(first) <= ZERO - 1)
@@ -104,10 +228,30 @@ def find_grid(w: np.ndarray, block_size: int) -> Grid | None:
     return grid if (err <= tol + 1e-12).all() else None
 
 
+def exact_half(array: np.ndarray, name: str) -> tuple[list, list]:
+    """``array`` (float32) as the tensor ``name``: an initializer stored float16 and cast back by a
+    node when float16 holds every value exactly (a GGUF's Q8_0 and Q5_0 block scales are fp16 in the
+    file: half the bytes, the same numbers; onnxruntime folds the cast when it loads the model), else
+    the float32 initializer. Returns (initializers, nodes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = array.astype(np.float16)
+    if np.isfinite(half).all() and np.array_equal(half.astype(np.float32), array):
+        return [numpy_helper.from_array(half, name + ".f16")], [helper.make_node("Cast", [name + ".f16"], [name], to=TensorProto.FLOAT,
+                                                                                  name=name + "/Cast")]
+    return [numpy_helper.from_array(array, name)], []
+
+
 def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, offsets_dtype: str = "float32") -> dict[str, Any]:
-    """Replace each MatMul named in ``names`` whose constant weight lies on a 4-bit grid by
-    MatMulNBits (plus the offsets' correction where the grid has them). Returns the names of the
-    MatMuls kept (``matmuls``), how many of them have offsets, and how many store them float16.
+    """Replace each MatMul named in ``names`` whose constant weight lies on its grid by MatMulNBits
+    (plus the offsets' correction where the grid has them): the GGUF type's grid where the graph
+    records one (:func:`node_types`), else the 4-bit grid at ``block_size``, at ``accuracy_level``.
+    An 8-bit grid at fp32 activations (level 0) is stored as two 4-bit halves (:func:`split_nodes`):
+    onnxruntime 1.32's 8-bit kernel is fast only with int8 activations (level 4: 20 us for a 640 x
+    2048 weight, against 900 us at fp32, and 2 x 50 us for the halves). Returns the names of the
+    MatMuls kept (``matmuls``), how many of them have offsets, how many store them float16, the
+    GGUF types kept (``types``, a count per type), those that are not (``not_kept``: node ->
+    types) and how many 8-bit grids were split (``split``).
 
     ``offsets_dtype = "float16"`` stores the offsets at half the bytes, cast to fp32 in the graph;
     a weight whose offsets float16 would move by more than 1/100 of a grid step keeps them fp32
@@ -116,11 +260,14 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    types = node_types(model)
     replace: list[tuple[Any, list]] = []
     new_inits: list = []
-    block_sums: dict[str, str] = {}  # input name -> its block sums (computed once per input)
-    indicators: dict[int, str] = {}  # K -> the (K, K/block) block indicator
-    kept, with_offsets, half_offsets = [], 0, 0
+    block_sums: dict[tuple[str, int], str] = {}  # (input, block) -> its block sums (computed once per input)
+    indicators: dict[tuple[int, int], str] = {}  # (K, block) -> the (K, K/block) block indicator
+    kept, with_offsets, half_offsets, split = [], 0, 0, 0
+    kept_types: dict[str, int] = {}
+    not_kept: dict[str, list[str]] = {}
     for n in g.node:
         if n.op_type != "MatMul" or n.name not in names or n.input[1] not in inits:
             continue
@@ -128,25 +275,44 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
         if b.ndim != 2:
             continue
         k, cols = b.shape
-        grid = find_grid(np.ascontiguousarray(b.T), block_size)
-        if grid is None:
+        node_type = types.get(n.name) if types is not None else None
+        if types is not None and node_type is None:
+            continue  # not a weight the GGUF holds (an unfused projection the exporter made)
+        kind = grid_kind(node_type, block_size)
+        w = np.ascontiguousarray(b.T)
+        grid = None
+        if kind is not None:
+            grid = find_grid(w, kind.block) if kind.symmetric is None else find_symmetric(w, kind.block, kind.symmetric)
+        if grid is None or kind is None:
+            if node_type is not None:
+                not_kept[n.name] = node_type
             continue
         base = n.name + "_Q"
-        qn, sn = f"{n.input[1]}.grid_q4", f"{n.input[1]}.grid_scales"
-        new_inits += [numpy_helper.from_array(grid.packed(), qn), numpy_helper.from_array(grid.scales.reshape(-1), sn)]
+        bits, block = grid.bits, kind.block
+        qn, sn = f"{n.input[1]}.grid_q{bits}", f"{n.input[1]}.grid_scales"
+        scale_inits, nodes = exact_half(grid.scales.reshape(-1), sn)
+        new_inits += scale_inits
         out = n.output[0] if grid.offsets is None else n.output[0] + ".grid"
-        nodes = [helper.make_node("MatMulNBits", [n.input[0], qn, sn], [out], name=base, domain="com.microsoft",
-                                  K=int(k), N=int(cols), bits=4, block_size=block_size, accuracy_level=accuracy_level)]
+        if bits == 8 and accuracy_level == 0:
+            halves, half_inits = split_nodes(n.input[0], grid, sn, out, base, block)
+            new_inits += half_inits
+            nodes += halves
+            split += 1
+        else:
+            new_inits.append(numpy_helper.from_array(grid.packed(), qn))
+            nodes += [helper.make_node("MatMulNBits", [n.input[0], qn, sn], [out], name=base, domain="com.microsoft",
+                                       K=int(k), N=int(cols), bits=bits, block_size=block, accuracy_level=accuracy_level)]
         if grid.offsets is not None:
             with_offsets += 1
             x = n.input[0]
-            if k not in indicators:
-                e = np.kron(np.eye(k // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
-                indicators[k] = f"grid_block_indicator_{k}"
-                new_inits.append(numpy_helper.from_array(e, indicators[k]))
-            if x not in block_sums:
-                block_sums[x] = f"{x}.grid_block_sums"
-                nodes.append(helper.make_node("MatMul", [x, indicators[k]], [block_sums[x]], name=f"{base}_block_sums"))
+            if (k, block) not in indicators:
+                e = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+                indicators[k, block] = f"grid_block_indicator_{k}" + (f"_{block}" if block != block_size else "")
+                new_inits.append(numpy_helper.from_array(e, indicators[k, block]))
+            if (x, block) not in block_sums:
+                block_sums[x, block] = f"{x}.grid_block_sums" + (f"_{block}" if block != block_size else "")
+                nodes.append(helper.make_node("MatMul", [x, indicators[k, block]], [block_sums[x, block]],
+                                              name=f"{base}_block_sums"))
             on = f"{n.input[1]}.grid_offsets"
             offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
             half = offsets.astype(np.float16) if offsets_dtype == "float16" else None
@@ -156,14 +322,44 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
                 nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
             else:
                 new_inits.append(numpy_helper.from_array(offsets, on))
-            nodes += [helper.make_node("MatMul", [block_sums[x], on], [out + ".offsets"], name=f"{base}_offsets"),
+            nodes += [helper.make_node("MatMul", [block_sums[x, block], on], [out + ".offsets"], name=f"{base}_offsets"),
                       helper.make_node("Add", [out, out + ".offsets"], [n.output[0]], name=f"{base}_add")]
         replace.append((n, nodes))
         kept.append(n.name)
+        for t in node_type or ():
+            kept_types[t] = kept_types.get(t, 0) + 1
     if replace:
         splice(g, replace)
         g.initializer.extend(new_inits)
-    return {"matmuls": kept, "with_offsets": with_offsets, "float16_offsets": half_offsets}
+    return {"matmuls": kept, "with_offsets": with_offsets, "float16_offsets": half_offsets, "types": kept_types,
+            "not_kept": not_kept, "split": split}
+
+
+def split_nodes(x: str, grid: Grid, scales: str, out: str, base: str, block: int) -> tuple[list, list]:
+    """An 8-bit grid (levels ``B - 128``, ``B`` in [0, 255]) as two 4-bit MatMulNBits on ``x`` whose
+    sum is exact: ``B = 16 hi + lo``, so ``s (B - 128) = 16 s (hi - 8) + s lo``: the high nibbles at
+    the implied zero point 8 and scale ``16 s``, the low ones at zero point 0 and scale ``s``. The
+    file holds the two nibble matrices (the 8-bit one's bytes) and ``s`` once: ``16 s`` and the zero
+    points are nodes on constants, folded when onnxruntime loads the model. Returns (nodes,
+    initializers)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, blocks, _ = grid.q.shape
+    hi, lo = pack_nibbles(grid.q >> 4), pack_nibbles(grid.q & 15)
+    attrs = dict(domain="com.microsoft", K=blocks * block, N=rows, bits=4, block_size=block, accuracy_level=0)
+    inits = [numpy_helper.from_array(hi, f"{base}.hi_q4"), numpy_helper.from_array(lo, f"{base}.lo_q4"),
+             numpy_helper.from_array(np.array(16.0, np.float32), f"{base}.sixteen"),
+             numpy_helper.from_array(np.array([rows * ((blocks + 1) // 2)], np.int64), f"{base}.zp_shape")]
+    nodes = [
+        helper.make_node("Mul", [scales, f"{base}.sixteen"], [f"{base}.hi_scales"], name=f"{base}_hi_scales"),
+        helper.make_node("ConstantOfShape", [f"{base}.zp_shape"], [f"{base}.lo_zero_points"], name=f"{base}_lo_zero_points",
+                         value=helper.make_tensor("zero", TensorProto.UINT8, [1], [0])),
+        helper.make_node("MatMulNBits", [x, f"{base}.hi_q4", f"{base}.hi_scales"], [f"{out}.hi"], name=f"{base}_hi", **attrs),
+        helper.make_node("MatMulNBits", [x, f"{base}.lo_q4", scales, f"{base}.lo_zero_points"], [f"{out}.lo"],
+                         name=f"{base}_lo", **attrs),
+        helper.make_node("Add", [f"{out}.hi", f"{out}.lo"], [out], name=f"{base}_halves"),
+    ]
+    return nodes, inits
 
 
 def splice(graph, replace: list[tuple[Any, list]], drop: tuple = ()) -> None:

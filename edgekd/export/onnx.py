@@ -39,8 +39,10 @@ def check_supported(model) -> None:
         )
 
 
-def export_onnx(model, out_dir: Path, opset: int) -> Path:
-    """Export ``model`` to ``out_dir/model.onnx`` (one merged decoder with past); return its path."""
+def export_onnx(model, out_dir: Path, opset: int, notes: dict[str, Any] | None = None) -> Path:
+    """Export ``model`` to ``out_dir/model.onnx`` (one merged decoder with past); return its path.
+    What the graph does not show travels in its metadata: each layer's attention facts
+    (``fuse.ATTENTION_NOTES``) and ``notes`` (e.g. a GGUF's weight types)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     check_supported(model)
@@ -56,7 +58,26 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
     path = out_dir / "model.onnx"
     if not path.is_file():
         raise EdgekdError(f"optimum-onnx wrote no model.onnx into {out_dir}: unexpected exporter version?")
+    from edgekd.export.fuse import ATTENTION_NOTES, attention_notes
+
+    notes = {ATTENTION_NOTES: attention_notes(model), **(notes or {})}
+    append_metadata(path, {k: v for k, v in notes.items() if v is not None})
     return path
+
+
+def append_metadata(path: Path, entries: dict[str, Any]) -> None:
+    """Add ``entries`` (JSON values) to the ONNX file's ``metadata_props`` without rewriting it:
+    protobuf merges a message appended to a serialized one, and a repeated field's entries are
+    appended (the steps after export read them with ``fuse.read_notes``)."""
+    import json
+
+    import onnx
+
+    extra = onnx.ModelProto()
+    for key, value in entries.items():
+        extra.metadata_props.add(key=key, value=json.dumps(value, separators=(",", ":")))
+    with open(path, "ab") as f:
+        f.write(extra.SerializeToString())
 
 
 def model_facts(config) -> dict[str, Any]:

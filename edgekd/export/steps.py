@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError, first_line
-from edgekd.export.grid import pack_nibbles, splice, store_on_grid
+from edgekd.export.grid import exact_half, pack_nibbles, splice, store_on_grid
 from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -87,19 +87,21 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
 
     model = load_onnx(src)
     try:
-        layers, packed = fuse_gqa(model, settings.max_positions, settings.pack_qkv)
+        fused = fuse_gqa(model, settings.max_positions, settings.pack_qkv)
     except NotFusable as e:
-        layers, packed, why = 0, 0, str(e)
+        fused, why = None, str(e)
     else:
         _ensure_ms_domain(model)
         save_onnx(model, dst, external=True)
         diff = agreement(src, dst)
         why = "" if diff <= settings.tolerance else (
             f"the fused graph differs from the unfused one by {diff:.2g} (> fuse_attention.tolerance = {settings.tolerance})")
-    if not layers or why:  # the graph goes on as it was
+    if fused is None or why:  # the graph goes on as it was
         save_onnx(load_onnx(src), dst, external=True)
         return {"fused_layers": 0, "not_fused": why}
-    return {"fused_layers": layers, "packed_qkv_layers": packed, "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
+    return {"fused_layers": fused.layers, "packed_qkv_layers": fused.packed, "qk_norm_layers": fused.normed,
+            "sliding_window_layers": fused.windowed, "rotary_tables": fused.tables,
+            "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,10 +237,14 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     info["kept_int4_grid"] = kept
     shared = tied and head_prec == emb_prec and head_prec != "fp32"
 
+    casts: list = []  # scales float16 holds exactly (a GGUF's Q8_0 embedding), cast back first thing
+
     def quantized(tag: str, rows_w, bits: int):
         q, s = _quantize_rows(rows_w, bits, bs)
         qn, sn = f"{tag}.q{bits}", f"{tag}.scales"
-        new_inits.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(s.reshape(-1), sn)])
+        scale_inits, cast = exact_half(np.ascontiguousarray(s.reshape(-1)), sn)
+        new_inits.extend([numpy_helper.from_array(q, qn), *scale_inits])
+        casts.extend(cast)
         return qn, sn, q.shape
 
     if head is not None and head_prec != "fp32":
@@ -285,6 +291,10 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
 
     splice(g, new_nodes, tuple(remove_nodes))
     g.initializer.extend(new_inits)
+    if casts:
+        nodes = list(g.node)
+        del g.node[:]
+        g.node.extend([*casts, *nodes])
     _ensure_ms_domain(model)
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(model)
@@ -333,8 +343,8 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     before = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     fp32_act = set(matching(settings.fp32_activation_nodes)) if settings.fp32_activation_nodes else set()
     int8_act = set(matching(settings.int8_activation_nodes)) - fp32_act if settings.int8_activation_nodes else set()
-    grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0, "float16_offsets": 0}
-    if settings.keep_grid:  # weights already on a 4-bit grid (a --qat-bits 4 student, a Q4 GGUF) stay on it, exactly
+    grid: dict[str, Any] = {"matmuls": [], "with_offsets": 0, "float16_offsets": 0, "types": {}, "not_kept": {}, "split": 0}
+    if settings.keep_grid:  # weights already on a grid (a --qat-bits 4 student, a GGUF's types) stay on it, exactly
         grid = store_on_grid(model, before, settings.block_size, settings.grid_accuracy_level, settings.grid_offsets)
     on_grid = set(grid["matmuls"])
     made = {n.name for n in model.graph.node if n.op_type == "MatMul"} - before  # the grid's offset MatMuls: not weights
@@ -344,20 +354,22 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
             model = run(model, 8, None, sorted((before | made) - set(int8_nodes)))
         model = run(model, settings.bits, None, sorted(set(int8_nodes) | made))
     # Set accuracy_level on the nodes this step made (HQQ's quantizer writes none): the node lists
-    # first (a node in both gets fp32 activations), then the grid's or the step's level.
-    count = 0
+    # first (a node in both gets fp32 activations), then the grid's (4-bit grids) or the step's level.
+    quantized = set()
     for n in model.graph.node:
-        original = n.name.rsplit("_Q", 1)[0]
+        original = n.name.rsplit("_Q", 1)[0]  # an 8-bit grid's two halves: _Q_hi, _Q_lo
         if n.op_type == "MatMulNBits" and original in before:
             level = settings.grid_accuracy_level if original in on_grid else settings.accuracy_level
             _set_int_attr(n, "accuracy_level", 0 if original in fp32_act else 4 if original in int8_act else level)
-            count += 1
+            quantized.add(original)
+    count = len(quantized)
     left = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.name not in made)
     save_onnx(model, dst, external=True)
     return {"quantized_matmuls": count, "gemm_as_matmul": gemms, "int8_matmuls": len(int8_nodes), "fp32_activation_matmuls": len(fp32_act),
             "int8_activation_matmuls": len(int8_act),
             "fp32_matmuls_left": left, "kept_on_grid_matmuls": len(on_grid), "grid_offset_matmuls": grid["with_offsets"],
-            "grid_offsets_float16": grid["float16_offsets"]}
+            "grid_offsets_float16": grid["float16_offsets"], "kept_gguf_types": grid["types"],
+            "gguf_types_not_kept": grid["not_kept"], "grid_8bit_as_4bit_halves": grid["split"]}
 
 
 def gemm_as_matmul(model) -> int:

@@ -39,6 +39,7 @@ def search_export(
     candidate, its layers' sensitivity measured and the number of 8-bit layers bisected on the real
     gates (``_Search.mixed_precision``) -> the smallest passing bundle moved into ``out``.
     """
+    from edgekd.export import graph_notes
     from edgekd.io import BUNDLE, check_output_dir, make_work_dir
     from edgekd.models import load_model, resolve_source
     from edgekd.targets import TargetProfile, load_target
@@ -60,7 +61,7 @@ def search_export(
     try:
         say(f"loading {model}")
         torch_model, tok = load_model(source, trust_remote_code=trust_remote_code)
-        search = _Search(model, profile, vcfg, work, torch_model, tok, trust_remote_code, say)
+        search = _Search(model, profile, vcfg, work, torch_model, tok, trust_remote_code, say, graph_notes(source, torch_model))
         tried = [search.export(c, c.profile, c.name) for c in cands if not c.mixed_precision]
         search.check(tried)
         sensitivity: dict[str, dict] = {}
@@ -89,8 +90,8 @@ class _Search:
     the reference's golden answers (made by the first export), and the validations so far."""
 
     def __init__(self, model: str, profile, vcfg, work: Path, torch_model, tok, trust_remote_code: bool,
-                 say: Callable[[str], None]):
-        self.model, self.profile, self.vcfg, self.work = model, profile, vcfg, work
+                 say: Callable[[str], None], notes: dict[str, Any] | None = None):
+        self.model, self.profile, self.vcfg, self.work, self.notes = model, profile, vcfg, work, notes
         self.torch_model, self.tok, self.trust_remote_code, self.say = torch_model, tok, trust_remote_code, say
         self.fp32: dict[int, Path] = {}
         self.golden: dict[str, Any] | None = None
@@ -103,7 +104,7 @@ class _Search:
 
         if prof.opset not in self.fp32:
             self.say(f"exporting the fp32 ONNX once (opset {prof.opset})")
-            self.fp32[prof.opset] = export_onnx(self.torch_model, self.work / f"fp32-opset{prof.opset}", prof.opset)
+            self.fp32[prof.opset] = export_onnx(self.torch_model, self.work / f"fp32-opset{prof.opset}", prof.opset, self.notes)
         return self.fp32[prof.opset]
 
     def export(self, cand: Candidate, prof, tag: str) -> Tried:
