@@ -265,3 +265,19 @@ def test_fused_attention_keeps_a_sliding_window_past_the_window(tmp_path, tokeni
     got = np.concatenate(steps, axis=1)
     assert np.abs(got - full).max() < 0.05  # the cpu target's 8-bit weights; a wrong window is off by whole logits
     assert (got.argmax(-1) == full.argmax(-1)).mean() > 0.9
+
+
+def test_the_export_summary_names_gguf_weights_it_could_not_keep(bundles):
+    """A GGUF weight of a type with no exact home (an IQ type) is named in one warning line with
+    the quantizer that took it; the kept ones are counted by type."""
+    from edgekd.bundle import read_manifest
+    from edgekd.export import summary
+
+    manifest = read_manifest(bundles["cpu"])
+    step = next(r for r in manifest["recipe"] if r["step"] == "matmul_nbits")
+    step.update(kept_on_grid_matmuls=2, grid_offset_matmuls=0, kept_gguf_types={"Q5_0": 2, "Q8_0": 1},
+                gguf_types_not_kept={"/model/layers.3/mlp/down_proj/MatMul": ["IQ2_XS"]})
+    lines, warnings = summary(manifest, bundles["cpu"])
+    assert any("their GGUF grids (3 GGUF tensors: 2 Q5_0, 1 Q8_0)" in line for line in lines)
+    assert warnings == [f"1 GGUF weights have no exact home in MatMulNBits and were re-quantized by the profile "
+                        f"({step['bits']}-bit {step['algorithm']}): model.layers.3.mlp.down_proj (IQ2_XS)"]

@@ -84,7 +84,8 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
     if grid:
         offsets = f", {grid['grid_offset_matmuls']} with per-block offsets" if grid["grid_offset_matmuls"] else ""
         types = grid.get("kept_gguf_types")
-        which = f"their GGUF grids ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})" if types else "a 4-bit grid"
+        which = (f"their GGUF grids ({sum(types.values())} GGUF tensors: {', '.join(f'{n} {t}' for t, n in sorted(types.items()))})"
+                 if types else "a 4-bit grid")
         lines.append(f"{grid['kept_on_grid_matmuls']} weights were already on {which} and are stored on it exactly{offsets} "
                      "(matmul_nbits.keep_grid)")
     fused = next((r for r in m.data.get("recipe", []) if r.get("step") == "fuse_attention"), None)

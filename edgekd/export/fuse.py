@@ -161,7 +161,7 @@ def rotary_tables(model, roots: list[str], max_positions: int, head_dim: int) ->
         if len(trig) != 2:
             raise NotFusable(f"the rotary embedding at {root} has no Cos and Sin pair")
         names += [_chain_end(trig["Cos"].output[0], consumers), _chain_end(trig["Sin"].output[0], consumers)]
-    nodes = _needed(g, names)  # the rotary subgraphs alone, with only the constants they read
+    nodes = _needed(list(g.node), names)  # the rotary subgraphs alone, with only the constants they read
     used = {i for n in nodes for i in n.input}
     cut = _cut(nodes, {c.name.rsplit("/", 1)[0] + "/" for c in g.node if c.op_type in ("Cos", "Sin") and c.input[0] in roots},
                _constants(g))
@@ -177,7 +177,7 @@ def rotary_tables(model, roots: list[str], max_positions: int, head_dim: int) ->
     values = sess.run(None, feeds)
     cut_values = dict(zip(cut, values[len(names):]))
     if all(v.size <= 4 * max_positions for v in cut_values.values()):  # positions, not activations: feed them as constants
-        feeds, nodes = cut_values, _needed_from(nodes, names, set(cut))
+        feeds, nodes = cut_values, _needed(nodes, names, frozenset(cut))
     for t in values[: len(names)]:
         t = np.asarray(t, dtype=np.float32).reshape(max_positions, -1)
         half = t.shape[1] // 2
@@ -219,21 +219,6 @@ def _cut(nodes: list, scopes: set[str], constants: set[str]) -> list[str]:
     inside = [n for n in nodes if any(n.name.startswith(s) for s in scopes if s != "/")]
     made = {o for n in inside for o in n.output}
     return list(dict.fromkeys(i for n in inside for i in n.input if i and i not in made and i not in constants))
-
-
-def _needed_from(nodes: list, outputs: list[str], given: set[str]) -> list:
-    """The nodes of ``nodes`` that ``outputs`` depend on when the tensors in ``given`` are known."""
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
-    keep: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        k = producer.get(t)
-        if t in given or k is None or k in keep:
-            continue
-        keep.add(k)
-        stack.extend(nodes[k].input)
-    return [nodes[k] for k in sorted(keep)]
 
 
 def _rotated(start: str, consumers: dict[str, list], roots: dict[str, str], depth: int = 40) -> tuple[str, str]:
@@ -286,15 +271,16 @@ def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) 
     return x, nodes, []
 
 
-def _needed(graph, outputs: list[str]) -> list:
-    """The nodes ``outputs`` depend on, in graph order."""
-    nodes = list(graph.node)
+def _needed(nodes: list, outputs: list[str], given: frozenset[str] = frozenset()) -> list:
+    """The nodes of ``nodes`` (in their order) that ``outputs`` depend on, the tensors in ``given``
+    taken as known."""
     producer = {o: k for k, n in enumerate(nodes) for o in n.output}
     keep: set[int] = set()
     stack = list(outputs)
     while stack:
-        k = producer.get(stack.pop())
-        if k is None or k in keep:
+        t = stack.pop()
+        k = producer.get(t)
+        if t in given or k is None or k in keep:
             continue
         keep.add(k)
         stack.extend(nodes[k].input)
@@ -324,6 +310,66 @@ class Fused:
     tables: int = 0
 
 
+@dataclasses.dataclass
+class _Layer:
+    """One layer's attention as the graph has it: its q/k/v projections (their bias Add where they
+    have one) and o_proj MatMul, its query heads, the tensors it rotates (normalised where the
+    layer normalises them), the rotary embedding it uses and its notes (scale, window, soft-cap)."""
+
+    index: int
+    q: Any
+    k: Any
+    v: Any
+    o: Any
+    heads: int
+    q_rotated: str
+    k_rotated: str
+    table: str
+    note: dict[str, Any]
+
+
+def _layers(model, head_dim: int) -> list[_Layer]:
+    """Every layer's :class:`_Layer`; ``NotFusable`` names the first that is not the attention this
+    rewrite knows."""
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    by_name = {n.name: n for n in g.node}
+    consumers = _consumers(g)
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    roots = _table_roots(g)
+    notes = read_notes(model, ATTENTION_NOTES) or []
+    plans = []
+    for i in sorted(int(m.group(1)) for m in map(_PAST.match, inputs) if m):
+        q, k, v = (_projection(by_name, consumers, i, p) for p in ("q_proj", "k_proj", "v_proj"))
+        o = by_name.get(f"/model/layers.{i}/self_attn/o_proj/MatMul")
+        weight = inits.get(by_name[f"/model/layers.{i}/self_attn/q_proj/MatMul"].input[1])
+        if o is None or weight is None or len(weight.dims) != 2:
+            raise NotFusable(f"layer {i}: no o_proj MatMul or no constant q_proj weight")
+        q_width = int(weight.dims[1])
+        if q_width % head_dim:
+            raise NotFusable(f"layer {i}: q_proj width {q_width} is not a multiple of the head size {head_dim}")
+        if not {f"present.{i}.key", f"present.{i}.value"} <= outputs:
+            raise NotFusable(f"layer {i} has no present.{i}.key output")
+        (q_rot, table), (k_rot, k_table) = _rotated(q.output[0], consumers, roots), _rotated(k.output[0], consumers, roots)
+        if table != k_table:
+            raise NotFusable(f"layer {i} rotates its queries and keys with different tables")
+        plans.append(_Layer(i, q, k, v, o, q_width // head_dim, q_rot, k_rot, table, notes[i] if i < len(notes) else {}))
+    return plans
+
+
+def _gqa_attributes(note: dict[str, Any]) -> dict[str, Any]:
+    """GroupQueryAttention's attributes for a layer's notes (the kernel's defaults where absent)."""
+    attrs: dict[str, Any] = {}
+    if note.get("scale") is not None:
+        attrs["scale"] = float(note["scale"])
+    if note.get("softcap"):
+        attrs["softcap"] = float(note["softcap"])
+    if note.get("window"):
+        attrs["local_window_size"] = int(note["window"])  # measured: the unfused graph agrees at window, not window - 1
+    return attrs
+
+
 def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
     """Rewrite ``model`` in place: each layer's attention becomes one GroupQueryAttention node (a
     com.microsoft op: the caller declares the domain). ``pack_qkv``: where q, k and v are bias-free
@@ -335,41 +381,16 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
 
     g = model.graph
     inputs = {i.name: i for i in g.input}
-    layers = sorted(int(m.group(1)) for m in map(_PAST.match, inputs) if m)
-    if not layers or "attention_mask" not in inputs:
+    first = inputs.get("past_key_values.0.key")
+    if first is None or "attention_mask" not in inputs:
         raise NotFusable("no past_key_values.N.key / attention_mask inputs: not a decoder with a KV cache")
-    first = inputs[f"past_key_values.{layers[0]}.key"]
     kv_heads, head_dim = _dim(first, 1), _dim(first, 3)
     if not kv_heads or not head_dim:
         raise NotFusable("the cache's head count and head size are not fixed in the graph")
     if first.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise NotFusable("the cache is not float32 (fuse before converting to float16)")
-    by_name = {n.name: n for n in g.node}
-    consumers = _consumers(g)
-    producer = {out: n for n in g.node for out in n.output}
-    inits = {t.name: t for t in g.initializer}
-    outputs = {o.name for o in g.output}
-    roots = _table_roots(g)
-    notes = read_notes(model, ATTENTION_NOTES)
-    plans = []
-    for i in layers:
-        q, k, v = (_projection(by_name, consumers, i, p) for p in ("q_proj", "k_proj", "v_proj"))
-        o = by_name.get(f"/model/layers.{i}/self_attn/o_proj/MatMul")
-        weight = inits.get(by_name[f"/model/layers.{i}/self_attn/q_proj/MatMul"].input[1])
-        if o is None or weight is None or len(weight.dims) != 2:
-            raise NotFusable(f"layer {i}: no o_proj MatMul or no constant q_proj weight")
-        q_width = int(weight.dims[1])
-        if q_width % head_dim:
-            raise NotFusable(f"layer {i}: q_proj width {q_width} is not a multiple of the head size {head_dim}")
-        present = (f"present.{i}.key", f"present.{i}.value")
-        if not all(p in outputs for p in present):
-            raise NotFusable(f"layer {i} has no {present[0]} output")
-        (q_rot, table), (k_rot, k_table) = _rotated(q.output[0], consumers, roots), _rotated(k.output[0], consumers, roots)
-        if table != k_table:
-            raise NotFusable(f"layer {i} rotates its queries and keys with different tables")
-        note = notes[i] if notes and i < len(notes) else {}
-        plans.append((i, q, k, v, o, q_width // head_dim, present, q_rot, k_rot, table, note))
-    used = list(dict.fromkeys(p[9] for p in plans))
+    plans = _layers(model, head_dim)
+    used = list(dict.fromkeys(p.table for p in plans))
     caches, table_nodes, new_inits = rotary_tables(model, used, max_positions, head_dim)
 
     P = "edgekd_gqa"
@@ -384,17 +405,21 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
         helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
         helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
     ]
+    inits = {t.name: t for t in g.initializer}
+    producer = {out: n for n in g.node for out in n.output}
     outputs_of = {out: (n, j) for n in g.node for j, out in enumerate(n.output)}
     replace: list[tuple[Any, list]] = []
     done = Fused(len(plans), tables=len(used))
-    for i, q, k, v, o, heads, present, q_rot, k_rot, table, note in plans:
+    for layer in plans:
+        i, q, k, v = layer.index, layer.q, layer.k, layer.v
+        present = (f"present.{i}.key", f"present.{i}.value")
         for p in present:  # the unfused cache outputs are renamed, so dead-node removal drops them
             n, j = outputs_of[p]
             n.output[j] = f"{p}.unfused"
         out = f"/model/layers.{i}/self_attn/{P}_output"
         scope = f"/model/layers.{i}/self_attn/{P}"
-        q_in, q_nodes, q_inits = _as_gqa_input(q_rot, q.output[0], producer, f"{scope}/q")
-        k_in, k_nodes, k_inits = _as_gqa_input(k_rot, k.output[0], producer, f"{scope}/k")
+        q_in, q_nodes, q_inits = _as_gqa_input(layer.q_rotated, q.output[0], producer, f"{scope}/q")
+        k_in, k_nodes, k_inits = _as_gqa_input(layer.k_rotated, k.output[0], producer, f"{scope}/k")
         qkv, nodes = [q_in, k_in, v.output[0]], [*q_nodes, *k_nodes]
         new_inits += [*q_inits, *k_inits]
         done.normed += q_in != q.output[0] or k_in != k.output[0]
@@ -407,23 +432,17 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
             nodes.append(helper.make_node("MatMul", [q.input[0], f"model.layers.{i}.self_attn.qkv_proj.weight"],
                                           [name + "_output_0"], name=name))
             qkv, done.packed = [name + "_output_0", "", ""], done.packed + 1
-        attrs: dict[str, Any] = {}
-        if note.get("scale") is not None:
-            attrs["scale"] = float(note["scale"])
-        if note.get("softcap"):
-            attrs["softcap"] = float(note["softcap"])
-        if note.get("window"):
-            attrs["local_window_size"] = int(note["window"])  # measured: the unfused graph agrees at window, not window - 1
-            done.windowed += 1
-        cos_name, sin_name = caches[table]
+        attrs = _gqa_attributes(layer.note)
+        done.windowed += "local_window_size" in attrs
+        cos_name, sin_name = caches[layer.table]
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
              f"{P}.seqlens_k", f"{P}.total_len", cos_name, sin_name],
             [out, *present], name=f"/model/layers.{i}/self_attn/GroupQueryAttention", domain="com.microsoft",
-            num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, **attrs))
-        replace.append((o, [*nodes, o]))  # GroupQueryAttention (and the packed q/k/v) just before o_proj
-        o.input[0] = out
+            num_heads=layer.heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0, **attrs))
+        replace.append((layer.o, [*nodes, layer.o]))  # GroupQueryAttention (and the packed q/k/v) just before o_proj
+        layer.o.input[0] = out
     top = g.node[0]  # the shared nodes read only graph inputs and constants: they go first
     splice(g, [(top, [*table_nodes, *shared, top]), *replace])
     g.initializer.extend(new_inits)
@@ -433,7 +452,7 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
 
 def _drop_dead(graph) -> None:
     """Remove the nodes no graph output depends on, then the initializers nothing reads."""
-    set_nodes(graph, _needed(graph, [o.name for o in graph.output]))
+    set_nodes(graph, _needed(list(graph.node), [o.name for o in graph.output]))
 
 
 def agreement(unfused: Path, fused: Path, seed: int = 0) -> float:
