@@ -116,9 +116,44 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     want, _ = ort_forward(session(src), ids, None, facts)
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "q" / "model.onnx",
                                               dataclasses.replace(QuantizeHeadEmbedding(), head="int8"), None)
-    assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False, "kept_int4_grid": []}
+    assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False, "kept_int4_grid": [],
+                    "int8_as_4bit_halves": True}  # accuracy_level 0 by default: fp32 activations
     got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 0.1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int8_head_at_fp32_activations_is_two_exact_4bit_halves(tmp_path, tied):
+    """At accuracy_level 0 an int8 head is stored as two 4-bit halves (and the embedding tied to it
+    gathers from them): the same numbers as the int8 matrix computed at fp32, the same bytes, and
+    kernels onnxruntime runs fast at fp32 activations."""
+    import onnx
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=1, tie_word_embeddings=tied))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[1, 2, 3, 4, 250, 17]], dtype=np.int64)
+    runs = {}
+    for level in (0, 4):
+        dst = tmp_path / f"level{level}" / "model.onnx"
+        settings = dataclasses.replace(QuantizeHeadEmbedding(), head="int8", accuracy_level=level)
+        runs[level] = STEPS["quantize_head_embedding"].fn(src, dst, settings, None), dst
+    info, halves = runs[0]
+    assert info["int8_as_4bit_halves"] and info["shared"] == tied and not runs[4][0]["int8_as_4bit_halves"]
+    ops = [n.op_type for n in onnx.load(str(halves)).graph.node]
+    assert ops.count("MatMulNBits") == 2  # the head's halves; an embedding of its own is gathered as int8, once
+    assert ops.count("GatherBlockQuantized") == (2 if tied else 1)
+    reference = onnx.load(str(runs[4][1]))  # the int8 matrix at fp32 activations (slow kernel): the reference
+    for n in reference.graph.node:
+        if n.op_type == "MatMulNBits":
+            next(a for a in n.attribute if a.name == "accuracy_level").i = 0
+    onnx.save(reference, str(tmp_path / "reference.onnx"))
+    want, _ = ort_forward(session(tmp_path / "reference.onnx"), ids, None, facts)
+    got, _ = ort_forward(session(halves), ids, None, facts)
+    assert np.abs(got - want).max() <= 1e-4
+    size = {level: sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) for level, (_, path) in runs.items()}
+    assert size[0] <= size[4] * 1.02
 
 
 def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
@@ -140,7 +175,8 @@ def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
     want, _ = ort_forward(session(src), ids, None, facts)
     step = STEPS["quantize_head_embedding"].fn
     info = step(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
-    assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": ["head", "embedding"]}
+    assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": ["head", "embedding"],
+                    "int8_as_4bit_halves": False}
     got, _ = ort_forward(session(tmp_path / "k" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 1e-4
     info = step(src, tmp_path / "r" / "model.onnx", QuantizeHeadEmbedding(keep_grid=False), None)
@@ -162,7 +198,8 @@ def test_an_untied_head_on_the_int4_grid_is_kept_alone(tmp_path):
         head.copy_(absmax_grid(head, 4, 32))
     src = export_onnx(model, tmp_path / "fp32", 17)
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
-    assert info == {"tied": False, "head": "int4", "embedding": "int8", "shared": False, "kept_int4_grid": ["head"]}
+    assert info == {"tied": False, "head": "int4", "embedding": "int8", "shared": False, "kept_int4_grid": ["head"],
+                    "int8_as_4bit_halves": False}
 
 
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):
