@@ -101,7 +101,9 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
     lost = next((r.get("gguf_types_not_kept") for r in m.data.get("recipe", []) if r.get("gguf_types_not_kept")), None)
     if lost:
         step = next(r for r in m.data["recipe"] if r.get("step") == "matmul_nbits")
-        named = ", ".join(f"{node.strip('/').rsplit('/', 1)[0].replace('/', '.')} ({'+'.join(t)})" for node, t in list(lost.items())[:4])
+        from edgekd.export.grid import module_of
+
+        named = ", ".join(f"{module_of(node)} ({'+'.join(t)})" for node, t in list(lost.items())[:4])
         warnings.append(f"{len(lost)} GGUF weights have no exact home in MatMulNBits and were re-quantized by the profile "
                         f"({step['bits']}-bit {step['algorithm']}): {named}{', ...' if len(lost) > 4 else ''}")
     qat = m.source.quantization_aware

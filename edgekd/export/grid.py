@@ -92,6 +92,12 @@ def gguf_weight_types(path, model) -> dict[str, str]:
     return types
 
 
+def module_of(node_name: str) -> str:
+    """The Hugging Face module an exported node belongs to: ``/model/layers.0/mlp/up_proj/MatMul``
+    -> ``model.layers.0.mlp.up_proj``."""
+    return node_name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
 def node_types(model) -> dict[str, list[str]] | None:
     """Each MatMul node -> the GGUF types of the weights it holds (a packed q/k/v projection holds
     three), from the graph's metadata; None when the graph was not exported from a GGUF."""
@@ -104,7 +110,7 @@ def node_types(model) -> dict[str, list[str]] | None:
     for n in model.graph.node:
         if n.op_type != "MatMul":
             continue
-        module = n.name.strip("/").rsplit("/", 1)[0].replace("/", ".")  # /model/layers.0/mlp/up_proj/MatMul
+        module = module_of(n.name)
         parts = [module] if module in types else [module[: -len("qkv_proj")] + p for p in ("q_proj", "k_proj", "v_proj")] \
             if module.endswith("qkv_proj") else []
         if parts and all(p in types for p in parts):
@@ -335,31 +341,46 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
             "not_kept": not_kept, "split": split}
 
 
-def split_nodes(x: str, grid: Grid, scales: str, out: str, base: str, block: int) -> tuple[list, list]:
-    """An 8-bit grid (levels ``B - 128``, ``B`` in [0, 255]) as two 4-bit MatMulNBits on ``x`` whose
-    sum is exact: ``B = 16 hi + lo``, so ``s (B - 128) = 16 s (hi - 8) + s lo``: the high nibbles at
-    the implied zero point 8 and scale ``16 s``, the low ones at zero point 0 and scale ``s``. The
-    file holds the two nibble matrices (the 8-bit one's bytes) and ``s`` once: ``16 s`` and the zero
-    points are nodes on constants, folded when onnxruntime loads the model. Returns (nodes,
-    initializers)."""
+def nibble_halves(q: np.ndarray, scales: str, tag: str) -> tuple[list, list, list[tuple[str, str, bool]]]:
+    """8-bit levels ``q`` (uint8 ``B`` in [0, 255], (rows, K/block, block)) with scales ``s`` (the
+    tensor ``scales``) as two 4-bit matrices whose sum is exact: ``B = 16 hi + lo``, so ``s (B - 128)
+    = 16 s (hi - 8) + s lo``. The file holds the two nibble matrices (the 8-bit one's bytes) and ``s``
+    once; ``16 s`` is a node on it, folded when onnxruntime loads the model. Returns
+    (initializers, nodes, parts): each part ``(data, scales, whether it needs zero points 0)``, the
+    high nibbles at the implied zero point 8, the low ones at 0 (:func:`zero_points`)."""
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(pack_nibbles(q >> 4), f"{tag}.hi_q4"),
+             numpy_helper.from_array(pack_nibbles(q & 15), f"{tag}.lo_q4"),
+             numpy_helper.from_array(np.array(16.0, np.float32), f"{tag}.sixteen")]
+    nodes = [helper.make_node("Mul", [scales, f"{tag}.sixteen"], [f"{scales}.hi"], name=f"{tag}_hi_scales")]
+    return inits, nodes, [(f"{tag}.hi_q4", f"{scales}.hi", False), (f"{tag}.lo_q4", scales, True)]
+
+
+def zero_points(name: str, shape: list[int]) -> tuple[list, list]:
+    """uint8 zero points of ``shape``, all 0 (packed 4-bit zeros are zero bytes), as a node on a
+    constant shape: folded when onnxruntime loads the model. Returns (initializers, nodes)."""
     from onnx import TensorProto, helper, numpy_helper
 
+    return ([numpy_helper.from_array(np.array(shape, np.int64), f"{name}.shape")],
+            [helper.make_node("ConstantOfShape", [f"{name}.shape"], [name], name=f"{name}_zeros",
+                              value=helper.make_tensor("zero", TensorProto.UINT8, [1], [0]))])
+
+
+def split_nodes(x: str, grid: Grid, scales: str, out: str, base: str, block: int) -> tuple[list, list]:
+    """An 8-bit grid as two 4-bit MatMulNBits on ``x`` (:func:`nibble_halves`) and their sum.
+    Returns (nodes, initializers)."""
+    from onnx import helper
+
     rows, blocks, _ = grid.q.shape
-    hi, lo = pack_nibbles(grid.q >> 4), pack_nibbles(grid.q & 15)
+    inits, nodes, parts = nibble_halves(grid.q, scales, base)
+    zp_inits, zp_nodes = zero_points(f"{base}.lo_zero_points", [rows * ((blocks + 1) // 2)])
     attrs = dict(domain="com.microsoft", K=blocks * block, N=rows, bits=4, block_size=block, accuracy_level=0)
-    inits = [numpy_helper.from_array(hi, f"{base}.hi_q4"), numpy_helper.from_array(lo, f"{base}.lo_q4"),
-             numpy_helper.from_array(np.array(16.0, np.float32), f"{base}.sixteen"),
-             numpy_helper.from_array(np.array([rows * ((blocks + 1) // 2)], np.int64), f"{base}.zp_shape")]
-    nodes = [
-        helper.make_node("Mul", [scales, f"{base}.sixteen"], [f"{base}.hi_scales"], name=f"{base}_hi_scales"),
-        helper.make_node("ConstantOfShape", [f"{base}.zp_shape"], [f"{base}.lo_zero_points"], name=f"{base}_lo_zero_points",
-                         value=helper.make_tensor("zero", TensorProto.UINT8, [1], [0])),
-        helper.make_node("MatMulNBits", [x, f"{base}.hi_q4", f"{base}.hi_scales"], [f"{out}.hi"], name=f"{base}_hi", **attrs),
-        helper.make_node("MatMulNBits", [x, f"{base}.lo_q4", scales, f"{base}.lo_zero_points"], [f"{out}.lo"],
-                         name=f"{base}_lo", **attrs),
-        helper.make_node("Add", [f"{out}.hi", f"{out}.lo"], [out], name=f"{base}_halves"),
-    ]
-    return nodes, inits
+    for (data, part_scales, zero), half in zip(parts, ("hi", "lo")):
+        nodes.append(helper.make_node("MatMulNBits", [x, data, part_scales] + ([zp_nodes[0].output[0]] if zero else []),
+                                      [f"{out}.{half}"], name=f"{base}_{half}", **attrs))
+    nodes.append(helper.make_node("Add", [f"{out}.hi", f"{out}.lo"], [out], name=f"{base}_halves"))
+    return [*zp_nodes, *nodes], [*inits, *zp_inits]
 
 
 def splice(graph, replace: list[tuple[Any, list]], drop: tuple = ()) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError, first_line
-from edgekd.export.grid import exact_half, pack_nibbles, splice, store_on_grid
+from edgekd.export.grid import exact_half, nibble_halves, pack_nibbles, splice, store_on_grid, zero_points
 from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -237,7 +237,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     info["kept_int4_grid"] = kept
     shared = tied and head_prec == emb_prec and head_prec != "fp32"
 
-    casts: list = []  # scales float16 holds exactly (a GGUF's Q8_0 embedding), cast back first thing
+    first: list = []  # nodes on constants, folded at load: fp16 scales cast back, the halves' scales and zero points
 
     # An int8 matrix at fp32 activations (accuracy_level 0) is stored as two exact 4-bit halves, as
     # matmul_nbits stores an 8-bit grid (grid.split_nodes): onnxruntime's 8-bit kernel is fast only
@@ -252,21 +252,19 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         sn = f"{tag}.scales"
         scale_inits, cast = exact_half(np.ascontiguousarray(s.reshape(-1)), sn)
         new_inits.extend(scale_inits)
-        casts.extend(cast)
+        first.extend(cast)
         if bits != 8 or not halves or not read_by_head:
             new_inits.append(numpy_helper.from_array(q, f"{tag}.q{bits}"))
             return [(f"{tag}.q{bits}", sn, "", bits)]
-        new_inits.extend([numpy_helper.from_array(pack_nibbles(q >> 4), f"{tag}.hi_q4"),
-                          numpy_helper.from_array(pack_nibbles(q & 15), f"{tag}.lo_q4"),
-                          numpy_helper.from_array(np.array(16.0, np.float32), f"{tag}.sixteen")])
-        casts.append(helper.make_node("Mul", [sn, f"{tag}.sixteen"], [f"{sn}.hi"], name=f"{tag}_hi_scales"))
-        return [(f"{tag}.hi_q4", f"{sn}.hi", "", 4), (f"{tag}.lo_q4", sn, "zero", 4)]  # 16 s (hi - 8) + s lo
+        half_inits, half_nodes, parts = nibble_halves(q, sn, tag)
+        new_inits.extend(half_inits)
+        first.extend(half_nodes)
+        return [(data, scales, "zero" if zero else "", 4) for data, scales, zero in parts]
 
     def zeros(name: str, shape: list[int]) -> str:
-        """uint8 zero points of ``shape`` (packed 4-bit: all zero), a node folded at load."""
-        new_inits.append(numpy_helper.from_array(np.array(shape, np.int64), f"{name}.shape"))
-        casts.append(helper.make_node("ConstantOfShape", [f"{name}.shape"], [name], name=f"{name}_zeros",
-                                      value=helper.make_tensor("zero", onnx.TensorProto.UINT8, [1], [0])))
+        zp_inits, zp_nodes = zero_points(name, shape)
+        new_inits.extend(zp_inits)
+        first.extend(zp_nodes)
         return name
 
     def summed(parts_out: list[str], out: str, name: str) -> list:
@@ -324,10 +322,10 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
 
     splice(g, new_nodes, tuple(remove_nodes))
     g.initializer.extend(new_inits)
-    if casts:
+    if first:
         nodes = list(g.node)
         del g.node[:]
-        g.node.extend([*casts, *nodes])
+        g.node.extend([*first, *nodes])
     _ensure_ms_domain(model)
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(model)
