@@ -3,7 +3,7 @@ decoder linear weight moved by Gaussian noise of a third of its 4-bit step (per 
 as a Hugging Face folder. The GGUF teacher's weights sit on a Q4_1 grid that HQQ nearly recovers;
 a trained student's do not, and neither do these.
 
-    python benchmarks/offgrid_proxy.py runs/offgrid
+    python benchmarks/offgrid_proxy.py runs/offgrid [TEACHER]   # TEACHER: default the packaged SmolLM2 (a .gguf path works)
     python benchmarks/export_fidelity.py runs/offgrid --variants fp32,mobile,cpu --answer-tokens 0 --no-speed
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from edgekd.models import load_model
 
-model, tok = load_model("smollm2-135m-instruct")
+model, tok = load_model(sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m-instruct")
 torch.manual_seed(0)
 with torch.no_grad():
     for name, mod in model.named_modules():

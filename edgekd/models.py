@@ -378,6 +378,17 @@ def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     return answers
 
 
+def model_written_texts(model, tok, prompts: Sequence[str], answer_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt (the chat template where the tokenizer has one, else the prompt as
+    it is) followed by the model's own greedy answer of up to ``answer_tokens`` tokens: calibration
+    text in the model's own words (the sensitivity search's, GPTQ's)."""
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True))
+           if tok.chat_template else list(tok(p)["input_ids"]) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    answers = greedy_answers(model, ids, answer_tokens, (), pad, batch_size=16)  # the model's eos
+    return [p + a for p, a in zip(ids, answers)]
+
+
 def kwargs_without(kwargs: dict, *names: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in names}
 

@@ -79,7 +79,9 @@ class MatMulNBits:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 0
-    algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps)
+    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps); gptq:
+    # edgekd.export.gptq rounds the PyTorch model to the symmetric 4-bit grid before export, keep_grid stores it
+    gptq_prompts: int = 64  # gptq: calibration texts, shipped training prompts + the model's own greedy answers
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
     fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
     int8_activation_nodes: tuple[str, ...] = ()  # node-name substrings computed with accuracy_level 4 (int8 activations)
@@ -97,6 +99,9 @@ class MatMulNBits:
         _check(self.grid_accuracy_level in (0, 1, 2, 3, 4),
                f"matmul_nbits.grid_accuracy_level = {self.grid_accuracy_level}: use 0 (fp32 activations), 1, 2, 3 or 4 (int8)")
         _check(not (self.algorithm != "rtn" and self.bits != 4), f"matmul_nbits: algorithm '{self.algorithm}' needs bits = 4 (8-bit is rtn)")
+        _check(self.algorithm != "gptq" or (self.symmetric and self.keep_grid),
+               "matmul_nbits: algorithm 'gptq' rounds to the symmetric grid that keep_grid stores: set symmetric = true, keep_grid = true")
+        _check(self.gptq_prompts >= 1, f"matmul_nbits.gptq_prompts = {self.gptq_prompts}: use at least 1 (64 is the usual)")
         both = sorted(set(self.fp32_activation_nodes) & set(self.int8_activation_nodes))
         _check(not both, f"matmul_nbits: {both} is in both fp32_activation_nodes and int8_activation_nodes: name each pattern in one")
 

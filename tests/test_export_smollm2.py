@@ -38,3 +38,17 @@ def test_onnxruntime_genai_answers_as_edgekd_on_the_real_teacher(smollm2_cpu_bun
     bundle, manifest = smollm2_cpu_bundle
     assert "-> ByteLevel (all 49152 tokens decode alike)" in manifest["tokenizer"]["decoder"]
     assert_genai_answers_as_edgekd(bundle, ["What is the capital of France?", "Correct the grammar: she go to school yesterday."], 16)
+
+
+@requires_smollm2
+def test_smollm2_mobile_bundle(tmp_path):
+    """The mobile profile's ORT file on the real teacher, whose Q8_0 embedding has float16 scales:
+    the int8 head at int8 activations once read them as zeros in the .ort (40 logits of drift, top-1 0)."""
+    from edgekd.export import export_bundle
+
+    manifest = export_bundle("smollm2-135m-instruct", "mobile", tmp_path / "mobile", golden_prompts=0)
+    check = manifest["export_check"]
+    assert manifest["model"]["file"] == "model.ort"
+    assert check["top1_agreement"] >= 0.9 and check["max_abs_logit_diff"] < 4.0
+    steps = {r["step"]: r for r in manifest["recipe"]}
+    assert steps["matmul_nbits"]["kept_on_grid_matmuls"] == 150 and "gptq" not in steps["matmul_nbits"]  # a GGUF: its grid

@@ -156,6 +156,34 @@ def test_an_int8_head_at_fp32_activations_is_two_exact_4bit_halves(tmp_path, tie
     assert size[0] <= size[4] * 1.02
 
 
+def test_an_ort_file_of_an_int8_head_with_float16_scales_computes_as_its_onnx(tmp_path):
+    """A tied embedding on an int8 grid whose scales float16 holds exactly (a GGUF's Q8_0: SmolLM2's)
+    is stored with float16 scales cast back; the mobile profile's int8 head (accuracy_level 4) then
+    reads them, and its ORT file (no constant folding) must compute what the ONNX model does: it
+    drifted 40 logits when onnxruntime packed the head without its computed scales."""
+    import torch
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=1))
+    with torch.no_grad():  # the embedding on an int8 grid with float16 scales, as a Q8_0 tensor is
+        w = model.model.embed_tokens.weight.view(-1, 2, 32)
+        d = (w.abs().amax(-1, keepdim=True) / 127).half().float()
+        w.copy_((w / d).round().clamp(-127, 127) * d)
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[1, 2, 3, 4, 250, 17]], dtype=np.int64)
+    head = tmp_path / "head" / "model.onnx"
+    STEPS["quantize_head_embedding"].fn(src, head, dataclasses.replace(QuantizeHeadEmbedding(), accuracy_level=4), None)
+    import onnx
+
+    assert any(n.op_type == "Cast" and n.input[0].endswith("scales.f16") for n in onnx.load(str(head)).graph.node)
+    want, _ = ort_forward(session(head), ids, None, facts)
+    ort_file = tmp_path / "ort" / "model.ort"
+    STEPS["to_ort"].fn(head, ort_file, OrtFormat(constant_folding=False), None)
+    got, _ = ort_forward(session(ort_file), ids, None, facts)
+    assert np.abs(got - want).max() <= 1e-3
+
+
 def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
     """A head distilled with --qat-head-bits 4 under an int8 setting: stored at int4 (re-rounding
     its int4 points to int8 would move them), shared with the embedding, and exact; keep_grid =

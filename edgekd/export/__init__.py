@@ -30,6 +30,7 @@ __all__ = ["export_bundle", "graph_notes", "run_steps", "source_info", "summary"
 MODEL_FILE = "model.onnx"
 GOLDEN_PROMPTS = 16  # held-out prompts in the golden reference (edgekd check replays them on the device)
 GOLDEN_ANSWER_TOKENS = 32  # answer tokens per golden prompt when the model's task does not say
+GPTQ_ANSWER_TOKENS = 64  # the model's own answer tokens per GPTQ calibration prompt
 ORT_FILE = "model.ort"
 
 
@@ -238,11 +239,15 @@ def export_bundle(
     facts = model_facts(torch_model.config)
 
     with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
+        traced, rounding = _rounded(torch_model, tok, source, profile, say)
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
-        path = Path(fp32_onnx) if fp32_onnx is not None else \
-            export_onnx(torch_model, work / "export", profile.opset, graph_notes(source, torch_model))
-        probe = _fp32_probe(torch_model, tok, path, facts, profile)
+        path = Path(fp32_onnx) if fp32_onnx is not None and rounding is None else \
+            export_onnx(traced, work / "export", profile.opset, graph_notes(source, traced))
+        probe = _fp32_probe(torch_model, tok, path, facts, profile, traced)
+        del traced
         path, steps_run = run_steps(path, profile, work, say)
+        if rounding is not None:
+            next(r for r in steps_run if r["step"] == "matmul_nbits")["gptq"] = rounding
         _note_qat_and_context(origin, profile, steps_run, torch_model.config, facts, say)
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
         model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE
@@ -266,15 +271,47 @@ def export_bundle(
     return manifest
 
 
-def _fp32_probe(torch_model, tok, path: Path, facts: dict[str, Any], profile: TargetProfile) -> dict[str, Any]:
-    """PyTorch's logits on a short probe and the fp32 ONNX's against them: an exporter that
-    mis-traced the model fails here, before any step runs."""
+def _rounded(torch_model, tok, source, profile: TargetProfile, say: Callable[[str], None]):
+    """The PyTorch model the exporter traces: the model itself, or, where the profile's
+    ``matmul_nbits.algorithm`` is ``gptq``, a copy whose decoder weights GPTQ rounded to the 4-bit
+    grid (``edgekd.export.gptq``), which ``keep_grid`` then stores exactly. Returns (model, what GPTQ
+    did, or None where it did not run)."""
+    if "matmul_nbits" not in profile.steps or profile.step_settings("matmul_nbits").algorithm != "gptq":
+        return torch_model, None
+    if source.kind == "gguf":
+        say("gptq: not needed, a GGUF's weights are on their own grids (keep_grid stores them)")
+        return torch_model, None
+    from edgekd.export.gptq import gptq_model, node_path, off_grid
+    from edgekd.models import model_written_texts
+    from edgekd.paths import SHIPPED_TRAIN, resource
+    from edgekd.validate.data import load_records
+
+    m = profile.step_settings("matmul_nbits")
+    if not off_grid(torch_model, m.block_size):
+        say("gptq: not needed, every decoder weight is on a 4-bit grid already (keep_grid stores it)")
+        return torch_model, None
+    t0 = time.time()
+    records = load_records(resource(SHIPPED_TRAIN), limit=m.gptq_prompts)
+    say(f"gptq: the model answers {len(records)} calibration prompts")
+    texts = model_written_texts(torch_model, tok, [r["prompt"] for r in records], GPTQ_ANSWER_TOKENS)
+    rounded, info = gptq_model(torch_model, texts, m.bits, m.block_size,
+                               leave=lambda name: any(p in node_path(name) for p in m.int8_nodes),  # 8-bit RTN's
+                               progress=lambda i, n: say(f"gptq: layer {i}/{n}") if i == n or i % 10 == 0 else None)
+    return rounded, {**info, "seconds": round(time.time() - t0, 1)}
+
+
+def _fp32_probe(torch_model, tok, path: Path, facts: dict[str, Any], profile: TargetProfile, traced=None) -> dict[str, Any]:
+    """PyTorch's logits on a short probe, and the fp32 ONNX's against those of the model it was
+    traced from (``traced``: a GPTQ-rounded copy; default ``torch_model``): an exporter that
+    mis-traced the model fails here, before any step runs. The reference the bundle is checked
+    against is ``torch_model``'s."""
     from edgekd.export.onnx import compare, ort_probe, probe_ids, session, torch_probe
 
     ids = probe_ids(tok)
     reference = torch_probe(torch_model, ids)
     next_ids = reference[:, ids.shape[1] - 1 : ids.shape[1]].argmax(-1).astype("int64")
-    fp32 = compare(reference, ort_probe(session(path), ids, facts, next_ids))
+    traced_ref = reference if traced is None or traced is torch_model else torch_probe(traced, ids, next_ids)
+    fp32 = compare(traced_ref, ort_probe(session(path), ids, facts, next_ids))
     if fp32["max_abs_logit_diff"] > profile.check.atol_fp32:
         raise EdgekdError(
             f"the fp32 ONNX export differs from PyTorch by {fp32['max_abs_logit_diff']:.2g} logits "

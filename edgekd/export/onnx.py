@@ -161,15 +161,15 @@ def probe_ids(tokenizer) -> np.ndarray:
     return np.asarray([ids], dtype=np.int64)
 
 
-def torch_probe(model, ids: np.ndarray) -> np.ndarray:
-    """PyTorch logits for the probe: the prompt, then its last token's successor (greedy) as one
-    cached step; returns (1, seq + 1, vocab) float32."""
+def torch_probe(model, ids: np.ndarray, next_ids: np.ndarray | None = None) -> np.ndarray:
+    """PyTorch logits for the probe: the prompt, then its last token's successor (greedy, or
+    ``next_ids`` (1, 1)) as one cached step; returns (1, seq + 1, vocab) float32."""
     import torch
 
     with torch.no_grad():
         x = torch.from_numpy(ids)
         out = model(input_ids=x, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = out.logits[:, -1:].argmax(-1) if next_ids is None else torch.from_numpy(next_ids)
         out2 = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     return torch.cat([out.logits, out2.logits], dim=1).float().numpy()
 

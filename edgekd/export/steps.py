@@ -341,8 +341,10 @@ def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
     ``algorithm``: onnxruntime's own quantizers, all of them writing MatMulNBits: ``rtn``
     (round to nearest), ``hqq`` (Badri & Shaji 2023, 4-bit), ``k_quant`` (llama.cpp's k-quant
     search for each block's scale and minimum, 4-bit). 8-bit nodes (``int8_nodes``, or
-    ``bits = 8``) are RTN. onnxruntime's GPTQ is not offered: in onnxruntime 1.32 it rounds exactly
-    as RTN does and its symmetric packing adds error (``benchmarks/ort_gptq_check.py``)."""
+    ``bits = 8``) are RTN. ``gptq``: edgekd's own GPTQ rounded the PyTorch model to the symmetric
+    4-bit grid before it was exported (``edgekd.export.gptq``), so ``keep_grid`` finds its weights
+    on that grid and stores them exactly; any other weight is RTN. (onnxruntime's own GPTQ rounds
+    exactly as RTN does in 1.32, and its symmetric packing adds error: ``benchmarks/ort_gptq_check.py``.)"""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
     model = load_onnx(src)
@@ -510,6 +512,40 @@ def optimize(src: Path, dst: Path, settings, profile) -> dict:
 
 @step("to_ort", suffix=".ort")
 def to_ort(src: Path, dst: Path, settings, profile) -> dict:
-    """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds."""
+    """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds.
+
+    Without constant folding, the scales of a MatMulNBits at int8 activations (accuracy_level 4)
+    are first made fp32 initializers where a node computes them (a float16 copy cast back,
+    ``grid.exact_half``): onnxruntime 1.32 packs such a weight with its scales when the session
+    loads, from an initializer only, and an ORT file is not folded at load; the teacher's mobile
+    bundle drifted 40 logits so (top-1 0.0)."""
+    if not settings.constant_folding:
+        model = load_onnx(src)
+        if _scales_as_initializers(model):
+            src = dst.parent / "prepared" / "model.onnx"
+            save_onnx(model, src, external=True)
     _ort_save(src, dst, settings.level, ["CPUExecutionProvider"], ort_format=True, fold=settings.constant_folding)
     return {}
+
+
+def _scales_as_initializers(model) -> int:
+    """Give each MatMulNBits at accuracy_level 4 whose scales a Cast of an initializer computes its
+    own fp32 initializer of those scales; returns how many were changed."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    casts = {n.output[0]: n for n in g.node if n.op_type == "Cast" and n.input[0] in inits}
+    changed = 0
+    for n in g.node:
+        level = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"), 0)
+        if n.op_type != "MatMulNBits" or level != 4 or n.input[2] not in casts:
+            continue
+        name = n.input[2] + ".fp32"
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(numpy_helper.to_array(inits[casts[n.input[2]].input[0]]).astype(np.float32), name)
+            g.initializer.append(inits[name])
+        n.input[2] = name
+        changed += 1
+    return changed

@@ -109,26 +109,16 @@ def calibration(torch_model, tok) -> tuple[list[list[int]], list]:
     the model's fp32 logits over them ``(seq, vocab)``: the text the sensitivity is measured on."""
     import torch
 
-    from edgekd.models import greedy_answers
+    from edgekd.models import model_written_texts
     from edgekd.paths import SHIPPED_TRAIN, resource
     from edgekd.validate.data import load_records
 
     records = load_records(resource(SHIPPED_TRAIN), limit=CALIBRATION_PROMPTS)
-    prompts = []
-    for r in records:
-        if tok.chat_template:
-            ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True, tokenize=True)
-        else:
-            ids = tok(r["prompt"])["input_ids"]
-        prompts.append(list(ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    answers = greedy_answers(torch_model, prompts, CALIBRATION_TOKENS, (), pad, batch_size=len(prompts))  # the model's eos
-    seqs, logits = [], []
-    for p, answer in zip(prompts, answers):
-        seq = p + answer
+    seqs = model_written_texts(torch_model, tok, [r["prompt"] for r in records], CALIBRATION_TOKENS)
+    logits = []
+    for seq in seqs:
         with torch.inference_mode():
             logits.append(torch_model(input_ids=torch.tensor([seq])).logits[0].float().numpy())
-        seqs.append(seq)
     return seqs, logits
 
 
