@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.export.grid import find_grid
 from edgekd.export.gptq import gptq_model, gptq_weight
+from edgekd.export.grid import find_grid
 from edgekd.quant import ort_symmetric_grid
 
 

@@ -153,6 +153,14 @@ def _layer_calls(model, layers: nn.ModuleList, sequences: Sequence[Sequence[int]
     return calls
 
 
+def _accumulate(gram: torch.Tensor):
+    """A forward pre-hook adding ``x^T x`` of a linear's inputs (any leading shape) into ``gram``."""
+    def hook(module, inputs):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        gram.add_(x.T @ x)
+    return hook
+
+
 def _run(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """``layer`` on hidden states ``x`` with the other inputs it was called with; its hidden states."""
     out = layer(x, *args[1:], **kwargs) if args else layer(**{**kwargs, "hidden_states": x})
@@ -179,13 +187,7 @@ def gptq_model(model, sequences: Sequence[Sequence[int]], bits: int = 4, block_s
                    if isinstance(m, nn.Linear) and not leave(f"{prefix}.{name}")}
         grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
 
-        def collect(name):
-            def hook(module, args):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                grams[name] += x.T @ x
-            return hook
-
-        handles = [m.register_forward_pre_hook(collect(name)) for name, m in linears.items()]
+        handles = [m.register_forward_pre_hook(_accumulate(grams[name])) for name, m in linears.items()]
         try:
             with torch.inference_mode():
                 for x, (args, kwargs) in zip(inputs, calls[i]):
