@@ -59,7 +59,9 @@ def test_shipped_candidates_resolve_to_valid_profiles(name):
         assert by["rtn4"].profile.matmul_nbits.algorithm == "rtn" and by["rtn4"].profile.matmul_nbits.bits == 4
         assert by["int8"].profile.matmul_nbits.bits == 8 and by["auto"].mixed_precision
         assert by["rtn4"].profile.to_ort == prof.to_ort  # not overridden: the profile's own
-        assert by["hqq4"].profile.matmul_nbits.algorithm == "hqq" and by["int4-all"].profile.matmul_nbits.algorithm == "rtn"
+        assert by["hqq4"].profile.matmul_nbits.algorithm == "hqq" and by["int4-all"].profile.matmul_nbits.algorithm == "gptq"
+        assert by["gptq4"].profile == dataclasses.replace(prof, candidates=())  # the profile's own recipe
+        assert by["int8"].profile.matmul_nbits.algorithm == "rtn"  # 8 bits: round to nearest
 
 
 @pytest.mark.parametrize(
