@@ -199,3 +199,16 @@ def test_the_js_golden_replay_gives_the_figures_of_check(fp32_bundle, tmp_path):
     assert r.returncode == 1 and "FAIL max_kl_vs_reference" in r.stdout, r.stdout + r.stderr
     r = node(tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "manifest.json is missing" in r.stderr
+    # every listed file is checked against its manifest hash first, as `edgekd check` does
+    changed = tmp_path / "changed"
+    shutil.copytree(fp32_bundle, changed)
+    golden = json.loads((changed / "golden.json").read_text(encoding="utf-8"))
+    golden["examples"][0]["answer_ids"][0] += 1
+    (changed / "golden.json").write_text(json.dumps(golden), encoding="utf-8")
+    r = node(changed)
+    assert r.returncode == 2 and "golden.json does not match its manifest hash" in r.stderr, r.stdout + r.stderr
+    manifest = json.loads((strict / "manifest.json").read_text())
+    manifest["files"][0]["path"] = "../outside.json"
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    r = node(strict)
+    assert r.returncode == 2 and "is not a path inside the bundle" in r.stderr, r.stdout + r.stderr

@@ -11,7 +11,9 @@
 // onnxruntime-web in a page) from those token ids: no tokenizer is needed. It prints the figures
 // `edgekd check` prints (top-1 agreement, KL on the top-k with a bucket for the rest, perplexity
 // ratio, greedy answers identical, common prefix) and applies the gates of the bundle's target
-// profile that a golden can answer. Exit code: 0 every gate passes, 1 a gate fails, 2 bad input.
+// profile that a golden can answer. First, as `edgekd check` does, it checks every file the
+// manifest lists (size and SHA-256; no path may leave the bundle): a changed file is bad input.
+// Exit code: 0 every gate passes, 1 a gate fails, 2 bad input.
 // It needs nothing but onnxruntime: copy it anywhere the bundle goes.
 
 const GOLDEN_GATES = {
@@ -185,6 +187,20 @@ export function applyGates(gates, figures) {
   return out;
 }
 
+// Each file the manifest lists: inside the bundle, present, its size and SHA-256 as listed
+// (`sha256(relativePath)` returns the hex digest; in a page, fetch + crypto.subtle.digest).
+export async function verifyFiles(manifest, size, sha256) {
+  for (const entry of manifest.files || []) {
+    const p = entry.path;
+    if (typeof p !== "string" || p === "" || p.startsWith("/") || p.includes("\\") || p.split("/").some((part) => part === ".." || part === ""))
+      throw new UsageError(`bundle file ${JSON.stringify(p)} is not a path inside the bundle: refusing it`);
+    const bytes = await size(p);
+    if (bytes === null) throw new UsageError(`bundle file ${p} is missing from the bundle`);
+    if (bytes !== entry.bytes || (await sha256(p)) !== entry.sha256)
+      throw new UsageError(`bundle file ${p} does not match its manifest hash: it was changed after export`);
+  }
+}
+
 async function main(argv) {
   const fs = await import("node:fs");
   const path = await import("node:path");
@@ -207,6 +223,15 @@ async function main(argv) {
   };
   const manifest = read("manifest.json");
   if (manifest.format !== "edgekd-bundle") throw new UsageError(`${args.dir} is not an edgekd bundle (its manifest.json has no "format": "edgekd-bundle")`);
+  const crypto = await import("node:crypto");
+  await verifyFiles(manifest, async (p) => {
+    const file = path.join(args.dir, p);
+    return fs.existsSync(file) && fs.statSync(file).isFile() ? fs.statSync(file).size : null;
+  }, (p) => new Promise((resolve, reject) => {
+    const hash = crypto.createHash("sha256");
+    fs.createReadStream(path.join(args.dir, p)).on("data", (chunk) => hash.update(chunk)).on("error", reject)
+      .on("end", () => resolve(hash.digest("hex")));
+  }));
   const golden = read("golden.json");
   const modelFile = path.join(args.dir, path.basename(manifest.model.file || "model.onnx"));  // never a path out of the bundle
   if (!["node", "web"].includes(args.ort)) throw new UsageError(`--ort ${args.ort}: node (onnxruntime-node) or web (onnxruntime-web's WebAssembly)`);
