@@ -48,9 +48,18 @@ ort=$("$py" -c "import onnxruntime; print(onnxruntime.__version__)")  # the rele
 "$py" -m pip download -q --only-binary=:all: --python-version 311 --implementation cp \
   --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
   -d "$wheel_dir" "onnxruntime==$ort" numpy tokenizers jinja2 typer rich
-chroot "$root" /opt/edgekd/bin/pip install -q --no-index --find-links /wheels --force-reinstall /wheels/edgekd-*.whl
+whl=$(cd "$wheel_dir" && ls edgekd-*.whl)
+chroot "$root" /opt/edgekd/bin/pip install -q --no-index --find-links /wheels --force-reinstall "/wheels/$whl"
 chroot "$root" /opt/edgekd/bin/python -c "import platform, onnxruntime; print('arm64 side:', platform.machine(), 'onnxruntime', onnxruntime.__version__)"
 
+# /proc and /sys as on a device: onnxruntime's cpuinfo reads them (and the hwcaps qemu reports) to
+# pick its ARM kernels (dot-product, i8mm); without them it warns and takes the plain NEON ones.
+# ARM64_NO_SYS=1 leaves them out, to compare.
+if [[ -z ${ARM64_NO_SYS:-} ]]; then
+  for fs in proc sys; do mountpoint -q "$root/$fs" || mount --bind "/$fs" "$root/$fs"; done
+  trap 'umount "$root/proc" "$root/sys" 2>/dev/null || true' EXIT
+fi
+echo "arm64 /proc/cpuinfo as qemu shows it: $(chroot "$root" grep -m1 -E '^(Features|flags)' /proc/cpuinfo 2>/dev/null | cut -c1-120)"
 mkdir -p "$root/bundles" runs/arm64
 rows=()
 for bundle in "$@"; do
