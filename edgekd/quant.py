@@ -34,15 +34,26 @@ def ort_symmetric_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Ten
     ``2**bits`` distinct values. Idempotent: ``grid(grid(w)) == grid(w)``.
     """
     rows, k = w.shape
-    pad = (-k) % block_size
-    x = torch.nn.functional.pad(w.float(), (0, pad)) if pad else w.float()
-    blocks = x.reshape(rows, -1, block_size)
-    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    blocks = ort_blocks(w.float(), block_size)
+    scale = ort_symmetric_scales(blocks, bits)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    scale = extreme / lo
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     q = (blocks / scale).round_().clamp_(lo, hi).mul_(scale)  # in place: it runs every training step
     return q.reshape(rows, -1)[:, :k].to(w.dtype)
+
+
+def ort_blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``w`` (rows, k) as (rows, ceil(k / block_size), block_size), the last block padded with zeros."""
+    pad = (-w.shape[1]) % block_size
+    return (torch.nn.functional.pad(w, (0, pad)) if pad else w).reshape(w.shape[0], -1, block_size)
+
+
+def ort_symmetric_scales(blocks: torch.Tensor, bits: int) -> torch.Tensor:
+    """onnxruntime's symmetric RTN scale of each block ((rows, n, block) -> (rows, n, 1)): the block's
+    largest-magnitude weight over ``-2**(bits-1)``, so that weight lands exactly on the lowest level
+    (1 for an all-zero block)."""
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    scale = extreme / -(2 ** (bits - 1))
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
 def absmax_grid(w: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:

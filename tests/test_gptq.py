@@ -64,7 +64,7 @@ def test_export_with_gptq_stores_the_rounded_model_exactly(tiny_teacher_dir, tmp
     weight on its grid, and the bundle computes what the rounded PyTorch model computes (the tied
     head, a MatMul on the embedding's transpose, is no constant weight here: it stays fp32)."""
     from edgekd.export import GPTQ_ANSWER_TOKENS, export_bundle
-    from edgekd.export.onnx import session
+    from edgekd.export.onnx import model_facts, ort_forward, session
     from edgekd.models import load_model, model_written_texts
     from edgekd.paths import SHIPPED_TRAIN, resource
     from edgekd.targets import load_target
@@ -85,12 +85,7 @@ def test_export_with_gptq_stores_the_rounded_model_exactly(tiny_teacher_dir, tmp
     ids = np.array([[5, 9, 14, 3, 27, 8, 11]], dtype=np.int64)
     with torch.no_grad():
         expected = rounded(input_ids=torch.from_numpy(ids)).logits.numpy()
-    sess = session(tmp_path / "b" / "model.onnx")
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feeds[i.name] = np.zeros((1, 2, 0, 16), np.float32)
-    got = sess.run(["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    got, _ = ort_forward(session(tmp_path / "b" / "model.onnx"), ids, None, model_facts(model.config))
     assert np.abs(got - expected).max() < 1e-3
 
 

@@ -225,8 +225,8 @@ async function main(argv) {
   if (manifest.format !== "edgekd-bundle") throw new UsageError(`${args.dir} is not an edgekd bundle (its manifest.json has no "format": "edgekd-bundle")`);
   const crypto = await import("node:crypto");
   await verifyFiles(manifest, async (p) => {
-    const file = path.join(args.dir, p);
-    return fs.existsSync(file) && fs.statSync(file).isFile() ? fs.statSync(file).size : null;
+    const stat = fs.statSync(path.join(args.dir, p), { throwIfNoEntry: false });
+    return stat && stat.isFile() ? stat.size : null;
   }, (p) => new Promise((resolve, reject) => {
     const hash = crypto.createHash("sha256");
     fs.createReadStream(path.join(args.dir, p)).on("data", (chunk) => hash.update(chunk)).on("error", reject)

@@ -276,7 +276,8 @@ def _rounded(torch_model, tok, source, profile: TargetProfile, say: Callable[[st
     ``matmul_nbits.algorithm`` is ``gptq``, a copy whose decoder weights GPTQ rounded to the 4-bit
     grid (``edgekd.export.gptq``), which ``keep_grid`` then stores exactly. Returns (model, what GPTQ
     did, or None where it did not run)."""
-    if "matmul_nbits" not in profile.steps or profile.step_settings("matmul_nbits").algorithm != "gptq":
+    m = profile.step_settings("matmul_nbits") if "matmul_nbits" in profile.steps else None
+    if m is None or m.algorithm != "gptq":
         return torch_model, None
     if source.kind == "gguf":
         say("gptq: not needed, a GGUF's weights are on their own grids (keep_grid stores them)")
@@ -286,7 +287,6 @@ def _rounded(torch_model, tok, source, profile: TargetProfile, say: Callable[[st
     from edgekd.paths import SHIPPED_TRAIN, resource
     from edgekd.validate.data import load_records
 
-    m = profile.step_settings("matmul_nbits")
     if not off_grid(torch_model, m.block_size):
         say("gptq: not needed, every decoder weight is on a 4-bit grid already (keep_grid stores it)")
         return torch_model, None

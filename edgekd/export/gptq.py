@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from edgekd.export.grid import find_grid
+from edgekd.quant import ort_blocks, ort_symmetric_scales
 
 DAMP = 0.01         # added to H's diagonal, relative to its mean (the reference's percdamp)
 COLUMNS = 128       # columns rounded before the rest of the weight is updated at once (the reference's blocksize)
@@ -37,12 +38,9 @@ def block_scales(w: torch.Tensor, bits: int, block_size: int, shrink: Sequence[f
     """One scale per block of ``block_size`` along ``w``'s columns ((rows, blocks)): onnxruntime's
     ``extreme / -2**(bits-1)``, times the factor in ``shrink`` that rounds the block with the least
     squared error (a smaller scale clips the extreme to resolve the rest finer)."""
-    rows, cols = w.shape
-    pad = (-cols) % block_size
-    b = torch.nn.functional.pad(w, (0, pad)).reshape(rows, -1, block_size)
+    b = ort_blocks(w, block_size)
     lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    extreme = b.gather(-1, b.abs().argmax(-1, keepdim=True))
-    base = torch.where(extreme == 0, torch.ones_like(extreme), extreme / lo)
+    base = ort_symmetric_scales(b, bits)
     best, best_err = base, None
     for f in shrink:
         s = base * f
@@ -180,11 +178,17 @@ def gptq_model(model, sequences: Sequence[Sequence[int]], bits: int = 4, block_s
     layers = decoder_layers(model)
     calls = _layer_calls(model, layers, sequences)
     inputs = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls[0]]  # the first layer's, per sequence
+    names = {id(m): n for n, m in model.named_modules()}
     done, kept = 0, 0
     for i, layer in enumerate(layers):
-        prefix = next(n for n, m in model.named_modules() if m is layer)
-        linears = {name: m for name, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and not leave(f"{prefix}.{name}")}
+        linears = {}
+        for name, m in layer.named_modules():
+            if not isinstance(m, nn.Linear) or leave(names[id(m)]):
+                continue
+            if find_grid(m.weight.detach().float().numpy(), block_size) is not None:
+                kept += 1  # already on a 4-bit grid (a --qat-bits student): keep_grid stores it as it is
+                continue
+            linears[name] = m
         grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
 
         handles = [m.register_forward_pre_hook(_accumulate(grams[name])) for name, m in linears.items()]
@@ -196,14 +200,11 @@ def gptq_model(model, sequences: Sequence[Sequence[int]], bits: int = 4, block_s
             for h in handles:
                 h.remove()
         for name, m in linears.items():
-            if find_grid(m.weight.detach().float().numpy(), block_size) is not None:
-                kept += 1  # already on a 4-bit grid (a --qat-bits student): keep_grid stores it as it is
-                continue
             with torch.no_grad():
                 m.weight.copy_(gptq_weight(m.weight, grams[name], bits, block_size, act_order, shrink).to(m.weight.dtype))
         with torch.inference_mode():  # the next layer sees this one rounded
             inputs = [_run(layer, x, args, kwargs) for x, (args, kwargs) in zip(inputs, calls[i])]
         done += len(linears)
         progress(i + 1, len(layers))
-    return model, {"layers": len(layers), "linears": done - kept, "already_on_grid": kept,
+    return model, {"layers": len(layers), "linears": done, "already_on_grid": kept,
                    "calibration_texts": len(sequences), "calibration_tokens": sum(len(s) for s in sequences)}
