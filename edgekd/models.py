@@ -389,6 +389,13 @@ def model_written_texts(model, tok, prompts: Sequence[str], answer_tokens: int) 
     return [p + a for p, a in zip(ids, answers)]
 
 
+def decoder_of(model):
+    """The decoder stack under a causal LM's head (``LlamaModel``, ``Gemma3TextModel``, ``GPT2Model``):
+    transformers' ``get_decoder`` gives GPT-2's head model itself, its ``base_model`` gives Gemma 3's."""
+    decoder = model.get_decoder()
+    return model.base_model if decoder is model else decoder
+
+
 def kwargs_without(kwargs: dict, *names: str) -> dict:
     return {k: v for k, v in kwargs.items() if k not in names}
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from edgekd.distill.data import Example, collate
+from edgekd.models import decoder_of
 
 
 def cache_key(teacher_fingerprint: str, data_digest: str, k: int, temperature: float, vocab: int) -> str:
@@ -34,7 +35,7 @@ def cache_key(teacher_fingerprint: str, data_digest: str, k: int, temperature: f
 def teacher_topk(teacher, examples: list[Example], indices: list[int], *, k: int, temperature: float, vocab: int,
                  batch_size: int, chunk_size: int, device, on_batch=None) -> dict[str, torch.Tensor]:
     """Run the teacher over ``examples[indices]`` and keep the top-k log-probs per loss position."""
-    decoder, head = teacher.get_decoder(), teacher.get_output_embeddings()
+    decoder, head = decoder_of(teacher), teacher.get_output_embeddings()
     order = sorted(indices, key=lambda i: len(examples[i].ids))
     logps, idxs, ex_ids, starts, counts = [], [], [], [], []
     row = 0

@@ -351,7 +351,7 @@ def generate_answers(
     # The prompts' common first tokens (chat template, system prompt, a task's instruction) are
     # prefilled once; each batch starts from that key/value cache, the rest left-padded after it.
     P = common_prefix(encoded)
-    prefix_cache = model(input_ids=torch.tensor([encoded[0][:P]], device=device), use_cache=True).past_key_values if P else None
+    prefix_cache = prefill(model, torch.tensor([encoded[0][:P]], device=device)) if P else None
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in idx)
@@ -423,6 +423,15 @@ def untarget_common_prefix(examples: list[Example]) -> int:
     for e in examples:
         e.target[:n] = [0] * min(n, len(e.target))
     return n
+
+
+def prefill(model, input_ids):
+    """The key/value cache of ``input_ids`` (a batch-1 shared prefix) with every token of every
+    layer kept: a sliding-window layer's mask comes from positions, and Gemma 2 and 3 make no cache
+    of their own in training mode, nor one whose windowed layers could be expanded to a batch."""
+    from transformers.cache_utils import DynamicCache
+
+    return model(input_ids=input_ids, past_key_values=DynamicCache(), use_cache=True).past_key_values
 
 
 def expand_cache(cache, batch: int):

@@ -26,13 +26,25 @@ from typing import Any
 import torch
 
 from edgekd.errors import UsageError
+from edgekd.models import decoder_of
+
+# Where a decoder keeps its list of layers: ``model.layers`` (Llama, Mistral, Qwen, Gemma, Phi-3, ...),
+# ``transformer.h`` (GPT-2).
+LAYER_LISTS = ("layers", "h")
+
+
+def layers_attribute(model) -> str:
+    """The name of the decoder's layer list (one of ``LAYER_LISTS``), or a one-line error."""
+    decoder = decoder_of(model)
+    for name in LAYER_LISTS:
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return name
+    raise UsageError(f"cannot scan {type(model).__name__}: its decoder layers are at none of "
+                     f"{', '.join('decoder.' + n for n in LAYER_LISTS)}")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    layers = getattr(model.get_decoder(), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UsageError(f"cannot scan {type(model).__name__}: its decoder layers are not at model.layers")
-    return layers
+    return getattr(decoder_of(model), layers_attribute(model))
 
 
 def _run_hooked(model, batches, handles, mask_now: list) -> float:
@@ -46,7 +58,7 @@ def _run_hooked(model, batches, handles, mask_now: list) -> float:
             mask = b["attention_mask"].to(device).float()
             mask_now[:] = [mask]
             seen += mask.sum().item()
-            model.get_decoder()(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+            decoder_of(model)(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -115,8 +127,9 @@ def iterative_kl(teacher, batches, n: int, vocab: int, scores: Sequence[float], 
     if not 1 <= n <= len(layers):
         raise UsageError(f"layers-kl:{n} must be between 1 and the teacher's {len(layers)} layers")
     t_logp = teacher_answer_logp(teacher, batches, vocab)
-    decoder = teacher.get_decoder()
-    original, config_layers = decoder.layers, teacher.config.num_hidden_layers
+    decoder = decoder_of(teacher)
+    attribute = layers_attribute(teacher)
+    original, config_layers = layers, teacher.config.num_hidden_layers
     kept = list(range(len(layers)))
     history = []
     try:
@@ -125,7 +138,7 @@ def iterative_kl(teacher, batches, n: int, vocab: int, scores: Sequence[float], 
             best = None
             for c in candidates:
                 trial = [i for i in kept if i != c]
-                decoder.layers = torch.nn.ModuleList([original[i] for i in trial])
+                setattr(decoder, attribute, torch.nn.ModuleList([original[i] for i in trial]))
                 teacher.config.num_hidden_layers = len(trial)
                 kl = answer_kl(teacher, batches, t_logp, vocab)
                 if best is None or kl < best[1]:
@@ -136,7 +149,7 @@ def iterative_kl(teacher, batches, n: int, vocab: int, scores: Sequence[float], 
             if on_step:
                 on_step(best[0], best[1])
     finally:
-        decoder.layers = original
+        setattr(decoder, attribute, original)
         teacher.config.num_hidden_layers = config_layers
     return kept, history
 

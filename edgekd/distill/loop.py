@@ -32,11 +32,13 @@ from edgekd.distill.data import (
     collate,
     common_prefix,
     expand_cache,
+    prefill,
 )
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss, hidden_state_loss
 from edgekd.distill.run import CONFIG_TOML, DISTILL_JSON, StudentRun
 from edgekd.errors import UsageError
 from edgekd.io import json_line, jsonl_lines, proc_kib_field
+from edgekd.models import decoder_of
 from edgekd.quant import bake_fake_quantize
 
 
@@ -61,7 +63,7 @@ class StudentLoss(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, teacher: TeacherTargets):
         states = bool(self.matched) and teacher.states is not None and self.spec.hidden_weight > 0
-        out = decoder_forward(self.model.get_decoder(), input_ids, attention_mask, self.prefix_len, states)
+        out = decoder_forward(decoder_of(self.model), input_ids, attention_mask, self.prefix_len, states)
         if self.prefix_len:
             loss_mask, labels = loss_mask[:, self.prefix_len :], labels[:, self.prefix_len :]
         head = self.model.get_output_embeddings()
@@ -81,7 +83,7 @@ def decoder_forward(decoder, input_ids, attention_mask, P: int = 0, hidden_state
     if not P:
         return decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states)
     B, S = input_ids.shape
-    shared = expand_cache(decoder(input_ids=input_ids[:1, :P], use_cache=True).past_key_values, B)
+    shared = expand_cache(prefill(decoder, input_ids[:1, :P]), B)
     positions = torch.arange(P, S, device=input_ids.device)[None].expand(B, -1)
     return decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, past_key_values=shared,
                    position_ids=positions, use_cache=True, output_hidden_states=hidden_states)

@@ -79,8 +79,10 @@ def parse_layers(spec: str, n_teacher: int) -> list[int]:
 def depth_pruned(teacher, layers: list[int]):
     """A copy of ``teacher`` keeping only ``layers`` (DistilBERT-style init, Sanh et al. 2019):
     embeddings, final norm and head are copied, decoder layer i of the student is teacher layer
-    ``layers[i]``. Works for any decoder whose layers live at ``model.layers.{i}``."""
+    ``layers[i]``. Works for any decoder whose layers live at ``model.layers.{i}`` or ``transformer.h.{i}``."""
     from transformers import AutoModelForCausalLM
+
+    from edgekd.distill import importance
 
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(layers)
@@ -88,7 +90,7 @@ def depth_pruned(teacher, layers: list[int]):
         cfg.layer_types = [cfg.layer_types[i] for i in layers]
     student = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     src = teacher.state_dict()
-    prefix = _layers_prefix(src)
+    prefix = _layers_prefix(src, importance.layers_attribute(teacher))
     state = {}
     for name in student.state_dict():
         if name.startswith(prefix):
@@ -105,11 +107,11 @@ def depth_pruned(teacher, layers: list[int]):
     return student.float()
 
 
-def _layers_prefix(state: dict) -> str:
+def _layers_prefix(state: dict, attribute: str) -> str:
     for name in state:
-        if ".layers.0." in name:
-            return name.split(".layers.0.")[0] + ".layers."
-    raise UsageError("cannot prune this teacher: its decoder layers are not at model.layers.N")
+        if f".{attribute}.0." in name:
+            return name.split(f".{attribute}.0.")[0] + f".{attribute}."
+    raise UsageError(f"cannot prune this teacher: no weights of its decoder layers (.{attribute}.0.)")
 
 
 def check_same_tokenizer(teacher_tok, student_tok, where: str) -> None:

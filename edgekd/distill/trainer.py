@@ -50,6 +50,7 @@ from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.io import write_json
+from edgekd.models import decoder_of
 from edgekd.quant import GRID, attach_fake_quantize, refresh_fake_quantize
 
 __all__ = ["Trainer", "distill"]
@@ -304,7 +305,7 @@ class Trainer:
         if self.cfg.alpha == 0 and not depths:  # plain SFT: the teacher is not needed in the loop
             return TeacherTargets()
         with torch.no_grad():
-            out = helpers.decoder_forward(self.teacher.get_decoder(), batch["input_ids"], batch["attention_mask"], self.prefix_len,
+            out = helpers.decoder_forward(decoder_of(self.teacher), batch["input_ids"], batch["attention_mask"], self.prefix_len,
                                           bool(depths))
         mask = batch["loss_mask"][:, self.prefix_len :]
         states = torch.stack([out.hidden_states[t][mask] for t in depths]) if depths else None

@@ -255,6 +255,8 @@ def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) 
         perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), None)
         if layout == "bhsd" and p.op_type == "Transpose" and perm == [0, 2, 1, 3]:
             layout, x = "bshd", p.input[0]
+        elif layout == "bhsd" and p.op_type == "Slice" and p.input[0] in producer and _starts_at_zero(p, producer):
+            x = p.input[0]  # the rotary part of the head (Phi-3's code slices it): all of it, as rotary_tables checked
         elif layout == "bshd" and p.op_type == "Reshape":
             layout, x = "bsd", p.input[0]
         else:
@@ -269,6 +271,25 @@ def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) 
         nodes.append(helper.make_node("Reshape", [x, shape.name], [f"{name}.bsd"], name=f"{name}/Reshape"))
         return f"{name}.bsd", nodes, [shape]
     return x, nodes, []
+
+
+def _constant(name: str, producer: dict[str, Any]) -> np.ndarray | None:
+    """The value of ``name`` where a ``Constant`` node makes it, else None."""
+    from onnx import numpy_helper
+
+    p = producer.get(name)
+    if p is None or p.op_type != "Constant":
+        return None
+    value = next((a.t for a in p.attribute if a.name == "value"), None)
+    return None if value is None else numpy_helper.to_array(value)
+
+
+def _starts_at_zero(node, producer: dict[str, Any]) -> bool:
+    """A ``Slice`` that starts at 0 on the last axis (its end is left to the caller to know)."""
+    starts = _constant(node.input[1], producer)
+    axes = _constant(node.input[3], producer) if len(node.input) > 3 and node.input[3] else None
+    return starts is not None and starts.size == 1 and int(starts.ravel()[0]) == 0 and \
+        axes is not None and int(axes.ravel()[0]) in (-1, 3)
 
 
 def _needed(nodes: list, outputs: list[str], given: frozenset[str] = frozenset()) -> list:
@@ -326,6 +347,7 @@ class _Layer:
     k_rotated: str
     table: str
     note: dict[str, Any]
+    packed: Any = None  # the model's own qkv_proj (Phi-3): q, k and v are then its three Slices
 
 
 def _layers(model, head_dim: int) -> list[_Layer]:
@@ -339,14 +361,22 @@ def _layers(model, head_dim: int) -> list[_Layer]:
     outputs = {o.name for o in g.output}
     roots = _table_roots(g)
     notes = read_notes(model, ATTENTION_NOTES) or []
+    producer = {o: n for n in g.node for o in n.output}
     plans = []
     for i in sorted(int(m.group(1)) for m in map(_PAST.match, inputs) if m):
-        q, k, v = (_projection(by_name, consumers, i, p) for p in ("q_proj", "k_proj", "v_proj"))
+        packed = None
+        if f"/model/layers.{i}/self_attn/q_proj/MatMul" not in by_name and f"/model/layers.{i}/self_attn/qkv_proj/MatMul" in by_name:
+            packed = _projection(by_name, consumers, i, "qkv_proj")
+            (q, k, v), q_width = _packed_slices(packed, consumers, producer, i)
+        else:
+            q, k, v = (_projection(by_name, consumers, i, p) for p in ("q_proj", "k_proj", "v_proj"))
+            weight = inits.get(by_name[f"/model/layers.{i}/self_attn/q_proj/MatMul"].input[1])
+            if weight is None or len(weight.dims) != 2:
+                raise NotFusable(f"layer {i}: no constant q_proj weight")
+            q_width = int(weight.dims[1])
         o = by_name.get(f"/model/layers.{i}/self_attn/o_proj/MatMul")
-        weight = inits.get(by_name[f"/model/layers.{i}/self_attn/q_proj/MatMul"].input[1])
-        if o is None or weight is None or len(weight.dims) != 2:
-            raise NotFusable(f"layer {i}: no o_proj MatMul or no constant q_proj weight")
-        q_width = int(weight.dims[1])
+        if o is None:
+            raise NotFusable(f"layer {i}: no o_proj MatMul")
         if q_width % head_dim:
             raise NotFusable(f"layer {i}: q_proj width {q_width} is not a multiple of the head size {head_dim}")
         if not {f"present.{i}.key", f"present.{i}.value"} <= outputs:
@@ -354,8 +384,24 @@ def _layers(model, head_dim: int) -> list[_Layer]:
         (q_rot, table), (k_rot, k_table) = _rotated(q.output[0], consumers, roots), _rotated(k.output[0], consumers, roots)
         if table != k_table:
             raise NotFusable(f"layer {i} rotates its queries and keys with different tables")
-        plans.append(_Layer(i, q, k, v, o, q_width // head_dim, q_rot, k_rot, table, notes[i] if i < len(notes) else {}))
+        plans.append(_Layer(i, q, k, v, o, q_width // head_dim, q_rot, k_rot, table, notes[i] if i < len(notes) else {}, packed))
     return plans
+
+
+def _packed_slices(qkv, consumers: dict[str, list], producer: dict[str, Any], layer: int) -> tuple[list, int]:
+    """A packed ``qkv_proj``'s three consumers, the ``Slice`` nodes that cut q, k and v out of it
+    (last axis, constant bounds), in that order, and the width of q."""
+    slices = consumers.get(qkv.output[0], [])
+    bounds = []
+    for n in slices:
+        start, end, axes = (_constant(n.input[j], producer) if len(n.input) > j else None for j in (1, 2, 3))
+        if n.op_type != "Slice" or start is None or end is None or axes is None or int(axes.ravel()[0]) not in (-1, 2):
+            raise NotFusable(f"layer {layer}: its qkv_proj is not cut into q, k and v by three Slices on the last axis")
+        bounds.append((int(start.ravel()[0]), int(end.ravel()[0]), n))
+    bounds.sort(key=lambda b: b[0])
+    if len(bounds) != 3 or bounds[0][0] != 0 or bounds[0][1] != bounds[1][0] or bounds[1][1] != bounds[2][0]:
+        raise NotFusable(f"layer {layer}: its qkv_proj is not cut into q, k and v, in that order")
+    return [b[2] for b in bounds], bounds[0][1]
 
 
 def _gqa_attributes(note: dict[str, Any]) -> dict[str, Any]:
@@ -422,9 +468,13 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
         k_in, k_nodes, k_inits = _as_gqa_input(layer.k_rotated, k.output[0], producer, f"{scope}/k")
         qkv, nodes = [q_in, k_in, v.output[0]], [*q_nodes, *k_nodes]
         new_inits += [*q_inits, *k_inits]
-        done.normed += q_in != q.output[0] or k_in != k.output[0]
         projections = (q, k, v)
-        if pack_qkv and qkv == [n.output[0] for n in projections] and all(n.op_type == "MatMul" and n.input[1] in inits for n in projections) \
+        if layer.packed is not None:  # the model's own qkv_proj feeds the kernel's packed input
+            if nodes or q_in != q.output[0] or k_in != k.output[0]:
+                raise NotFusable(f"layer {i}: its packed q and k are changed (a norm) before the rotary")
+            qkv, done.packed = [layer.packed.output[0], "", ""], done.packed + 1
+        done.normed += q_in != q.output[0] or k_in != k.output[0]
+        if layer.packed is None and pack_qkv and qkv == [n.output[0] for n in projections] and all(n.op_type == "MatMul" and n.input[1] in inits for n in projections) \
                 and len({n.input[0] for n in projections}) == 1:
             w = np.concatenate([numpy_helper.to_array(inits[n.input[1]]) for n in projections], axis=1)
             name = f"/model/layers.{i}/self_attn/qkv_proj/MatMul"

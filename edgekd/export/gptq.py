@@ -115,10 +115,23 @@ def node_path(module: str) -> str:
     return path + "/MatMul"
 
 
+def _linears(module: nn.Module):
+    """``(name, module)`` of each linear map in ``module``: ``nn.Linear``, and GPT-2's ``Conv1D``
+    (the same map with its weight stored transposed, as the exported MatMul holds it)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """A linear map's weight as ``(out, in)`` (a view: writing it writes the module's)."""
+    return m.weight if isinstance(m, nn.Linear) else m.weight.T
+
+
 def off_grid(model, block_size: int) -> int:
     """How many of the decoder's linear weights lie on no 4-bit grid at ``block_size``."""
-    return sum(find_grid(m.weight.detach().float().numpy(), block_size) is None
-               for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, nn.Linear))
+    return sum(find_grid(_weight(m).detach().float().numpy(), block_size) is None
+               for layer in decoder_layers(model) for _, m in _linears(layer))
 
 
 class _Stop(Exception):
@@ -182,14 +195,14 @@ def gptq_model(model, sequences: Sequence[Sequence[int]], bits: int = 4, block_s
     done, kept = 0, 0
     for i, layer in enumerate(layers):
         linears = {}
-        for name, m in layer.named_modules():
-            if not isinstance(m, nn.Linear) or leave(names[id(m)]):
+        for name, m in _linears(layer):
+            if leave(names[id(m)]):
                 continue
-            if find_grid(m.weight.detach().float().numpy(), block_size) is not None:
+            if find_grid(_weight(m).detach().float().numpy(), block_size) is not None:
                 kept += 1  # already on a 4-bit grid (a --qat-bits student): keep_grid stores it as it is
                 continue
             linears[name] = m
-        grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
+        grams = {name: torch.zeros(_weight(m).shape[1], _weight(m).shape[1], dtype=torch.float64) for name, m in linears.items()}
 
         handles = [m.register_forward_pre_hook(_accumulate(grams[name])) for name, m in linears.items()]
         try:
@@ -201,7 +214,7 @@ def gptq_model(model, sequences: Sequence[Sequence[int]], bits: int = 4, block_s
                 h.remove()
         for name, m in linears.items():
             with torch.no_grad():
-                m.weight.copy_(gptq_weight(m.weight, grams[name], bits, block_size, act_order, shrink).to(m.weight.dtype))
+                _weight(m).copy_(gptq_weight(_weight(m), grams[name], bits, block_size, act_order, shrink).to(m.weight.dtype))
         with torch.inference_mode():  # the next layer sees this one rounded
             inputs = [_run(layer, x, args, kwargs) for x, (args, kwargs) in zip(inputs, calls[i])]
         done += len(linears)
