@@ -40,13 +40,16 @@ demo: install
 	-$(EDGEKD) check $(DEMO_DIR)/bundle-mobile
 	$(EDGEKD) generate $(DEMO_DIR)/bundle-mobile "$(DEMO_REVIEW)" --max-new-tokens 16
 
-# onnxruntime-node and onnxruntime-web for the test of the JavaScript golden replay (tests/test_check.py
-# skips without node or them: an install that fails, offline say, leaves that test skipped, never red)
+# onnxruntime-node, onnxruntime-web and transformers.js, pinned by js/package-lock.json, for the tests of
+# the JavaScript golden replay and of the web target (tests/test_check.py, tests/test_web.py skip without
+# node or them: an install that fails, offline say, leaves those tests skipped, never red).
+# --ignore-scripts: onnxruntime-node's install script fetches CUDA binaries from a host we cannot reach.
 JS_DIR := .cache/js
-$(JS_DIR)/node_modules/onnxruntime-web:
-	-command -v npm >/dev/null && npm install --silent --ignore-scripts --no-audit --no-fund --prefix $(JS_DIR) onnxruntime-node@1.30.0 onnxruntime-web@1.30.0
+$(JS_DIR)/node_modules/.package-lock.json: js/package.json js/package-lock.json
+	-command -v npm >/dev/null && mkdir -p $(JS_DIR) && cp js/package.json js/package-lock.json $(JS_DIR)/ && \
+		npm ci --silent --ignore-scripts --no-audit --no-fund --prefix $(JS_DIR)
 
-js-deps: $(JS_DIR)/node_modules/onnxruntime-web
+js-deps: $(JS_DIR)/node_modules/.package-lock.json
 
 test: install js-deps
 	$(PY) -m pytest -q -ra

@@ -29,7 +29,7 @@ app = typer.Typer(
     help=(
         "Ship a small, fast, faithful copy of a teacher LLM to the edge.\n\n"
         "The road: distill a student from the teacher -> export it to ONNX "
-        "for a target profile (cpu, mobile, cuda) -> validate the bundle against the "
+        "for a target profile (cpu, mobile, cuda, web) -> validate the bundle against the "
         "teacher and pass or fail the target's gates -> generate with it.\n\n"
         "Start with `edgekd teachers`, `edgekd tasks` and `edgekd inspect smollm2-135m-instruct`.\n\n"
         "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()) + "."
@@ -361,7 +361,7 @@ from edgekd.export import GOLDEN_PROMPTS  # noqa: E402  (light: the flag's defau
 @command("export")
 def export(
     model: Annotated[str, typer.Argument(help="A Hugging Face folder (e.g. a distilled student), a .gguf file, a cached hub id, or a known teacher name.")],
-    target: Annotated[str, typer.Option("--target", "-t", help="A shipped profile (cpu, mobile, cuda) or a path to a profile .toml.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="A shipped profile (cpu, mobile, cuda, web) or a path to a profile .toml.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to write (must not exist unless --overwrite).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at --out (only once the new one is complete).", metavar="")] = False,
     trust_remote_code: TrustRemoteCode = False,

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional
 from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.errors import UsageError
 
-SHIPPED = ("cpu", "mobile", "cuda")
+SHIPPED = ("cpu", "mobile", "cuda", "web")
 # The export steps a profile may name, each implemented in edgekd.export.steps.STEPS (a test
 # keeps the two equal); named here so this data module imports nothing above it.
 STEP_NAMES = ("fuse_attention", "quantize_head_embedding", "matmul_nbits", "quantize_dynamic", "fp16", "optimize", "to_ort")
@@ -63,6 +63,10 @@ class QuantizeHeadEmbedding:
     block_size: int = 32
     accuracy_level: int = 0  # the head's MatMulNBits; see MatMulNBits.accuracy_level
     keep_grid: bool = True  # a head/embedding already on the int4 grid (--qat-head-bits 4) is stored at int4, exactly
+    # how the embedding reads its rows: "block_quantized" (onnxruntime's GatherBlockQuantized, one node) or
+    # "standard" (Gather of the same packed rows and scales, dequantized by standard operators: what
+    # onnxruntime-web's WebGPU build runs, which registers no GatherBlockQuantized on WebAssembly)
+    gather: Literal["block_quantized", "standard"] = "block_quantized"
 
     def __post_init__(self):
         _check(self.accuracy_level in (0, 1, 2, 3, 4),
@@ -195,6 +199,9 @@ class TargetProfile:
     execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
     steps: tuple[str, ...] = ()
     external_data: bool = False  # weights in model.onnx.data beside the graph (forced above 2 GB)
+    # "edgekd": model.onnx (or model.ort) at the bundle's root; "transformers.js": the folder
+    # transformers.js v4 loads (onnx/model_<dtype>.onnx, config.json's transformers.js_config)
+    layout: Literal["edgekd", "transformers.js"] = "edgekd"
     check: Check = Check()
     fuse_attention: FuseAttention = FuseAttention()
     quantize_head_embedding: QuantizeHeadEmbedding = QuantizeHeadEmbedding()
@@ -215,6 +222,8 @@ class TargetProfile:
             _check(s in STEP_NAMES, f"unknown step {s!r} in steps (known: {', '.join(STEP_NAMES)})")
         _check(len(set(self.steps)) == len(self.steps), "steps lists a step twice")
         _check("to_ort" not in self.steps or self.steps[-1] == "to_ort", "to_ort must be the last step")
+        _check(self.layout != "transformers.js" or ("to_ort" not in self.steps and not self.external_data),
+               'layout = "transformers.js" loads one .onnx file: drop to_ort from steps and set external_data = false')
         if self.candidates:
             resolve_candidates(self)  # an unknown key or a wrong type in a candidate fails at load
 

@@ -152,3 +152,19 @@ def smollm2_cpu_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2") / "cpu"
     return out, export_bundle("smollm2-135m-instruct", "cpu", out)
+
+
+def genai_greedy(bundle: Path, ids: list[int], n: int) -> list[int]:
+    """onnxruntime-genai's greedy tokens after ``ids`` (at most ``n``; it stops at an end-of-sequence token)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)
+    out: list[int] = []
+    while not gen.is_done() and len(out) < n:
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

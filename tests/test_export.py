@@ -42,7 +42,7 @@ def sources(tmp_path_factory, tiny_teacher_dir) -> dict[str, Path]:
     grid = tmp_path_factory.mktemp("grid-teacher")
     model.save_pretrained(grid, safe_serialization=True)
     tok.save_pretrained(grid)
-    return {name: grid if name == "mobile" else Path(tiny_teacher_dir) for name in SHIPPED}
+    return {name: grid if name in ("mobile", "web") else Path(tiny_teacher_dir) for name in SHIPPED}
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +66,11 @@ def test_bundle_files_and_manifest(bundles, sources, name):
     tiny_teacher_dir = sources[name]
     root = bundles[name]
     manifest = read_manifest(root, verify=True)  # every file present with its size and SHA-256
-    model_file = "model.ort" if name == "mobile" else "model.onnx"
+    model_file = {"mobile": "model.ort", "web": "onnx/model_q4.onnx"}.get(name, "model.onnx")
     # an ORT-format bundle carries the operator lists onnxruntime's reduced-size (Android) build reads
     reduced = {"required_operators.config", "required_operators_and_types.config"} if name == "mobile" else set()
-    assert {p.name for p in root.iterdir()} == TOKENIZER_FILES | CONFIG_FILES | REPLAY_FILES | {model_file} | reduced
+    assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == \
+        TOKENIZER_FILES | CONFIG_FILES | REPLAY_FILES | {model_file} | reduced
     assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | REPLAY_FILES | {model_file} | reduced
     if reduced:
         ops = (root / "required_operators.config").read_text()

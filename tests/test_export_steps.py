@@ -117,7 +117,7 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "q" / "model.onnx",
                                               dataclasses.replace(QuantizeHeadEmbedding(), head="int8"), None)
     assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False, "kept_int4_grid": [],
-                    "int8_as_4bit_halves": True}  # accuracy_level 0 by default: fp32 activations
+                    "int8_as_4bit_halves": True, "gather": "block_quantized"}  # accuracy_level 0 by default: fp32 activations
     got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 0.1
 
@@ -154,6 +154,31 @@ def test_an_int8_head_at_fp32_activations_is_two_exact_4bit_halves(tmp_path, tie
     assert np.abs(got - want).max() <= 1e-4
     size = {level: sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) for level, (_, path) in runs.items()}
     assert size[0] <= size[4] * 1.02
+
+
+@pytest.mark.parametrize("tied, precision, level", [(True, "int8", 0), (True, "int4", 0), (False, "int8", 4)])
+def test_the_standard_gather_reads_the_rows_gather_block_quantized_reads(tmp_path, tied, precision, level):
+    """The web profile's embedding (``gather = "standard"``: Gather, Mod/Div nibbles, Cast, Sub, Mul)
+    computes what GatherBlockQuantized computes, from the same initializers (the tied head still
+    shares them), with no contrib gather left for onnxruntime-web's WebGPU build to lack."""
+    import onnx
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=1, tie_word_embeddings=tied))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[1, 2, 3, 4, 250, 17, 383]], dtype=np.int64)
+    out = {}
+    for gather in ("block_quantized", "standard"):
+        dst = tmp_path / gather / "model.onnx"
+        settings = dataclasses.replace(QuantizeHeadEmbedding(), head=precision, embedding=precision, accuracy_level=level, gather=gather)
+        info = STEPS["quantize_head_embedding"].fn(src, dst, settings, None)
+        assert info["gather"] == gather and info["shared"] == tied
+        out[gather] = ort_forward(session(dst), ids, None, facts)[0], onnx.load(str(dst))
+    assert "GatherBlockQuantized" not in {n.op_type for n in out["standard"][1].graph.node}
+    assert np.abs(out["standard"][0] - out["block_quantized"][0]).max() <= 1e-5
+    sizes = [sum(t.ByteLength() if hasattr(t, "ByteLength") else len(t.raw_data) for t in m.graph.initializer) for _, m in out.values()]
+    assert abs(sizes[0] - sizes[1]) < 1024  # the same matrices: a few shape constants more
 
 
 def test_an_ort_file_of_an_int8_head_with_float16_scales_computes_as_its_onnx(tmp_path):
@@ -204,7 +229,7 @@ def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
     step = STEPS["quantize_head_embedding"].fn
     info = step(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
     assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": ["head", "embedding"],
-                    "int8_as_4bit_halves": False}
+                    "int8_as_4bit_halves": False, "gather": "block_quantized"}
     got, _ = ort_forward(session(tmp_path / "k" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 1e-4
     info = step(src, tmp_path / "r" / "model.onnx", QuantizeHeadEmbedding(keep_grid=False), None)
@@ -227,7 +252,7 @@ def test_an_untied_head_on_the_int4_grid_is_kept_alone(tmp_path):
     src = export_onnx(model, tmp_path / "fp32", 17)
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
     assert info == {"tied": False, "head": "int4", "embedding": "int8", "shared": False, "kept_int4_grid": ["head"],
-                    "int8_as_4bit_halves": False}
+                    "int8_as_4bit_halves": False, "gather": "block_quantized"}
 
 
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):

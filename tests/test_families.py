@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VOCAB, build_tokenizer, save_model
+from tests.conftest import VOCAB, build_tokenizer, genai_greedy, save_model
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
@@ -72,21 +72,6 @@ def replay(bundle: Path) -> dict[str, float]:
     from edgekd.check import CheckConfig, check_bundle
 
     return check_bundle(bundle, CheckConfig(speed=False))["fidelity"]["reference"]
-
-
-def genai_greedy(bundle: Path, ids: list[int], n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    out: list[int] = []
-    while not gen.is_done() and len(out) < n:
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
 
 
 def assert_genai_as_edgekd(family: str, bundle: Path, n: int = 8) -> None:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import build_model, build_tokenizer, save_model, tiny_llama_config
+from conftest import build_model, build_tokenizer, genai_greedy, save_model, tiny_llama_config
 
 from edgekd.export import export_bundle
 from edgekd.export.bundle import BYTE_LEVEL_DECODER, normalize_decoder
@@ -49,19 +49,6 @@ def genai_bundles(tmp_path_factory) -> dict[str, Path]:
     out = {"cpu": root / "cpu", "mobile": root / "mobile"}
     export_bundle(str(plain), "cpu", out["cpu"])
     export_bundle(str(grid), "mobile", out["mobile"])
-    return out
-
-
-def genai_greedy(bundle: Path, ids: list[int], n: int) -> list[int]:
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    out: list[int] = []
-    while not gen.is_done() and len(out) < n:
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
     return out
 
 

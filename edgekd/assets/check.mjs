@@ -187,12 +187,25 @@ export function applyGates(gates, figures) {
   return out;
 }
 
+// A relative path that stays inside the bundle ("onnx/model_q4.onnx"; never "/x", "..", "a\\b" or "a//b").
+export function isInside(p) {
+  return typeof p === "string" && p !== "" && !p.startsWith("/") && !p.includes("\\") && !p.split("/").some((part) => part === ".." || part === "");
+}
+
+// The model file the manifest names, as a path inside the bundle that the manifest also lists (so hashed).
+export function modelPath(manifest) {
+  const p = (manifest.model && manifest.model.file) || "model.onnx";
+  if (!isInside(p) || !(manifest.files || []).some((f) => f.path === p))
+    throw new UsageError(`the manifest's model file ${JSON.stringify(p)} is not a listed file inside the bundle: refusing it`);
+  return p;
+}
+
 // Each file the manifest lists: inside the bundle, present, its size and SHA-256 as listed
 // (`sha256(relativePath)` returns the hex digest; in a page, fetch + crypto.subtle.digest).
 export async function verifyFiles(manifest, size, sha256) {
   for (const entry of manifest.files || []) {
     const p = entry.path;
-    if (typeof p !== "string" || p === "" || p.startsWith("/") || p.includes("\\") || p.split("/").some((part) => part === ".." || part === ""))
+    if (!isInside(p))
       throw new UsageError(`bundle file ${JSON.stringify(p)} is not a path inside the bundle: refusing it`);
     const bytes = await size(p);
     if (bytes === null) throw new UsageError(`bundle file ${p} is missing from the bundle`);
@@ -233,7 +246,7 @@ async function main(argv) {
       .on("end", () => resolve(hash.digest("hex")));
   }));
   const golden = read("golden.json");
-  const modelFile = path.join(args.dir, path.basename(manifest.model.file || "model.onnx"));  // never a path out of the bundle
+  const modelFile = path.join(args.dir, modelPath(manifest));  // never a path out of the bundle, always a hashed one
   if (!["node", "web"].includes(args.ort)) throw new UsageError(`--ort ${args.ort}: node (onnxruntime-node) or web (onnxruntime-web's WebAssembly)`);
   const pkg = `onnxruntime-${args.ort}`;
   let ort;

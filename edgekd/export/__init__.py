@@ -22,7 +22,7 @@ from typing import Any
 
 from edgekd import __version__
 from edgekd.config import to_dict
-from edgekd.errors import EdgekdError
+from edgekd.errors import EdgekdError, UsageError
 from edgekd.targets import TargetProfile, load_target
 
 __all__ = ["export_bundle", "graph_notes", "run_steps", "source_info", "summary"]
@@ -250,7 +250,7 @@ def export_bundle(
             next(r for r in steps_run if r["step"] == "matmul_nbits")["gptq"] = rounding
         _note_qat_and_context(origin, profile, steps_run, torch_model.config, facts, say)
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
-        model_file = ORT_FILE if path.suffix == ".ort" else MODEL_FILE
+        model_file = _model_file(path, profile)
         final, io_tables = _write_model(path, tmp, model_file, profile, probe, facts, say)
         tokenizer_note = _write_configs(torch_model, tok, tmp, facts, model_file, profile, say)
         if golden is None and golden_prompts > 0:
@@ -338,6 +338,18 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
         facts["context_length"] = cap
 
 
+def _model_file(path: Path, profile: TargetProfile) -> str:
+    """The model's name in the bundle: ``model.ort``, ``model.onnx``, or in the transformers.js layout
+    ``onnx/model_<dtype>.onnx``."""
+    from edgekd.export import bundle as files
+
+    if path.suffix == ".ort":
+        return ORT_FILE
+    if profile.layout == "transformers.js":
+        return files.web_model_file(files.web_dtype(profile.steps, profile.matmul_nbits.bits))
+    return MODEL_FILE
+
+
 def _write_model(path: Path, tmp: Path, model_file: str, profile: TargetProfile, probe: dict[str, Any],
                  facts: dict[str, Any], say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[list, list]]:
     """The final model into the bundle, checked against PyTorch on the probe once more; returns
@@ -347,7 +359,12 @@ def _write_model(path: Path, tmp: Path, model_file: str, profile: TargetProfile,
     from edgekd.export.onnx import compare, ort_probe, session
 
     say(f"writing the bundle ({model_file})")
-    files.copy_model(path, tmp, model_file, profile.external_data)
+    written = files.copy_model(path, tmp, model_file, profile.external_data)
+    size = sum((tmp / name).stat().st_size for name in written)
+    if profile.layout == "transformers.js" and (size > files.WASM_MODEL_LIMIT or len(written) > 1):
+        raise UsageError(f"the model is {size / 1e9:.2f} GB: a web bundle must stay under {files.WASM_MODEL_LIMIT / 1e9:.2f} GB, "
+                         "what onnxruntime-web's 32-bit WebAssembly heap (4 GiB) holds with its session; export a smaller "
+                         "student (edgekd distill --student layers:N) or fewer bits")
     if model_file.endswith(".onnx"):
         check_external_data(tmp / model_file)
     sess = session(tmp / model_file, profile.execution_providers)
@@ -374,6 +391,8 @@ def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_fil
     files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
                                                      profile.execution_providers, tok.pad_token_id))
     files.write_js_check(tmp)
+    if profile.layout == "transformers.js":
+        files.write_transformers_js_config(tmp, files.web_dtype(profile.steps, profile.matmul_nbits.bits))
     return tokenizer_note
 
 

@@ -19,6 +19,31 @@ GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "granite": "granite", "olmo": "olmo", "smollm3": "smollm3", "nemotron": "nemotron"}
 
 
+# transformers.js v4 picks onnx/model<suffix>.onnx by the dtype that config.json's
+# "transformers.js_config" names (its utils/dtypes.js DEFAULT_DTYPE_SUFFIX_MAPPING, models/session.js).
+WEB_SUFFIXES = {"fp32": "", "q8": "_quantized", "q4": "_q4"}
+# onnxruntime-web's WebAssembly heap is 32-bit (4 GiB): it holds the model file's bytes and the
+# session's weights at once.
+WASM_MODEL_LIMIT = 2**31
+
+
+def web_dtype(steps: tuple[str, ...], bits: int) -> str:
+    """The transformers.js dtype of a profile's model: q4 / q8 with MatMulNBits at 4 / 8 bits."""
+    return ("q4" if bits == 4 else "q8") if "matmul_nbits" in steps else "fp32"
+
+
+def web_model_file(dtype: str) -> str:
+    return f"onnx/model{WEB_SUFFIXES[dtype]}.onnx"
+
+
+def write_transformers_js_config(out_dir: Path, dtype: str) -> None:
+    """config.json's ``transformers.js_config``: the dtype whose file the bundle holds, no external data."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["transformers.js_config"] = {"dtype": dtype, "use_external_data_format": False}
+    write_json(path, config)
+
+
 def copy_model(src: Path, out_dir: Path, name: str, external: bool) -> list[str]:
     """Put the final model into the bundle as ``name`` (+ ``name.data`` when external); return the
     files written. ``.ort`` files are copied as they are (the format has no external data)."""
@@ -30,7 +55,7 @@ def copy_model(src: Path, out_dir: Path, name: str, external: bool) -> list[str]
         return [name, *write_reduced_build_configs(dst, out_dir)]
     model = load_onnx(src)
     save_onnx(model, dst, external=external or None)
-    return [p.name for p in out_dir.iterdir() if p.name in (name, name + ".data")]
+    return [n for n in (name, name + ".data") if (out_dir / n).is_file()]
 
 
 REDUCED_BUILD_CONFIGS = {"required_operators.config": False, "required_operators_and_types.config": True}
@@ -59,6 +84,12 @@ def write_tokenizer_and_configs(model, tokenizer, out_dir: Path) -> None:
     """tokenizer.json & co, the chat template (in tokenizer_config.json and chat_template.jinja),
     config.json and generation_config.json."""
     tokenizer.save_pretrained(out_dir)
+    template = getattr(tokenizer, "chat_template", None)
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    if isinstance(template, str) and config_path.is_file():  # transformers 4.57 writes it to chat_template.jinja
+        config = json.loads(config_path.read_text(encoding="utf-8"))  # only; transformers.js reads it here
+        if "chat_template" not in config:
+            write_json(config_path, {**config, "chat_template": template})
     model.config.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)

@@ -163,6 +163,38 @@ def _reads_input_ids(name: str, producers: dict) -> bool:
     return False
 
 
+def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int, zero: bool, out: str, name: str,
+                     kb: int, block_size: int) -> tuple[list, list]:
+    """GatherBlockQuantized's rows ``(batch, seq, kb, block)`` from standard operators: Gather the
+    packed rows of ``data`` (vocab, kb, block*bits/8) and of the scales, split 4-bit bytes into their
+    nibbles (low first) with Mod and Div, subtract the zero point (0 where ``zero``: a lower half of
+    an int8 matrix; else 2**(bits-1)) and scale. Same initializers, so a tied head still shares them."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    P = name
+    inits = [numpy_helper.from_array(np.array(0.0 if zero else 2.0 ** (bits - 1), np.float32), f"{P}.zero"),
+             numpy_helper.from_array(np.array([0, 0, kb, block_size], np.int64), f"{P}.blocks_shape")]
+    nodes = [helper.make_node("Gather", [data, ids], [f"{P}.rows"], axis=0, name=f"{P}/Gather")]
+    rows = f"{P}.rows"
+    if bits == 4:
+        inits += [numpy_helper.from_array(np.array(16, np.uint8), f"{P}.sixteen"),
+                  numpy_helper.from_array(np.array([-1], np.int64), f"{P}.last")]
+        nodes += [helper.make_node("Mod", [rows, f"{P}.sixteen"], [f"{P}.lo"], name=f"{P}/Mod"),
+                  helper.make_node("Div", [rows, f"{P}.sixteen"], [f"{P}.hi"], name=f"{P}/Div"),
+                  helper.make_node("Unsqueeze", [f"{P}.lo", f"{P}.last"], [f"{P}.lo1"], name=f"{P}/Unsqueeze_lo"),
+                  helper.make_node("Unsqueeze", [f"{P}.hi", f"{P}.last"], [f"{P}.hi1"], name=f"{P}/Unsqueeze_hi"),
+                  helper.make_node("Concat", [f"{P}.lo1", f"{P}.hi1"], [f"{P}.pairs"], axis=-1, name=f"{P}/Concat")]
+        rows = f"{P}.pairs"
+    nodes += [helper.make_node("Reshape", [rows, f"{P}.blocks_shape"], [f"{P}.levels_u8"], name=f"{P}/Reshape"),
+              helper.make_node("Cast", [f"{P}.levels_u8"], [f"{P}.levels"], to=TensorProto.FLOAT, name=f"{P}/Cast"),
+              helper.make_node("Sub", [f"{P}.levels", f"{P}.zero"], [f"{P}.centred"], name=f"{P}/Sub"),
+              helper.make_node("Reshape", [scales, shape_3d], [f"{P}.scales3d"], name=f"{P}/Reshape_scales"),
+              helper.make_node("Gather", [f"{P}.scales3d", ids], [f"{P}.row_scales"], axis=0, name=f"{P}/Gather_scales"),
+              helper.make_node("Mul", [f"{P}.centred", f"{P}.row_scales"], [out], name=f"{P}/Mul")]
+    return nodes, inits
+
+
 @step("quantize_head_embedding")
 def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
@@ -304,6 +336,12 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         blocks = [f"{out}.blocks{j}" for j in range(len(parts))]
         nodes = []
         for j, (data, scales, zp, b) in enumerate(parts):
+            if settings.gather == "standard":
+                part_nodes, part_inits = _standard_gather(data, scales, shape_3d, gather.input[1], b, bool(zp), blocks[j],
+                                                          f"{gather.name}_part{j}", kb, bs)
+                nodes += part_nodes
+                new_inits.extend(part_inits)
+                continue
             nodes += [helper.make_node("Reshape", [scales, shape_3d], [f"{scales}.gather_shape"], name=f"{gather.name}_scales{j}"),
                       helper.make_node("GatherBlockQuantized",
                                        [data, gather.input[1], f"{scales}.gather_shape"]
@@ -316,6 +354,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
         new_nodes.append((gather, nodes))
         info["embedding"] = emb_prec
         info["shared"] = bool(shared)
+        info["gather"] = settings.gather
     else:
         info["embedding"] = "fp32"
         info["shared"] = False
