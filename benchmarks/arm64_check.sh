@@ -52,10 +52,11 @@ whl=$(cd "$wheel_dir" && ls edgekd-*.whl)
 chroot "$root" /opt/edgekd/bin/pip install -q --no-index --find-links /wheels --force-reinstall "/wheels/$whl"
 chroot "$root" /opt/edgekd/bin/python -c "import platform, onnxruntime; print('arm64 side:', platform.machine(), 'onnxruntime', onnxruntime.__version__)"
 
-# /proc and /sys as on a device: onnxruntime's cpuinfo reads them (and the hwcaps qemu reports) to
-# pick its ARM kernels (dot-product, i8mm); without them it warns and takes the plain NEON ones.
-# ARM64_NO_SYS=1 leaves them out, to compare.
-if [[ -z ${ARM64_NO_SYS:-} ]]; then
+# /proc and /sys are left out by default: bound in from this x86 host they show an x86 CPU, and
+# onnxruntime's cpuinfo then picked kernels that crashed under qemu (segmentation fault at session
+# creation, 2026-12-04). Without them cpuinfo warns and onnxruntime takes its portable ARM kernels.
+# ARM64_SYS=1 binds them, to compare.
+if [[ -n ${ARM64_SYS:-} ]]; then
   for fs in proc sys; do mountpoint -q "$root/$fs" || mount --bind "/$fs" "$root/$fs"; done
   trap 'umount "$root/proc" "$root/sys" 2>/dev/null || true' EXIT
 fi
