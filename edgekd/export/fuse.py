@@ -284,12 +284,22 @@ def _constant(name: str, producer: dict[str, Any]) -> np.ndarray | None:
     return None if value is None else numpy_helper.to_array(value)
 
 
+def _slice_bounds(node, producer: dict[str, Any]) -> tuple[int, int | None, int] | None:
+    """A one-axis ``Slice``'s constant ``(start, end, axis)``; ``end`` None where it is computed
+    (a rotary slice's end is the table's width); None where start or axis is not a constant."""
+    if node.op_type != "Slice" or len(node.input) < 4 or not node.input[3]:
+        return None
+    start, end, axes = (_constant(node.input[j], producer) for j in (1, 2, 3))
+    if start is None or axes is None or start.size != 1 or axes.size != 1:
+        return None
+    return int(start.ravel()[0]), None if end is None else int(end.ravel()[0]), int(axes.ravel()[0])
+
+
 def _starts_at_zero(node, producer: dict[str, Any]) -> bool:
-    """A ``Slice`` that starts at 0 on the last axis (its end is left to the caller to know)."""
-    starts = _constant(node.input[1], producer)
-    axes = _constant(node.input[3], producer) if len(node.input) > 3 and node.input[3] else None
-    return starts is not None and starts.size == 1 and int(starts.ravel()[0]) == 0 and \
-        axes is not None and int(axes.ravel()[0]) in (-1, 3)
+    """A ``Slice`` that starts at 0 on the last axis of (batch, heads, seq, head_dim) (its end is left
+    to the caller to know)."""
+    bounds = _slice_bounds(node, producer)
+    return bounds is not None and bounds[0] == 0 and bounds[2] in (-1, 3)
 
 
 def _needed(nodes: list, outputs: list[str], given: frozenset[str] = frozenset()) -> list:
@@ -391,13 +401,12 @@ def _layers(model, head_dim: int) -> list[_Layer]:
 def _packed_slices(qkv, consumers: dict[str, list], producer: dict[str, Any], layer: int) -> tuple[list, int]:
     """A packed ``qkv_proj``'s three consumers, the ``Slice`` nodes that cut q, k and v out of it
     (last axis, constant bounds), in that order, and the width of q."""
-    slices = consumers.get(qkv.output[0], [])
     bounds = []
-    for n in slices:
-        start, end, axes = (_constant(n.input[j], producer) if len(n.input) > j else None for j in (1, 2, 3))
-        if n.op_type != "Slice" or start is None or end is None or axes is None or int(axes.ravel()[0]) not in (-1, 2):
+    for n in consumers.get(qkv.output[0], []):
+        b = _slice_bounds(n, producer)
+        if b is None or b[1] is None or b[2] not in (-1, 2):
             raise NotFusable(f"layer {layer}: its qkv_proj is not cut into q, k and v by three Slices on the last axis")
-        bounds.append((int(start.ravel()[0]), int(end.ravel()[0]), n))
+        bounds.append((b[0], b[1], n))
     bounds.sort(key=lambda b: b[0])
     if len(bounds) != 3 or bounds[0][0] != 0 or bounds[0][1] != bounds[1][0] or bounds[1][1] != bounds[2][0]:
         raise NotFusable(f"layer {layer}: its qkv_proj is not cut into q, k and v, in that order")
