@@ -350,7 +350,7 @@ def greedy_answers(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     """Greedy answers of a PyTorch causal LM to token-id prompts, batched with left padding; each
     ends at and includes its first eos token (``eos_ids``; when empty, the model's generation
     config's). (Distillation's teacher answers, which also sample, share a prefix and keep the
-    top-k, are ``edgekd.distill.data.generate_answers``.)"""
+    top-k, are ``edgekd.distill.generate.generate_answers``.)"""
     import torch
 
     configured = model.generation_config.eos_token_id

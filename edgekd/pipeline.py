@@ -224,96 +224,99 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
     cfg = load_pipeline(Path(path))
     results: list[StageResult] = []
     profiles = {e.target: load_target(e.target) for e in cfg.export}  # bad profiles fail before work
-    rebuilt = False  # an upstream stage ran (or would run): everything below is stale
-
-    # ---- distill ------------------------------------------------------------------------
-    if cfg.distill is not None:
-        d = cfg.distill
-        out = Path(d.out)
-        key = distill_key(d)
-        stamp = _read_json(out / STAMP)
-        complete = StudentRun(out).is_complete()
-        if complete and stamp is not None and stamp.get("key") == key:
-            results.append(StageResult("distill", d.out, "up to date", "same config, teacher and data"))
-        else:
-            resume = _can_resume(out, d, stamp, key)
-            why = ("resuming a run that stopped" if resume else "no student yet" if not complete
-                   else "the config, teacher or data changed")
-            rebuilt = True
-            if dry_run:
-                results.append(StageResult("distill", d.out, "would run", why))
-            else:
-                from edgekd.distill import distill
-
-                log(f"distill -> {d.out}: {why}")
-                t0 = time.time()
-                (out / STAMP).unlink(missing_ok=True)
-                overwrite = not resume and out.is_dir() and any(out.iterdir())
-                result = distill(d, resume=resume, overwrite=overwrite)
-                write_json(out / STAMP, {"key": key})  # after distill.json: the stage is complete
-                after = result["metrics"]["after"]
-                results.append(StageResult("distill", d.out, "ran", f"{why}; held-out top-1 {after['top1_agreement']:.3f}",
-                                           seconds=time.time() - t0))
-        model = d.out
-    else:
-        model = cfg.model
-
-    # ---- export and validate, per target ------------------------------------------------
+    model, rebuilt = _distill_stage(cfg, dry_run, log, results)  # rebuilt: everything below is stale
     model_sha = None if (rebuilt and dry_run) else resolve_source(model).fingerprint()
     available = set(ort.get_available_providers())
     for e in cfg.export:
-        profile = profiles[e.target]
-        search_validate = cfg.validate.config().record() if e.search else None
-        stale = rebuilt
-        if model_sha is None:
-            ok, why = False, "the model is rebuilt"
-        else:
-            ok, why = export_up_to_date(e, model_sha, profile, search_validate)
-        bundle_ok = True
-        if ok:
-            results.append(StageResult("export", e.out, "up to date", why))
-        elif dry_run:
-            stale = True
-            results.append(StageResult("export", e.out, "would run", why))
-        else:
-            stale = True
-            bundle_ok = _export(e, model, profile, why, results, log, cfg.validate.config())
-        if not bundle_ok:
-            continue
-        # ---- validate ------------------------------------------------------------------
-        if not cfg.validate.enabled:
-            continue
-        first = profile.execution_providers[0]
-        providers = None
-        if first not in available:
-            policy = cfg.validate.missing_provider
-            note = f"{first} is not available in this onnxruntime"
-            if policy == "skip":
-                results.append(StageResult("validate", str(e.report_dir), "skipped", f"{note} (missing_provider = skip)"))
-                continue
-            if policy == "fail":
-                results.append(StageResult("validate", str(e.report_dir), "failed", f"{note} (missing_provider = fail)", passed=False))
-                continue
-            providers = ("CPUExecutionProvider",)
-        vcfg = cfg.validate.config(providers)
-        report = e.report_dir
-        if dry_run and stale:
-            results.append(StageResult("validate", str(report), "would run", "the bundle is rebuilt"))
-            continue
-        key = {"bundle_manifest_sha256": sha256_file(Path(e.out) / "manifest.json"), "config": vcfg.record()}
-        stamp = _read_json(report / STAMP) or {}
-        previous = _read_json(report / "report.json")
-        if previous is not None and stamp.get("key") == key:
-            failed = stamp.get("failed") or []
-            results.append(StageResult("validate", str(report), "up to date", "same bundle and settings; " + (
-                "all gates pass" if not failed else "fails " + "; ".join(failed)), passed=bool(previous.get("passed"))))
-            continue
-        why = "no report yet" if previous is None else "the bundle or the settings changed"
-        if dry_run:
-            results.append(StageResult("validate", str(report), "would run", why))
-            continue
-        results.append(_validate(e, vcfg, key, why, log))
+        bundle_ok, stale = _export_stage(e, model, model_sha, profiles[e.target], cfg, rebuilt, dry_run, log, results)
+        if bundle_ok and cfg.validate.enabled:
+            _validate_stage(e, profiles[e.target], cfg, available, stale, dry_run, log, results)
     return results
+
+
+def _distill_stage(cfg: PipelineConfig, dry_run: bool, log, results: list[StageResult]) -> tuple[str, bool]:
+    """The distill stage, when the pipeline has one: the model the exports read, and whether the
+    stage ran (or would run)."""
+    if cfg.distill is None:
+        return cfg.model, False
+    d = cfg.distill
+    out = Path(d.out)
+    key = distill_key(d)
+    stamp = _read_json(out / STAMP)
+    complete = StudentRun(out).is_complete()
+    if complete and stamp is not None and stamp.get("key") == key:
+        results.append(StageResult("distill", d.out, "up to date", "same config, teacher and data"))
+        return d.out, False
+    resume = _can_resume(out, d, stamp, key)
+    why = "resuming a run that stopped" if resume else "no student yet" if not complete else "the config, teacher or data changed"
+    if dry_run:
+        results.append(StageResult("distill", d.out, "would run", why))
+        return d.out, True
+    from edgekd.distill import distill
+
+    log(f"distill -> {d.out}: {why}")
+    t0 = time.time()
+    (out / STAMP).unlink(missing_ok=True)
+    overwrite = not resume and out.is_dir() and any(out.iterdir())
+    result = distill(d, resume=resume, overwrite=overwrite)
+    write_json(out / STAMP, {"key": key})  # after distill.json: the stage is complete
+    after = result["metrics"]["after"]
+    results.append(StageResult("distill", d.out, "ran", f"{why}; held-out top-1 {after['top1_agreement']:.3f}",
+                               seconds=time.time() - t0))
+    return d.out, True
+
+
+def _export_stage(e: ExportStage, model: str, model_sha: str | None, profile, cfg: PipelineConfig, rebuilt: bool,
+                  dry_run: bool, log, results: list[StageResult]) -> tuple[bool, bool]:
+    """One target's export: whether its bundle is there to validate, and whether it is stale."""
+    search_validate = cfg.validate.config().record() if e.search else None
+    if model_sha is None:
+        ok, why = False, "the model is rebuilt"
+    else:
+        ok, why = export_up_to_date(e, model_sha, profile, search_validate)
+    if ok:
+        results.append(StageResult("export", e.out, "up to date", why))
+        return True, rebuilt
+    if dry_run:
+        results.append(StageResult("export", e.out, "would run", why))
+        return True, True
+    return _export(e, model, profile, why, results, log, cfg.validate.config()), True
+
+
+def _validate_stage(e: ExportStage, profile, cfg: PipelineConfig, available: set[str], stale: bool, dry_run: bool,
+                    log, results: list[StageResult]) -> None:
+    """One bundle's validation, unless its report is up to date (or its provider is missing and
+    the pipeline says to skip or fail)."""
+    first = profile.execution_providers[0]
+    providers = None
+    if first not in available:
+        policy = cfg.validate.missing_provider
+        note = f"{first} is not available in this onnxruntime"
+        if policy == "skip":
+            results.append(StageResult("validate", str(e.report_dir), "skipped", f"{note} (missing_provider = skip)"))
+            return
+        if policy == "fail":
+            results.append(StageResult("validate", str(e.report_dir), "failed", f"{note} (missing_provider = fail)", passed=False))
+            return
+        providers = ("CPUExecutionProvider",)
+    vcfg = cfg.validate.config(providers)
+    report = e.report_dir
+    if dry_run and stale:
+        results.append(StageResult("validate", str(report), "would run", "the bundle is rebuilt"))
+        return
+    key = {"bundle_manifest_sha256": sha256_file(Path(e.out) / "manifest.json"), "config": vcfg.record()}
+    stamp = _read_json(report / STAMP) or {}
+    previous = _read_json(report / "report.json")
+    if previous is not None and stamp.get("key") == key:
+        failed = stamp.get("failed") or []
+        results.append(StageResult("validate", str(report), "up to date", "same bundle and settings; " + (
+            "all gates pass" if not failed else "fails " + "; ".join(failed)), passed=bool(previous.get("passed"))))
+        return
+    why = "no report yet" if previous is None else "the bundle or the settings changed"
+    if dry_run:
+        results.append(StageResult("validate", str(report), "would run", why))
+        return
+    results.append(_validate(e, vcfg, key, why, log))
 
 
 def _export(e: ExportStage, model: str, profile, why: str, results: list[StageResult], log, search_config) -> bool:

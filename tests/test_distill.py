@@ -244,7 +244,8 @@ def test_topk_kept_during_generation_equals_a_teacher_forced_pass(tiny_teacher_d
     """The cache read off generate()'s logits is the one a second, teacher-forced pass computes."""
     from edgekd.distill import cache as tcache
     from edgekd.distill.answers import _captured_part
-    from edgekd.distill.data import encode_records, generate_answers
+    from edgekd.distill.data import encode_records
+    from edgekd.distill.generate import generate_answers
 
     teacher, tok = load_model(str(tiny_teacher_dir))
     prompts = ["Tell me about the sea", "Paris is", "Write a poem about the wind and the stars", "Numbers: 1 2 3"]

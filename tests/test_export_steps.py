@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from edgekd.export.head import _quantize_rows
 from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
-from edgekd.export.steps import STEPS, _quantize_rows
+from edgekd.export.steps import STEPS
 from edgekd.targets import SHIPPED, FuseAttention, MatMulNBits, OrtFormat, QuantizeHeadEmbedding, load_target
 
 # Each registered step, the settings it is tested with, and how far its logits may move (tiny model).

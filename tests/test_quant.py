@@ -84,7 +84,7 @@ def test_the_grid_follows_a_fused_optimizer_step():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_head_grid_is_quantize_head_embeddings(bits):
-    from edgekd.export.steps import _quantize_rows
+    from edgekd.export.head import _quantize_rows
 
     w = torch.randn(10, 64, generator=torch.Generator().manual_seed(bits)) * 0.1
     packed, scales = _quantize_rows(w.numpy(), bits, 32)

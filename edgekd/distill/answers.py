@@ -22,10 +22,10 @@ from edgekd.distill.data import (
     Example,
     examples_digest,
     file_digest,
-    generate_answers,
     read_prompts,
     read_records,
 )
+from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import progress_bar
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.paths import SHIPPED_HELDOUT, SHIPPED_TRAIN, resource

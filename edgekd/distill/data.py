@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -296,113 +296,6 @@ def padding_waste(batches: list[list[int]], lengths: list[int]) -> float:
     total = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1 - real / max(total, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The teacher writes the answers (sequence-level KD, Kim & Rush 2016)
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate_answers(
-    model,
-    tok,
-    prompts: list[str],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
-    seed: int,
-    max_prompt_tokens: int,
-    on_batch: Callable[[int, int], None] | None = None,
-    keep_topk: int = 0,
-    kd_temperature: float = 1.0,
-    vocab: int | None = None,
-) -> tuple[list[dict], int]:
-    """Sample the teacher's answers to ``prompts``, batched, shortest prompts together.
-
-    Returns ``({"prompt", "response", "finished", "answer_ids"} records in the order of prompts,
-    prompts truncated)``. ``finished`` is False when the answer was cut at ``max_new_tokens``;
-    ``answer_ids`` are the generated token ids (the eos included when finished). ``on_batch(prompts_done,
-    tokens_generated)`` reports progress. Each batch is seeded from ``seed`` and its first prompt's
-    index, so results do not depend on how prompts are split across processes.
-
-    ``keep_topk=k``: also keep, per record, the teacher's top-k ``log_softmax(logits / kd_temperature)``
-    at every answer position (``"topk": (logp (n, k), idx (n, k))``), read off the logits the
-    generation computed anyway: the teacher-logit cache then needs no second teacher pass over
-    prompt + answer (``edgekd.distill.cache``).
-    """
-    device = next(model.parameters()).device
-    texts = [prompt_text(tok, p) for p in prompts]
-    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    cut: set[int] = set()
-    for i, e in enumerate(encoded):
-        if len(e) > max_prompt_tokens:  # keep the end: the generation prompt must stay
-            encoded[i] = e[-max_prompt_tokens:]
-            cut.add(i)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    eos = {tok.eos_token_id}
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
-    eos.discard(None)
-    results: list[dict | None] = [None] * len(prompts)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    # The prompts' common first tokens (chat template, system prompt, a task's instruction) are
-    # prefilled once; each batch starts from that key/value cache, the rest left-padded after it.
-    P = common_prefix(encoded)
-    prefix_cache = prefill(model, torch.tensor([encoded[0][:P]], device=device)) if P else None
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for row, i in enumerate(idx):  # left padding after the prefix: every prompt ends where generation starts
-            ids[row, :P] = torch.tensor(encoded[i][:P])
-            attn[row, :P] = 1
-            ids[row, width - len(encoded[i]) + P :] = torch.tensor(encoded[i][P:])
-            attn[row, width - len(encoded[i]) + P :] = 1
-        torch.manual_seed(seed * 7919 + idx[0])
-        sample = temperature > 0
-        extra = {"past_key_values": expand_cache(prefix_cache, len(idx))} if P else {}
-        out = model.generate(
-            **extra,
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=sorted(eos),
-            output_logits=bool(keep_topk),
-            return_dict_in_generate=True,
-        )
-        new = out.sequences[:, width:].cpu()
-        n_tokens = 0
-        for row, i in enumerate(idx):
-            toks = new[row].tolist()
-            finished = False
-            for j, t in enumerate(toks):
-                if t in eos:
-                    toks, finished = toks[:j], True
-                    break
-            n_tokens += len(toks) + int(finished)
-            answer_ids = toks + [new[row, len(toks)].item()] if finished else toks
-            record = {"prompt": prompts[i], "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
-                      "answer_ids": answer_ids, "prompt_truncated": i in cut}
-            results[i] = record
-            if keep_topk:
-                steps = torch.stack([out.logits[s][row] for s in range(len(answer_ids))]).float() if answer_ids else torch.zeros((0, 1))
-                v = vocab or steps.shape[-1]
-                top = torch.log_softmax(steps[:, :v] / kd_temperature, -1).topk(min(keep_topk, v), -1)
-                record["topk"] = (top.values.cpu(), top.indices.to(torch.int32).cpu())
-        if on_batch:
-            on_batch(len(idx), n_tokens)
-    done = [r for r in results if r is not None]
-    assert len(done) == len(prompts)  # every prompt is in `order`
-    return done, len(cut)
 
 
 def common_prefix(encoded: list[list[int]], minimum: int = 8) -> int:

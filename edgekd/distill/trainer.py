@@ -39,12 +39,12 @@ from edgekd.distill.data import (
     balanced_repeats,
     collate,
     encode_records,
-    generate_answers,
     padding_waste,
     plan_epoch,
     steps_per_epoch,
     untarget_common_prefix,
 )
+from edgekd.distill.generate import generate_answers
 from edgekd.distill.losses import LossSpec, TeacherTargets
 from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student

@@ -212,7 +212,7 @@ def export_bundle(
 
     The stages: the fp32 ONNX, checked against PyTorch on a probe (``_fp32_probe``) -> the
     profile's steps (``run_steps``) -> the model, checked again (``_write_model``) -> tokenizer and
-    configs (``_write_configs``) -> the golden reference (``_write_golden``) -> the manifest, and
+    configs (``_write_configs``) -> the golden reference (``_make_golden``, ``_write_golden``) -> the manifest, and
     the golden replayed through the bundle (``_replay_into_manifest``); all in a temporary folder
     that replaces ``out`` only when every stage passed.
     """
@@ -256,19 +256,27 @@ def export_bundle(
         if golden is None and golden_prompts > 0:
             golden = _make_golden(torch_model, tmp, origin, golden_prompts, golden_data, facts, say)
         if golden is not None:
-            from edgekd.bundle import GOLDEN_FILE
-            from edgekd.io import atomic_write_bytes
-
-            atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
+            _write_golden(tmp, golden)
         manifest = write_manifest(tmp, _manifest(origin, profile, recipe, torch_model, tok, facts, tmp, model_file, io_tables,
                                                  probe, final, tokenizer_note, time.time() - t0))
         if golden is not None:
             _replay_into_manifest(manifest, tmp, golden, profile, say)
+    _warn_over_budget(manifest, profile, say)
+    return manifest
+
+
+def _write_golden(tmp: Path, golden: dict[str, Any]) -> None:
+    from edgekd.bundle import GOLDEN_FILE
+    from edgekd.io import atomic_write_bytes
+
+    atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
+
+
+def _warn_over_budget(manifest: dict[str, Any], profile: TargetProfile, say: Callable[[str], None]) -> None:
     model_bytes = manifest["export_check"]["model_bytes"]
     budget = profile.gates.max_size_mb
     if budget is not None and model_bytes / 1e6 > budget:
         say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")
-    return manifest
 
 
 def _rounded(torch_model, tok, source, profile: TargetProfile, say: Callable[[str], None]):

@@ -449,17 +449,8 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
     caches, table_nodes, new_inits = rotary_tables(model, used, max_positions, head_dim)
 
     P = "edgekd_gqa"
-    new_inits += [numpy_helper.from_array(np.array([1], np.int64), f"{P}.axis1"),
-                  numpy_helper.from_array(np.array(1, np.int64), f"{P}.one"),
-                  numpy_helper.from_array(np.array(1, np.int64), f"{P}.index1")]
-    shared = [  # seqlens_k = rows' lengths - 1 and the total length, from the attention mask (int32)
-        helper.make_node("ReduceSum", ["attention_mask", f"{P}.axis1"], [f"{P}.lengths"], keepdims=0, name=f"{P}/ReduceSum"),
-        helper.make_node("Sub", [f"{P}.lengths", f"{P}.one"], [f"{P}.seqlens64"], name=f"{P}/Sub"),
-        helper.make_node("Cast", [f"{P}.seqlens64"], [f"{P}.seqlens_k"], to=TensorProto.INT32, name=f"{P}/Cast_seqlens"),
-        helper.make_node("Shape", ["attention_mask"], [f"{P}.mask_shape"], name=f"{P}/Shape"),
-        helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
-        helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
-    ]
+    shared, shared_inits = _mask_lengths(P)
+    new_inits += shared_inits
     inits = {t.name: t for t in g.initializer}
     producer = {out: n for n in g.node for out in n.output}
     outputs_of = {out: (n, j) for n in g.node for j, out in enumerate(n.output)}
@@ -507,6 +498,25 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
     g.initializer.extend(new_inits)
     _drop_dead(g)
     return done
+
+
+def _mask_lengths(P: str) -> tuple[list, list]:
+    """The nodes every layer's GroupQueryAttention shares: ``seqlens_k`` (each row's length - 1) and
+    the total length, from the attention mask (int32); and their constants."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array([1], np.int64), f"{P}.axis1"),
+             numpy_helper.from_array(np.array(1, np.int64), f"{P}.one"),
+             numpy_helper.from_array(np.array(1, np.int64), f"{P}.index1")]
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", f"{P}.axis1"], [f"{P}.lengths"], keepdims=0, name=f"{P}/ReduceSum"),
+        helper.make_node("Sub", [f"{P}.lengths", f"{P}.one"], [f"{P}.seqlens64"], name=f"{P}/Sub"),
+        helper.make_node("Cast", [f"{P}.seqlens64"], [f"{P}.seqlens_k"], to=TensorProto.INT32, name=f"{P}/Cast_seqlens"),
+        helper.make_node("Shape", ["attention_mask"], [f"{P}.mask_shape"], name=f"{P}/Shape"),
+        helper.make_node("Gather", [f"{P}.mask_shape", f"{P}.index1"], [f"{P}.total64"], axis=0, name=f"{P}/Gather"),
+        helper.make_node("Cast", [f"{P}.total64"], [f"{P}.total_len"], to=TensorProto.INT32, name=f"{P}/Cast_total"),
+    ]
+    return nodes, inits
 
 
 def _drop_dead(graph) -> None:

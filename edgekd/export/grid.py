@@ -262,16 +262,14 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
     ``offsets_dtype = "float16"`` stores the offsets at half the bytes, cast to fp32 in the graph;
     a weight whose offsets float16 would move by more than 1/100 of a grid step keeps them fp32
     (a Q4_1 offset is ``m + 8 d`` with ``m`` the block's minimum: typically well under a step)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     types = node_types(model)
+    w = _GridWriter(block_size, accuracy_level, offsets_dtype)
     replace: list[tuple[Any, list]] = []
-    new_inits: list = []
-    block_sums: dict[tuple[str, int], str] = {}  # (input, block) -> its block sums (computed once per input)
-    indicators: dict[tuple[int, int], str] = {}  # (K, block) -> the (K, K/block) block indicator
-    kept, with_offsets, half_offsets, split = [], 0, 0, 0
+    kept: list[str] = []
     kept_types: dict[str, int] = {}
     not_kept: dict[str, list[str]] = {}
     for n in g.node:
@@ -280,65 +278,91 @@ def store_on_grid(model, names: set[str], block_size: int, accuracy_level: int, 
         b = numpy_helper.to_array(inits[n.input[1]])
         if b.ndim != 2:
             continue
-        k, cols = b.shape
         node_type = types.get(n.name) if types is not None else None
         if types is not None and node_type is None:
             continue  # not a weight the GGUF holds (an unfused projection the exporter made)
         kind = grid_kind(node_type, block_size)
-        w = np.ascontiguousarray(b.T)
+        wt = np.ascontiguousarray(b.T)
         grid = None
         if kind is not None:
-            grid = find_grid(w, kind.block) if kind.symmetric is None else find_symmetric(w, kind.block, kind.symmetric)
+            grid = find_grid(wt, kind.block) if kind.symmetric is None else find_symmetric(wt, kind.block, kind.symmetric)
         if grid is None or kind is None:
             if node_type is not None:
                 not_kept[n.name] = node_type
             continue
-        base = n.name + "_Q"
-        bits, block = grid.bits, kind.block
-        qn, sn = f"{n.input[1]}.grid_q{bits}", f"{n.input[1]}.grid_scales"
-        scale_inits, nodes = exact_half(grid.scales.reshape(-1), sn)
-        new_inits += scale_inits
-        out = n.output[0] if grid.offsets is None else n.output[0] + ".grid"
-        if bits == 8 and accuracy_level == 0:
-            halves, half_inits = split_nodes(n.input[0], grid, sn, out, base, block)
-            new_inits += half_inits
-            nodes += halves
-            split += 1
-        else:
-            new_inits.append(numpy_helper.from_array(grid.packed(), qn))
-            nodes += [helper.make_node("MatMulNBits", [n.input[0], qn, sn], [out], name=base, domain="com.microsoft",
-                                       K=int(k), N=int(cols), bits=bits, block_size=block, accuracy_level=accuracy_level)]
-        if grid.offsets is not None:
-            with_offsets += 1
-            x = n.input[0]
-            if (k, block) not in indicators:
-                e = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
-                indicators[k, block] = f"grid_block_indicator_{k}" + (f"_{block}" if block != block_size else "")
-                new_inits.append(numpy_helper.from_array(e, indicators[k, block]))
-            if (x, block) not in block_sums:
-                block_sums[x, block] = f"{x}.grid_block_sums" + (f"_{block}" if block != block_size else "")
-                nodes.append(helper.make_node("MatMul", [x, indicators[k, block]], [block_sums[x, block]],
-                                              name=f"{base}_block_sums"))
-            on = f"{n.input[1]}.grid_offsets"
-            offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
-            half = offsets.astype(np.float16) if offsets_dtype == "float16" else None
-            if half is not None and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
-                half_offsets += 1
-                new_inits.append(numpy_helper.from_array(half, on + ".f16"))
-                nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
-            else:
-                new_inits.append(numpy_helper.from_array(offsets, on))
-            nodes += [helper.make_node("MatMul", [block_sums[x, block], on], [out + ".offsets"], name=f"{base}_offsets"),
-                      helper.make_node("Add", [out, out + ".offsets"], [n.output[0]], name=f"{base}_add")]
-        replace.append((n, nodes))
+        replace.append((n, w.nodes(n, grid, kind.block, *b.shape)))
         kept.append(n.name)
         for t in node_type or ():
             kept_types[t] = kept_types.get(t, 0) + 1
     if replace:
         splice(g, replace)
-        g.initializer.extend(new_inits)
-    return {"matmuls": kept, "with_offsets": with_offsets, "float16_offsets": half_offsets, "types": kept_types,
-            "not_kept": not_kept, "split": split}
+        g.initializer.extend(w.inits)
+    return {"matmuls": kept, "with_offsets": w.with_offsets, "float16_offsets": w.half_offsets, "types": kept_types,
+            "not_kept": not_kept, "split": w.split}
+
+
+class _GridWriter:
+    """The nodes and initializers that store weights on their grids, and what several weights share:
+    an input's block sums (computed once per input) and the (K, K/block) block indicator."""
+
+    def __init__(self, block_size: int, accuracy_level: int, offsets_dtype: str):
+        self.block_size, self.accuracy_level, self.offsets_dtype = block_size, accuracy_level, offsets_dtype
+        self.inits: list = []
+        self.block_sums: dict[tuple[str, int], str] = {}  # (input, block) -> its block sums
+        self.indicators: dict[tuple[int, int], str] = {}  # (K, block) -> the block indicator
+        self.split = self.with_offsets = self.half_offsets = 0
+
+    def nodes(self, n, grid, block: int, k: int, cols: int) -> list:
+        """The nodes replacing MatMul ``n`` (weight ``(k, cols)``): MatMulNBits (or two 4-bit halves
+        of an 8-bit grid at fp32 activations), plus the offsets' correction where the grid has them."""
+        from onnx import helper, numpy_helper
+
+        base = n.name + "_Q"
+        bits = grid.bits
+        qn, sn = f"{n.input[1]}.grid_q{bits}", f"{n.input[1]}.grid_scales"
+        scale_inits, nodes = exact_half(grid.scales.reshape(-1), sn)
+        self.inits += scale_inits
+        out = n.output[0] if grid.offsets is None else n.output[0] + ".grid"
+        if bits == 8 and self.accuracy_level == 0:
+            halves, half_inits = split_nodes(n.input[0], grid, sn, out, base, block)
+            self.inits += half_inits
+            nodes += halves
+            self.split += 1
+        else:
+            self.inits.append(numpy_helper.from_array(grid.packed(), qn))
+            nodes += [helper.make_node("MatMulNBits", [n.input[0], qn, sn], [out], name=base, domain="com.microsoft",
+                                       K=int(k), N=int(cols), bits=bits, block_size=block, accuracy_level=self.accuracy_level)]
+        if grid.offsets is not None:
+            nodes += self._offset_nodes(n, grid, block, k, out, base)
+        return nodes
+
+    def _offset_nodes(self, n, grid, block: int, k: int, out: str, base: str) -> list:
+        """``out + block_sums(x) @ offsets``: the grid's offsets (Q4_1's ``m + 8 d``), float16 where
+        that moves none by more than 1/100 of a grid step."""
+        from onnx import helper, numpy_helper
+
+        self.with_offsets += 1
+        x, nodes = n.input[0], []
+        suffix = f"_{block}" if block != self.block_size else ""
+        if (k, block) not in self.indicators:
+            e = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+            self.indicators[k, block] = f"grid_block_indicator_{k}" + suffix
+            self.inits.append(numpy_helper.from_array(e, self.indicators[k, block]))
+        if (x, block) not in self.block_sums:
+            self.block_sums[x, block] = f"{x}.grid_block_sums" + suffix
+            nodes.append(helper.make_node("MatMul", [x, self.indicators[k, block]], [self.block_sums[x, block]],
+                                          name=f"{base}_block_sums"))
+        on = f"{n.input[1]}.grid_offsets"
+        offsets = np.ascontiguousarray(grid.offsets.T)  # (K/block, N)
+        half = offsets.astype(np.float16) if self.offsets_dtype == "float16" else None
+        if half is not None and np.all(np.abs(half.astype(np.float32) - offsets) <= 1e-2 * np.abs(grid.scales.T)):
+            self.half_offsets += 1
+            self.inits.append(numpy_helper.from_array(half, on + ".f16"))
+            nodes.append(helper.make_node("Cast", [on + ".f16"], [on], name=f"{base}_offsets_cast", to=1))
+        else:
+            self.inits.append(numpy_helper.from_array(offsets, on))
+        return nodes + [helper.make_node("MatMul", [self.block_sums[x, block], on], [out + ".offsets"], name=f"{base}_offsets"),
+                        helper.make_node("Add", [out, out + ".offsets"], [n.output[0]], name=f"{base}_add")]
 
 
 def nibble_halves(q: np.ndarray, scales: str, tag: str) -> tuple[list, list, list[tuple[str, str, bool]]]:

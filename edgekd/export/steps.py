@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError, UsageError, first_line
-from edgekd.export.grid import exact_half, nibble_halves, pack_nibbles, splice, store_on_grid, zero_points
+from edgekd.errors import UsageError
+from edgekd.export.grid import store_on_grid
 from edgekd.io import quiet
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -36,11 +36,19 @@ class Step:
 STEPS: dict[str, Step] = {}
 
 
+def _road_order(name: str) -> int:
+    from edgekd.targets import STEP_NAMES
+
+    return STEP_NAMES.index(name) if name in STEP_NAMES else len(STEP_NAMES)
+
+
 def step(name: str, suffix: str = ".onnx") -> Callable[[StepFn], StepFn]:
     def deco(fn: StepFn) -> StepFn:
         if name in STEPS:
             raise RuntimeError(f"step {name!r} registered twice")
         STEPS[name] = Step(name, fn, suffix, (fn.__doc__ or "").strip().splitlines()[0])
+        for known in sorted(STEPS, key=_road_order):  # the road's order (targets.STEP_NAMES), whatever the imports'
+            STEPS[known] = STEPS.pop(known)
         return fn
 
     return deco
@@ -102,274 +110,6 @@ def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
     return {"fused_layers": fused.layers, "packed_qkv_layers": fused.packed, "qk_norm_layers": fused.normed,
             "sliding_window_layers": fused.windowed, "rotary_tables": fused.tables,
             "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
-
-
-# ---------------------------------------------------------------------------------------------
-# quantize_head_embedding: the largest size win left by the stock quantizer (FACTS.md).
-def _absmax_levels(w, bits: int, block_size: int):
-    """``w`` (rows, K) on the symmetric absmax grid along K: its blocks (rows, K/block, block),
-    the signed levels in ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` and the float32 scales
-    (rows, K/block), ``scale = max|block| / (2**(bits-1) - 1)`` (``edgekd.quant.absmax_grid``)."""
-    import numpy as np
-
-    rows, k = w.shape
-    blocks = w.reshape(rows, k // block_size, block_size).astype(np.float32)
-    qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(blocks).max(axis=-1) / qmax
-    scales = np.where(scales == 0, 1.0, scales).astype(np.float32)
-    return blocks, np.clip(np.rint(blocks / scales[..., None]), -qmax, qmax).astype(np.int32), scales
-
-
-def _quantize_rows(w, bits: int, block_size: int):
-    """Symmetric block-wise quantization of ``w`` (rows, K) along K, MatMulNBits' layout.
-
-    Returns ``packed`` uint8 (rows, K/block, block*bits/8) with the zero point 2**(bits-1) implied
-    (the default both MatMulNBits and GatherBlockQuantized assume) and ``scales`` float32
-    (rows, K/block). 4-bit values are packed two per byte, low nibble first.
-    """
-    _, levels, scales = _absmax_levels(w, bits, block_size)
-    q = (levels + 2 ** (bits - 1)).astype("uint8")
-    if bits == 4:
-        q = pack_nibbles(q)
-    return q, scales
-
-
-def _on_int4_grid(w, block_size: int) -> bool:
-    """Whether ``w`` (rows, K) already lies on the int4 grid :func:`_quantize_rows` stores at this
-    block size (a head distilled with ``--qat-head-bits 4``), so that storing it at int4 is exact.
-    The first rows decide cheaply for a float weight."""
-    import numpy as np
-
-    def exact(rows) -> bool:
-        blocks, levels, scales = _absmax_levels(rows, 4, block_size)
-        return bool((np.abs(levels * scales[..., None] - blocks) <= 1e-5 * scales[..., None]).all())
-
-    return w.shape[1] % block_size == 0 and exact(w[:64]) and exact(w)
-
-
-_SHAPE_ONLY = {"Reshape", "Cast", "Unsqueeze", "Squeeze", "Identity", "Flatten"}
-
-
-def _reads_input_ids(name: str, producers: dict) -> bool:
-    """Is ``name`` the graph input ``input_ids``, or that input only reshaped or cast (GPT-2's
-    export gathers ``Reshape(input_ids)``)?"""
-    for _ in range(8):
-        if name == "input_ids":
-            return True
-        node = producers.get(name)
-        if node is None or node.op_type not in _SHAPE_ONLY:
-            return False
-        name = node.input[0]
-    return False
-
-
-def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int, zero: bool, out: str, name: str,
-                     kb: int, block_size: int) -> tuple[list, list]:
-    """GatherBlockQuantized's rows ``(batch, seq, kb, block)`` from standard operators: Gather the
-    packed rows of ``data`` (vocab, kb, block*bits/8) and of the scales, split 4-bit bytes into their
-    nibbles (low first) with Mod and Div, subtract the zero point (0 where ``zero``: a lower half of
-    an int8 matrix; else 2**(bits-1)) and scale. Same initializers, so a tied head still shares them."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
-    P = name
-    inits = [numpy_helper.from_array(np.array(0.0 if zero else 2.0 ** (bits - 1), np.float32), f"{P}.zero"),
-             numpy_helper.from_array(np.array([0, 0, kb, block_size], np.int64), f"{P}.blocks_shape")]
-    nodes = [helper.make_node("Gather", [data, ids], [f"{P}.rows"], axis=0, name=f"{P}/Gather")]
-    rows = f"{P}.rows"
-    if bits == 4:
-        inits += [numpy_helper.from_array(np.array(16, np.uint8), f"{P}.sixteen"),
-                  numpy_helper.from_array(np.array([-1], np.int64), f"{P}.last")]
-        nodes += [helper.make_node("Mod", [rows, f"{P}.sixteen"], [f"{P}.lo"], name=f"{P}/Mod"),
-                  helper.make_node("Div", [rows, f"{P}.sixteen"], [f"{P}.hi"], name=f"{P}/Div"),
-                  helper.make_node("Unsqueeze", [f"{P}.lo", f"{P}.last"], [f"{P}.lo1"], name=f"{P}/Unsqueeze_lo"),
-                  helper.make_node("Unsqueeze", [f"{P}.hi", f"{P}.last"], [f"{P}.hi1"], name=f"{P}/Unsqueeze_hi"),
-                  helper.make_node("Concat", [f"{P}.lo1", f"{P}.hi1"], [f"{P}.pairs"], axis=-1, name=f"{P}/Concat")]
-        rows = f"{P}.pairs"
-    nodes += [helper.make_node("Reshape", [rows, f"{P}.blocks_shape"], [f"{P}.levels_u8"], name=f"{P}/Reshape"),
-              helper.make_node("Cast", [f"{P}.levels_u8"], [f"{P}.levels"], to=TensorProto.FLOAT, name=f"{P}/Cast"),
-              helper.make_node("Sub", [f"{P}.levels", f"{P}.zero"], [f"{P}.centred"], name=f"{P}/Sub"),
-              helper.make_node("Reshape", [scales, shape_3d], [f"{P}.scales3d"], name=f"{P}/Reshape_scales"),
-              helper.make_node("Gather", [f"{P}.scales3d", ids], [f"{P}.row_scales"], axis=0, name=f"{P}/Gather_scales"),
-              helper.make_node("Mul", [f"{P}.centred", f"{P}.row_scales"], [out], name=f"{P}/Mul")]
-    return nodes, inits
-
-
-@step("quantize_head_embedding")
-def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
-    """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
-
-    A tied pair at the same precision shares one quantized matrix, stored once: the head reads it as
-    ``B`` (vocab, K/block, block*bits/8), the embedding gathers rows of the same tensor. The stock
-    quantizer cannot do this: it skips a head fed by a Transpose and refuses 8-bit Gathers.
-    With ``keep_grid``, an int8 setting stores a matrix that already lies on the int4 grid (a head
-    distilled with ``--qat-head-bits 4``) at int4: exact, where re-rounding to int8 would not be.
-    """
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = load_onnx(src)
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    bs = settings.block_size
-
-    gather = next((n for n in g.node if n.op_type == "Gather" and len(n.input) == 2
-                   and n.input[0] in inits and _reads_input_ids(n.input[1], producers)), None)
-    if gather is None:
-        raise EdgekdError("quantize_head_embedding: found no embedding Gather on input_ids in this graph: "
-                          "remove the step from the profile's steps for this model")
-    emb_name = gather.input[0]
-    vocab, hidden = inits[emb_name].dims
-
-    # The head: a MatMul producing (..., vocab) from a constant (K, vocab), possibly Transpose(embedding).
-    head, head_w_name, head_transposed, transpose_node = None, None, False, None
-    for n in g.node:
-        if n.op_type != "MatMul":
-            continue
-        b = n.input[1]
-        if b in inits and list(inits[b].dims) == [hidden, vocab]:
-            head, head_w_name = n, b
-        elif b in producers and producers[b].op_type == "Transpose" and producers[b].input[0] in inits \
-                and list(inits[producers[b].input[0]].dims) == [vocab, hidden]:
-            head, head_w_name, head_transposed, transpose_node = n, producers[b].input[0], True, producers[b]
-    tied = head is not None and head_transposed and head_w_name == emb_name
-    if hidden % bs:
-        raise EdgekdError(f"quantize_head_embedding: hidden size {hidden} is not a multiple of block_size {bs}: "
-                          "choose a block_size that divides it")
-
-    new_inits, new_nodes, remove_nodes = [], [], []
-    info: dict[str, Any] = {"tied": bool(tied)}
-    emb = numpy_helper.to_array(inits[emb_name])
-    bits_of = {"int8": 8, "int4": 4}
-    head_w = None
-    if head is not None:
-        head_w = emb if head_transposed else np.ascontiguousarray(numpy_helper.to_array(inits[head_w_name]).T)  # (vocab, hidden)
-        if not tied and np.array_equal(head_w, emb):  # a tied head the exporter stored as its own transposed copy (Gemma 3)
-            tied, head_w = True, emb
-            info["tied"] = True
-
-    kept: list[str] = []  # the matrices stored at int4 because they already lie on its grid
-
-    def precision(asked: str, w, name: str) -> str:
-        """int4 for a matrix already on the int4 grid (exact, and half the bytes of int8)."""
-        if asked == "int8" and settings.keep_grid and w is not None and _on_int4_grid(w, bs):
-            kept.append(name)
-            return "int4"
-        return asked
-
-    head_prec = precision(settings.head, head_w, "head")
-    if tied and settings.embedding == settings.head:
-        emb_prec = head_prec  # one matrix: one decision
-        if "head" in kept:
-            kept.append("embedding")
-    else:
-        emb_prec = precision(settings.embedding, emb, "embedding")
-    info["kept_int4_grid"] = kept
-    shared = tied and head_prec == emb_prec and head_prec != "fp32"
-
-    first: list = []  # nodes on constants, folded at load: fp16 scales cast back, the halves' scales and zero points
-
-    # An int8 matrix at fp32 activations (accuracy_level 0) is stored as two exact 4-bit halves, as
-    # matmul_nbits stores an 8-bit grid (grid.split_nodes): onnxruntime's 8-bit kernel is fast only
-    # at int8 activations, and the head's int8 activations were what kept Gemma 3's bundle from
-    # PyTorch's answers (top-1 0.989 -> 0.999, greedy identical 0.66 -> 0.98, docs/export.md).
-    halves = settings.accuracy_level == 0
-
-    def quantized(tag: str, rows_w, bits: int, read_by_head: bool = True) -> list[tuple[str, str, str, int]]:
-        """The matrix as parts ``(data, scales, zero points or "", bits)`` whose sum it is (an
-        embedding the head does not read stays one part: a Gather has no activations)."""
-        q, s = _quantize_rows(rows_w, bits, bs)
-        sn = f"{tag}.scales"
-        scale_inits, cast = exact_half(np.ascontiguousarray(s.reshape(-1)), sn)
-        new_inits.extend(scale_inits)
-        first.extend(cast)
-        if bits != 8 or not halves or not read_by_head:
-            new_inits.append(numpy_helper.from_array(q, f"{tag}.q{bits}"))
-            return [(f"{tag}.q{bits}", sn, "", bits)]
-        half_inits, half_nodes, parts = nibble_halves(q, sn, tag)
-        new_inits.extend(half_inits)
-        first.extend(half_nodes)
-        return [(data, scales, "zero" if zero else "", 4) for data, scales, zero in parts]
-
-    def zeros(name: str, shape: list[int]) -> str:
-        zp_inits, zp_nodes = zero_points(name, shape)
-        new_inits.extend(zp_inits)
-        first.extend(zp_nodes)
-        return name
-
-    def summed(parts_out: list[str], out: str, name: str) -> list:
-        return [] if len(parts_out) == 1 else [helper.make_node("Add", parts_out, [out], name=name)]
-
-    kb = hidden // bs
-    if head is not None and head_prec != "fp32":
-        parts = quantized("shared_embedding" if shared else "lm_head", head_w, bits_of[head_prec])
-        outs = list(head.output) if len(parts) == 1 else [f"{head.output[0]}.part{j}" for j in range(len(parts))]
-        nodes = [helper.make_node("MatMulNBits", [head.input[0], data, scales]
-                                  + ([zeros(f"{data}.zero_points", [vocab * ((kb + 1) // 2)])] if zp else []),
-                                  [o], name=head.name + "_Q" + (f"_{j}" if len(parts) > 1 else ""), domain="com.microsoft",
-                                  K=int(hidden), N=int(vocab), bits=b, block_size=bs,
-                                  accuracy_level=0 if len(parts) > 1 else settings.accuracy_level)
-                 for j, ((data, scales, zp, b), o) in enumerate(zip(parts, outs))]
-        new_nodes.append((head, nodes + summed(outs, head.output[0], head.name + "_halves")))
-        if transpose_node is not None:
-            remove_nodes.append(transpose_node)
-        info["head"] = head_prec
-        info["int8_as_4bit_halves"] = len(parts) > 1
-        head_parts = parts
-    else:
-        info["head"] = "fp32" if head is not None else "not found"
-        info["int8_as_4bit_halves"] = False
-        head_parts = None
-
-    if emb_prec != "fp32":
-        if shared:
-            assert head_parts is not None  # shared implies a tied head, quantized just above
-            parts = head_parts
-        else:
-            parts = quantized("embedding", emb, bits_of[emb_prec], read_by_head=False)
-        shape_3d, shape_out = f"{emb_name}.scales_shape", f"{emb_name}.out_shape"
-        new_inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), shape_3d))
-        new_inits.append(numpy_helper.from_array(np.array([0, 0, hidden], dtype=np.int64), shape_out))
-        out = gather.output[0]
-        blocks = [f"{out}.blocks{j}" for j in range(len(parts))]
-        nodes = []
-        for j, (data, scales, zp, b) in enumerate(parts):
-            if settings.gather == "standard":
-                part_nodes, part_inits = _standard_gather(data, scales, shape_3d, gather.input[1], b, bool(zp), blocks[j],
-                                                          f"{gather.name}_part{j}", kb, bs)
-                nodes += part_nodes
-                new_inits.extend(part_inits)
-                continue
-            nodes += [helper.make_node("Reshape", [scales, shape_3d], [f"{scales}.gather_shape"], name=f"{gather.name}_scales{j}"),
-                      helper.make_node("GatherBlockQuantized",
-                                       [data, gather.input[1], f"{scales}.gather_shape"]
-                                       + ([zeros(f"{data}.gather_zero_points", [vocab, kb, 1])] if zp else []),
-                                       [blocks[j]], name=gather.name + "_Q" + (f"_{j}" if len(parts) > 1 else ""),
-                                       domain="com.microsoft", bits=b, block_size=bs, gather_axis=0, quantize_axis=2)]
-        nodes += summed(blocks, f"{out}.blocks", f"{gather.name}_halves")
-        nodes.append(helper.make_node("Reshape", [blocks[0] if len(parts) == 1 else f"{out}.blocks", shape_out], [out],
-                                      name=gather.name + "_flat"))
-        new_nodes.append((gather, nodes))
-        info["embedding"] = emb_prec
-        info["shared"] = bool(shared)
-        info["gather"] = settings.gather
-    else:
-        info["embedding"] = "fp32"
-        info["shared"] = False
-
-    splice(g, new_nodes, tuple(remove_nodes))
-    g.initializer.extend(new_inits)
-    if first:
-        nodes = list(g.node)
-        del g.node[:]
-        g.node.extend([*first, *nodes])
-    _ensure_ms_domain(model)
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        onnx.checker.check_model(model)
-    save_onnx(model, dst, external=True)
-    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,76 +255,8 @@ def fp16(src: Path, dst: Path, settings, profile) -> dict:
     return {"fp32_nodes": len(nodes)}
 
 
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-           "all": "ORT_ENABLE_ALL"}
+# Steps with modules of their own register here: the head and embedding (edgekd/export/head.py),
+# onnxruntime's own optimizer and its ORT format (edgekd/export/ort.py).
+from edgekd.export import head as _head  # noqa: E402,F401
+from edgekd.export import ort as _ort  # noqa: E402,F401
 
-
-def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool, fold: bool = True) -> None:
-    import onnxruntime as ort
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    so.optimized_model_filepath = str(dst)
-    if ort_format:
-        so.add_session_config_entry("session.save_model_format", "ORT")
-    else:
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    from edgekd.runtime import choose_providers
-
-    chosen, _ = choose_providers(providers, warn=False)
-    try:
-        ort.InferenceSession(str(src), so, providers=chosen, disabled_optimizers=[] if fold else ["ConstantFolding"])
-    except Exception as e:
-        first = first_line(e)
-        raise EdgekdError(f"onnxruntime could not optimize/convert the model: {first}") from None
-
-
-@step("optimize")
-def optimize(src: Path, dst: Path, settings, profile) -> dict:
-    """onnxruntime's offline graph optimizations (fusions) for the profile's first execution provider."""
-    _ort_save(src, dst, settings.level, profile.execution_providers, ort_format=False)
-    return {}
-
-
-@step("to_ort", suffix=".ort")
-def to_ort(src: Path, dst: Path, settings, profile) -> dict:
-    """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds.
-
-    Without constant folding, the scales of a MatMulNBits at int8 activations (accuracy_level 4)
-    are first made fp32 initializers where a node computes them (a float16 copy cast back,
-    ``grid.exact_half``): onnxruntime 1.32 packs such a weight with its scales when the session
-    loads, from an initializer only, and an ORT file is not folded at load; the teacher's mobile
-    bundle drifted 40 logits so (top-1 0.0)."""
-    if not settings.constant_folding:
-        model = load_onnx(src)
-        if _scales_as_initializers(model):
-            src = dst.parent / "prepared" / "model.onnx"
-            save_onnx(model, src, external=True)
-    _ort_save(src, dst, settings.level, ["CPUExecutionProvider"], ort_format=True, fold=settings.constant_folding)
-    return {}
-
-
-def _scales_as_initializers(model) -> int:
-    """Give each MatMulNBits at accuracy_level 4 whose scales a Cast of an initializer computes its
-    own fp32 initializer of those scales; returns how many were changed."""
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    casts = {n.output[0]: n for n in g.node if n.op_type == "Cast" and n.input[0] in inits}
-    changed = 0
-    for n in g.node:
-        level = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "accuracy_level"), 0)
-        if n.op_type != "MatMulNBits" or level != 4 or n.input[2] not in casts:
-            continue
-        name = n.input[2] + ".fp32"
-        if name not in inits:
-            inits[name] = numpy_helper.from_array(numpy_helper.to_array(inits[casts[n.input[2]].input[0]]).astype(np.float32), name)
-            g.initializer.append(inits[name])
-        n.input[2] = name
-        changed += 1
-    return changed
