@@ -7,6 +7,7 @@
 #
 #     sudo bash benchmarks/arm64_check.sh BUNDLE [BUNDLE ...]      # root: debootstrap, chroot, binfmt
 #     ARM64_PROMPTS=4 ...                                          # golden prompts replayed (default 4)
+#     ARM64_CPUS="neoverse-n1 max,sve=off,sme=off" ...             # the emulated CPUs (qemu -cpu), one run each
 #
 # Once (cached in $ARM64_CACHE, default ~/.cache/edgekd-arm64; a second run starts in seconds): a
 # Debian bookworm arm64 root filesystem (debootstrap --foreign, then its second stage under
@@ -15,12 +16,20 @@
 # `apt-get install debootstrap qemu-user-static` and Debian's and PyPI's mirrors.
 #
 # Speed under emulation means nothing: only the fidelity figures are compared (--no-speed).
+#
+# The CPUs: onnxruntime picks its aarch64 kernels from the CPU's feature bits (getauxval's HWCAP,
+# HWCAP2, where cpuinfo cannot read /proc and /sys), so each emulated CPU is one kernel family:
+#   neoverse-n1          NEON + dot product (sdot): Cortex-A76/A78-class phones, Graviton 2
+#   max,sve=off,sme=off  + i8mm (smmla) and bf16: Armv8.6+ phones (Cortex-A710/X2 on), Graviton 3 without SVE
+# qemu's default CPU ("max") also offers SVE and SME, and emulates them so slowly that a 2-layer
+# model's replay took 34 s against 6 s (2026-12-04): the teacher's did not finish in 50 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { echo "usage: $0 BUNDLE [BUNDLE ...]" >&2; exit 2; }
 cache=${ARM64_CACHE:-$HOME/.cache/edgekd-arm64}
 root=$cache/rootfs
 prompts=${ARM64_PROMPTS:-4}
+read -r -a cpus <<<"${ARM64_CPUS:-neoverse-n1 max,sve=off,sme=off}"
 py=${PYTHON:-.venv/bin/python}
 mkdir -p "$cache"
 
@@ -54,13 +63,14 @@ chroot "$root" /opt/edgekd/bin/python -c "import platform, onnxruntime; print('a
 
 # /proc and /sys are left out by default: bound in from this x86 host they show an x86 CPU, and
 # onnxruntime's cpuinfo then picked kernels that crashed under qemu (segmentation fault at session
-# creation, 2026-12-04). Without them cpuinfo warns and onnxruntime takes its portable ARM kernels.
-# ARM64_SYS=1 binds them, to compare.
+# creation, 2026-12-04). Without them cpuinfo warns and onnxruntime reads the emulated CPU's features
+# from getauxval instead (onnxruntime's cpuid_info.cc, ArmLinuxInit). ARM64_SYS=1 binds them, to compare.
 if [[ -n ${ARM64_SYS:-} ]]; then
   for fs in proc sys; do mountpoint -q "$root/$fs" || mount --bind "/$fs" "$root/$fs"; done
   trap 'umount "$root/proc" "$root/sys" 2>/dev/null || true' EXIT
 fi
-echo "arm64 /proc/cpuinfo as qemu shows it: $(chroot "$root" grep -m1 -E '^(Features|flags)' /proc/cpuinfo 2>/dev/null | cut -c1-120)"
+hwcaps='import ctypes; f = ctypes.CDLL(None).getauxval; f.restype = ctypes.c_ulong; h, h2 = f(16), f(26)
+print(" ".join(n for n, on in (("dotprod", h >> 20 & 1), ("sve", h >> 22 & 1), ("i8mm", h2 >> 13 & 1), ("bf16", h2 >> 14 & 1), ("sme", h2 >> 23 & 1)) if on))'
 mkdir -p "$root/bundles" runs/arm64
 rows=()
 for bundle in "$@"; do
@@ -68,21 +78,26 @@ for bundle in "$@"; do
   rm -rf "${root:?}/bundles/$name" && cp -r "$bundle" "$root/bundles/$name"
   echo "== $name: x86"
   .venv/bin/edgekd check "$bundle" --no-speed --num-prompts "$prompts" --json "runs/arm64/$name.x86.json" || true
-  echo "== $name: aarch64 (emulated)"
-  chroot "$root" /opt/edgekd/bin/edgekd check "/bundles/$name" --no-speed --num-prompts "$prompts" \
-    --json "/bundles/$name.arm64.json" || true
-  cp "$root/bundles/$name.arm64.json" "runs/arm64/$name.arm64.json"
+  for cpu in "${cpus[@]}"; do
+    tag=${cpu%%,*}; [[ $cpu == *sve=off* ]] && tag=$tag-nosve
+    echo "== $name: aarch64 $cpu, emulated (features: $(QEMU_CPU=$cpu chroot "$root" /opt/edgekd/bin/python -c "$hwcaps"))"
+    QEMU_CPU=$cpu chroot "$root" /opt/edgekd/bin/edgekd check "/bundles/$name" --no-speed --num-prompts "$prompts" \
+      --json "/bundles/$name.$tag.json" 2> >(grep -v cpuinfo >&2) || true
+    cp "$root/bundles/$name.$tag.json" "runs/arm64/$name.arm64-$tag.json"
+    echo "$cpu" >"runs/arm64/$name.arm64-$tag.cpu"
+  done
   rows+=("$name")
 done
 
 "$py" - "${rows[@]}" <<'PYEOF'
-import json, sys
+import json, pathlib, sys
 print("\n| bundle | machine | top-1 vs golden | KL | greedy answers identical | mean common prefix |")
 print("|---|---|---|---|---|---|")
 for name in sys.argv[1:]:
-    for arch in ("x86", "arm64"):
-        r = json.load(open(f"runs/arm64/{name}.{arch}.json"))
-        f = r["fidelity"]["reference"]
-        print(f"| {name} | {arch} ({r.get('environment', {}).get('machine', arch)}) | {f['top1']:.3f} | {f['kl_mean']:.4f} | "
-              f"{f['greedy_exact']:.2f} | {f['greedy_prefix_tokens']:.1f} |")
+    for f in sorted(pathlib.Path("runs/arm64").glob(f"{name}.*.json"), key=lambda p: "x86" not in p.name):
+        r, arch = json.loads(f.read_text()), f.name[len(name) + 1:-5]
+        cpu = f.with_suffix(".cpu")
+        machine = f"aarch64 ({cpu.read_text().strip()}, emulated)" if cpu.exists() else "x86_64"
+        g = r["fidelity"]["reference"]
+        print(f"| {name} | {machine} | {g['top1']:.3f} | {g['kl_mean']:.4f} | {g['greedy_exact']:.2f} | {g['greedy_prefix_tokens']:.1f} |")
 PYEOF

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError
-from edgekd.io import WORK_MARKER, read_json, sha256_file, write_json
+from edgekd.io import read_json, sha256_file, write_json
+from edgekd.outputs import WORK_MARKER
 from edgekd.paths import inside
 
 MANIFEST = "manifest.json"

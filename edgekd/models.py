@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import UsageError, first_line
-from edgekd.io import make_shareable, quiet
+from edgekd.io import quiet
+from edgekd.outputs import make_shareable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +214,7 @@ def _keep_converted(folder: Path, model, tok) -> None:
     cache) only costs the speed-up. Temporaries of conversions whose process is gone go first."""
     import shutil
 
-    from edgekd.io import WORK_MARKER, make_work_dir
+    from edgekd.outputs import WORK_MARKER, make_work_dir
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

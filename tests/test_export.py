@@ -273,7 +273,7 @@ def test_the_export_summary_names_gguf_weights_it_could_not_keep(bundles):
     """A GGUF weight of a type with no exact home (an IQ type) is named in one warning line with
     the quantizer that took it; the kept ones are counted by type."""
     from edgekd.bundle import read_manifest
-    from edgekd.export import summary
+    from edgekd.export.summary import summary
 
     manifest = read_manifest(bundles["cpu"])
     step = next(r for r in manifest["recipe"] if r["step"] == "matmul_nbits")

@@ -52,7 +52,7 @@ def test_overwrite_never_replaces_a_folder_whose_edgekd_file_names_are_not_edgek
     _one_clear_line(_run("export", tiny_teacher_dir, "--target", "cpu", "--out", webapp, "--overwrite"), 2, "not written by edgekd")
     assert _tree(webapp) == before
 
-    from edgekd.io import check_output_dir, edgekd_output
+    from edgekd.outputs import check_output_dir, edgekd_output
 
     for name in ("distill.json", "report.json", "distill.toml"):  # each marker file, with the user's content
         folder = tmp_path / name.replace(".", "-")
@@ -285,7 +285,7 @@ def test_a_template_that_loops_for_ever_is_stopped(monkeypatch):
 
 
 def test_a_full_disk_in_a_library_is_one_line():
-    from edgekd.cli import machine_error
+    from edgekd.cli_base import machine_error
 
     assert "the disk is full" in machine_error(Exception("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })"))
     assert machine_error(ValueError("a bug")) is None
@@ -330,7 +330,7 @@ def _ours(tmp: Path) -> list[str]:
 
 
 def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_live_one_is_named(tmp_path):
-    from edgekd.io import output_lock, process_identity
+    from edgekd.outputs import output_lock, process_identity
 
     me = process_identity()
     (tmp_path / ".a.lock").write_text(json.dumps({**me, "start": (me["start"] or 0) + 12345}))  # this PID, another process
@@ -349,7 +349,7 @@ def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_live_one_is_named(tmp_p
 
 
 def test_sweep_removes_only_marked_folders_of_dead_processes(tmp_path):
-    from edgekd.io import WORK_MARKER, make_work_dir, sweep_stale
+    from edgekd.outputs import WORK_MARKER, make_work_dir, sweep_stale
 
     dead = tmp_path / ".o.partial-dead"
     dead.mkdir()
@@ -442,7 +442,7 @@ def test_fuzz_generate_flags(bundle, capsys, flag, value, prompt):
 
 
 def test_an_output_left_aside_by_a_killed_swap_is_put_back(tmp_path):
-    from edgekd.io import WORK_MARKER, check_output_dir
+    from edgekd.outputs import WORK_MARKER, check_output_dir
 
     old = tmp_path / ".bundle.old-x"
     (old / "bundle").mkdir(parents=True)
@@ -454,7 +454,8 @@ def test_an_output_left_aside_by_a_killed_swap_is_put_back(tmp_path):
 
 
 def test_a_report_of_an_earlier_edgekd_is_still_ours_and_odd_files_are_not_read(tmp_path):
-    from edgekd.io import edgekd_output, read_json
+    from edgekd.io import read_json
+    from edgekd.outputs import edgekd_output
 
     old = tmp_path / "old-report"
     old.mkdir()

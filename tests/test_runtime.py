@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from edgekd.errors import UsageError
-from edgekd.runtime import Runtime, Sampling, TextStream, pick_token
+from edgekd.runtime import Runtime
+from edgekd.sampling import Sampling, TextStream, pick_token
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "def add(a, b):"]
 

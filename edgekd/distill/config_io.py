@@ -12,7 +12,8 @@ from edgekd.config import from_mapping, read_toml, to_dict
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
-from edgekd.io import DISTILL_TOML_MARKER, atomic_write_bytes
+from edgekd.io import atomic_write_bytes
+from edgekd.outputs import DISTILL_TOML_MARKER
 
 # Settings a --resume may change: they do not change what the finished steps computed.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "out"}

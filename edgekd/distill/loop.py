@@ -132,8 +132,8 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     removes our checkpoints, metrics and ``distill.json``, and keeps ``data/`` and ``cache/``,
     which are reused only when their keys match."""
     from edgekd.distill.config_io import write_config_toml
-    from edgekd.io import refuse_unsafe_out
     from edgekd.models import resolve_source
+    from edgekd.outputs import refuse_unsafe_out
 
     teacher = resolve_source(cfg.teacher).path
     refuse_unsafe_out(out, tuple(p for p in (teacher, Path(cfg.task) if cfg.task and Path(cfg.task).is_dir() else None) if p))

@@ -62,7 +62,7 @@ class StudentRun:
     def is_ours(self) -> bool:
         """edgekd distill wrote this folder: its distill.toml (written first) or distill.json carries
         edgekd's marker. A file of the user's that only has the name is not enough."""
-        from edgekd.io import DISTILL_RUN, edgekd_output
+        from edgekd.outputs import DISTILL_RUN, edgekd_output
 
         return edgekd_output(self.folder) == DISTILL_RUN
 

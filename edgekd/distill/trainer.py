@@ -65,7 +65,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
 
     One writer per ``--out`` (a lock beside it); a run refused for bad input leaves a folder it
     created as it found it (absent)."""
-    from edgekd.io import output_lock
+    from edgekd.outputs import output_lock
 
     if not cfg.out:
         raise UsageError("no output folder: pass --out DIR")

@@ -31,81 +31,18 @@ window (window - 1 differs; ``tests/test_families.py`` exports windows shorter t
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgekd.export.graph import ATTENTION_NOTES, chain_end, constants, consumers_of, dim, needed, read_notes, slice_bounds, starts_at_zero
 from edgekd.export.grid import set_nodes, splice
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.key$")
-ATTENTION_NOTES = "edgekd.attention"  # ONNX metadata: per layer {"scale", "window", "softcap"} (see attention_notes)
-
-
-def attention_notes(model) -> list[dict[str, Any]] | None:
-    """Each decoder layer's attention scale, sliding window and logit soft-cap, read from the
-    PyTorch modules (``scaling``, ``sliding_window``, ``attn_logit_softcapping``; a Mistral-style
-    model keeps its window in the config); None when the model has no ``model.layers[i].self_attn``."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        return None
-    config = model.config
-    notes = []
-    for layer in layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is None:
-            return None
-        window = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else (
-            getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None)
-        scale = getattr(attn, "scaling", None)
-        softcap = getattr(attn, "attn_logit_softcapping", None)
-        notes.append({"scale": float(scale) if scale is not None else None, "window": int(window) if window else None,
-                      "softcap": float(softcap) if softcap else None})
-    return notes
-
-
-def read_notes(model, key: str) -> Any:
-    """The JSON an export wrote into ``model``'s metadata under ``key`` (None when absent)."""
-    for p in model.metadata_props:
-        if p.key == key:
-            return json.loads(p.value)
-    return None
-
-
 class NotFusable(Exception):
     """The graph is not the attention this rewrite knows; the message says what differs."""
-
-
-def _dim(value_info, axis: int) -> int | None:
-    d = value_info.type.tensor_type.shape.dim[axis]
-    return d.dim_value if d.HasField("dim_value") else None
-
-
-def _consumers(graph) -> dict[str, list]:
-    """Each tensor name -> the nodes that read it."""
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return consumers
-
-
-def _chain_end(start: str, consumers: dict[str, list]) -> str:
-    """Follow ``start`` through single-consumer Mul/Cast/Unsqueeze nodes (attention scaling, dtype,
-    broadcast axes) to the tensor the layers share."""
-    t = start
-    for _ in range(8):
-        c = consumers.get(t, [])
-        if len(c) != 1 or c[0].op_type not in ("Mul", "Cast", "Unsqueeze"):
-            return t
-        t = c[0].output[0]
-    return t
-
-
-def _constants(graph) -> set[str]:
-    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
 
 
 _TABLE_OPS = ("Cast", "Unsqueeze", "Squeeze", "Mul", "Reshape", "Expand", "Gather", "Slice")
@@ -114,7 +51,7 @@ _TABLE_OPS = ("Cast", "Unsqueeze", "Squeeze", "Mul", "Reshape", "Expand", "Gathe
 def _table_roots(graph) -> dict[str, str]:
     """Each tensor computed from a rotary table alone (a Cos or Sin output, cast, unsqueezed or
     scaled by constants) -> the tensor its Cos/Sin read: one root per rotary embedding."""
-    const = _constants(graph)
+    const = constants(graph)
     roots: dict[str, str] = {}
     for n in graph.node:
         if n.op_type in ("Cos", "Sin"):
@@ -154,17 +91,17 @@ def rotary_tables(model, roots: list[str], max_positions: int, head_dim: int) ->
     from onnx import helper, numpy_helper
 
     g = model.graph
-    consumers = _consumers(g)
+    consumers = consumers_of(g)
     names: list[str] = []
     for root in roots:
         trig = {n.op_type: n for n in consumers.get(root, []) if n.op_type in ("Cos", "Sin")}
         if len(trig) != 2:
             raise NotFusable(f"the rotary embedding at {root} has no Cos and Sin pair")
-        names += [_chain_end(trig["Cos"].output[0], consumers), _chain_end(trig["Sin"].output[0], consumers)]
-    nodes = _needed(list(g.node), names)  # the rotary subgraphs alone, with only the constants they read
+        names += [chain_end(trig["Cos"].output[0], consumers), chain_end(trig["Sin"].output[0], consumers)]
+    nodes = needed(list(g.node), names)  # the rotary subgraphs alone, with only the constants they read
     used = {i for n in nodes for i in n.input}
     cut = _cut(nodes, {c.name.rsplit("/", 1)[0] + "/" for c in g.node if c.op_type in ("Cos", "Sin") and c.input[0] in roots},
-               _constants(g))
+               constants(g))
     probe = onnx.helper.make_model(
         onnx.helper.make_graph(nodes, "rotary", [i for i in g.input if i.name in used],
                                [onnx.helper.make_empty_tensor_value_info(n) for n in [*names, *cut]],
@@ -177,7 +114,7 @@ def rotary_tables(model, roots: list[str], max_positions: int, head_dim: int) ->
     values = sess.run(None, feeds)
     cut_values = dict(zip(cut, values[len(names):]))
     if all(v.size <= 4 * max_positions for v in cut_values.values()):  # positions, not activations: feed them as constants
-        feeds, nodes = cut_values, _needed(nodes, names, frozenset(cut))
+        feeds, nodes = cut_values, needed(nodes, names, frozenset(cut))
     for t in values[: len(names)]:
         t = np.asarray(t, dtype=np.float32).reshape(max_positions, -1)
         half = t.shape[1] // 2
@@ -255,7 +192,7 @@ def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) 
         perm = next((list(a.ints) for a in p.attribute if a.name == "perm"), None)
         if layout == "bhsd" and p.op_type == "Transpose" and perm == [0, 2, 1, 3]:
             layout, x = "bshd", p.input[0]
-        elif layout == "bhsd" and p.op_type == "Slice" and p.input[0] in producer and _starts_at_zero(p, producer):
+        elif layout == "bhsd" and p.op_type == "Slice" and p.input[0] in producer and starts_at_zero(p, producer):
             x = p.input[0]  # the rotary part of the head (Phi-3's code slices it): all of it, as rotary_tables checked
         elif layout == "bshd" and p.op_type == "Reshape":
             layout, x = "bsd", p.input[0]
@@ -271,51 +208,6 @@ def _as_gqa_input(t: str, projection: str, producer: dict[str, Any], name: str) 
         nodes.append(helper.make_node("Reshape", [x, shape.name], [f"{name}.bsd"], name=f"{name}/Reshape"))
         return f"{name}.bsd", nodes, [shape]
     return x, nodes, []
-
-
-def _constant(name: str, producer: dict[str, Any]) -> np.ndarray | None:
-    """The value of ``name`` where a ``Constant`` node makes it, else None."""
-    from onnx import numpy_helper
-
-    p = producer.get(name)
-    if p is None or p.op_type != "Constant":
-        return None
-    value = next((a.t for a in p.attribute if a.name == "value"), None)
-    return None if value is None else numpy_helper.to_array(value)
-
-
-def _slice_bounds(node, producer: dict[str, Any]) -> tuple[int, int | None, int] | None:
-    """A one-axis ``Slice``'s constant ``(start, end, axis)``; ``end`` None where it is computed
-    (a rotary slice's end is the table's width); None where start or axis is not a constant."""
-    if node.op_type != "Slice" or len(node.input) < 4 or not node.input[3]:
-        return None
-    start, end, axes = (_constant(node.input[j], producer) for j in (1, 2, 3))
-    if start is None or axes is None or start.size != 1 or axes.size != 1:
-        return None
-    return int(start.ravel()[0]), None if end is None else int(end.ravel()[0]), int(axes.ravel()[0])
-
-
-def _starts_at_zero(node, producer: dict[str, Any]) -> bool:
-    """A ``Slice`` that starts at 0 on the last axis of (batch, heads, seq, head_dim) (its end is left
-    to the caller to know)."""
-    bounds = _slice_bounds(node, producer)
-    return bounds is not None and bounds[0] == 0 and bounds[2] in (-1, 3)
-
-
-def _needed(nodes: list, outputs: list[str], given: frozenset[str] = frozenset()) -> list:
-    """The nodes of ``nodes`` (in their order) that ``outputs`` depend on, the tensors in ``given``
-    taken as known."""
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
-    keep: set[int] = set()
-    stack = list(outputs)
-    while stack:
-        t = stack.pop()
-        k = producer.get(t)
-        if t in given or k is None or k in keep:
-            continue
-        keep.add(k)
-        stack.extend(nodes[k].input)
-    return [nodes[k] for k in sorted(keep)]
 
 
 def _projection(by_name: dict[str, Any], consumers: dict[str, list], layer: int, proj: str) -> Any:
@@ -366,7 +258,7 @@ def _layers(model, head_dim: int) -> list[_Layer]:
     g = model.graph
     inputs = {i.name for i in g.input}
     by_name = {n.name: n for n in g.node}
-    consumers = _consumers(g)
+    consumers = consumers_of(g)
     inits = {t.name: t for t in g.initializer}
     outputs = {o.name for o in g.output}
     roots = _table_roots(g)
@@ -403,7 +295,7 @@ def _packed_slices(qkv, consumers: dict[str, list], producer: dict[str, Any], la
     (last axis, constant bounds), in that order, and the width of q."""
     bounds = []
     for n in consumers.get(qkv.output[0], []):
-        b = _slice_bounds(n, producer)
+        b = slice_bounds(n, producer)
         if b is None or b[1] is None or b[2] not in (-1, 2):
             raise NotFusable(f"layer {layer}: its qkv_proj is not cut into q, k and v by three Slices on the last axis")
         bounds.append((b[0], b[1], n))
@@ -439,7 +331,7 @@ def fuse_gqa(model, max_positions: int, pack_qkv: bool = True) -> Fused:
     first = inputs.get("past_key_values.0.key")
     if first is None or "attention_mask" not in inputs:
         raise NotFusable("no past_key_values.N.key / attention_mask inputs: not a decoder with a KV cache")
-    kv_heads, head_dim = _dim(first, 1), _dim(first, 3)
+    kv_heads, head_dim = dim(first, 1), dim(first, 3)
     if not kv_heads or not head_dim:
         raise NotFusable("the cache's head count and head size are not fixed in the graph")
     if first.type.tensor_type.elem_type != TensorProto.FLOAT:
@@ -521,7 +413,7 @@ def _mask_lengths(P: str) -> tuple[list, list]:
 
 def _drop_dead(graph) -> None:
     """Remove the nodes no graph output depends on, then the initializers nothing reads."""
-    set_nodes(graph, _needed(list(graph.node), [o.name for o in graph.output]))
+    set_nodes(graph, needed(list(graph.node), [o.name for o in graph.output]))
 
 
 def agreement(unfused: Path, fused: Path, seed: int = 0) -> float:

@@ -101,7 +101,7 @@ def module_of(node_name: str) -> str:
 def node_types(model) -> dict[str, list[str]] | None:
     """Each MatMul node -> the GGUF types of the weights it holds (a packed q/k/v projection holds
     three), from the graph's metadata; None when the graph was not exported from a GGUF."""
-    from edgekd.export.fuse import read_notes
+    from edgekd.export.graph import read_notes
 
     types = read_notes(model, GGUF_TYPES)
     if types is None:

@@ -58,7 +58,7 @@ def export_onnx(model, out_dir: Path, opset: int, notes: dict[str, Any] | None =
     path = out_dir / "model.onnx"
     if not path.is_file():
         raise EdgekdError(f"optimum-onnx wrote no model.onnx into {out_dir}: unexpected exporter version?")
-    from edgekd.export.fuse import ATTENTION_NOTES, attention_notes
+    from edgekd.export.graph import ATTENTION_NOTES, attention_notes
 
     notes = {ATTENTION_NOTES: attention_notes(model), **(notes or {})}
     append_metadata(path, {k: v for k, v in notes.items() if v is not None})

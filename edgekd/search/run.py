@@ -40,8 +40,8 @@ def search_export(
     gates (``_Search.mixed_precision``) -> the smallest passing bundle moved into ``out``.
     """
     from edgekd.export import graph_notes
-    from edgekd.io import BUNDLE, check_output_dir, make_work_dir
     from edgekd.models import load_model, resolve_source
+    from edgekd.outputs import BUNDLE, check_output_dir, make_work_dir
     from edgekd.targets import TargetProfile, load_target
     from edgekd.validate import ValidateConfig
 
@@ -182,7 +182,8 @@ class _Search:
 def _keep(best: Tried, result: SearchResult, profile, out: Path, overwrite: bool, inputs: tuple) -> None:
     """Move the kept candidate's bundle into ``out`` and record the search in its manifest."""
     from edgekd.bundle import MANIFEST
-    from edgekd.io import BUNDLE, atomic_dir, read_json, write_json
+    from edgekd.io import read_json, write_json
+    from edgekd.outputs import BUNDLE, atomic_dir
 
     assert best.bundle is not None  # a passing candidate was exported
     with atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:

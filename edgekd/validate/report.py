@@ -275,7 +275,7 @@ def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
     one), a non-empty folder that is not an earlier edgekd report (read from its report.json's
     marker, not its name: it is not ours to overwrite), or a folder that cannot be written.
     Checked before any work starts."""
-    from edgekd.io import REPORT, check_writable, edgekd_output, refuse_unsafe_out
+    from edgekd.outputs import REPORT, check_writable, edgekd_output, refuse_unsafe_out
 
     out = Path(out)
     refuse_unsafe_out(out, inputs)
@@ -287,7 +287,7 @@ def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
 def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, list[np.ndarray]], command: str | None = None) -> list[Path]:
     """Write report.json, report.md and the plots into ``out`` (a new folder, or an earlier report
     replaced in one rename once the new one is complete); return the paths written."""
-    from edgekd.io import REPORT, atomic_dir
+    from edgekd.outputs import REPORT, atomic_dir
 
     with atomic_dir(out, overwrite=True, kind=REPORT) as tmp:  # refuses a folder that is no report of ours
         written = _write_report_files(tmp, reports, kls, command)
