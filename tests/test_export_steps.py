@@ -533,3 +533,26 @@ def test_a_gpt2_exports_for_cpu_with_its_gemms_quantized_and_its_embedding_share
     recipe = {r["step"]: r for r in json.loads((tmp_path / "bundle" / "manifest.json").read_text())["recipe"]}
     assert recipe["quantize_head_embedding"]["tied"] and recipe["quantize_head_embedding"]["shared"]
     assert recipe["matmul_nbits"]["gemm_as_matmul"] == 8 and recipe["matmul_nbits"]["quantized_matmuls"] == 8
+
+
+def test_compact_names_keep_the_graph_and_its_inputs_and_outputs(tmp_path, fp32_export):
+    """to_ort stores every node and value name once or twice in the file: compact_names shortens the
+    inner ones (the exporter's '/model/layers.0/...'), keeps what a runtime feeds and reads, and the
+    graph computes the same logits."""
+    import onnx
+
+    from edgekd.export.ort import compact_names
+    from edgekd.export.steps import load_onnx, save_onnx
+
+    src, facts, ids, want = fp32_export
+    model = load_onnx(src)
+    io_names = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    saved = compact_names(model)
+    assert saved > 1000
+    assert [v.name for v in model.graph.input] + [v.name for v in model.graph.output] == io_names
+    inner = {x for n in model.graph.node for x in [*n.input, *n.output] if x and x not in io_names}
+    assert inner and all(len(x) <= 5 for x in inner)
+    save_onnx(model, tmp_path / "compact.onnx", external=True)
+    onnx.checker.check_model(str(tmp_path / "compact.onnx"))
+    got, _ = ort_forward(session(tmp_path / "compact.onnx"), ids, None, facts)
+    assert np.array_equal(got, want)
