@@ -45,6 +45,7 @@ class CheckConfig:
     threads: int | None = None  # onnxruntime intra-op threads (None: one per physical core)
     providers: tuple[str, ...] | None = None  # override the target's execution providers
     target: str | None = None  # a profile whose [gates] apply whatever the bundle's manifest says
+    session_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries, e.g. (("mlas.disable_kleidiai", "1"),)
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -140,7 +141,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     from edgekd.validate.speed import read_bandwidth, roofline, time_runtime
 
     log(f"opening {bundle} (checking file hashes) ...")
-    rt = Runtime(bundle, providers=config.providers, threads=config.threads)
+    rt = Runtime(bundle, providers=config.providers, threads=config.threads, session_config=dict(config.session_config))
     manifest = rt.manifest
     golden = read_golden(rt.root, manifest)
     examples = golden["examples"][: config.num_prompts or None]
@@ -178,7 +179,7 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
     report: dict[str, Any] = {
         "bundle": str(rt.root.resolve()),
         "target": manifest.target_name,
-        "environment": environment(config.threads, rt.session.get_providers()),
+        "environment": {**environment(config.threads, rt.session.get_providers()), "session_config": rt.session_config},
         "golden": {"prompts": len(examples), "answer_tokens": n, "top_k": golden.get("top_k"),
                    "prompts_from": golden.get("prompts_from"), "tokenizer_mismatches": mismatched},
         "fidelity": {"reference": {**figures, "model": manifest.source.spec}},

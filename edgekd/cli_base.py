@@ -179,3 +179,7 @@ def _version(value: bool) -> None:
 
 
 Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
+SessionConfig = Annotated[Optional[list[str]], typer.Option(
+    "--session-config", metavar="KEY=VALUE",
+    help="An onnxruntime session config entry, repeatable; e.g. mlas.disable_kleidiai=1 makes an ARM CPU's "
+         "int8-activation MatMulNBits quantize activations per block as x86 does (docs/devices.md).")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from edgekd.cli_base import Threads, _progress, command, console, err_console
+from edgekd.cli_base import SessionConfig, Threads, _progress, command, console, err_console
 from edgekd.errors import UsageError
 
 
@@ -25,13 +25,14 @@ def generate(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (repeatable answers).")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as it is, without the chat template.", metavar="")] = False,
     threads: Threads = None,
+    session_config: SessionConfig = None,
 ) -> None:
     """Answer a prompt with a bundle (onnxruntime, KV cache), streaming the text, then print tokens/s."""
-    from edgekd.runtime import Runtime
+    from edgekd.runtime import Runtime, parse_session_config
     from edgekd.sampling import Sampling
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    rt = Runtime(bundle, threads=threads)
+    rt = Runtime(bundle, threads=threads, session_config=parse_session_config(session_config or []))
     for note in rt.warnings:
         err_console.print(Text.assemble(("warning:", "yellow"), f" {note}"), soft_wrap=True)
     for piece in rt.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=not raw):
@@ -113,6 +114,7 @@ def check(
     threads: Threads = None,
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's [gates] (a shipped name or a .toml) instead of the bundle's own.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
+    session_config: SessionConfig = None,
 ) -> None:
     """Check a bundle on the machine that ships it, without torch or the teacher: replay the golden
     reference export wrote into it (the unquantized model's answers and top-k log-probs) and apply
@@ -126,7 +128,10 @@ def check(
         if json_out.is_dir():
             raise UsageError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'check.json'}")
         check_writable(json_out.parent)
-    config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target)
+    from edgekd.runtime import parse_session_config
+
+    config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target,
+                         session_config=tuple(parse_session_config(session_config or []).items()))
     with console.status("checking ...") as status:
         report = check_bundle(bundle, config, log=_progress(status))
     if json_out is not None:

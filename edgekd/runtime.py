@@ -133,6 +133,7 @@ class Runtime:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         verify: bool = True,
+        session_config: dict[str, str] | None = None,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -170,6 +171,9 @@ class Runtime:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        self.session_config = dict(session_config or {})
+        for key, value in self.session_config.items():  # e.g. mlas.disable_kleidiai = 1 (docs/devices.md)
+            opts.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
         except Exception as e:
@@ -374,6 +378,18 @@ class Runtime:
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits ``(seq, vocab)`` of one prefill run over ``ids`` (used for prefill timing)."""
         return self._start(ids, len(ids) + 1)
+
+
+def parse_session_config(items: Sequence[str]) -> dict[str, str]:
+    """``["mlas.disable_kleidiai=1"]`` -> ``{"mlas.disable_kleidiai": "1"}``: onnxruntime session
+    config entries (``SessionOptions.add_session_config_entry``), as ``--session-config`` gives them."""
+    entries = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UsageError(f"--session-config {item!r}: give KEY=VALUE, e.g. mlas.disable_kleidiai=1")
+        entries[key.strip()] = value.strip()
+    return entries
 
 
 def _kv_key(name: str) -> tuple[int, int]:

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from edgekd.bundle import read_manifest, write_manifest
 from edgekd.check import CheckConfig, _rest_kl, check_bundle
 from edgekd.cli import app
+from edgekd.errors import UsageError
 from edgekd.export import export_bundle
 
 # Only the figures a tiny random model reproduces exactly through an fp32 bundle.
@@ -84,6 +85,24 @@ def test_check_passes_an_fp32_bundle_without_torch(fp32_bundle, tmp_path):
     assert fid["top1"] == 1.0 and fid["greedy_exact"] == 1.0 and fid["kl_mean"] < 1e-6
     assert report["environment"]["torch"] is None and report["environment"]["onnxruntime"]
     assert report["not_checked"] == ["min_top1_vs_teacher"]
+
+
+def test_session_config_entries_reach_onnxruntime_and_the_report(fp32_bundle, tmp_path):
+    """`--session-config KEY=VALUE` (the setting that makes an ARM CPU's int8-activation kernel agree
+    with x86's, docs/devices.md): applied to the session, recorded; a malformed entry is one line."""
+    from edgekd.runtime import Runtime, parse_session_config
+
+    report_file = tmp_path / "check.json"
+    r = run_torch_free("check", str(fp32_bundle), "--no-speed", "--json", str(report_file),
+                       "--session-config", "mlas.disable_kleidiai=1", "--session-config", "session.intra_op.allow_spinning=0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(report_file.read_text(encoding="utf-8"))["environment"]["session_config"] == {
+        "mlas.disable_kleidiai": "1", "session.intra_op.allow_spinning": "0"}
+    bad = run_torch_free("check", str(fp32_bundle), "--no-speed", "--session-config", "mlas.disable_kleidiai")
+    assert bad.returncode == 2 and "give KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(UsageError, match="KEY=VALUE"):
+        parse_session_config(["=1"])
+    assert Runtime(fp32_bundle, session_config={"mlas.disable_kleidiai": "1"}).session_config == {"mlas.disable_kleidiai": "1"}
 
 
 def test_a_different_model_fails_the_check(fp32_bundle, tmp_path, tokenizer):
