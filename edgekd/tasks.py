@@ -44,6 +44,10 @@ class TaskFile:
     gates: Gates = dataclasses.field(default_factory=Gates)  # only a task's own gates (metrics.TASK_GATES)
     validate_prompts: int = 64  # held-out prompts validate compares for this task
     validate_answer_tokens: int = 32  # answer tokens validate scores and generates per prompt
+    # How each of the task's prompts is put to the model, "{prompt}" standing for the prompt: e.g.
+    # "Review: {prompt}\nSentiment (positive or negative):" for a base model without a chat template
+    # (Gemma 3 270M); the chat template, where the model has one, is applied around it.
+    prompt_template: str = "{prompt}"
 
     def __post_init__(self):
         if not self.description.strip():
@@ -54,6 +58,8 @@ class TaskFile:
             raise UsageError("labels must differ (case-insensitively)")
         if len(self.labels) == 1:
             raise UsageError("labels needs at least two entries (or none, for a generative task)")
+        if self.prompt_template.count("{prompt}") != 1:
+            raise UsageError('prompt_template must hold "{prompt}" exactly once, where the prompt goes')
         if self.validate_prompts < 1 or self.validate_answer_tokens < 1:
             raise UsageError("validate_prompts and validate_answer_tokens must be at least 1")
         for name, value in dataclasses.asdict(self.gates).items():
@@ -82,12 +88,21 @@ class Task:
     def labels(self) -> tuple[str, ...]:
         return self.spec.labels
 
+    def prompt(self, text: str) -> str:
+        """One of the task's prompts as the model is asked it (``prompt_template``)."""
+        return self.spec.prompt_template.replace("{prompt}", text)
+
+    def records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The task's own records (its train or held-out file) with their prompts templated."""
+        return [{**r, "prompt": self.prompt(r["prompt"])} if isinstance(r.get("prompt"), str) else r for r in records]
+
     def record(self) -> dict[str, Any]:
         """What ``distill.json`` and a bundle's manifest carry about the task (validate reads it)."""
         return {"name": self.name, "folder": str(self.folder), "labels": list(self.labels),
                 "description": self.spec.description,
                 "gates": {k: v for k, v in dataclasses.asdict(self.spec.gates).items() if v is not None},
-                "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens}
+                "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens,
+                "prompt_template": self.spec.prompt_template}
 
 
 def load_task(name_or_dir: str | Path) -> Task:

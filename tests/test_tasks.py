@@ -152,6 +152,7 @@ def _task(tmp_path, toml: str, train: bool = True, heldout: bool = True):
     ('description = "x"\n[distill]\nout = "here"\n', True, "cannot be set by a task"),
     ('description = "x"\n[gates]\nmin_label_agreement_vs_teacher = 2\n', True, "between 0 and 1"),
     ('description = "x\n', True, "not valid TOML"),
+    ('description = "x"\nprompt_template = "Review:"\n', True, "exactly once"),
 ])
 def test_bad_task_folders_are_one_line_errors(tmp_path, toml, train, message):
     folder = _task(tmp_path, toml, train=train)
@@ -245,3 +246,21 @@ def test_a_distilled_split_gets_its_truths_from_the_task_folder(tmp_path):
     assert record_truths(split, str(tmp_path)) == ["negative", None]
     assert record_truths([{"prompt": "a", "label": "negative"}], str(tmp_path)) == ["negative"]  # a record's own wins
     assert record_truths(split, None) is None
+    assert record_truths([{"prompt": "Review: b\nSentiment:"}], str(tmp_path), "Review: {prompt}\nSentiment:") == ["negative"]
+
+
+def test_a_tasks_prompt_template_is_how_its_prompts_are_asked(tiny_teacher_dir, tmp_path):
+    """A base model (no chat template) is asked a task's prompts through the task's prompt_template:
+    the teacher's answers, the held-out split distill writes and the task record all carry it."""
+    task = _tiny_task(tmp_path)
+    toml = task / "task.toml"
+    toml.write_text(toml.read_text().replace('validate_prompts = 4\n', 'validate_prompts = 4\nprompt_template = "{prompt}\\nAnswer:"\n'))
+    loaded = load_task(task)
+    assert loaded.prompt("x") == "x\nAnswer:" and loaded.record()["prompt_template"] == "{prompt}\nAnswer:"
+    out = tmp_path / "student"
+    r = CliRunner().invoke(app, ["distill", "--task", str(task), "--teacher", str(tiny_teacher_dir), "--out", str(out),
+                                 "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    heldout = [json.loads(line) for line in (out / "data" / "heldout.jsonl").read_text().splitlines()]
+    assert len(heldout) == 4 and all(h["prompt"].startswith("Classify") and h["prompt"].endswith("\nAnswer:") for h in heldout)
+    assert json.loads((out / "distill.json").read_text())["task"]["prompt_template"] == "{prompt}\nAnswer:"

@@ -48,12 +48,14 @@ def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[l
         return records, {"source": "files", "files": [str(Path(f).resolve()) for f in cfg.data],
                          "sha256": file_digest(Path(f) for f in cfg.data)}
     path = Path(cfg.prompts) if cfg.prompts else task_of(cfg).train if cfg.task else _shipped(SHIPPED_TRAIN)
+    templated = task_of(cfg).prompt if cfg.task and not cfg.prompts else str  # the task's own file: its prompt_template
     if path.suffix.lower() != ".txt":
         given = read_records(path)
         if all(isinstance(r.get("response"), str) for r in given):
             given = given[: cfg.max_prompts] if cfg.max_prompts else given
+            given = [{**r, "prompt": templated(r["prompt"])} if "prompt" in r else r for r in given]
             return given, {"source": "file responses", "prompts_file": str(path.resolve()), "prompts": len(given)}
-    prompts = read_prompts(path)
+    prompts = [templated(p) for p in read_prompts(path)]
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training",
@@ -94,6 +96,8 @@ def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list
     for n, r in enumerate(records, 1):
         if "prompt" not in r:
             raise UsageError(f"{path}: held-out record {n} needs a 'prompt' (and optionally a 'response')")
+    if cfg.task and not cfg.heldout:  # the task's own file: its prompt_template
+        records = task_of(cfg).records(records)
     if cfg.max_heldout:
         records = records[: cfg.max_heldout]
     if all("response" in r for r in records):

@@ -118,7 +118,7 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
         margins = label_margins(answers, logits, labels, lambda ids: rt.tokenizer.decode(list(ids)),
                                 lambda text: rt.tokenizer.encode(text, add_special_tokens=False).ids)
     figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels,
-                                                         truths=record_truths(records, task.get("folder")),
+                                                         truths=record_truths(records, task.get("folder"), task.get("prompt_template") or "{prompt}"),
                                                          inputs=task_inputs([r["prompt"] for r in records]), teacher_margins=margins)}
     reference = score_answers(texts["reference"], texts["teacher"], labels)  # only its gated figures are kept
     figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
@@ -227,7 +227,7 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
         profile = load_target(config.target)
         pinned = (to_dict(profile.gates), f"the target profile {profile.name} (--target {config.target})")
     task = first.manifest.source.task
-    task_heldout = None
+    task_heldout, chosen = None, None
     if config.task is not None:  # e.g. the teacher's own bundle, scored on the user's job
         from edgekd.tasks import load_task
 
@@ -236,6 +236,8 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
     data_path, data_source, data_notes = choose_data(config.data, task_heldout=task_heldout, heldout=first.manifest.source.heldout)
     num_prompts = config.num_prompts or (task or {}).get("validate_prompts") or DEFAULT_PROMPTS
     records = load_records(data_path, limit=num_prompts)
+    if chosen is not None and data_path == task_heldout:  # the task's own file: its prompt_template
+        records = chosen.records(records)
     say(f"{len(records)} held-out prompts from {data_source} ({data_path})")
     return _Run(config, say, _Models(config.batch_size, say), records, data_path, data_source, list(data_notes), task, pinned)
 

@@ -38,14 +38,15 @@ def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
     return records
 
 
-def record_truths(records: list[dict], task_folder: str | None) -> list[str | None] | None:
+def record_truths(records: list[dict], task_folder: str | None, prompt_template: str = "{prompt}") -> list[str | None] | None:
     """Each record's own truth (``label`` or ``reference``); where the records carry none (a
     distillation's held-out split: the teacher's answers), the task's held-out file's, matched by
-    prompt. None when nothing has one."""
+    prompt (as the task's ``prompt_template`` put it). None when nothing has one."""
     truths = [r.get("label") or r.get("reference") for r in records]
     if not any(truths) and task_folder and (Path(task_folder) / "heldout.jsonl").is_file():
         try:
-            own = {r["prompt"]: r.get("label") or r.get("reference") for r in load_records(Path(task_folder) / "heldout.jsonl")}
+            own = {prompt_template.replace("{prompt}", r["prompt"]): r.get("label") or r.get("reference")
+                   for r in load_records(Path(task_folder) / "heldout.jsonl")}
         except UsageError:
             return None
         truths = [own.get(r["prompt"]) for r in records]
