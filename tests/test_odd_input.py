@@ -471,13 +471,13 @@ def test_a_report_of_an_earlier_edgekd_is_still_ours_and_odd_files_are_not_read(
 
 
 def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
-    from edgekd.distill.loop import _logged_eval, _trim_metrics
+    from edgekd.distill.loop import logged_eval, trim_metrics
 
     m = tmp_path / "metrics.jsonl"
     m.write_text('{"step": 0, "eval": {"kl": 1.0}}\n{"step": 1, "loss": 2}\n{"step": 2, "lo')
-    _trim_metrics(m, 1)
+    trim_metrics(m, 1)
     assert m.read_text().splitlines() == ['{"step": 0, "eval": {"kl": 1.0}}', '{"step": 1, "loss": 2}']
-    assert _logged_eval(m, 0) == {"kl": 1.0}
+    assert logged_eval(m, 0) == {"kl": 1.0}
 
 
 def test_a_bracketed_bundle_path_in_progress_lines_is_text(bundle, tmp_path):

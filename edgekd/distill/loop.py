@@ -228,7 +228,7 @@ def _available_memory(device) -> int | None:
     return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
-def _cat(parts: list[torch.Tensor], dummy: bool) -> torch.Tensor:
+def cat_parts(parts: list[torch.Tensor], dummy: bool) -> torch.Tensor:
     return parts[0][:0] if dummy else torch.cat(parts)
 
 
@@ -299,7 +299,7 @@ def save_student(model, tok, teacher, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """Drop the lines a killed run logged after the checkpoint it resumes from."""
     if path.is_file():
         rows = [(line, _row(line)) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
@@ -309,7 +309,7 @@ def _trim_metrics(path: Path, step: int) -> None:
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
 
-def _logged_eval(path: Path, step: int) -> dict | None:
+def logged_eval(path: Path, step: int) -> dict | None:
     """The evaluation logged at ``step`` (the "before" metrics of a resumed run)."""
     if not path.is_file():
         return None
@@ -329,13 +329,13 @@ def _row(line: str) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
-def _log(path: Path, main: bool, row: dict) -> None:
+def log_row(path: Path, main: bool, row: dict) -> None:
     if main:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json_line(row) + "\n")
 
 
-def _sayer(console, main: bool):
+def sayer(console, main: bool):
     def say(msg: str, style: str | None = None) -> None:
         if main and console is not None:
             console.print(msg, style=style, markup=False, highlight=False)

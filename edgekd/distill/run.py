@@ -80,6 +80,15 @@ class StudentRun:
 
         return from_mapping(DistillConfig, read_toml(self.config_toml), str(self.config_toml))
 
+    def write_result(self, data: dict[str, Any]) -> RunResult:
+        """Write ``distill.json`` (atomically; last, as its presence means the run is complete) from
+        what the trainer measured, read back as the ``RunResult`` export and validate will see."""
+        from edgekd.io import write_json
+
+        result = self._parse(data)
+        write_json(self.result_json, data)
+        return result
+
     def result(self) -> RunResult | None:
         """The complete run's ``distill.json``, or None when the run is not complete."""
         if not self.is_complete():
@@ -89,6 +98,9 @@ class StudentRun:
         data = read_json(self.result_json, ": re-run `edgekd distill` or remove it")
         if not isinstance(data, dict):
             raise UsageError(f"{self.result_json} must hold a JSON object: re-run `edgekd distill` or remove it")
+        return self._parse(data)
+
+    def _parse(self, data: dict[str, Any]) -> RunResult:
         held = data.get("heldout")
         return RunResult(
             teacher=data.get("teacher"),

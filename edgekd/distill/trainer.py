@@ -49,7 +49,6 @@ from edgekd.distill.losses import LossSpec, TeacherTargets
 from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.io import write_json
 from edgekd.models import decoder_of
 from edgekd.quant import GRID, attach_fake_quantize, refresh_fake_quantize
 
@@ -113,7 +112,7 @@ class Trainer:
         mixed = {"auto": "bf16" if self.cuda else "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.student_dtype]
         self.accel = accel = Accelerator(mixed_precision=mixed, cpu=not self.cuda)
         self.main, self.rank, self.world, self.device = accel.is_main_process, accel.process_index, accel.num_processes, accel.device
-        self.say = helpers._sayer(self.console, self.main)
+        self.say = helpers.sayer(self.console, self.main)
         if self.main:
             helpers.prepare_out_dir(self.out, cfg, resume=self.resume, overwrite=self.overwrite)
         accel.wait_for_everyone()
@@ -243,7 +242,7 @@ class Trainer:
                 refresh_fake_quantize(model)
                 say(f"resuming from {found.name} (step {self.start_step} of {self.total})")
                 if self.main:
-                    helpers._trim_metrics(self.metrics_path, self.start_step)
+                    helpers.trim_metrics(self.metrics_path, self.start_step)
                 accel.wait_for_everyone()
             else:
                 say("no complete checkpoint: starting from the beginning")
@@ -263,11 +262,11 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> None:
         cfg, say = self.cfg, self.say
-        before = helpers._logged_eval(self.metrics_path, 0) if self.start_step else None
+        before = helpers.logged_eval(self.metrics_path, 0) if self.start_step else None
         if before is None and self.start_step == 0:
             before = self.evaluate()
             say(f"before: top-1 agreement {before['top1_agreement']:.3f}, KL {before['kl']:.3f}, ppl {before['student_ppl']:.1f} (teacher {before['teacher_ppl']:.1f})")
-            helpers._log(self.metrics_path, self.main, {"step": 0, "eval": before})
+            helpers.log_row(self.metrics_path, self.main, {"step": 0, "eval": before})
         self.before = before
         self.epoch_times: list[float] = []
         epoch_t0, last_epoch = time.time(), None
@@ -284,7 +283,7 @@ class Trainer:
                 progress.update(task, advance=1, loss=loss, tps=tps)
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < self.total:
                     last_eval = self.evaluate()
-                    helpers._log(self.metrics_path, self.main, {"step": step + 1, "eval": last_eval})
+                    helpers.log_row(self.metrics_path, self.main, {"step": step + 1, "eval": last_eval})
                     say(f"step {step + 1}: top-1 agreement {last_eval['top1_agreement']:.3f}, KL {last_eval['kl']:.3f}")
                 if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < self.total:
                     if self.main:
@@ -299,8 +298,8 @@ class Trainer:
         last hidden states, and its stream at the matched depths for intermediate-state KD);
         ``online``: always the forward (the batch holds the student's own answers)."""
         if self.cached is not None and not online:
-            return TeacherTargets(topk_logp=helpers._cat([self.cached[i][0] for i in rows], dummy).to(self.device),
-                                  topk_idx=helpers._cat([self.cached[i][1] for i in rows], dummy).to(self.device))
+            return TeacherTargets(topk_logp=helpers.cat_parts([self.cached[i][0] for i in rows], dummy).to(self.device),
+                                  topk_idx=helpers.cat_parts([self.cached[i][1] for i in rows], dummy).to(self.device))
         depths = self.matched[1]
         if self.cfg.alpha == 0 and not depths:  # plain SFT: the teacher is not needed in the loop
             return TeacherTargets()
@@ -380,14 +379,14 @@ class Trainer:
             row["on_policy"] = on_policy
         if self.cuda:
             row["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-        helpers._log(self.metrics_path, self.main, row)
+        helpers.log_row(self.metrics_path, self.main, row)
         return loss, tps
 
     # ---- final evaluation and outputs (main process) -------------------------------------------
     def save(self) -> dict[str, Any]:
         cfg = self.cfg
         after = self.evaluate()
-        helpers._log(self.metrics_path, self.main, {"step": self.total, "eval": after})
+        helpers.log_row(self.metrics_path, self.main, {"step": self.total, "eval": after})
         self.say(f"after: top-1 agreement {after['top1_agreement']:.3f}, KL {after['kl']:.3f}, ppl {after['student_ppl']:.1f} (teacher {after['teacher_ppl']:.1f})")
         result = {
             "format": "edgekd-distill",
@@ -410,7 +409,7 @@ class Trainer:
         }
         if self.main:
             helpers.save_student(self.accel.unwrap_model(self.wrapped).model, self.tok, self.teacher, self.out)
-            write_json(self.folder.result_json, result)  # last: its presence means the run is complete
+            self.folder.write_result(result)  # last: its presence means the run is complete
             shutil.rmtree(self.folder.checkpoints, ignore_errors=True)
         self.accel.wait_for_everyone()
         return result
