@@ -207,9 +207,10 @@ def distill(
     resume_from = Path(out) if resume and out else None
     cfg = resolve(config, flags, resume_from=resume_from)
     result = run_distill(cfg, resume=resume, overwrite=overwrite, console=err_console)
-    after = result["metrics"]["after"]
+    after, timing, steps = result["metrics"]["after"], result["timing"], result.get("steps") or 0
+    per_step = f"; {steps} steps, {timing['train_s'] / steps:.1f} s a step" if steps and timing.get("train_s") else ""
     console.print(Text.assemble(
-        ("done", "green"), f" in {result['timing']['wall_s']:.0f} s: {cfg.out} (held-out top-1 agreement "
+        ("done", "green"), f" in {timing['wall_s']:.0f} s{per_step}: {cfg.out} (held-out top-1 agreement "
         f"{after['top1_agreement']:.3f}, KL {after['kl']:.3f}, perplexity ratio {after['ppl_ratio']:.2f})"))
 
 
