@@ -89,6 +89,24 @@ for bundle in "$@"; do
   rows+=("$name")
 done
 
+# One contrib operator at a time (benchmarks/arm64_ops.py), here and on each emulated CPU, with and
+# without KleidiAI's kernels: which kernel answers otherwise on ARM, and which setting makes it agree.
+ops=runs/arm64/ops
+"$py" benchmarks/arm64_ops.py build "$ops" >/dev/null
+"$py" benchmarks/arm64_ops.py run "$ops" "$ops/x86.npz" >/dev/null
+rm -rf "$root/ops" && cp -r "$ops" "$root/ops" && cp benchmarks/arm64_ops.py "$root/ops/"
+runs=("$ops/x86.npz")
+for cpu in "${cpus[@]}"; do
+  tag=${cpu%%,*}; [[ $cpu == *sve=off* ]] && tag=$tag-nosve
+  QEMU_CPU=$cpu chroot "$root" /opt/edgekd/bin/python /ops/arm64_ops.py run /ops "/ops/arm64-$tag.npz" >/dev/null 2>&1
+  QEMU_CPU=$cpu chroot "$root" /opt/edgekd/bin/python /ops/arm64_ops.py run /ops "/ops/arm64-$tag-no-kleidiai.npz" \
+    --config mlas.disable_kleidiai=1 >/dev/null 2>&1
+  cp "$root/ops/arm64-$tag.npz" "$root/ops/arm64-$tag-no-kleidiai.npz" "$ops/"
+  runs+=("$ops/arm64-$tag.npz" "$ops/arm64-$tag-no-kleidiai.npz")
+done
+echo
+"$py" benchmarks/arm64_ops.py compare "$ops" "${runs[@]}"
+
 "$py" - "${rows[@]}" <<'PYEOF'
 import json, pathlib, sys
 print("\n| bundle | machine | top-1 vs golden | KL | greedy answers identical | mean common prefix |")

@@ -4,7 +4,7 @@ figures differ between the machines; alone:
 
     python benchmarks/arm64_ops.py build runs/arm64/ops            # here (needs onnx): the models + inputs
     python benchmarks/arm64_ops.py run runs/arm64/ops x86.npz      # on each machine (onnxruntime, numpy)
-    python benchmarks/arm64_ops.py compare runs/arm64/ops x86.npz arm64.npz
+    python benchmarks/arm64_ops.py compare runs/arm64/ops x86.npz arm64.npz   # (arm64_check.sh runs all three)
 
 Each model is one contrib operator a bundle uses, at SmolLM2-135M's shapes (hidden 576, MLP 1536,
 9 heads / 3 KV heads of 64), with random weights on the operator's grid and activations with a few
