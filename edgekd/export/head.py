@@ -298,13 +298,15 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     shared = pair.tied and head_prec == emb_prec and head_prec != "fp32"
     w = _Parts(settings.block_size, halves=settings.accuracy_level == 0)
     info: dict[str, Any] = {"tied": pair.tied, "kept_int4_grid": kept}
-    new_nodes, removed, head_parts = [], [], None
+    new_nodes: list = []
+    removed: list = []
+    head_parts: list[tuple[str, str, str, int]] = []
     if pair.head is not None and head_prec != "fp32":
         head_parts = w.quantized("shared_embedding" if shared else "lm_head", pair.head_w, BITS[head_prec])
         new_nodes.append((pair.head, _head_nodes(pair, head_parts, w, settings.accuracy_level)))
         removed += [pair.transpose] if pair.transpose is not None else []
     info["head"] = head_prec if head_parts else "fp32" if pair.head is not None else "not found"
-    info["int8_as_4bit_halves"] = bool(head_parts) and len(head_parts) > 1
+    info["int8_as_4bit_halves"] = len(head_parts) > 1
     info["embedding"], info["shared"] = emb_prec, bool(shared) and emb_prec != "fp32"
     if emb_prec != "fp32":
         parts = head_parts if shared else w.quantized("embedding", pair.emb, BITS[emb_prec], read_by_head=False)
