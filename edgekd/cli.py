@@ -208,7 +208,8 @@ def distill(
     cfg = resolve(config, flags, resume_from=resume_from)
     result = run_distill(cfg, resume=resume, overwrite=overwrite, console=err_console)
     after, timing, steps = result["metrics"]["after"], result["timing"], result.get("steps") or 0
-    per_step = f"; {steps} steps, {timing['train_s'] / steps:.1f} s a step" if steps and timing.get("train_s") else ""
+    per_step = (f"; {steps} step{'s' if steps != 1 else ''}, {(timing.get('train_s') or 0) / steps:.1f} s a step"
+                if steps else "")
     console.print(Text.assemble(
         ("done", "green"), f" in {timing['wall_s']:.0f} s{per_step}: {cfg.out} (held-out top-1 agreement "
         f"{after['top1_agreement']:.3f}, KL {after['kl']:.3f}, perplexity ratio {after['ppl_ratio']:.2f})"))
