@@ -70,6 +70,11 @@ class TaskFile:
                 raise UsageError(f"[distill] {key} cannot be set by a task (the task folder gives the data; --out is the user's)")
 
 
+def fill_prompt(template: str, text: str) -> str:
+    """``text`` where a task's ``prompt_template`` says ``{prompt}`` (a task record's template too)."""
+    return template.replace("{prompt}", text)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
@@ -90,7 +95,7 @@ class Task:
 
     def prompt(self, text: str) -> str:
         """One of the task's prompts as the model is asked it (``prompt_template``)."""
-        return self.spec.prompt_template.replace("{prompt}", text)
+        return fill_prompt(self.spec.prompt_template, text)
 
     def records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The task's own records (its train or held-out file) with their prompts templated."""

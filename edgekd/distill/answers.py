@@ -48,14 +48,14 @@ def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[l
         return records, {"source": "files", "files": [str(Path(f).resolve()) for f in cfg.data],
                          "sha256": file_digest(Path(f) for f in cfg.data)}
     path = Path(cfg.prompts) if cfg.prompts else task_of(cfg).train if cfg.task else _shipped(SHIPPED_TRAIN)
-    templated = task_of(cfg).prompt if cfg.task and not cfg.prompts else str  # the task's own file: its prompt_template
+    task = task_of(cfg) if cfg.task and not cfg.prompts else None  # the task's own file: its prompt_template
     if path.suffix.lower() != ".txt":
         given = read_records(path)
         if all(isinstance(r.get("response"), str) for r in given):
             given = given[: cfg.max_prompts] if cfg.max_prompts else given
-            given = [{**r, "prompt": templated(r["prompt"])} if "prompt" in r else r for r in given]
+            given = task.records(given) if task else given
             return given, {"source": "file responses", "prompts_file": str(path.resolve()), "prompts": len(given)}
-    prompts = [templated(p) for p in read_prompts(path)]
+    prompts = [task.prompt(p) for p in read_prompts(path)] if task else read_prompts(path)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
     records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training",

@@ -42,10 +42,12 @@ def record_truths(records: list[dict], task_folder: str | None, prompt_template:
     """Each record's own truth (``label`` or ``reference``); where the records carry none (a
     distillation's held-out split: the teacher's answers), the task's held-out file's, matched by
     prompt (as the task's ``prompt_template`` put it). None when nothing has one."""
+    from edgekd.tasks import fill_prompt
+
     truths = [r.get("label") or r.get("reference") for r in records]
     if not any(truths) and task_folder and (Path(task_folder) / "heldout.jsonl").is_file():
         try:
-            own = {prompt_template.replace("{prompt}", r["prompt"]): r.get("label") or r.get("reference")
+            own = {fill_prompt(prompt_template, r["prompt"]): r.get("label") or r.get("reference")
                    for r in load_records(Path(task_folder) / "heldout.jsonl")}
         except UsageError:
             return None
