@@ -67,8 +67,14 @@ class QuantizeHeadEmbedding:
     # "standard" (Gather of the same packed rows and scales, dequantized by standard operators: what
     # onnxruntime-web's WebGPU build runs, which registers no GatherBlockQuantized on WebAssembly)
     gather: Literal["block_quantized", "standard"] = "block_quantized"
+    # > 0: the head's k highest logits recomputed exactly (fp32 activations, the same quantized rows)
+    # after the head ran as one node at accuracy_level: greedy and top-k answers of an fp32-activation
+    # head at the speed of an int8-activation one (docs/export.md, "The head, rescored")
+    rescore_top_k: int = 0
 
     def __post_init__(self):
+        _check(0 <= self.rescore_top_k <= 1024,
+               f"quantize_head_embedding.rescore_top_k = {self.rescore_top_k}: use 0 (off) to 1024 (20 is the usual)")
         _check(self.accuracy_level in (0, 1, 2, 3, 4),
                f"quantize_head_embedding.accuracy_level = {self.accuracy_level}: use 0, 1, 2, 3 or 4")
         _check(_power_of_two(self.block_size) and self.block_size >= 16,

@@ -143,13 +143,14 @@ def test_cpu_bundle_quantizes_head_and_embedding_once(bundles):
 
     model = onnx.load(str(bundles["cpu"] / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    # the tied int8 matrix, at fp32 activations: its two 4-bit halves, which the head and the embedding both read
-    assert ops.count("GatherBlockQuantized") == 2 and "MatMul" not in [
+    # the tied int8 matrix, stored once: the head reads it (int8 activations), the embedding and the
+    # head's exact rescoring of its top 20 gather rows of it
+    assert ops.count("GatherBlockQuantized") == 2 and ops.count("TopK") == 1 and "MatMul" not in [
         n.op_type for n in model.graph.node if any(i.endswith("weight") for i in n.input)
     ]
     vocab_rows = [t for t in model.graph.initializer if t.dims and t.dims[0] == 384]
-    assert sorted((t.name, t.data_type, list(t.dims)) for t in vocab_rows) == [  # stored once: 384 x 64 nibbles twice
-        ("shared_embedding.hi_q4", onnx.TensorProto.UINT8, [384, 2, 16]), ("shared_embedding.lo_q4", onnx.TensorProto.UINT8, [384, 2, 16])]
+    assert sorted((t.name, t.data_type, list(t.dims)) for t in vocab_rows) == [  # stored once: 384 x 64 bytes
+        ("shared_embedding.q8", onnx.TensorProto.UINT8, [384, 2, 32])]
     assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 64 * 64
                    for t in model.graph.initializer)  # no fp32 weight matrix left (the rotary tables are folded at load)
 

@@ -118,7 +118,7 @@ def test_untied_head_and_embedding_are_quantized_separately(tmp_path):
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "q" / "model.onnx",
                                               dataclasses.replace(QuantizeHeadEmbedding(), head="int8"), None)
     assert info == {"tied": False, "head": "int8", "embedding": "int8", "shared": False, "kept_int4_grid": [],
-                    "int8_as_4bit_halves": True, "gather": "block_quantized"}  # accuracy_level 0 by default: fp32 activations
+                    "int8_as_4bit_halves": True, "rescore_top_k": 0, "gather": "block_quantized"}  # accuracy_level 0 by default: fp32 activations
     got, _ = ort_forward(session(tmp_path / "q" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 0.1
 
@@ -155,6 +155,38 @@ def test_an_int8_head_at_fp32_activations_is_two_exact_4bit_halves(tmp_path, tie
     assert np.abs(got - want).max() <= 1e-4
     size = {level: sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) for level, (_, path) in runs.items()}
     assert size[0] <= size[4] * 1.02
+
+
+@pytest.mark.parametrize("tied, gather", [(True, "block_quantized"), (False, "block_quantized"), (True, "standard")])
+def test_a_rescored_head_answers_as_the_fp32_activation_head(tmp_path, tied, gather):
+    """``rescore_top_k``: the head runs as one int8-activation node, then its k highest logits are
+    recomputed from the same quantized rows at fp32 activations. The argmax at every position, and
+    the value of every rescored logit, are the fp32-activation head's (two exact halves); the rest
+    keep the fast head's values; the matrix is still stored once."""
+    import onnx
+    from conftest import build_model, tiny_llama_config
+
+    model = build_model(tiny_llama_config(layers=1, tie_word_embeddings=tied))
+    src = export_onnx(model, tmp_path / "fp32", 17)
+    facts = model_facts(model.config)
+    ids = np.array([[1, 2, 3, 4, 250, 17, 383, 9]], dtype=np.int64)
+    out = {}
+    for name, level, k in (("halves", 0, 0), ("rescored", 4, 5)):
+        dst = tmp_path / name / "model.onnx"
+        settings = dataclasses.replace(QuantizeHeadEmbedding(), accuracy_level=level, rescore_top_k=k, gather=gather)
+        info = STEPS["quantize_head_embedding"].fn(src, dst, settings, None)
+        assert info["rescore_top_k"] == k and info["shared"] == tied
+        out[name] = ort_forward(session(dst), ids, None, facts)[0][0], onnx.load(str(dst))
+    (want, _), (got, graph) = out["halves"], out["rescored"]
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 1 and ops.count("TopK") == 1 and ops.count("ScatterElements") == 1
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+    for pos in range(len(got)):
+        top = np.argsort(-got[pos])[:5]
+        assert np.abs(got[pos, top] - want[pos, top]).max() <= 1e-4
+    assert 0 < np.abs(got - want).max() <= 0.1  # the others: the int8-activation head's values
+    sizes = [sum(len(t.raw_data) for t in m.graph.initializer) for _, m in out.values()]
+    assert sizes[1] <= sizes[0] * 1.01
 
 
 @pytest.mark.parametrize("tied, precision, level", [(True, "int8", 0), (True, "int4", 0), (False, "int8", 4)])
@@ -230,7 +262,7 @@ def test_a_head_on_the_int4_grid_is_kept_at_int4_exactly(tmp_path):
     step = STEPS["quantize_head_embedding"].fn
     info = step(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
     assert info == {"tied": True, "head": "int4", "embedding": "int4", "shared": True, "kept_int4_grid": ["head", "embedding"],
-                    "int8_as_4bit_halves": False, "gather": "block_quantized"}
+                    "int8_as_4bit_halves": False, "rescore_top_k": 0, "gather": "block_quantized"}
     got, _ = ort_forward(session(tmp_path / "k" / "model.onnx"), ids, None, facts)
     assert np.abs(got - want).max() <= 1e-4
     info = step(src, tmp_path / "r" / "model.onnx", QuantizeHeadEmbedding(keep_grid=False), None)
@@ -253,7 +285,7 @@ def test_an_untied_head_on_the_int4_grid_is_kept_alone(tmp_path):
     src = export_onnx(model, tmp_path / "fp32", 17)
     info = STEPS["quantize_head_embedding"].fn(src, tmp_path / "k" / "model.onnx", QuantizeHeadEmbedding(), None)
     assert info == {"tied": False, "head": "int4", "embedding": "int8", "shared": False, "kept_int4_grid": ["head"],
-                    "int8_as_4bit_halves": False, "gather": "block_quantized"}
+                    "int8_as_4bit_halves": False, "rescore_top_k": 0, "gather": "block_quantized"}
 
 
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):

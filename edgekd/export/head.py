@@ -78,8 +78,9 @@ def _reads_input_ids(name: str, producers: dict) -> bool:
 
 
 def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int, zero: bool, out: str, name: str,
-                     kb: int, block_size: int) -> tuple[list, list]:
-    """GatherBlockQuantized's rows ``(batch, seq, kb, block)`` from standard operators: Gather the
+                     kb: int, block_size: int, ids_rank: int = 2) -> tuple[list, list]:
+    """GatherBlockQuantized's rows ``(*ids.shape, kb, block)`` (``ids`` of rank ``ids_rank``) from
+    standard operators: Gather the
     packed rows of ``data`` (vocab, kb, block*bits/8) and of the scales, split 4-bit bytes into their
     nibbles (low first) with Mod and Div, subtract the zero point (0 where ``zero``: a lower half of
     an int8 matrix; else 2**(bits-1)) and scale. Same initializers, so a tied head still shares them."""
@@ -88,7 +89,7 @@ def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int,
 
     P = name
     inits = [numpy_helper.from_array(np.array(0.0 if zero else 2.0 ** (bits - 1), np.float32), f"{P}.zero"),
-             numpy_helper.from_array(np.array([0, 0, kb, block_size], np.int64), f"{P}.blocks_shape")]
+             numpy_helper.from_array(np.array([0] * ids_rank + [kb, block_size], np.int64), f"{P}.blocks_shape")]
     nodes = [helper.make_node("Gather", [data, ids], [f"{P}.rows"], axis=0, name=f"{P}/Gather")]
     rows = f"{P}.rows"
     if bits == 4:
@@ -203,6 +204,7 @@ class _Parts:
         self.block_size, self.halves = block_size, halves
         self.inits: list = []
         self.first: list = []
+        self._gather_scales: dict[str, str] = {}
 
     def quantized(self, tag: str, rows_w, bits: int, read_by_head: bool = True) -> list[tuple[str, str, str, int]]:
         """The matrix as parts ``(data, scales, zero points or "", bits)`` whose sum it is (an
@@ -223,6 +225,26 @@ class _Parts:
         self.first.extend(half_nodes)
         return [(data, scales, "zero" if zero else "", 4) for data, scales, zero in parts]
 
+    def scales_shape(self, vocab: int, kb: int) -> str:
+        """The shape (vocab, kb, 1) a Gather reads a matrix's flat scales in, as an initializer."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        name = f"gather_scales_shape_{vocab}x{kb}"
+        if not any(t.name == name for t in self.inits):
+            self.inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), name))
+        return name
+
+    def gather_scales(self, scales: str, vocab: int, kb: int) -> str:
+        """``scales`` reshaped (vocab, kb, 1) for GatherBlockQuantized, by one node on constants
+        however many gathers read it (the embedding's and the rescoring's)."""
+        from onnx import helper
+
+        if scales not in self._gather_scales:
+            out = self._gather_scales[scales] = f"{scales}.gather_shape"
+            self.first.append(helper.make_node("Reshape", [scales, self.scales_shape(vocab, kb)], [out], name=f"{scales}/gather_shape"))
+        return self._gather_scales[scales]
+
     def zeros(self, name: str, shape: list[int]) -> str:
         zp_inits, zp_nodes = zero_points(name, shape)
         self.inits.extend(zp_inits)
@@ -236,20 +258,57 @@ def _summed(parts_out: list[str], out: str, name: str) -> list:
     return [] if len(parts_out) == 1 else [helper.make_node("Add", parts_out, [out], name=name)]
 
 
-def _head_nodes(pair: _Pair, parts: list, w: _Parts, accuracy_level: int) -> list:
-    """MatMulNBits for each part of the head's matrix, summed into the head's output."""
+def _head_nodes(pair: _Pair, parts: list, w: _Parts, settings) -> list:
+    """MatMulNBits for each part of the head's matrix, summed into the head's output (or, with
+    ``rescore_top_k``, into the logits :func:`_rescore_nodes` recomputes the highest of)."""
     from onnx import helper
 
     head, vocab, hidden, bs = pair.head, pair.vocab, pair.hidden, w.block_size
     kb = hidden // bs
-    outs = list(head.output) if len(parts) == 1 else [f"{head.output[0]}.part{j}" for j in range(len(parts))]
+    logits = head.output[0] + (".approx" if settings.rescore_top_k else "")
+    outs = [logits] if len(parts) == 1 else [f"{head.output[0]}.part{j}" for j in range(len(parts))]
     nodes = [helper.make_node("MatMulNBits", [head.input[0], data, scales]
                               + ([w.zeros(f"{data}.zero_points", [vocab * ((kb + 1) // 2)])] if zp else []),
                               [o], name=head.name + "_Q" + (f"_{j}" if len(parts) > 1 else ""), domain="com.microsoft",
                               K=int(hidden), N=int(vocab), bits=b, block_size=bs,
-                              accuracy_level=0 if len(parts) > 1 else accuracy_level)
+                              accuracy_level=0 if len(parts) > 1 else settings.accuracy_level)
              for j, ((data, scales, zp, b), o) in enumerate(zip(parts, outs))]
-    return nodes + _summed(outs, head.output[0], head.name + "_halves")
+    nodes += _summed(outs, logits, head.name + "_halves")
+    if settings.rescore_top_k:
+        nodes += _rescore_nodes(pair, parts[0], w, settings.rescore_top_k, settings.gather)
+    return nodes
+
+
+def _rescore_nodes(pair: _Pair, part: tuple, w: _Parts, k: int, gather_kind: str) -> list:
+    """The head's ``k`` highest logits recomputed at fp32 activations, written over the approximate
+    ones: TopK of the head's output ``(b, s, vocab)``, the quantized rows of those tokens gathered
+    and dequantized ``(b, s, k, hidden)``, each dotted with the hidden state (MatMul), scattered
+    back (ScatterElements). The answer's token and the top-k a sampler reads are then what an
+    fp32-activation head gives (up to the order of the sum); the rest keep the fast head's values."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    head, vocab, hidden, bs = pair.head, pair.vocab, pair.hidden, w.block_size
+    data, scales, _, bits = part
+    kb, P, logits = hidden // bs, head.name + "_rescore", head.output[0]
+    w.inits += [numpy_helper.from_array(np.array([k], np.int64), f"{P}.k"),
+                numpy_helper.from_array(np.array([0, 0, 0, hidden], np.int64), f"{P}.rows_shape"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{P}.last")]
+    if gather_kind == "standard":
+        nodes, inits = _standard_gather(data, scales, w.scales_shape(vocab, kb), f"{P}.ids", bits, False, f"{P}.blocks",
+                                        f"{P}/rows", kb, bs, ids_rank=3)
+        w.inits += inits
+    else:
+        nodes = [helper.make_node("GatherBlockQuantized", [data, f"{P}.ids", w.gather_scales(scales, vocab, kb)], [f"{P}.blocks"],
+                                  name=f"{P}/rows", domain="com.microsoft", bits=bits, block_size=bs, gather_axis=0, quantize_axis=2)]
+    return [helper.make_node("TopK", [f"{logits}.approx", f"{P}.k"], [f"{P}.values", f"{P}.ids"], axis=-1, name=f"{P}/TopK"),
+            *nodes,
+            helper.make_node("Reshape", [f"{P}.blocks", f"{P}.rows_shape"], [f"{P}.rows"], name=f"{P}/Reshape"),
+            helper.make_node("Unsqueeze", [head.input[0], f"{P}.last"], [f"{P}.column"], name=f"{P}/Unsqueeze"),
+            helper.make_node("MatMul", [f"{P}.rows", f"{P}.column"], [f"{P}.exact1"], name=f"{P}/MatMul"),
+            helper.make_node("Squeeze", [f"{P}.exact1", f"{P}.last"], [f"{P}.exact"], name=f"{P}/Squeeze"),
+            helper.make_node("ScatterElements", [f"{logits}.approx", f"{P}.ids", f"{P}.exact"], [logits], axis=-1,
+                             name=f"{P}/Scatter")]
 
 
 def _embedding_nodes(pair: _Pair, parts: list, w: _Parts, gather_kind: str) -> list:
@@ -260,8 +319,7 @@ def _embedding_nodes(pair: _Pair, parts: list, w: _Parts, gather_kind: str) -> l
 
     gather, vocab, hidden, bs = pair.gather, pair.vocab, pair.hidden, w.block_size
     kb = hidden // bs
-    shape_3d, shape_out = f"{pair.emb_name}.scales_shape", f"{pair.emb_name}.out_shape"
-    w.inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), shape_3d))
+    shape_3d, shape_out = w.scales_shape(vocab, kb), f"{pair.emb_name}.out_shape"
     w.inits.append(numpy_helper.from_array(np.array([0, 0, hidden], dtype=np.int64), shape_out))
     out = gather.output[0]
     blocks = [f"{out}.blocks{j}" for j in range(len(parts))]
@@ -273,9 +331,8 @@ def _embedding_nodes(pair: _Pair, parts: list, w: _Parts, gather_kind: str) -> l
             nodes += part_nodes
             w.inits.extend(part_inits)
             continue
-        nodes += [helper.make_node("Reshape", [scales, shape_3d], [f"{scales}.gather_shape"], name=f"{gather.name}_scales{j}"),
-                  helper.make_node("GatherBlockQuantized",
-                                   [data, gather.input[1], f"{scales}.gather_shape"]
+        nodes += [helper.make_node("GatherBlockQuantized",
+                                   [data, gather.input[1], w.gather_scales(scales, vocab, kb)]
                                    + ([w.zeros(f"{data}.gather_zero_points", [vocab, kb, 1])] if zp else []),
                                    [blocks[j]], name=gather.name + "_Q" + (f"_{j}" if len(parts) > 1 else ""),
                                    domain="com.microsoft", bits=b, block_size=bs, gather_axis=0, quantize_axis=2)]
@@ -296,17 +353,18 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     pair = _find_pair(model.graph, settings.block_size)
     head_prec, emb_prec, kept = _precisions(pair, settings)
     shared = pair.tied and head_prec == emb_prec and head_prec != "fp32"
-    w = _Parts(settings.block_size, halves=settings.accuracy_level == 0)
+    w = _Parts(settings.block_size, halves=settings.accuracy_level == 0 and not settings.rescore_top_k)
     info: dict[str, Any] = {"tied": pair.tied, "kept_int4_grid": kept}
     new_nodes: list = []
     removed: list = []
     head_parts: list[tuple[str, str, str, int]] = []
     if pair.head is not None and head_prec != "fp32":
         head_parts = w.quantized("shared_embedding" if shared else "lm_head", pair.head_w, BITS[head_prec])
-        new_nodes.append((pair.head, _head_nodes(pair, head_parts, w, settings.accuracy_level)))
+        new_nodes.append((pair.head, _head_nodes(pair, head_parts, w, settings)))
         removed += [pair.transpose] if pair.transpose is not None else []
     info["head"] = head_prec if head_parts else "fp32" if pair.head is not None else "not found"
     info["int8_as_4bit_halves"] = len(head_parts) > 1
+    info["rescore_top_k"] = settings.rescore_top_k if head_parts else 0
     info["embedding"], info["shared"] = emb_prec, bool(shared) and emb_prec != "fp32"
     if emb_prec != "fp32":
         parts = head_parts if shared else w.quantized("embedding", pair.emb, BITS[emb_prec], read_by_head=False)
