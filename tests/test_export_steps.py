@@ -157,8 +157,9 @@ def test_an_int8_head_at_fp32_activations_is_two_exact_4bit_halves(tmp_path, tie
     assert size[0] <= size[4] * 1.02
 
 
-@pytest.mark.parametrize("tied, gather", [(True, "block_quantized"), (False, "block_quantized"), (True, "standard")])
-def test_a_rescored_head_answers_as_the_fp32_activation_head(tmp_path, tied, gather):
+@pytest.mark.parametrize("tied, gather, precision", [(True, "block_quantized", "int8"), (False, "block_quantized", "int8"),
+                                                     (True, "standard", "int8"), (True, "block_quantized", "int4")])
+def test_a_rescored_head_answers_as_the_fp32_activation_head(tmp_path, tied, gather, precision):
     """``rescore_top_k``: the head runs as one int8-activation node, then its k highest logits are
     recomputed from the same quantized rows at fp32 activations. The argmax at every position, and
     the value of every rescored logit, are the fp32-activation head's (two exact halves); the rest
@@ -173,7 +174,8 @@ def test_a_rescored_head_answers_as_the_fp32_activation_head(tmp_path, tied, gat
     out = {}
     for name, level, k in (("halves", 0, 0), ("rescored", 4, 5)):
         dst = tmp_path / name / "model.onnx"
-        settings = dataclasses.replace(QuantizeHeadEmbedding(), accuracy_level=level, rescore_top_k=k, gather=gather)
+        settings = dataclasses.replace(QuantizeHeadEmbedding(), head=precision, embedding=precision, accuracy_level=level,
+                                       rescore_top_k=k, gather=gather)
         info = STEPS["quantize_head_embedding"].fn(src, dst, settings, None)
         assert info["rescore_top_k"] == k and info["shared"] == tied
         out[name] = ort_forward(session(dst), ids, None, facts)[0][0], onnx.load(str(dst))
@@ -184,7 +186,7 @@ def test_a_rescored_head_answers_as_the_fp32_activation_head(tmp_path, tied, gat
     for pos in range(len(got)):
         top = np.argsort(-got[pos])[:5]
         assert np.abs(got[pos, top] - want[pos, top]).max() <= 1e-4
-    assert 0 < np.abs(got - want).max() <= 0.1  # the others: the int8-activation head's values
+    assert 0 < np.abs(got - want).max() <= 0.1  # the others: the int8-activation head's values (an int4 head's, at fp32: the halves' place)
     sizes = [sum(len(t.raw_data) for t in m.graph.initializer) for _, m in out.values()]
     assert sizes[1] <= sizes[0] * 1.01
 

@@ -83,6 +83,36 @@ def test_unknown_loss_is_a_usage_error():
         LossSpec(loss="kld")
 
 
+def test_a_losss_hyperparameters_come_from_its_signature_to_the_chunk_loss():
+    """A loss declares its hyperparameters once, as keywords of its function; the trainer reads the
+    config fields of those names (``hyperparameters``) and the chunk loss passes them on."""
+    import types
+
+    from edgekd.distill.losses import HYPERPARAMETERS, chunk_loss, divergence, hyperparameters
+
+    assert HYPERPARAMETERS["jsd"] == ("beta",) and HYPERPARAMETERS["skl"] == ("skew",) and HYPERPARAMETERS["fkl"] == ()
+    assert hyperparameters("jsd", DistillConfig(beta=0.3)) == (("beta", 0.3),)
+    with pytest.raises(UsageError, match="loss 'fkl' takes no beta"):
+        LossSpec("fkl", params=(("beta", 0.3),))
+
+    @divergence("scaled_fkl_test")
+    def scaled(student_logp, teacher_logp, scale: float = 1.0, **_):
+        return scale * DIVERGENCES["fkl"](student_logp, teacher_logp)
+
+    try:
+        torch.manual_seed(2)
+        s, t = torch.randn(6, 9), torch.randn(6, 9)
+        labels = torch.zeros(6, dtype=torch.long)
+        spec = LossSpec("scaled_fkl_test", params=hyperparameters("scaled_fkl_test", types.SimpleNamespace(scale=3.0)))
+        got, _ = chunk_loss(s, labels, ("full", t, None), spec)
+        want, _ = chunk_loss(s, labels, ("full", t, None), LossSpec("fkl"))
+        assert got.item() == pytest.approx(3.0 * want.item(), rel=1e-5)
+        jsd = chunk_loss(s, labels, ("full", t, None), LossSpec("jsd", params=(("beta", 0.25),)))[0]
+        assert jsd.item() == pytest.approx(DIVERGENCES["jsd"](F.log_softmax(s, -1), F.log_softmax(t, -1), beta=0.25).sum().item(), rel=1e-5)
+    finally:
+        del DIVERGENCES["scaled_fkl_test"], HYPERPARAMETERS["scaled_fkl_test"]
+
+
 def test_topk_tail_bucket_by_hand():
     teacher = torch.tensor([[0.5, 0.3, 0.2]]).log()
     student = torch.tensor([[0.2, 0.4, 0.4]]).log()

@@ -27,6 +27,7 @@ logits of teacher and student never all exist at once, in forward or backward.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 
@@ -37,16 +38,30 @@ from edgekd.errors import UsageError
 
 Divergence = Callable[..., torch.Tensor]
 DIVERGENCES: dict[str, Divergence] = {}
+# each divergence's hyperparameters, read from its signature: the keywords it takes after the two
+# distributions (``beta`` for jsd). The trainer passes a loss the config fields of those names.
+HYPERPARAMETERS: dict[str, tuple[str, ...]] = {}
 
 
 def divergence(name: str) -> Callable[[Divergence], Divergence]:
-    """Register a divergence under the name ``--loss`` uses."""
+    """Register a divergence under the name ``--loss`` uses. Its hyperparameters are the keyword
+    parameters with defaults in its signature; a new one needs only a field of the same name in
+    ``DistillConfig`` (and, for a flag, a line in the CLI)."""
 
     def deco(fn: Divergence) -> Divergence:
         DIVERGENCES[name] = fn
+        HYPERPARAMETERS[name] = tuple(p.name for p in inspect.signature(fn).parameters.values()
+                                      if p.default is not inspect.Parameter.empty)
         return fn
 
     return deco
+
+
+def hyperparameters(loss: str, source) -> tuple[tuple[str, float], ...]:
+    """The hyperparameters loss ``loss`` declares, with their values read from ``source`` (a
+    ``DistillConfig``) where it has them: ``(("beta", 0.5),)`` for jsd."""
+    get_divergence(loss)
+    return tuple((name, getattr(source, name)) for name in HYPERPARAMETERS[loss] if hasattr(source, name))
 
 
 def kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -145,8 +160,7 @@ class LossSpec:
     loss: str = "fkl"
     alpha: float = 1.0  # weight of the divergence; 1 - alpha goes to cross-entropy on the labels
     temperature: float = 1.0
-    beta: float = 0.5
-    skew: float = 0.1
+    params: tuple[tuple[str, float], ...] = ()  # the divergence's hyperparameters (``hyperparameters``); unset: its defaults
     vocab: int | None = None  # compare only the first `vocab` logits (teacher and student padded differently)
     # A labelled task's decision (``label_decision_kl``): token ids per label, and the term's weight.
     label_groups: tuple[tuple[int, ...], ...] = ()
@@ -156,6 +170,9 @@ class LossSpec:
 
     def __post_init__(self):
         get_divergence(self.loss)
+        unknown = [name for name, _ in self.params if name not in HYPERPARAMETERS[self.loss]]
+        if unknown:
+            raise UsageError(f"loss {self.loss!r} takes no {', '.join(unknown)}: it takes {', '.join(HYPERPARAMETERS[self.loss]) or 'none'}")
 
 
 @dataclasses.dataclass
@@ -267,7 +284,7 @@ def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec
             t_group = _teacher_group_logp(kind, t_val / T if kind == "full" else t_val, t_idx, spec.label_groups)
             full_s = F.log_softmax(student_logits / T, -1)
             total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups, hard=spec.label_hard).sum()
-        div = get_divergence(spec.loss)(s_logp, t_logp, beta=spec.beta, skew=spec.skew)
+        div = get_divergence(spec.loss)(s_logp, t_logp, **dict(spec.params))
         total = total + spec.alpha * T * T * div.sum()
     elif kind == "none":
         t_top1 = None

@@ -45,7 +45,7 @@ from edgekd.distill.data import (
     untarget_common_prefix,
 )
 from edgekd.distill.generate import generate_answers
-from edgekd.distill.losses import LossSpec, TeacherTargets
+from edgekd.distill.losses import LossSpec, TeacherTargets, hyperparameters
 from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
 from edgekd.errors import EdgekdError, UsageError
@@ -200,7 +200,7 @@ class Trainer:
     def prepare_targets(self) -> None:
         cfg = self.cfg
         groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
-        self.spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, cfg.beta, cfg.skew, vocab=self.student.vocab,
+        self.spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, hyperparameters(cfg.loss, cfg), vocab=self.student.vocab,
                              label_groups=groups, label_weight=cfg.label_loss if groups else 0.0, label_hard=cfg.label_hard, hidden_weight=cfg.hidden_loss)
         self.cached = None
         if cfg.cache_teacher and not cfg.hidden_loss:  # intermediate states are not cached: the teacher runs in the loop
