@@ -9,10 +9,12 @@ answer position (kept from the teacher's own generation logits, or a cache pass 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,10 +39,26 @@ def _shipped(relative: str) -> Path:
     return resource(relative)
 
 
-def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[list[dict], dict]:
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """What the teacher's passes over a distill run's data read: its settings, its folder, the
+    teacher and its tokenizer, the teacher's fingerprint (answers and caches are keyed by it), the
+    processes (accelerate's) and where progress is said."""
+
+    cfg: DistillConfig
+    out: Path
+    teacher: Any
+    tok: Any
+    fingerprint: str
+    accel: Any
+    say: Callable[..., None]
+
+
+def training_records(run: TeacherRun) -> tuple[list[dict], dict]:
     """The training records: ``--data`` files as they are, or teacher answers to ``--prompts``
     (default: the task's train.jsonl, else the shipped prompts), generated once and cached in
     ``data/train.jsonl``. A prompts file whose every record has a response is used as it is."""
+    cfg = run.cfg
     if cfg.data:
         records = []
         for f in cfg.data:
@@ -58,14 +76,13 @@ def training_records(cfg, out, teacher, tok, fingerprint, accel, say) -> tuple[l
     prompts = [task.prompt(p) for p in read_prompts(path)] if task else read_prompts(path)
     if cfg.max_prompts:
         prompts = prompts[: cfg.max_prompts]
-    records = teacher_answers(cfg, out / "data" / "train.jsonl", prompts, teacher, tok, fingerprint, accel, say, "training",
-                              capture=captures_topk(cfg))
+    records = teacher_answers(run, run.out / "data" / "train.jsonl", prompts, "training", capture=captures_topk(cfg))
     info = {"source": "teacher answers", "prompts_file": str(path.resolve()), "prompts": len(prompts),
             "finished_answers": sum(r["finished"] for r in records)}
     if captures_topk(cfg):
-        info["answers_key"] = answers_key(cfg, fingerprint, prompts)
+        info["answers_key"] = answers_key(cfg, run.fingerprint, prompts)
     if cfg.task and task_of(cfg).labels:
-        info["answers_without_label"] = check_labels(records, task_of(cfg).labels, say)
+        info["answers_without_label"] = check_labels(records, task_of(cfg).labels, run.say)
     return records, info
 
 
@@ -88,9 +105,10 @@ def check_labels(records: list[dict], labels, say) -> int:
     return missing
 
 
-def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list[dict]:
+def heldout_records_for(run: TeacherRun) -> list[dict]:
     """Held-out ``{"prompt", "response"}`` records in ``data/heldout.jsonl``: the file's own
     responses when it has them, else the teacher's answers. Never trained on."""
+    cfg = run.cfg
     path = Path(cfg.heldout) if cfg.heldout else task_of(cfg).heldout if cfg.task else _shipped(SHIPPED_HELDOUT)
     records = read_records(path)
     for n, r in enumerate(records, 1):
@@ -102,11 +120,11 @@ def heldout_records_for(cfg, out, teacher, tok, fingerprint, accel, say) -> list
         records = records[: cfg.max_heldout]
     if all("response" in r for r in records):
         records = [{"prompt": r["prompt"], "response": r["response"], "finished": r.get("finished", True)} for r in records]
-        if accel.is_main_process:
-            _write_jsonl(out / HELDOUT, records)
-        accel.wait_for_everyone()
+        if run.accel.is_main_process:
+            _write_jsonl(run.out / HELDOUT, records)
+        run.accel.wait_for_everyone()
         return records
-    return teacher_answers(cfg, out / HELDOUT, [r["prompt"] for r in records], teacher, tok, fingerprint, accel, say, "held-out")
+    return teacher_answers(run, run.out / HELDOUT, [r["prompt"] for r in records], "held-out")
 
 
 def answers_key(cfg, fingerprint: str, prompts: list[str]) -> str:
@@ -122,12 +140,12 @@ def captures_topk(cfg) -> bool:
     return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0 and not cfg.hidden_loss
 
 
-def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerprint, accel, say, what: str,
-                    capture: bool = False) -> list[dict]:
+def teacher_answers(run: TeacherRun, path: Path, prompts: list[str], what: str, capture: bool = False) -> list[dict]:
     """Teacher answers to ``prompts`` in ``path`` (jsonl), reused when its key matches. ``capture``:
     keep the teacher's top-k log-probs of every answer position, read off the generation's own
     logits, in ``<path folder>/topk/`` (the teacher cache's format, keyed by the answers' key)."""
-    key = answers_key(cfg, fingerprint, prompts)
+    cfg, teacher, accel, say = run.cfg, run.teacher, run.accel, run.say
+    key = answers_key(cfg, run.fingerprint, prompts)
     meta = path.with_suffix(".key")
     if path.is_file() and meta.is_file() and meta.read_text().strip() == key:
         say(f"reusing the teacher's {what} answers in {path}")
@@ -144,7 +162,7 @@ def teacher_answers(cfg, path: Path, prompts: list[str], teacher, tok, fingerpri
             progress.update(task, advance=n, tps=done_tokens / max(time.time() - t0, 1e-9))
 
         answers, truncated = generate_answers(
-            teacher, tok, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
+            teacher, run.tok, [prompts[i] for i in mine], max_new_tokens=cfg.max_new_tokens, temperature=cfg.gen_temperature,
             top_p=cfg.gen_top_p, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1000 * rank,
             max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens), on_batch=on_batch,
             keep_topk=cfg.top_k if capture else 0, kd_temperature=cfg.temperature,
@@ -196,28 +214,29 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [rec for _, rec in iter_jsonl(path)]
 
 
-def captured_cache(out: Path, data_info: dict, records: list[dict], examples: list[Example], vocab: int, k: int, say):
+def captured_cache(run: TeacherRun, data_info: dict, records: list[dict], examples: list[Example], vocab: int):
     """The teacher's top-k kept while it wrote the answers, when it covers exactly these examples
     (one per record, targets on the generated tokens, same vocabulary), else None."""
     key = data_info.get("answers_key")
     if not key or len(examples) != len(records):
         return None
-    table = tcache.load(out / "data" / "topk", key, len(examples))
+    table = tcache.load(run.out / "data" / "topk", key, len(examples))
     if table is None:
         return None
     for i, (ex, rec) in enumerate(zip(examples, records)):
         logp, idx = table[i]
-        if logp.shape[0] != ex.n_targets or len(rec.get("answer_ids") or ()) != ex.n_targets or logp.shape[1] != min(k, vocab) \
+        if logp.shape[0] != ex.n_targets or len(rec.get("answer_ids") or ()) != ex.n_targets or logp.shape[1] != min(run.cfg.top_k, vocab) \
                 or (idx.numel() and int(idx.max()) >= vocab):
             return None
-    say("teacher cache: the top-k kept while the teacher wrote the answers (no second teacher pass)")
+    run.say("teacher cache: the top-k kept while the teacher wrote the answers (no second teacher pass)")
     return table
 
 
-def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab, accel, device, say):
+def teacher_cache(run: TeacherRun, examples: list[Example], vocab: int, device):
     """Load the teacher-logit cache for these examples, or build it (each process its share)."""
-    key = tcache.cache_key(fingerprint, examples_digest(examples), cfg.top_k, cfg.temperature, vocab)
-    folder = out / "cache"
+    cfg, accel, say = run.cfg, run.accel, run.say
+    key = tcache.cache_key(run.fingerprint, examples_digest(examples), cfg.top_k, cfg.temperature, vocab)
+    folder = run.out / "cache"
     table = tcache.load(folder, key, len(examples))
     if table is not None:
         say(f"teacher cache: reusing {folder}")
@@ -232,7 +251,7 @@ def teacher_cache(cfg, out, teacher, examples: list[Example], fingerprint, vocab
 
     with progress_bar(accel.is_main_process, None, tokens=True) as progress:
         task = progress.add_task("teacher cache (top-k)", total=len(mine), loss=float("nan"), tps=0.0)
-        part = tcache.teacher_topk(teacher, examples, mine, k=cfg.top_k, temperature=cfg.temperature, vocab=vocab,
+        part = tcache.teacher_topk(run.teacher, examples, mine, k=cfg.top_k, temperature=cfg.temperature, vocab=vocab,
                                    batch_size=max(cfg.batch_size, 8), chunk_size=cfg.chunk_size, device=device,
                                    on_batch=advance)
     tcache.write_part(folder, key, rank, world, part)

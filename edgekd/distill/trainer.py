@@ -134,9 +134,9 @@ class Trainer:
     def prepare_data(self) -> None:
         cfg, say = self.cfg, self.say
         t0 = time.time()
-        args = (cfg, self.out, self.teacher, self.tok, self.fingerprint, self.accel, say)
-        self.records, self.data_info = answers.training_records(*args)
-        heldout_records = answers.heldout_records_for(*args)
+        self.teacher_run = answers.TeacherRun(cfg, self.out, self.teacher, self.tok, self.fingerprint, self.accel, say)
+        self.records, self.data_info = answers.training_records(self.teacher_run)
+        heldout_records = answers.heldout_records_for(self.teacher_run)
         self.timings["teacher_answers_s"] = round(time.time() - t0, 1)
         self.examples, self.summary = encode_records(self.tok, self.records, cfg.max_length, cfg.train_on_prompt)
         if cfg.train_on_prompt:  # the prompts' own text carries loss; what they all share does not
@@ -205,11 +205,9 @@ class Trainer:
         self.cached = None
         if cfg.cache_teacher and not cfg.hidden_loss:  # intermediate states are not cached: the teacher runs in the loop
             t0 = time.time()
-            self.cached = answers.captured_cache(self.out, self.data_info, self.records, self.examples, self.student.vocab,
-                                                 cfg.top_k, self.say)
+            self.cached = answers.captured_cache(self.teacher_run, self.data_info, self.records, self.examples, self.student.vocab)
             if self.cached is None:
-                self.cached = answers.teacher_cache(cfg, self.out, self.teacher, self.examples, self.fingerprint,
-                                                    self.student.vocab, self.accel, self.device, self.say)
+                self.cached = answers.teacher_cache(self.teacher_run, self.examples, self.student.vocab, self.device)
             self.timings["teacher_cache_s"] = round(time.time() - t0, 1)
 
     # ---- the model on its device, the optimizer, the step plan, resume ----------------------
