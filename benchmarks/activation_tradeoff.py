@@ -6,9 +6,9 @@ timed side by side and each replayed against the bundle's own golden answers.
         --nodes o_proj --nodes down_proj --nodes gate_proj,up_proj --nodes qkv_proj --nodes proj
 
 Each ``--nodes`` is one copy (comma-separated substrings; "proj" is every layer). The head is never
-changed. The copies live in a temporary folder. Their greedy answers are compared with the
-bundle's golden.json (its own answers on the prompts it was exported with; for a bundle whose
-answers are PyTorch's on every prompt, as the teacher's cpu bundle's are, that is PyTorch's).
+changed. The copies live in a temporary folder. Each is replayed against the bundle's golden.json:
+the PyTorch model's greedy answers and top-k, recorded at export (`edgekd check`'s reference), so
+the figures are against PyTorch.
 With ``--decode-only`` the bundles listed are timed as they are (e.g. two exports of one model).
 Decode: batch 1, 64 tokens after a chat prompt, 2 threads, the median of ``--rounds`` interleaved
 rounds (docs/runtime.md).

@@ -1,5 +1,5 @@
 """benchmarks/activation_tradeoff.py: its copies change only the layers named (never the head), and
-its table reads each against the bundle's own golden answers."""
+its table reads each against the bundle's golden answers (the PyTorch model's)."""
 
 from __future__ import annotations
 
@@ -27,5 +27,5 @@ def test_copies_with_int8_activations_and_the_table(tmp_path, tiny_teacher_dir, 
     assert module.main([str(bundle), "--nodes", "down_proj", "--rounds", "1", "--threads", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "int8 activations on" not in line]
     assert len(rows) == 2 and rows[1].split("|")[2].strip() == "4"
-    # the bundle against its own golden: a random tiny model's near-ties flip with the thread count, its top-1 holds
+    # the bundle against PyTorch's golden answers: a random tiny model's near-ties flip, its top-1 holds
     assert float(rows[0].split("|")[5].split("/")[0]) >= 0.9
