@@ -62,11 +62,12 @@ def run_target(model: str, target: str, work: Path, vcfg) -> dict:
             "kept": i == result.chosen_index,
         })
     rows.append({"name": "quantize_dynamic (anchor)", "kind": "anchor", "default": False, "kept": False,
-                 "passed": anchor["passed"], "size_mb": anchor["cost"]["size_mb"],
-                 "decode_tokens_per_s": anchor["cost"].get("decode_tokens_per_s"),
-                 "top1_vs_reference": anchor["fidelity"]["reference"]["top1"],
-                 "kl_vs_reference": anchor["fidelity"]["reference"]["kl_mean"],
-                 "top1_vs_teacher": anchor["fidelity"]["teacher"]["top1"], "gates": anchor["gates"], "error": None})
+                 "passed": anchor.passed, "size_mb": anchor.metric("cost", "size_mb"),
+                 "decode_tokens_per_s": anchor.metric("cost", "decode_tokens_per_s"),
+                 "top1_vs_reference": anchor.metric("fidelity", "reference", "top1"),
+                 "kl_vs_reference": anchor.metric("fidelity", "reference", "kl_mean"),
+                 "top1_vs_teacher": anchor.metric("fidelity", "teacher", "top1"),
+                 "gates": [dataclasses.asdict(g) for g in anchor.gates], "error": None})
     return {"model": model, "target": target, "gates": to_dict(profile.gates), "rows": rows,
             "sensitivity": result.sensitivity, "search_seconds": round(search_s, 1), "chosen": result.chosen}
 

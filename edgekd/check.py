@@ -27,13 +27,16 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgekd.bundle import Manifest
 from edgekd.errors import UsageError
 from edgekd.metrics import CHECKED_HERE  # the gates a golden reference answers on the device
+
+if TYPE_CHECKING:
+    from edgekd.validate.bundle_report import BundleReport
 
 __all__ = ["CheckConfig", "check_bundle", "read_golden"]
 
@@ -132,12 +135,12 @@ def replay_golden(rt, examples: list[dict[str, Any]], answer_tokens: int) -> tup
 
 
 def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
-                 log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                 log: Callable[[str], None] = lambda m: None) -> BundleReport:
     """Measure ``bundle`` against its golden reference on this machine; return the report (with
     ``gates``, ``not_checked`` and ``passed``). A failed gate is not an exception (see the CLI)."""
     from edgekd.runtime import Runtime, answer_text, environment
     from edgekd.tasks import label_of
-    from edgekd.validate.gates import apply_gates
+    from edgekd.validate.bundle_report import BundleReport
     from edgekd.validate.speed import read_bandwidth, roofline, time_runtime
 
     log(f"opening {bundle} (checking file hashes) ...")
@@ -176,27 +179,20 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
         gates = manifest.gates
         gates_from = f"the bundle's own manifest (target {manifest.target_name})"
     wanted = {k: v for k, v in gates.items() if v is not None}
-    report: dict[str, Any] = {
-        "bundle": str(rt.root.resolve()),
-        "target": manifest.target_name,
-        "environment": {**environment(config.threads, rt.session.get_providers()), "session_config": rt.session_config},
-        "golden": {"prompts": len(examples), "answer_tokens": n, "top_k": golden.get("top_k"),
-                   "prompts_from": golden.get("prompts_from"), "tokenizer_mismatches": mismatched},
-        "fidelity": {"reference": {**figures, "model": manifest.source.spec}},
-        "task": task_figures,
-        "cost": cost,
-        "examples": [{"prompt": ex["prompt"], "reference": ex["answer"], "bundle": a} for ex, a in zip(examples[:4], answers)],
-        "gates_from": gates_from,
-        "kl_per_position": [round(k, 6) for k in kls],
-    }
-    results = apply_gates({k: v for k, v in wanted.items() if k in CHECKED_HERE}, report)
-    report["gates"] = [dataclasses.asdict(g) for g in results]
-    report["not_checked"] = sorted(k for k in wanted if k not in CHECKED_HERE)
-    report["problems"] = []
+    report = BundleReport(
+        bundle=str(rt.root.resolve()), target=manifest.target_name,
+        environment={**environment(config.threads, rt.session.get_providers()), "session_config": rt.session_config},
+        fidelity={"reference": {**figures, "model": manifest.source.spec}}, task=task_figures, cost=cost,
+        examples=[{"prompt": ex["prompt"], "reference": ex["answer"], "bundle": a} for ex, a in zip(examples[:4], answers)],
+        gates_from=gates_from, not_checked=sorted(k for k in wanted if k not in CHECKED_HERE),
+        details={"golden": {"prompts": len(examples), "answer_tokens": n, "top_k": golden.get("top_k"),
+                            "prompts_from": golden.get("prompts_from"), "tokenizer_mismatches": mismatched},
+                 "kl_per_position": [round(k, 6) for k in kls]},
+    )
     if mismatched:  # an app on this machine would send the model other ids than the export measured
-        report["problems"].append(
+        report.problems.append(
             f"{len(mismatched)} of {len(examples)} golden prompts tokenize differently here than at export "
             f"(examples {', '.join(map(str, mismatched[:5]))}): this machine's tokenizers or jinja2 renders the "
             "bundle's tokenizer or chat template differently")
-    report["passed"] = all(g.passed for g in results) and not report["problems"]
+    report.judge({k: v for k, v in wanted.items() if k in CHECKED_HERE})
     return report

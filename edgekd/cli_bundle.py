@@ -86,7 +86,7 @@ def validate(
             bundles, config, out, log=_progress(status, soft_wrap=True),
             command=command_line,
         )
-    for table in rich_tables(reports):
+    for table in rich_tables([r.to_json() for r in reports]):
         console.print(table)
     console.print(f"report: {out_dir}/report.md, report.json, plots")
     from edgekd.validate.gates import verdict_lines
@@ -97,7 +97,7 @@ def validate(
     failed = failed_gates(reports)
     if failed:
         raise GateFailed(f"{len(failed)} gate(s) failed: " + "; ".join(failed))
-    n_gates = sum(len(r["gates"]) for r in reports)
+    n_gates = sum(len(r.gates) for r in reports)
     if not n_gates:
         console.print("no gates in the bundle's target")
     elif any("FAR from the teacher" in line for line in lines):
@@ -122,7 +122,7 @@ def check(
     from edgekd.check import CheckConfig, check_bundle
     from edgekd.io import write_json
     from edgekd.outputs import check_writable
-    from edgekd.validate.gates import GateFailed, GateResult
+    from edgekd.validate.gates import GateFailed
 
     if json_out is not None:  # before the check runs, not after it
         if json_out.is_dir():
@@ -135,18 +135,18 @@ def check(
     with console.status("checking ...") as status:
         report = check_bundle(bundle, config, log=_progress(status))
     if json_out is not None:
-        write_json(json_out, report)
-    env, fid, cost = report["environment"], report["fidelity"]["reference"], report["cost"]
+        write_json(json_out, report.to_json())
+    env, fid, cost, golden = report.environment, report.fidelity["reference"], report.cost, report.details["golden"]
     table = Table(title=f"{bundle} on {env['cpu']} ({env['machine']}, onnxruntime {env['onnxruntime']}, {', '.join(env['providers'])})")
     for col in ("vs the reference", "value"):
         table.add_column(col)
-    rows = [("golden prompts / answer positions", f"{report['golden']['prompts']} / {fid['positions']}"),
+    rows = [("golden prompts / answer positions", f"{golden['prompts']} / {fid['positions']}"),
             ("top-1 agreement", f"{fid['top1']:.3f}"), ("KL on the top-k (lower bound), nats", f"{fid['kl_mean']:.4f}"),
             ("perplexity ratio", f"{fid['ppl_ratio']:.3f}"), ("greedy answers identical", f"{fid['greedy_exact']:.2f}"),
-            ("greedy common prefix, tokens", f"{fid['greedy_prefix_tokens']:.1f} of {report['golden']['answer_tokens']}"),
+            ("greedy common prefix, tokens", f"{fid['greedy_prefix_tokens']:.1f} of {golden['answer_tokens']}"),
             ("model size", f"{cost['size_mb']:.1f} MB")]
-    if report.get("task"):
-        rows.append(("label agreement", f"{report['task']['label_agreement_vs_reference']:.3f}"))
+    if report.task:
+        rows.append(("label agreement", f"{report.task['label_agreement_vs_reference']:.3f}"))
     if "decode_tokens_per_s" in cost:
         rows += [("decode, batch 1", f"{cost['decode_tokens_per_s']:.1f} tokens/s"),
                  (f"prefill, {cost['prefill_tokens']} tokens", f"{cost['prefill_ms']:.1f} ms")]
@@ -157,15 +157,14 @@ def check(
     for row in rows:
         table.add_row(*row)
     console.print(table)
-    for g in report["gates"]:
-        line = GateResult(**g).line()
-        console.print(("PASS " if g["passed"] else "FAIL ") + line, highlight=False, markup=False)
-    if report["not_checked"]:
-        console.print(f"not checked on the device (edgekd validate measures them): {', '.join(report['not_checked'])}", highlight=False)
-    failed = [GateResult(**g).line() for g in report["gates"] if not g["passed"]] + report["problems"]
+    for g in report.gates:
+        console.print(("PASS " if g.passed else "FAIL ") + g.line(), highlight=False, markup=False)
+    if report.not_checked:
+        console.print(f"not checked on the device (edgekd validate measures them): {', '.join(report.not_checked)}", highlight=False)
+    failed = [g.line() for g in report.failed] + report.problems
     if failed:
         raise GateFailed(f"{len(failed)} check(s) failed: " + "; ".join(failed))
-    console.print(Text.assemble(("all gates pass", "green"), f" ({len(report['gates'])}, from {report['gates_from']})") if report["gates"]
+    console.print(Text.assemble(("all gates pass", "green"), f" ({len(report.gates)}, from {report.gates_from})") if report.gates
                   else "no gates in the bundle's target")
 
 

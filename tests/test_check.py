@@ -118,8 +118,8 @@ def test_a_different_model_fails_the_check(fp32_bundle, tmp_path, tokenizer):
     manifest = read_manifest(bundle, verify=False)
     write_manifest(bundle, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files")})
     report = check_bundle(bundle, CheckConfig(speed=False))
-    failed = {g["name"] for g in report["gates"] if not g["passed"]}
-    assert {"min_top1_vs_reference", "min_greedy_exact_vs_reference"} <= failed and not report["passed"]
+    failed = {g.name for g in report.gates if not g.passed}
+    assert {"min_top1_vs_reference", "min_greedy_exact_vs_reference"} <= failed and not report.passed
     r = CliRunner().invoke(app, ["check", str(bundle), "--no-speed"])
     assert r.exit_code == 1 and "min_greedy_exact_vs_reference" in r.output
 
@@ -192,7 +192,7 @@ def test_the_js_golden_replay_gives_the_figures_of_check(fp32_bundle, tmp_path):
     def node(bundle: Path, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["node", str(fp32_bundle / "check.mjs"), str(bundle), *args], env=env, capture_output=True, text=True, timeout=300)
 
-    ours = check_bundle(fp32_bundle, CheckConfig(speed=False))["fidelity"]["reference"]
+    ours = check_bundle(fp32_bundle, CheckConfig(speed=False)).fidelity["reference"]
     r = node(fp32_bundle, "--json", str(tmp_path / "js.json"))
     assert r.returncode == 0, r.stdout + r.stderr
     js = json.loads((tmp_path / "js.json").read_text())

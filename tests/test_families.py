@@ -71,7 +71,7 @@ def replay(bundle: Path) -> dict[str, float]:
     """The bundle against PyTorch's golden reference, as `edgekd check` measures it."""
     from edgekd.check import CheckConfig, check_bundle
 
-    return check_bundle(bundle, CheckConfig(speed=False))["fidelity"]["reference"]
+    return check_bundle(bundle, CheckConfig(speed=False)).fidelity["reference"]
 
 
 def assert_genai_as_edgekd(family: str, bundle: Path, n: int = 8) -> None:

@@ -17,6 +17,7 @@ from edgekd.export.steps import STEPS
 from edgekd.search import layer_prefixes, resolve_candidates, search_export, splice
 from edgekd.targets import SHIPPED, load_target
 from edgekd.validate import ValidateConfig
+from edgekd.validate.bundle_report import BundleReport
 
 BASE = """
 description = "test search"
@@ -191,7 +192,7 @@ def test_mixed_precision_is_skipped_only_when_it_cannot_win(tmp_path):
     auto = cands[1]
 
     def tried(size: float, passed: bool, name: str) -> Tried:
-        return Tried(name, "", {}, tmp_path, report={"passed": passed, "gates": [], "cost": {"size_mb": size}})
+        return Tried(name, "", {}, tmp_path, report=BundleReport(passed=passed, cost={"size_mb": size}))
 
     assert _beaten(auto, cands, [tried(10, True, "rtn4"), tried(20, True, "int8")]).startswith("'rtn4' passes at 10.0 MB")
     assert _beaten(auto, cands, [tried(10, False, "rtn4"), tried(20, True, "int8")]) is None  # auto may land in between
@@ -211,7 +212,7 @@ name = "auto"
 mixed_precision = true
 """))
     cands = resolve_candidates(prof)
-    over = Tried("rtn4", "", {}, tmp_path, report={"passed": False, "gates": [], "cost": {"size_mb": 6.0}})
+    over = Tried("rtn4", "", {}, tmp_path, report=BundleReport(passed=False, cost={"size_mb": 6.0}))
     assert "already over max_size_mb (6.0 MB > 5)" in _beaten(cands[1], cands, [over])
 
 

@@ -314,3 +314,23 @@ def test_decode_roofline_counts_the_weights_a_decode_step_reads(tmp_path):
     assert r["decode_roofline_tokens_per_s"] == 200 and r["decode_roofline_share"] == 0.25
     assert roofline(50.0, None, 20e9) == {}
     assert read_bandwidth(threads=1, mib=8, repeats=1) > 1e8  # any machine reads 100 MB/s
+
+
+def test_a_bundle_report_is_judged_and_round_trips_through_report_json():
+    """The typed report validate and check both produce: its gates read its numbers by the metric
+    table's paths, it says which failed, and report.json holds it whole (a command's own sections too)."""
+    import json
+
+    from edgekd.validate.bundle_report import BundleReport
+
+    report = BundleReport(bundle="/b", target="cpu", fidelity={"reference": {"top1": 0.99, "kl_mean": 0.001}}, cost={"size_mb": 10.0},
+                          details={"golden": {"prompts": 4}})
+    report.judge({"min_top1_vs_reference": 0.98, "max_size_mb": 5.0, "max_kl_vs_teacher": None})
+    assert not report.passed and [g.name for g in report.failed] == ["max_size_mb"] and len(report.gates) == 2
+    assert report.metric("fidelity", "reference", "top1") == 0.99 and report.metric("fidelity", "teacher", "top1") is None
+    data = json.loads(json.dumps(report.to_json()))
+    assert "name" not in data and "validated" not in data and data["golden"] == {"prompts": 4}
+    assert BundleReport.from_json(data) == report
+    report.problems.append("tokenized differently")
+    report.judge({"min_top1_vs_reference": 0.98})
+    assert not report.passed  # a problem fails the report whatever its gates say

@@ -56,7 +56,7 @@ def test_a_web_bundle_is_the_folder_transformers_js_loads(web_bundle):
     # build's WebAssembly) and GroupQueryAttention (its WebGPU kernel answers otherwise)
     assert not ops & {"GatherBlockQuantized", "GroupQueryAttention"}
     report = check_bundle(web_bundle, CheckConfig(speed=False))  # edgekd's own replay works on it as on any bundle
-    assert report["fidelity"]["reference"]["kl_mean"] < 0.01 and not report["problems"]
+    assert report.fidelity["reference"]["kl_mean"] < 0.01 and not report.problems
 
 
 def test_the_web_target_refuses_a_model_over_the_webassembly_heap(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_a_web_bundle_replays_its_golden_in_chromium_on_webassembly_and_webgpu(w
                         "--webgpu", "--timeout", "400", "--json", str(tmp_path / "page.json")], capture_output=True, text=True, timeout=600)
     assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: a gate of the random model fails; 2 would be a page that failed
     runs = json.loads((tmp_path / "page.json").read_text())["runs"]
-    ours = check_bundle(web_bundle, CheckConfig(speed=False, num_prompts=2))["fidelity"]["reference"]
+    ours = check_bundle(web_bundle, CheckConfig(speed=False, num_prompts=2)).fidelity["reference"]
     for ep in ("wasm", "webgpu"):
         if ep == "webgpu" and "error" in runs[ep] and "adapter" in runs[ep]["error"]:
             continue  # no WebGPU adapter in this browser: a fact of the machine

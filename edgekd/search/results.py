@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgekd.targets import Candidate
-from edgekd.validate.gates import GateFailed
+from edgekd.validate.bundle_report import BundleReport
+from edgekd.validate.gates import GateFailed, GateResult
 
 SIZE_TIE = 0.02  # passing bundles within 2% of the smallest size are ranked by decode speed
 
@@ -23,7 +24,7 @@ class Tried:
     description: str
     overrides: dict
     bundle: Path | None
-    report: dict | None = None
+    report: BundleReport | None = None
     error: str | None = None
     int8_layers: list[int] | None = None
     skipped: str | None = None  # why it was not tried (it could not have won)
@@ -31,12 +32,10 @@ class Tried:
 
     @property
     def passed(self) -> bool:
-        return self.report is not None and bool(self.report["passed"])
+        return self.report is not None and self.report.passed
 
     def metric(self, *path: str) -> float | None:
-        from edgekd.validate.gates import metric
-
-        return metric(self.report, *path)
+        return None if self.report is None else self.report.metric(*path)
 
     @property
     def size_mb(self) -> float:
@@ -48,11 +47,7 @@ class Tried:
         """How far the worst failed gate is from its threshold, relative to it (0 = passes)."""
         if self.report is None:
             return math.inf
-        worst = 0.0
-        for g in self.report["gates"]:
-            if not g["passed"]:
-                worst = max(worst, _gap(g))
-        return worst
+        return max((_gap(g) for g in self.report.failed), default=0.0)
 
     def record(self) -> dict:
         return {
@@ -64,14 +59,14 @@ class Tried:
             "top1_vs_reference": self.metric("fidelity", "reference", "top1"),
             "kl_vs_reference": self.metric("fidelity", "reference", "kl_mean"),
             "top1_vs_teacher": self.metric("fidelity", "teacher", "top1"),
-            "gates": self.report["gates"] if self.report else [],
+            "gates": [dataclasses.asdict(g) for g in self.report.gates] if self.report else [],
         }
 
 
-def _gap(g: dict) -> float:
-    if g["value"] is None:
+def _gap(g: GateResult) -> float:
+    if g.value is None:
         return math.inf
-    return abs(g["value"] - g["threshold"]) / max(abs(g["threshold"]), 1e-12)
+    return abs(g.value - g.threshold) / max(abs(g.threshold), 1e-12)
 
 
 @dataclasses.dataclass
@@ -95,10 +90,8 @@ class SearchResult:
         best = min(self.tried, key=lambda t: t.shortfall())
         if best.report is None:
             return f"every candidate failed to export (first: {self.tried[0].name}: {self.tried[0].error})"
-        from edgekd.validate.gates import GateResult
-
-        failed = sorted((g for g in best.report["gates"] if not g["passed"]), key=_gap)
-        return f"closest: {best.name!r}, which fails " + "; ".join(GateResult(**g).line() for g in failed)
+        failed = sorted(best.report.failed, key=_gap)
+        return f"closest: {best.name!r}, which fails " + "; ".join(g.line() for g in failed)
 
 
 class NoCandidatePasses(GateFailed):
@@ -109,18 +102,17 @@ class NoCandidatePasses(GateFailed):
         self.result = result
 
 
-def _over_budget(bundle: Path, max_size_mb: float | None) -> dict | None:
+def _over_budget(bundle: Path, max_size_mb: float | None) -> BundleReport | None:
     """A report with only the failed size gate when the bundle is over ``max_size_mb``, else None."""
     from edgekd.bundle import Manifest, read_manifest
-    from edgekd.validate.gates import apply_gates
 
     if max_size_mb is None:
         return None
     size = Manifest(read_manifest(bundle, verify=False)).model_bytes / 1e6
     if size <= max_size_mb:
         return None
-    report = {"passed": False, "validated": False, "cost": {"size_mb": size}, "fidelity": {}}
-    report["gates"] = [dataclasses.asdict(g) for g in apply_gates({"max_size_mb": max_size_mb}, report)]
+    report = BundleReport(bundle=str(bundle), cost={"size_mb": size}, validated=False)
+    report.judge({"max_size_mb": max_size_mb})
     return report
 
 

@@ -138,7 +138,7 @@ class _Search:
                 t.same_as = first.name
                 copies.append((t, first))
             elif over is not None:  # cannot pass whatever it measures: not worth validating
-                self.say(f"{t.name}: {over['cost']['size_mb']:.1f} MB is over max_size_mb: not validated")
+                self.say(f"{t.name}: {over.cost['size_mb']:.1f} MB is over max_size_mb: not validated")
                 t.report = over
             else:
                 todo.append(t)
@@ -212,11 +212,9 @@ def table_rows(result: SearchResult) -> list[list[str]]:
         elif t.passed:
             verdict = "PASS" + (" (kept)" if i == result.chosen_index else "")
         else:
-            from edgekd.validate.gates import GateResult
-
             assert t.report is not None  # neither skipped nor failed to export: it was validated
-            verdict = "FAIL " + "; ".join(GateResult(**g).line() for g in t.report["gates"] if not g["passed"])
-            if t.report.get("validated") is False:
+            verdict = "FAIL " + "; ".join(g.line() for g in t.report.failed)
+            if not t.report.validated:
                 verdict += " (not validated)"
         if t.same_as:
             verdict += f" (the same model as {t.same_as})"

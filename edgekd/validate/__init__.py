@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import UsageError
+from edgekd.validate.bundle_report import BundleReport
 
 __all__ = ["ValidateConfig", "validate", "failed_gates"]
 
@@ -161,11 +162,11 @@ def validate(
     out: Path | None = None,
     log: Callable[[str], None] = lambda msg: None,
     command: str | None = None,
-) -> tuple[list[dict[str, Any]], Path]:
+) -> tuple[list[BundleReport], Path]:
     """Validate each bundle; write the report into ``out`` (default: ``<first bundle>-report``).
 
-    Returns ``(reports, out)``: one report dict per bundle (as in ``report.json``, each with
-    ``passed`` and ``gates``) and the folder written.
+    Returns ``(reports, out)``: one ``BundleReport`` per bundle (``report.json`` holds them, each
+    with ``passed`` and ``gates``) and the folder written.
     Raises ``UsageError`` for bad input; a failed gate is not an exception here (see
     ``failed_gates``), so the report is always written first.
 
@@ -194,10 +195,10 @@ def validate(
 
     say(f"writing the report into {out}")
     for r in reports:
-        r["validate_seconds"] = round(time.perf_counter() - t_start, 1)
-        gate = next((g["threshold"] for g in r["gates"] if g["name"] == "max_kl_vs_reference"), None)
-        r["plots"] = {"kl_gate": gate}
-    write_report(out, reports, run.kls, command)
+        r.details["validate_seconds"] = round(time.perf_counter() - t_start, 1)
+        gate = next((g.threshold for g in r.gates if g.name == "max_kl_vs_reference"), None)
+        r.details["plots"] = {"kl_gate": gate}
+    write_report(out, [r.to_json() for r in reports], run.kls, command)
     return reports, out
 
 
@@ -242,7 +243,7 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
     return _Run(config, say, _Models(config.batch_size, say), records, data_path, data_source, list(data_notes), task, pinned)
 
 
-def _validate_bundle(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
+def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
     """One bundle's report: its cost, its fidelity to the reference and the teacher, its task
     figures and its gates."""
     from edgekd.runtime import environment
@@ -267,25 +268,20 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
     cost["teacher_fp32_mb"] = teacher.fp32_bytes() / 1e6
     cost["size_vs_teacher_fp32"] = cost["size_mb"] / cost["teacher_fp32_mb"]
     n, asked = compared.answer_tokens, compared.asked
-    report = {
-        "name": name,
-        "bundle": str(p.resolve()),
-        "model_sha256": manifest.model_sha256,
-        "environment": environment(config.threads, rt.session.get_providers()),
-        "target": manifest.target_name,
-        "providers": rt.session.get_providers(),
-        "warnings": list(rt.warnings),
-        "reference": ref_spec,
-        "teacher": teacher_spec,
-        "data": {"file": str(run.data_path), "source": run.data_source, "prompts": len(records), "answer_tokens": n,
-                 **({"answer_tokens_asked": asked} if n < asked else {}), "answers_from": compared.answers_from},
-        "fidelity": compared.fidelity,
-        "task": _task_figures(run.task, records, texts, rt, compared.teacher_read) if run.task else None,
-        "examples": [{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
-                      "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))],
-        "cost": cost,
-        "notes": notes,
-    }
+    report = BundleReport(
+        name=name, bundle=str(p.resolve()), target=manifest.target_name,
+        environment=environment(config.threads, rt.session.get_providers()),
+        fidelity=compared.fidelity,
+        task=_task_figures(run.task, records, texts, rt, compared.teacher_read) if run.task else None,
+        examples=[{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
+                   "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))],
+        cost=cost,
+        details={"model_sha256": manifest.model_sha256, "providers": rt.session.get_providers(), "warnings": list(rt.warnings),
+                 "reference": ref_spec, "teacher": teacher_spec,
+                 "data": {"file": str(run.data_path), "source": run.data_source, "prompts": len(records), "answer_tokens": n,
+                          **({"answer_tokens_asked": asked} if n < asked else {}), "answers_from": compared.answers_from},
+                 "notes": notes},
+    )
     _apply_gates(report, run, manifest)
     return report
 
@@ -354,31 +350,20 @@ def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any
     return _Compared(fidelity, texts, teacher_read, n, asked, answers_from)
 
 
-def _apply_gates(report: dict[str, Any], run: _Run, manifest) -> None:
+def _apply_gates(report: BundleReport, run: _Run, manifest) -> None:
     """The target's gates (pinned, else the bundle's own) and the task's, applied to ``report``."""
-    from edgekd.validate.gates import apply_gates
-
     task = run.task
     task_gates = {k: v for k, v in ((task or {}).get("gates") or {}).items() if v is not None}
     if run.pinned is not None:
-        target_gates, report["gates_from"] = run.pinned
+        target_gates, report.gates_from = run.pinned
     else:
         target_gates = manifest.gates
-        report["gates_from"] = f"the bundle's own manifest (target {report['target']}); pin them with --target"
+        report.gates_from = f"the bundle's own manifest (target {report.target}); pin them with --target"
     if task and task_gates:
-        report["gates_from"] += f", and the task {task.get('name')}'s task.toml"
-    gates = apply_gates({**target_gates, **task_gates}, report)
-    report["gates"] = [dataclasses.asdict(g) for g in gates]
-    report["passed"] = all(g.passed for g in gates)
+        report.gates_from += f", and the task {task.get('name')}'s task.toml"
+    report.judge({**target_gates, **task_gates})
 
 
-def failed_gates(reports: Sequence[dict[str, Any]]) -> list[str]:
+def failed_gates(reports: Sequence[BundleReport]) -> list[str]:
     """``"bundle: gate: value (needs op threshold)"`` for every failed gate."""
-    from edgekd.validate.gates import GateResult
-
-    lines = []
-    for r in reports:
-        for g in r["gates"]:
-            if not g["passed"]:
-                lines.append(f"{r['name']}: {GateResult(**g).line()}")
-    return lines
+    return [f"{r.name}: {g.line()}" for r in reports for g in r.failed]

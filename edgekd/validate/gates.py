@@ -77,22 +77,22 @@ def apply_gates(gates: dict[str, Any], report: dict[str, Any]) -> list[GateResul
 FAR_FROM_TEACHER_TOP1 = 0.5
 
 
-def verdict_lines(report: dict[str, Any]) -> list[str]:
-    """Two verdicts for a bundle report, said separately: faithful to the reference it was exported
-    from (export quality), and to the teacher (distillation quality, on the task where there is one).
-    Never a bare "pass" over a student that is far from its teacher."""
-    name = report["name"]
+def verdict_lines(report) -> list[str]:
+    """Two verdicts for a bundle report (a ``BundleReport``), said separately: faithful to the
+    reference it was exported from (export quality), and to the teacher (distillation quality, on
+    the task where there is one). Never a bare "pass" over a student that is far from its teacher."""
+    name = report.name
     lines = []
     for side, what in (("reference", "faithful to the reference (the model it was exported from)"),
                        ("teacher", "does the job the way the teacher does")):
-        gates = [g for g in report["gates"] if gate_side(g["name"]) == side]
-        failed = [g for g in gates if not g["passed"]]
+        gates = [g for g in report.gates if gate_side(g.name) == side]
+        failed = [g for g in gates if not g.passed]
         if failed:
-            lines.append(f"{name}: {what}: FAIL ({'; '.join(GateResult(**g).line() for g in failed)})")
+            lines.append(f"{name}: {what}: FAIL ({'; '.join(g.line() for g in failed)})")
         elif gates:
             lines.append(f"{name}: {what}: PASS ({len(gates)} gate{'s' if len(gates) > 1 else ''})")
-        elif side == "teacher" and report.get("teacher") != report.get("reference"):
-            top1 = ((report.get("fidelity") or {}).get("teacher") or {}).get("top1")
+        elif side == "teacher" and report.details.get("teacher") != report.details.get("reference"):
+            top1 = report.metric("fidelity", "teacher", "top1")
             far = top1 is not None and top1 < FAR_FROM_TEACHER_TOP1
             lines.append(f"{name}: {what}: not gated" + (f"; FAR from the teacher (top-1 {top1:.2f} < {FAR_FROM_TEACHER_TOP1})" if far
                                                          else f" (top-1 vs teacher {top1:.3f})" if top1 is not None else ""))

@@ -149,12 +149,13 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
     gates = gate_rows(reports)
     if gates:
         parts += ["## Gates", "", table(["gate"] + names, gates), ""]
+    from edgekd.validate.bundle_report import BundleReport
     from edgekd.validate.gates import verdict_lines
 
     parts += ["## Plots", "", "![How far the bundle drifts, per token](kl_per_position.png)", "",
               "![Where along the answer the bundle drifts](kl_along_answer.png)", ""]
     verdicts = ", ".join(f"{r['name']}: {'PASS' if r['passed'] else 'FAIL'}" for r in reports)
-    parts += ["## Verdict", "", f"Verdict: {verdicts}", ""] + [f"- {line}" for r in reports for line in verdict_lines(r)] + [""]
+    parts += ["## Verdict", "", f"Verdict: {verdicts}", ""] + [f"- {line}" for r in reports for line in verdict_lines(BundleReport.from_json(r))] + [""]
     for r in reports:
         if r.get("examples"):
             parts += [f"## Answers side by side ({r['name']}, first {len(r['examples'])} held-out prompts, greedy)", ""]
