@@ -10,8 +10,8 @@ changed. The copies live in a temporary folder. Each is replayed against the bun
 the PyTorch model's greedy answers and top-k, recorded at export (`edgekd check`'s reference), so
 the figures are against PyTorch.
 With ``--decode-only`` the bundles listed are timed as they are (e.g. two exports of one model).
-Decode: batch 1, 64 tokens after a chat prompt, 2 threads, the median of ``--rounds`` interleaved
-rounds (docs/runtime.md).
+Decode: batch 1, 64 tokens after validate's speed prompt, 2 threads, the median of ``--rounds``
+interleaved rounds (docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
 
 def with_int8_activations(bundle: Path, dst: Path, patterns: list[str]) -> int:
     """A copy of ``bundle`` at ``dst`` whose layer MatMulNBits matching ``patterns`` run at int8
@@ -47,17 +44,16 @@ def with_int8_activations(bundle: Path, dst: Path, patterns: list[str]) -> int:
 
 
 def decode_speeds(bundles: list[Path], rounds: int, threads: int) -> list[float]:
+    """Each bundle's decode tokens/s (``validate.speed.time_runtime``, as validate times it), the
+    median of ``rounds`` rounds in which every bundle runs once."""
     from edgekd.runtime import Runtime
+    from edgekd.validate.speed import time_runtime
 
     runtimes = [Runtime(b, verify=False, threads=threads) for b in bundles]
-    prompt = runtimes[0].encode_prompt(PROMPT)
     speeds: list[list[float]] = [[] for _ in runtimes]
-    for rt in runtimes:  # warm up
-        list(rt.generate_ids(prompt, max_new_tokens=8, stop_at_eos=False))
     for _ in range(rounds):
         for i, rt in enumerate(runtimes):
-            list(rt.generate_ids(prompt, max_new_tokens=64, stop_at_eos=False))
-            speeds[i].append(rt.last.decode_tokens_per_s)
+            speeds[i].append(time_runtime(rt, prefill_tokens=8, decode_tokens=64, repeats=1)["decode_tokens_per_s"])
     return [statistics.median(s) for s in speeds]
 
 

@@ -177,7 +177,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-
 Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime intra-op threads (default: one per physical core).")]
 SessionConfig = Annotated[Optional[list[str]], typer.Option(
     "--session-config", metavar="KEY=VALUE",

@@ -75,6 +75,9 @@ class QuantizeHeadEmbedding:
     def __post_init__(self):
         _check(0 <= self.rescore_top_k <= 1024,
                f"quantize_head_embedding.rescore_top_k = {self.rescore_top_k}: use 0 (off) to 1024 (20 is the usual)")
+        _check(not self.rescore_top_k or self.accuracy_level not in (0, 1),
+               f"quantize_head_embedding.rescore_top_k recomputes a head computed at lower precision: at accuracy_level "
+               f"{self.accuracy_level} it already runs at fp32 activations; set accuracy_level = 4 (int8), or rescore_top_k = 0")
         _check(self.accuracy_level in (0, 1, 2, 3, 4),
                f"quantize_head_embedding.accuracy_level = {self.accuracy_level}: use 0, 1, 2, 3 or 4")
         _check(_power_of_two(self.block_size) and self.block_size >= 16,

@@ -59,6 +59,7 @@ def write(tmp_path: Path, text: str) -> Path:
         (("bits = 8 ", "bits = 3 "), "matmul_nbits.bits = 3"),
         (("head = \"int8\"", "head = \"int2\""), "head = 'int2' is not one of"),
         (("[gates]", "[gatez]"), "unknown key 'gatez'"),
+        (("accuracy_level = 4    # the head as one node", "accuracy_level = 0    #"), "rescore_top_k recomputes a head computed at lower precision"),
     ],
 )
 def test_bad_profile_is_one_line_naming_key_and_file(tmp_path, edit, message):

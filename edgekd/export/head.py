@@ -77,11 +77,11 @@ def _reads_input_ids(name: str, producers: dict) -> bool:
     return False
 
 
-def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int, zero: bool, out: str, name: str,
+def _standard_gather(data: str, scales3d: str, ids: str, bits: int, zero: bool, out: str, name: str,
                      kb: int, block_size: int, ids_rank: int = 2) -> tuple[list, list]:
     """GatherBlockQuantized's rows ``(*ids.shape, kb, block)`` (``ids`` of rank ``ids_rank``) from
     standard operators: Gather the
-    packed rows of ``data`` (vocab, kb, block*bits/8) and of the scales, split 4-bit bytes into their
+    packed rows of ``data`` (vocab, kb, block*bits/8) and of ``scales3d`` (vocab, kb, 1), split 4-bit bytes into their
     nibbles (low first) with Mod and Div, subtract the zero point (0 where ``zero``: a lower half of
     an int8 matrix; else 2**(bits-1)) and scale. Same initializers, so a tied head still shares them."""
     import numpy as np
@@ -104,8 +104,7 @@ def _standard_gather(data: str, scales: str, shape_3d: str, ids: str, bits: int,
     nodes += [helper.make_node("Reshape", [rows, f"{P}.blocks_shape"], [f"{P}.levels_u8"], name=f"{P}/Reshape"),
               helper.make_node("Cast", [f"{P}.levels_u8"], [f"{P}.levels"], to=TensorProto.FLOAT, name=f"{P}/Cast"),
               helper.make_node("Sub", [f"{P}.levels", f"{P}.zero"], [f"{P}.centred"], name=f"{P}/Sub"),
-              helper.make_node("Reshape", [scales, shape_3d], [f"{P}.scales3d"], name=f"{P}/Reshape_scales"),
-              helper.make_node("Gather", [f"{P}.scales3d", ids], [f"{P}.row_scales"], axis=0, name=f"{P}/Gather_scales"),
+              helper.make_node("Gather", [scales3d, ids], [f"{P}.row_scales"], axis=0, name=f"{P}/Gather_scales"),
               helper.make_node("Mul", [f"{P}.centred", f"{P}.row_scales"], [out], name=f"{P}/Mul")]
     return nodes, inits
 
@@ -204,7 +203,7 @@ class _Parts:
         self.block_size, self.halves = block_size, halves
         self.inits: list = []
         self.first: list = []
-        self._gather_scales: dict[str, str] = {}
+        self._gather_scales: dict[str, str] = {}  # a matrix's flat scales -> their (vocab, kb, 1) view
 
     def quantized(self, tag: str, rows_w, bits: int, read_by_head: bool = True) -> list[tuple[str, str, str, int]]:
         """The matrix as parts ``(data, scales, zero points or "", bits)`` whose sum it is (an
@@ -225,24 +224,17 @@ class _Parts:
         self.first.extend(half_nodes)
         return [(data, scales, "zero" if zero else "", 4) for data, scales, zero in parts]
 
-    def scales_shape(self, vocab: int, kb: int) -> str:
-        """The shape (vocab, kb, 1) a Gather reads a matrix's flat scales in, as an initializer."""
-        import numpy as np
-        from onnx import numpy_helper
-
-        name = f"gather_scales_shape_{vocab}x{kb}"
-        if not any(t.name == name for t in self.inits):
-            self.inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), name))
-        return name
-
     def gather_scales(self, scales: str, vocab: int, kb: int) -> str:
-        """``scales`` reshaped (vocab, kb, 1) for GatherBlockQuantized, by one node on constants
-        however many gathers read it (the embedding's and the rescoring's)."""
-        from onnx import helper
+        """``scales`` reshaped (vocab, kb, 1), as a gather reads them (GatherBlockQuantized or the
+        standard operators), by one node on constants however many gathers read it (the
+        embedding's and the rescoring's)."""
+        import numpy as np
+        from onnx import helper, numpy_helper
 
         if scales not in self._gather_scales:
             out = self._gather_scales[scales] = f"{scales}.gather_shape"
-            self.first.append(helper.make_node("Reshape", [scales, self.scales_shape(vocab, kb)], [out], name=f"{scales}/gather_shape"))
+            self.inits.append(numpy_helper.from_array(np.array([vocab, kb, 1], dtype=np.int64), f"{out}.shape"))
+            self.first.append(helper.make_node("Reshape", [scales, f"{out}.shape"], [out], name=f"{scales}/gather_shape"))
         return self._gather_scales[scales]
 
     def zeros(self, name: str, shape: list[int]) -> str:
@@ -265,7 +257,7 @@ def _head_nodes(pair: _Pair, parts: list, w: _Parts, settings) -> list:
 
     head, vocab, hidden, bs = pair.head, pair.vocab, pair.hidden, w.block_size
     kb = hidden // bs
-    logits = head.output[0] + (".approx" if settings.rescore_top_k else "")
+    logits = head.output[0] + (".approx" if settings.rescore_top_k else "")  # the rescoring writes the head's output
     outs = [logits] if len(parts) == 1 else [f"{head.output[0]}.part{j}" for j in range(len(parts))]
     nodes = [helper.make_node("MatMulNBits", [head.input[0], data, scales]
                               + ([w.zeros(f"{data}.zero_points", [vocab * ((kb + 1) // 2)])] if zp else []),
@@ -275,13 +267,13 @@ def _head_nodes(pair: _Pair, parts: list, w: _Parts, settings) -> list:
              for j, ((data, scales, zp, b), o) in enumerate(zip(parts, outs))]
     nodes += _summed(outs, logits, head.name + "_halves")
     if settings.rescore_top_k:
-        nodes += _rescore_nodes(pair, parts[0], w, settings.rescore_top_k, settings.gather)
+        nodes += _rescore_nodes(pair, parts[0], logits, w, settings.rescore_top_k, settings.gather)
     return nodes
 
 
-def _rescore_nodes(pair: _Pair, part: tuple, w: _Parts, k: int, gather_kind: str) -> list:
+def _rescore_nodes(pair: _Pair, part: tuple, approx: str, w: _Parts, k: int, gather_kind: str) -> list:
     """The head's ``k`` highest logits recomputed at fp32 activations, written over the approximate
-    ones: TopK of the head's output ``(b, s, vocab)``, the quantized rows of those tokens gathered
+    ones: TopK of the head's output ``approx`` ``(b, s, vocab)``, the quantized rows of those tokens gathered
     and dequantized ``(b, s, k, hidden)``, each dotted with the hidden state (MatMul), scattered
     back (ScatterElements). The answer's token and the top-k a sampler reads are then what an
     fp32-activation head gives (up to the order of the sum); the rest keep the fast head's values."""
@@ -290,24 +282,24 @@ def _rescore_nodes(pair: _Pair, part: tuple, w: _Parts, k: int, gather_kind: str
 
     head, vocab, hidden, bs = pair.head, pair.vocab, pair.hidden, w.block_size
     data, scales, _, bits = part
-    kb, P, logits = hidden // bs, head.name + "_rescore", head.output[0]
+    kb, P = hidden // bs, head.name + "_rescore"
+    scales3d = w.gather_scales(scales, vocab, kb)
     w.inits += [numpy_helper.from_array(np.array([k], np.int64), f"{P}.k"),
                 numpy_helper.from_array(np.array([0, 0, 0, hidden], np.int64), f"{P}.rows_shape"),
                 numpy_helper.from_array(np.array([-1], np.int64), f"{P}.last")]
     if gather_kind == "standard":
-        nodes, inits = _standard_gather(data, scales, w.scales_shape(vocab, kb), f"{P}.ids", bits, False, f"{P}.blocks",
-                                        f"{P}/rows", kb, bs, ids_rank=3)
+        nodes, inits = _standard_gather(data, scales3d, f"{P}.ids", bits, False, f"{P}.blocks", f"{P}/rows", kb, bs, ids_rank=3)
         w.inits += inits
     else:
-        nodes = [helper.make_node("GatherBlockQuantized", [data, f"{P}.ids", w.gather_scales(scales, vocab, kb)], [f"{P}.blocks"],
+        nodes = [helper.make_node("GatherBlockQuantized", [data, f"{P}.ids", scales3d], [f"{P}.blocks"],
                                   name=f"{P}/rows", domain="com.microsoft", bits=bits, block_size=bs, gather_axis=0, quantize_axis=2)]
-    return [helper.make_node("TopK", [f"{logits}.approx", f"{P}.k"], [f"{P}.values", f"{P}.ids"], axis=-1, name=f"{P}/TopK"),
+    return [helper.make_node("TopK", [approx, f"{P}.k"], [f"{P}.values", f"{P}.ids"], axis=-1, name=f"{P}/TopK"),
             *nodes,
             helper.make_node("Reshape", [f"{P}.blocks", f"{P}.rows_shape"], [f"{P}.rows"], name=f"{P}/Reshape"),
             helper.make_node("Unsqueeze", [head.input[0], f"{P}.last"], [f"{P}.column"], name=f"{P}/Unsqueeze"),
             helper.make_node("MatMul", [f"{P}.rows", f"{P}.column"], [f"{P}.exact1"], name=f"{P}/MatMul"),
             helper.make_node("Squeeze", [f"{P}.exact1", f"{P}.last"], [f"{P}.exact"], name=f"{P}/Squeeze"),
-            helper.make_node("ScatterElements", [f"{logits}.approx", f"{P}.ids", f"{P}.exact"], [logits], axis=-1,
+            helper.make_node("ScatterElements", [approx, f"{P}.ids", f"{P}.exact"], [head.output[0]], axis=-1,
                              name=f"{P}/Scatter")]
 
 
@@ -319,20 +311,21 @@ def _embedding_nodes(pair: _Pair, parts: list, w: _Parts, gather_kind: str) -> l
 
     gather, vocab, hidden, bs = pair.gather, pair.vocab, pair.hidden, w.block_size
     kb = hidden // bs
-    shape_3d, shape_out = w.scales_shape(vocab, kb), f"{pair.emb_name}.out_shape"
+    shape_out = f"{pair.emb_name}.out_shape"
     w.inits.append(numpy_helper.from_array(np.array([0, 0, hidden], dtype=np.int64), shape_out))
     out = gather.output[0]
     blocks = [f"{out}.blocks{j}" for j in range(len(parts))]
     nodes = []
     for j, (data, scales, zp, b) in enumerate(parts):
+        scales3d = w.gather_scales(scales, vocab, kb)
         if gather_kind == "standard":
-            part_nodes, part_inits = _standard_gather(data, scales, shape_3d, gather.input[1], b, bool(zp), blocks[j],
+            part_nodes, part_inits = _standard_gather(data, scales3d, gather.input[1], b, bool(zp), blocks[j],
                                                       f"{gather.name}_part{j}", kb, bs)
             nodes += part_nodes
             w.inits.extend(part_inits)
             continue
         nodes += [helper.make_node("GatherBlockQuantized",
-                                   [data, gather.input[1], w.gather_scales(scales, vocab, kb)]
+                                   [data, gather.input[1], scales3d]
                                    + ([w.zeros(f"{data}.gather_zero_points", [vocab, kb, 1])] if zp else []),
                                    [blocks[j]], name=gather.name + "_Q" + (f"_{j}" if len(parts) > 1 else ""),
                                    domain="com.microsoft", bits=b, block_size=bs, gather_axis=0, quantize_axis=2)]
@@ -353,7 +346,7 @@ def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
     pair = _find_pair(model.graph, settings.block_size)
     head_prec, emb_prec, kept = _precisions(pair, settings)
     shared = pair.tied and head_prec == emb_prec and head_prec != "fp32"
-    w = _Parts(settings.block_size, halves=settings.accuracy_level == 0 and not settings.rescore_top_k)
+    w = _Parts(settings.block_size, halves=settings.accuracy_level == 0)
     info: dict[str, Any] = {"tied": pair.tied, "kept_int4_grid": kept}
     new_nodes: list = []
     removed: list = []

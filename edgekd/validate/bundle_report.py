@@ -37,14 +37,18 @@ class BundleReport:
     passed: bool = False
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  # one command's own sections
 
+    def _figures(self) -> dict[str, Any]:
+        """The sections every metric's path starts in (``metrics.METRICS``)."""
+        return {"fidelity": self.fidelity, "task": self.task, "cost": self.cost}
+
     def metric(self, *path: str) -> float | None:
         """The number at ``path`` (``("cost", "size_mb")``), None where it was not measured."""
-        return metric(self.to_json(), *path)
+        return metric(self._figures(), *path)
 
     def judge(self, wanted: Mapping[str, Any]) -> None:
         """Apply the gates ``wanted`` (name -> threshold; None = not checked): ``gates`` and
         ``passed`` (every gate passes and no problem was found)."""
-        self.gates = apply_gates(dict(wanted), self.to_json())
+        self.gates = apply_gates(dict(wanted), self._figures())
         self.passed = all(g.passed for g in self.gates) and not self.problems
 
     @property
