@@ -128,15 +128,14 @@ def decode_tps(sess, prompt_ids: np.ndarray, facts, new_tokens: int) -> float:
 def build_variant(name: str, fp32: Path, work: Path) -> tuple[Path, str]:
     """The ONNX file of a variant, and how it was made (for the table)."""
     from edgekd.export import run_steps
-    from edgekd.export.steps import STEPS, load_onnx, save_onnx
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
+    from edgekd.export.steps import load_onnx, run_step, save_onnx
 
     out = work / name.replace("/", "_").replace(".toml", "")
     if name == "fp32":
         return fp32, "optimum-onnx export, no quantization"
     if name == "dynamic":
-        dst = out / "model.onnx"
-        STEPS["quantize_dynamic"].fn(fp32, dst, load_target("cpu").quantize_dynamic, None)
+        dst, _ = run_step("quantize_dynamic", fp32, out, load_target("cpu").settings["quantize_dynamic"], None)
         return dst, "`quantize_dynamic` int8, MatMul+Gather, per-channel"
     if name == "avx512":
         from optimum.onnxruntime import ORTQuantizer

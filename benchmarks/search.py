@@ -30,12 +30,12 @@ def fmt(v, f="{:.3f}"):
 def run_target(model: str, target: str, work: Path, vcfg) -> dict:
     from edgekd.config import to_dict
     from edgekd.export import export_bundle
+    from edgekd.export.profile import load_target
     from edgekd.search import NoCandidatePasses, resolve_candidates, search_export
-    from edgekd.targets import load_target
     from edgekd.validate import validate
 
     profile = load_target(target)
-    default = to_dict(dataclasses.replace(profile, candidates=()))
+    default = dataclasses.replace(profile, candidates=()).to_dict()
     cands = {c.name: c for c in resolve_candidates(profile)}
     t0 = time.time()
     try:
@@ -58,7 +58,7 @@ def run_target(model: str, target: str, work: Path, vcfg) -> dict:
             "name": t.name + (f" ({len(t.int8_layers)} of {len(result.sensitivity[t.name]['order'])} layers int8)"
                               if t.int8_layers is not None else ""),
             "kind": "mixed" if c.mixed_precision else "fixed",
-            "default": not c.mixed_precision and to_dict(c.profile) == default,
+            "default": not c.mixed_precision and c.profile.to_dict() == default,
             "kept": i == result.chosen_index,
         })
     rows.append({"name": "quantize_dynamic (anchor)", "kind": "anchor", "default": False, "kept": False,

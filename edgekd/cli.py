@@ -69,8 +69,9 @@ def teachers() -> None:
 @command("targets")
 def targets() -> None:
     """List the shipped target profiles (`edgekd export --target NAME`) with their descriptions."""
+    from edgekd.export.profile import load_target
     from edgekd.paths import resource
-    from edgekd.targets import SHIPPED, load_target
+    from edgekd.targets import SHIPPED
 
     table = Table(title="Shipped target profiles (a profile .toml of your own works too: --target FILE)")
     for col in ("name", "what", "steps", "providers", "file"):

@@ -29,6 +29,16 @@ else:  # pragma: no cover
 T = TypeVar("T", bound="DataclassInstance")
 
 
+def require(cond: bool, msg: str) -> None:
+    """A config's range check (in its ``__post_init__``): ``msg`` says what to set instead."""
+    if not cond:
+        raise UsageError(msg)
+
+
+def power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -132,8 +142,12 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "config", p
 
 
 def to_dict(obj: Any) -> Any:
-    """A JSON/TOML-ready copy of a config (paths as strings, tuples as lists)."""
-    if dataclasses.is_dataclass(obj):
+    """A JSON/TOML-ready copy of a config (paths as strings, tuples as lists); a config class that
+    has a file shape of its own says so with a ``to_dict`` method (``TargetProfile``)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        own = getattr(type(obj), "to_dict", None)
+        if own is not None:
+            return own(obj)
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]

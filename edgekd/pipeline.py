@@ -178,14 +178,14 @@ def export_up_to_date(stage: ExportStage, model_sha256: str, profile, search_val
         return False, "the model changed"
     if stage.search:
         record = manifest.data.get("search") or {}
-        if record.get("profile") != to_dict(profile):
+        if record.get("profile") != profile.to_dict():
             return False, "the target profile changed" if record else "it was not made by a search"
         if record.get("validate") != search_validate:
             return False, "the search's validation settings changed"
     else:
         if "search" in manifest.data:
             return False, "it was made by a search"
-        if manifest.target != to_dict(profile):
+        if manifest.target != profile.to_dict():
             return False, "the target profile changed"
     return True, "same model and profile"
 
@@ -218,8 +218,8 @@ def run_pipeline(path: Path, dry_run: bool = False, log: Callable[[str], None] =
     """
     import onnxruntime as ort
 
+    from edgekd.export.profile import load_target
     from edgekd.models import resolve_source
-    from edgekd.targets import load_target
 
     cfg = load_pipeline(Path(path))
     results: list[StageResult] = []

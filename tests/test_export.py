@@ -20,8 +20,9 @@ from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
 from edgekd.export import export_bundle, source_info
 from edgekd.export.onnx import model_facts, ort_forward, session
+from edgekd.export.profile import load_target
 from edgekd.models import load_model, resolve_source
-from edgekd.targets import SHIPPED, load_target
+from edgekd.targets import SHIPPED
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json", "golden.json"}
@@ -225,10 +226,10 @@ def test_fused_attention_caps_the_context_at_its_rotary_tables(tmp_path, tiny_te
     import dataclasses
 
     from edgekd.export import export_bundle
-    from edgekd.targets import FuseAttention
+    from edgekd.export.steps.fuse_attention import FuseAttention
 
-    profile = dataclasses.replace(load_target("cpu"), steps=("fuse_attention",), fuse_attention=FuseAttention(max_positions=64),
-                                  candidates=())
+    profile = dataclasses.replace(load_target("cpu"), steps=("fuse_attention",), candidates=()).with_settings(
+        fuse_attention=FuseAttention(max_positions=64))
     manifest = export_bundle(str(tiny_teacher_dir), profile, tmp_path / "b", golden_prompts=0)
     assert manifest["model"]["context_length"] == 64
     genai = json.loads((tmp_path / "b" / "genai_config.json").read_text())

@@ -8,10 +8,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgekd.export.head import _quantize_rows
 from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
+from edgekd.export.profile import load_target
 from edgekd.export.steps import STEPS
-from edgekd.targets import SHIPPED, FuseAttention, MatMulNBits, OrtFormat, QuantizeHeadEmbedding, load_target
+from edgekd.export.steps.fuse_attention import FuseAttention
+from edgekd.export.steps.matmul_nbits import MatMulNBits
+from edgekd.export.steps.ort import OrtFormat
+from edgekd.export.steps.quantize_head_embedding import QuantizeHeadEmbedding, _quantize_rows
+from edgekd.targets import SHIPPED
 
 # Each registered step, the settings it is tested with, and how far its logits may move (tiny model).
 CASES = {
@@ -25,10 +29,10 @@ CASES = {
                                   fp32_activation_nodes=("layers.1/mlp/down_proj",)), 1.0),
                      (MatMulNBits(bits=4, algorithm="k_quant"), 1.0),
                      (MatMulNBits(bits=4, algorithm="k_quant", int8_nodes=("down_proj",)), 1.0)],
-    "quantize_dynamic": [(load_target("cpu").quantize_dynamic, 1.5)],
-    "fp16": [(load_target("cuda").fp16, 0.05)],
-    "optimize": [(load_target("cpu").optimize, 1e-3)],
-    "to_ort": [(load_target("mobile").to_ort, 1e-3), (OrtFormat(constant_folding=False), 1e-3)],
+    "quantize_dynamic": [(load_target("cpu").settings["quantize_dynamic"], 1.5)],
+    "fp16": [(load_target("cuda").settings["fp16"], 0.05)],
+    "optimize": [(load_target("cpu").settings["optimize"], 1e-3)],
+    "to_ort": [(load_target("mobile").settings["to_ort"], 1e-3), (OrtFormat(constant_folding=False), 1e-3)],
 }
 
 
@@ -42,11 +46,55 @@ def test_every_registered_step_has_a_test_case():
     assert set(CASES) == set(STEPS)
 
 
-def test_the_profile_step_names_are_the_registered_steps():
-    """targets.py names the steps without importing export (no import cycle); they must agree."""
-    from edgekd.targets import STEP_NAMES
+def test_a_new_step_is_its_function_and_its_settings(tmp_path):
+    """A step registered with its settings class becomes a profile table: read and checked from the
+    file, run by run_steps with those settings, recorded in the recipe; the profile needs no change."""
+    import dataclasses
 
-    assert tuple(STEPS) == STEP_NAMES
+    from edgekd.config import require
+    from edgekd.errors import UsageError
+    from edgekd.export import run_steps
+    from edgekd.export.profile import TargetProfile
+    from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
+
+    @dataclasses.dataclass(frozen=True)
+    class Rename(StepSettings):
+        prefix: str = "n"
+
+        def __post_init__(self):
+            require(self.prefix.isidentifier(), f"rename_nodes.prefix = {self.prefix!r}: use a name")
+
+    @step("rename_nodes", Rename)
+    def rename_nodes(src, dst, settings, profile) -> dict:
+        """Every node renamed prefix + its index."""
+        model = load_onnx(src)
+        for i, node in enumerate(model.graph.node):
+            node.name = f"{settings.prefix}{i}"
+        save_onnx(model, dst)
+        return {"renamed": len(model.graph.node)}
+
+    try:
+        profile = TargetProfile.from_mapping({"name": "t", "steps": ["rename_nodes"], "rename_nodes": {"prefix": "x"}}, "t.toml")
+        assert profile.settings["rename_nodes"] == Rename("x") and TargetProfile(name="u").settings["rename_nodes"] == Rename()
+        with pytest.raises(UsageError, match="t.toml: rename_nodes.prefix = '1': use a name"):
+            TargetProfile.from_mapping({"name": "t", "rename_nodes": {"prefix": "1"}}, "t.toml")
+        with pytest.raises(UsageError, match="unknown key 'rename_nodes.suffix'"):
+            TargetProfile.from_mapping({"name": "t", "rename_nodes": {"suffix": "x"}}, "t.toml")
+        src = tmp_path / "in.onnx"
+        save_onnx(tiny_graph(), src)
+        path, recipe = run_steps(src, profile, tmp_path / "work")
+        assert [n.name for n in load_onnx(path).graph.node] == ["x0"]
+        assert recipe == [{"step": "rename_nodes", "prefix": "x", "renamed": 1}]
+    finally:
+        del STEPS["rename_nodes"]
+
+
+def tiny_graph():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    return helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -534,7 +582,7 @@ def test_gemm_with_a_constant_weight_becomes_matmul_plus_add(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekd.export.steps import gemm_as_matmul
+    from edgekd.export.steps.matmul_nbits import gemm_as_matmul
 
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6,)).astype(np.float32)
@@ -575,8 +623,8 @@ def test_compact_names_keep_the_graph_and_its_inputs_and_outputs(tmp_path, fp32_
     graph computes the same logits."""
     import onnx
 
-    from edgekd.export.ort import compact_names
     from edgekd.export.steps import load_onnx, save_onnx
+    from edgekd.export.steps.ort import compact_names
 
     src, facts, ids, want = fp32_export
     model = load_onnx(src)

@@ -63,17 +63,17 @@ def test_export_with_gptq_stores_the_rounded_model_exactly(tiny_teacher_dir, tmp
     """matmul_nbits.algorithm = "gptq": export rounds the model, keep_grid stores every decoder
     weight on its grid, and the bundle computes what the rounded PyTorch model computes (the tied
     head, a MatMul on the embedding's transpose, is no constant weight here: it stays fp32)."""
-    from edgekd.export import GPTQ_ANSWER_TOKENS, export_bundle
+    from edgekd.export import export_bundle
     from edgekd.export.onnx import model_facts, ort_forward, session
+    from edgekd.export.profile import load_target
+    from edgekd.export.steps.matmul_nbits import GPTQ_ANSWER_TOKENS
     from edgekd.models import load_model, model_written_texts
     from edgekd.paths import SHIPPED_TRAIN, resource
-    from edgekd.targets import load_target
     from edgekd.validate.data import load_records
 
     mobile = load_target("mobile")
-    profile = dataclasses.replace(mobile, steps=("matmul_nbits",), external_data=False,
-                                  matmul_nbits=dataclasses.replace(mobile.matmul_nbits, algorithm="gptq", gptq_prompts=3,
-                                                                   accuracy_level=0))
+    profile = dataclasses.replace(mobile, steps=("matmul_nbits",), external_data=False).with_settings(
+        matmul_nbits=dataclasses.replace(mobile.settings["matmul_nbits"], algorithm="gptq", gptq_prompts=3, accuracy_level=0))
     manifest = export_bundle(str(tiny_teacher_dir), profile, tmp_path / "b", golden_prompts=0)
     step = next(r for r in manifest["recipe"] if r["step"] == "matmul_nbits")
     assert step["gptq"]["linears"] == 28 and step["gptq"]["calibration_texts"] == 3
@@ -98,11 +98,11 @@ def test_node_path_is_the_exported_matmuls_name():
 @pytest.mark.slow
 def test_gptq_leaves_the_int8_nodes_to_8bit_rtn_and_skips_a_model_on_the_grid(tiny_teacher_dir, tmp_path):
     from edgekd.export import export_bundle
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
 
     mobile = load_target("mobile")
-    gptq = dataclasses.replace(mobile.matmul_nbits, algorithm="gptq", gptq_prompts=2, int8_nodes=("down_proj",))
-    profile = dataclasses.replace(mobile, steps=("matmul_nbits",), external_data=False, matmul_nbits=gptq)
+    gptq = dataclasses.replace(mobile.settings["matmul_nbits"], algorithm="gptq", gptq_prompts=2, int8_nodes=("down_proj",))
+    profile = dataclasses.replace(mobile, steps=("matmul_nbits",), external_data=False).with_settings(matmul_nbits=gptq)
     step = next(r for r in export_bundle(str(tiny_teacher_dir), profile, tmp_path / "b", golden_prompts=0)["recipe"]
                 if r["step"] == "matmul_nbits")
     assert step["gptq"]["linears"] == 24 and step["kept_on_grid_matmuls"] == 24  # 4 layers x 6: not down_proj
@@ -119,6 +119,6 @@ def test_gptq_leaves_the_int8_nodes_to_8bit_rtn_and_skips_a_model_on_the_grid(ti
     from conftest import build_tokenizer
 
     folder = save_model(model, build_tokenizer(), tmp_path / "qat")
-    step = next(r for r in export_bundle(str(folder), dataclasses.replace(profile, matmul_nbits=dataclasses.replace(gptq, int8_nodes=())),
+    step = next(r for r in export_bundle(str(folder), profile.with_settings(matmul_nbits=dataclasses.replace(gptq, int8_nodes=())),
                                          tmp_path / "b2", golden_prompts=0)["recipe"] if r["step"] == "matmul_nbits")
     assert "gptq" not in step and step["kept_on_grid_matmuls"] == 14

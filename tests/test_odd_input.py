@@ -122,7 +122,7 @@ def test_non_finite_flags_are_refused_naming_the_flag(tmp_path, flag, value):
 def test_non_finite_numbers_in_files_are_refused_naming_the_key(tmp_path):
     from edgekd.config import from_mapping
     from edgekd.distill.config import DistillConfig
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
 
     profile = tmp_path / "p.toml"
     profile.write_text('description = "x"\nexecution_providers = ["CPUExecutionProvider"]\nsteps = []\n[gates]\nmax_size_mb = inf\n')

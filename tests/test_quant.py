@@ -84,7 +84,7 @@ def test_the_grid_follows_a_fused_optimizer_step():
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_head_grid_is_quantize_head_embeddings(bits):
-    from edgekd.export.head import _quantize_rows
+    from edgekd.export.steps.quantize_head_embedding import _quantize_rows
 
     w = torch.randn(10, 64, generator=torch.Generator().manual_seed(bits)) * 0.1
     packed, scales = _quantize_rows(w.numpy(), bits, 32)
@@ -153,11 +153,11 @@ def test_the_cpu_profile_keeps_an_int4_head_on_its_grid():
     import dataclasses
 
     from edgekd.export import reproduces_qat_grid
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
 
     cpu = load_target("cpu")
     for head_bits in (8, 4):
         assert reproduces_qat_grid(cpu, {"bits": 4, "block_size": 32, "head_bits": head_bits})
-    off = dataclasses.replace(cpu, quantize_head_embedding=dataclasses.replace(cpu.quantize_head_embedding, keep_grid=False))
+    off = cpu.with_settings(quantize_head_embedding=dataclasses.replace(cpu.settings["quantize_head_embedding"], keep_grid=False))
     assert not reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 4})
     assert reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 8})

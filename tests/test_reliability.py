@@ -137,7 +137,7 @@ def test_validate_target_pins_the_gates_whatever_the_manifest_says(bundle, tmp_p
     assert r.returncode == 1 and "gate(s) failed" in r.stderr  # which of cpu's gates a 12-position probe trips varies by CPU
     report = json.loads((tmp_path / "r2" / "report.json").read_text())["bundles"][0]
     assert "--target cpu" in report["gates_from"]
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
 
     cpu = {k for k, v in dataclasses.asdict(load_target("cpu").gates).items() if v is not None}
     assert {g["name"] for g in report["gates"]} == cpu and not all(g["passed"] for g in report["gates"])

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from edgekd.bundle import read_manifest
 from edgekd.cli import app
 from edgekd.errors import UsageError
+from edgekd.export.profile import load_target
 from edgekd.export.steps import STEPS
 from edgekd.search import layer_prefixes, resolve_candidates, search_export, splice
-from edgekd.targets import SHIPPED, load_target
+from edgekd.targets import SHIPPED
 from edgekd.validate import ValidateConfig
 from edgekd.validate.bundle_report import BundleReport
 
@@ -57,12 +58,12 @@ def test_shipped_candidates_resolve_to_valid_profiles(name):
         assert c.profile.candidates == () and all(s in STEPS for s in c.profile.steps)
     if name == "mobile":
         by = {c.name: c for c in resolve_candidates(prof)}
-        assert by["rtn4"].profile.matmul_nbits.algorithm == "rtn" and by["rtn4"].profile.matmul_nbits.bits == 4
-        assert by["int8"].profile.matmul_nbits.bits == 8 and by["auto"].mixed_precision
-        assert by["rtn4"].profile.to_ort == prof.to_ort  # not overridden: the profile's own
-        assert by["hqq4"].profile.matmul_nbits.algorithm == "hqq" and by["int4-all"].profile.matmul_nbits.algorithm == "gptq"
+        assert by["rtn4"].profile.settings["matmul_nbits"].algorithm == "rtn" and by["rtn4"].profile.settings["matmul_nbits"].bits == 4
+        assert by["int8"].profile.settings["matmul_nbits"].bits == 8 and by["auto"].mixed_precision
+        assert by["rtn4"].profile.settings["to_ort"] == prof.settings["to_ort"]  # not overridden: the profile's own
+        assert by["hqq4"].profile.settings["matmul_nbits"].algorithm == "hqq" and by["int4-all"].profile.settings["matmul_nbits"].algorithm == "gptq"
         assert by["gptq4"].profile == dataclasses.replace(prof, candidates=())  # the profile's own recipe
-        assert by["int8"].profile.matmul_nbits.algorithm == "rtn"  # 8 bits: round to nearest
+        assert by["int8"].profile.settings["matmul_nbits"].algorithm == "rtn"  # 8 bits: round to nearest
 
 
 @pytest.mark.parametrize(
@@ -95,7 +96,7 @@ def test_splice_takes_exactly_the_named_layers(tmp_path, tiny_teacher_dir):
     model, _ = load_model(str(tiny_teacher_dir))
     fp32 = export_onnx(model, tmp_path / "fp32", 17)
     prof = load_target(profile(tmp_path, ""))
-    STEPS["matmul_nbits"].fn(fp32, tmp_path / "q4" / "model.onnx", prof.matmul_nbits, prof)
+    STEPS["matmul_nbits"].fn(fp32, tmp_path / "q4" / "model.onnx", prof.settings["matmul_nbits"], prof)
     q4 = load_onnx(tmp_path / "q4" / "model.onnx")
     base = load_onnx(fp32)
     prefixes = layer_prefixes(q4)
@@ -111,7 +112,7 @@ def test_splice_takes_exactly_the_named_layers(tmp_path, tiny_teacher_dir):
     onnx.checker.check_model(mixed)
 
     # The export step keeps exactly the named layers at 8 bits (what the search's pick ships).
-    settings = dataclasses.replace(prof.matmul_nbits, int8_nodes=(prefixes[2],))
+    settings = dataclasses.replace(prof.settings["matmul_nbits"], int8_nodes=(prefixes[2],))
     STEPS["matmul_nbits"].fn(fp32, tmp_path / "mixed" / "model.onnx", settings, prof)
     assert layer_bits(tmp_path / "mixed" / "model.onnx") == {0: {4}, 1: {4}, 2: {8}, 3: {4}}
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.config import from_mapping, to_dict
 from edgekd.errors import UsageError
+from edgekd.export.profile import TargetProfile, load_target
 from edgekd.export.steps import STEPS
 from edgekd.paths import resource
-from edgekd.targets import SHIPPED, TargetProfile, load_target
+from edgekd.targets import SHIPPED
 
 CPU_TOML = resource("targets/cpu.toml").read_text()
 
@@ -23,7 +23,7 @@ def test_shipped_profile_loads_and_round_trips(name):
     assert profile.execution_providers[-1] == "CPUExecutionProvider"
     assert profile.steps and all(s in STEPS for s in profile.steps)
     # validate reads the manifest's table; it must rebuild the same profile
-    assert from_mapping(TargetProfile, to_dict(profile)) == profile
+    assert TargetProfile.from_mapping(profile.to_dict(), "round trip") == profile
     assert load_target(resource(f"targets/{name}.toml")) == profile
 
 

@@ -261,7 +261,8 @@ def test_gates_directions_missing_values_and_unknown_names():
 
 
 def test_every_gate_of_the_target_profiles_is_known():
-    from edgekd.targets import SHIPPED, Gates, load_target
+    from edgekd.export.profile import load_target
+    from edgekd.targets import SHIPPED, Gates
 
     assert {f.name for f in __import__("dataclasses").fields(Gates)} == set(GATES)
     for name in SHIPPED:

@@ -71,7 +71,7 @@ def test_the_web_target_refuses_a_model_over_the_webassembly_heap(tmp_path, monk
 
 
 def test_a_transformers_js_profile_cannot_write_ort_or_external_data(tmp_path):
-    from edgekd.targets import load_target
+    from edgekd.export.profile import load_target
 
     p = tmp_path / "bad.toml"
     p.write_text('layout = "transformers.js"\nsteps = ["matmul_nbits", "to_ort"]\n')

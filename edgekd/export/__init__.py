@@ -18,19 +18,19 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgekd import __version__
-from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.targets import TargetProfile, load_target
+
+if TYPE_CHECKING:  # loaded where used: `edgekd check` imports this package, and needs no export step
+    from edgekd.export.profile import TargetProfile
 
 __all__ = ["export_bundle", "graph_notes", "run_steps", "source_info", "summary"]
 
 MODEL_FILE = "model.onnx"
 GOLDEN_PROMPTS = 16  # held-out prompts in the golden reference (edgekd check replays them on the device)
 GOLDEN_ANSWER_TOKENS = 32  # answer tokens per golden prompt when the model's task does not say
-GPTQ_ANSWER_TOKENS = 64  # the model's own answer tokens per GPTQ calibration prompt
 ORT_FILE = "model.ort"
 
 
@@ -72,39 +72,13 @@ def graph_notes(source, torch_model) -> dict[str, Any] | None:
     return {GGUF_TYPES: gguf_weight_types(source.path, torch_model)}
 
 
-def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any]) -> bool:
-    """Whether ``profile`` keeps a ``--qat-bits`` student's weights on the grid it was trained on.
-
-    Weights a profile leaves in fp32 stay exact (fp16 rounds every weight alike and is not checked).
-    ``matmul_nbits`` must be symmetric RTN with the same block size and at least as many bits (a
-    4-bit grid point is also an 8-bit one: the 8-bit scale is the 4-bit scale / 16), or keep the
-    weights on their own grid (``keep_grid``, a block size dividing the trained one); a quantized
-    head or embedding must use the trained precision and block size (int4 points are not int8
-    points on that grid), or keep an int4 one on its grid (``keep_grid``); ``quantize_dynamic`` re-rounds everything."""
-    if "quantize_dynamic" in profile.steps:
-        return False
-    if "matmul_nbits" in profile.steps:
-        m = profile.step_settings("matmul_nbits")
-        kept = m.keep_grid and qat["bits"] == 4 and qat["block_size"] % m.block_size == 0  # stored on its own grid
-        if not kept and not (m.algorithm == "rtn" and m.symmetric and m.block_size == qat["block_size"] and m.bits >= qat["bits"]):
-            return False
-    if "quantize_head_embedding" in profile.steps:
-        h = profile.step_settings("quantize_head_embedding")
-        want = f"int{qat.get('head_bits') or 0}"
-        kept = h.keep_grid and want == "int4"  # an int8 setting stores an int4-grid head at int4
-        if any(p != "fp32" and (p != want and not (kept and p == "int8") or h.block_size != qat["block_size"])
-               for p in (h.head, h.embedding)):
-            return False
-    return True
-
-
-def _head_as_trained(qat: dict[str, Any], steps_run: list[dict[str, Any]]) -> bool:
-    """Whether an int4-trained head came out at int4: ``keep_grid`` decides on the weights, so an
-    int8 setting re-rounds a head it did not find on the grid (what the profile alone cannot say)."""
-    head = next((r for r in steps_run if r["step"] == "quantize_head_embedding"), None)
-    if qat.get("head_bits") != 4 or head is None:
-        return True
-    return all(head.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
+def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any], steps_run: list[dict[str, Any]] | None = None) -> bool:
+    """Whether ``profile`` keeps a ``--qat-bits`` student's weights on the grid it was trained on:
+    every step's answer (``StepSettings.reproduces_qat_grid``), given what it reported where it ran
+    (``steps_run``: the recipe's entries). Weights no step touches stay exact."""
+    reports = {r["step"]: r for r in steps_run or ()}
+    return all(profile.step_settings(name) is None or profile.step_settings(name).reproduces_qat_grid(qat, reports.get(name))
+               for name in profile.steps)
 
 
 def _io_table(sess) -> tuple[list[dict], list[dict]]:
@@ -120,17 +94,13 @@ def _io_table(sess) -> tuple[list[dict], list[dict]]:
 def run_steps(path: Path, profile: TargetProfile, work: Path, say: Callable[[str], None] = lambda m: None):
     """Run the profile's steps on the ONNX model at ``path``, each writing under ``work``.
     Returns the final model's path and the recipe entries (settings + what each step reported)."""
-    from edgekd.export.steps import STEPS
+    from edgekd.export.steps import run_step
 
     recipe = []
     for i, name in enumerate(profile.steps):
-        st = STEPS[name]
-        settings = profile.step_settings(name)
         say(f"step {i + 1}/{len(profile.steps)}: {name}")
-        dst = Path(work) / f"{i + 1}-{name}" / f"model{st.suffix}"
-        info = st.fn(path, dst, settings, profile)
-        recipe.append({"step": name, **(to_dict(settings) if settings is not None else {}), **info})
-        path = dst
+        path, entry = run_step(name, path, Path(work) / f"{i + 1}-{name}", profile.step_settings(name), profile)
+        recipe.append(entry)
     return path, recipe
 
 
@@ -170,7 +140,9 @@ def export_bundle(
 
     say = log or (lambda msg: None)
     out = Path(out)
-    profile: TargetProfile = target if isinstance(target, TargetProfile) else load_target(target)
+    from edgekd.export.profile import TargetProfile, load_target
+
+    profile = target if isinstance(target, TargetProfile) else load_target(target)
     source = resolve_source(model)
     inputs = (source.path,) if source.path is not None else ()
     check_output_dir(out, overwrite, inputs, kind=BUNDLE)  # before minutes of work
@@ -186,15 +158,15 @@ def export_bundle(
     facts = model_facts(torch_model.config)
 
     with output_lock(out), work_dir("edgekd-export-") as work, atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:
-        traced, rounding = _rounded(torch_model, tok, source, profile, say)
+        traced, changed = _before_export(torch_model, tok, source, profile, say)
         say(f"exporting to ONNX (opset {profile.opset}, KV cache, one merged decoder)")
-        path = Path(fp32_onnx) if fp32_onnx is not None and rounding is None else \
+        path = Path(fp32_onnx) if fp32_onnx is not None and not changed else \
             export_onnx(traced, work / "export", profile.opset, graph_notes(source, traced))
         probe = _fp32_probe(torch_model, tok, path, facts, profile, traced)
         del traced
         path, steps_run = run_steps(path, profile, work, say)
-        if rounding is not None:
-            next(r for r in steps_run if r["step"] == "matmul_nbits")["gptq"] = rounding
+        for entry in steps_run:
+            entry.update(changed.get(entry["step"], {}))
         _note_qat_and_context(origin, profile, steps_run, torch_model.config, facts, say)
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
         model_file = _model_file(path, profile)
@@ -226,33 +198,18 @@ def _warn_over_budget(manifest: dict[str, Any], profile: TargetProfile, say: Cal
         say(f"warning: the model is {model_bytes / 1e6:.1f} MB, over the profile's size budget of {budget} MB")
 
 
-def _rounded(torch_model, tok, source, profile: TargetProfile, say: Callable[[str], None]):
-    """The PyTorch model the exporter traces: the model itself, or, where the profile's
-    ``matmul_nbits.algorithm`` is ``gptq``, a copy whose decoder weights GPTQ rounded to the 4-bit
-    grid (``edgekd.export.gptq``), which ``keep_grid`` then stores exactly. Returns (model, what GPTQ
-    did, or None where it did not run)."""
-    m = profile.step_settings("matmul_nbits") if "matmul_nbits" in profile.steps else None
-    if m is None or m.algorithm != "gptq":
-        return torch_model, None
-    if source.kind == "gguf":
-        say("gptq: not needed, a GGUF's weights are on their own grids (keep_grid stores them)")
-        return torch_model, None
-    from edgekd.export.gptq import gptq_model, node_path, off_grid
-    from edgekd.models import model_written_texts
-    from edgekd.paths import SHIPPED_TRAIN, resource
-    from edgekd.validate.data import load_records
-
-    if not off_grid(torch_model, m.block_size):
-        say("gptq: not needed, every decoder weight is on a 4-bit grid already (keep_grid stores it)")
-        return torch_model, None
-    t0 = time.time()
-    records = load_records(resource(SHIPPED_TRAIN), limit=m.gptq_prompts)
-    say(f"gptq: the model answers {len(records)} calibration prompts")
-    texts = model_written_texts(torch_model, tok, [r["prompt"] for r in records], GPTQ_ANSWER_TOKENS)
-    rounded, info = gptq_model(torch_model, texts, m.bits, m.block_size,
-                               leave=lambda name: any(p in node_path(name) for p in m.int8_nodes),  # 8-bit RTN's
-                               progress=lambda i, n: say(f"gptq: layer {i}/{n}") if i == n or i % 10 == 0 else None)
-    return rounded, {**info, "seconds": round(time.time() - t0, 1)}
+def _before_export(torch_model, tok, source, profile: TargetProfile, say: Callable[[str], None]):
+    """The PyTorch model the exporter traces: the model itself, or a copy a step changed first
+    (``StepSettings.before_export``: GPTQ rounds the weights ``keep_grid`` then stores exactly).
+    Returns (model, what each step that changed it did, by step name)."""
+    changed: dict[str, dict] = {}
+    for name in profile.steps:
+        settings = profile.step_settings(name)
+        if settings is not None:
+            torch_model, info = settings.before_export(torch_model, tok, source, say)
+            if info is not None:
+                changed[name] = info
+    return torch_model, changed
 
 
 def _fp32_probe(torch_model, tok, path: Path, facts: dict[str, Any], profile: TargetProfile, traced=None) -> dict[str, Any]:
@@ -282,7 +239,7 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
     student's grid, and the context fused attention caps (its rotary tables; a sliding window)."""
     qat = origin.get("quantization_aware")
     if qat:
-        qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat) and _head_as_trained(qat, steps_run)
+        qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat, steps_run)
     cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
     window = getattr(config, "sliding_window", None)
     windowed = any(r.get("sliding_window_layers") for r in steps_run)  # the kernel applies the windows itself
@@ -301,7 +258,7 @@ def _model_file(path: Path, profile: TargetProfile) -> str:
     if path.suffix == ".ort":
         return ORT_FILE
     if profile.layout == "transformers.js":
-        return files.web_model_file(files.web_dtype(profile.steps, profile.matmul_nbits.bits))
+        return files.web_model_file(files.web_dtype(profile.steps, profile.settings["matmul_nbits"].bits))
     return MODEL_FILE
 
 
@@ -347,7 +304,7 @@ def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_fil
                                                      profile.execution_providers, tok.pad_token_id))
     files.write_js_check(tmp)
     if profile.layout == "transformers.js":
-        files.write_transformers_js_config(tmp, files.web_dtype(profile.steps, profile.matmul_nbits.bits))
+        files.write_transformers_js_config(tmp, files.web_dtype(profile.steps, profile.settings["matmul_nbits"].bits))
     return tokenizer_note
 
 
@@ -373,7 +330,7 @@ def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[
         "edgekd_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": origin,
-        "target": to_dict(profile),
+        "target": profile.to_dict(),
         "recipe": recipe,
         "model": {
             "file": model_file,

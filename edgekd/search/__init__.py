@@ -34,10 +34,10 @@ the other layers at 8 bits rather than fp32 (FACTS.md: 8-bit costs KL 0.005 on S
 ranking from graphs a third of the size, which load and run faster.
 """
 
+from edgekd.export.profile import Candidate, resolve_candidates
 from edgekd.search.results import NoCandidatePasses, SearchResult, Tried
 from edgekd.search.run import search_export, table_rows
 from edgekd.search.sensitivity import layer_prefixes, splice
-from edgekd.targets import Candidate, resolve_candidates
 
 __all__ = ["Candidate", "resolve_candidates", "search_export", "SearchResult", "NoCandidatePasses", "table_rows",
            "Tried", "layer_prefixes", "splice"]

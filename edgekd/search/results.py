@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgekd.targets import Candidate
+from edgekd.export.profile import Candidate
 from edgekd.validate.bundle_report import BundleReport
 from edgekd.validate.gates import GateFailed, GateResult
 

@@ -12,11 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.config import to_dict
 from edgekd.errors import EdgekdError, UsageError
+from edgekd.export.profile import Candidate, resolve_candidates
 from edgekd.search.results import NoCandidatePasses, SearchResult, Tried, _beaten, _over_budget, _pick, model_digest
 from edgekd.search.sensitivity import measure_sensitivity
-from edgekd.targets import Candidate, resolve_candidates
 
 MAX_ROUNDS = 3  # validations of the mixed-precision candidate (bisecting the number of 8-bit layers)
 
@@ -40,9 +39,9 @@ def search_export(
     gates (``_Search.mixed_precision``) -> the smallest passing bundle moved into ``out``.
     """
     from edgekd.export import graph_notes
+    from edgekd.export.profile import TargetProfile, load_target
     from edgekd.models import load_model, resolve_source
     from edgekd.outputs import BUNDLE, check_output_dir, make_work_dir
-    from edgekd.targets import TargetProfile, load_target
     from edgekd.validate import ValidateConfig
 
     say = log or (lambda msg: None)
@@ -160,8 +159,8 @@ class _Search:
         n, k = len(sens.order), sens.first_k
         failing, passing = -1, None  # the most 8-bit layers known to fail, the fewest known to pass
         for _ in range(MAX_ROUNDS):
-            prof = dataclasses.replace(c.profile, matmul_nbits=dataclasses.replace(
-                c.profile.matmul_nbits, int8_nodes=sens.int8_nodes(k)))
+            prof = c.profile.with_settings(matmul_nbits=dataclasses.replace(
+                c.profile.settings["matmul_nbits"], int8_nodes=sens.int8_nodes(k)))
             t = self.export(c, prof, f"{c.name}-{k}")
             t.int8_layers = sorted(sens.order[:k])
             self.check([t])
@@ -192,7 +191,7 @@ def _keep(best: Tried, result: SearchResult, profile, out: Path, overwrite: bool
         os.chmod(tmp, os.stat(best.bundle).st_mode & 0o777)
         manifest = read_json(tmp / MANIFEST)
         # manifest.json is not among the hashed files: adding a key keeps read_manifest's check.
-        manifest["search"] = {**result.record(), "profile": to_dict(profile)}
+        manifest["search"] = {**result.record(), "profile": profile.to_dict()}
         write_json(tmp / MANIFEST, manifest)
 
 

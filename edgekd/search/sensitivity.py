@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgekd.errors import EdgekdError
-from edgekd.targets import Candidate
+from edgekd.export.profile import Candidate
 
 CALIBRATION_PROMPTS = 8  # prompts from the shipped training set (never the held-out set)
 CALIBRATION_TOKENS = 32  # greedy answer tokens the fp32 model writes for each, scored with the prompt
@@ -160,18 +160,16 @@ def measure_sensitivity(cand: Candidate, fp32_path: Path, torch_model, tok, work
     keep at 8 bits."""
     from edgekd.export import run_steps
     from edgekd.export.onnx import model_facts
-    from edgekd.export.steps import STEPS, load_onnx
+    from edgekd.export.steps import load_onnx, run_step
 
     t0 = time.time()
     prof = cand.profile
     steps = prof.steps[: prof.steps.index("matmul_nbits")]
     say(f"{cand.name}: preparing 4-bit and 8-bit graphs for the sensitivity scan")
     before, _ = run_steps(fp32_path, dataclasses.replace(prof, steps=steps), work / "before")
-    s4 = dataclasses.replace(prof.matmul_nbits, int8_nodes=())
-    s8 = dataclasses.replace(prof.matmul_nbits, bits=8, algorithm="rtn", int8_nodes=())
-    STEPS["matmul_nbits"].fn(before, work / "q4" / "model.onnx", s4, prof)
-    STEPS["matmul_nbits"].fn(before, work / "q8" / "model.onnx", s8, prof)
-    q4, q8 = (load_onnx(work / q / "model.onnx") for q in ("q4", "q8"))
+    s4 = dataclasses.replace(prof.settings["matmul_nbits"], int8_nodes=())
+    s8 = dataclasses.replace(s4, bits=8, algorithm="rtn")
+    q4, q8 = (load_onnx(run_step("matmul_nbits", before, work / q, s, prof)[0]) for q, s in (("q4", s4), ("q8", s8)))
     prefixes = layer_prefixes(q4)
     if not prefixes:
         raise EdgekdError(f"{cand.name}: found no decoder layers in the graph's node names (expected '/layers.N/')")

@@ -223,10 +223,10 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
     pinned = None
     if config.target is not None:  # a release pipeline pins its gates: the bundle cannot loosen them
         from edgekd.config import to_dict
-        from edgekd.targets import load_target
+        from edgekd.targets import load_gates
 
-        profile = load_target(config.target)
-        pinned = (to_dict(profile.gates), f"the target profile {profile.name} (--target {config.target})")
+        gates, name = load_gates(config.target)
+        pinned = (to_dict(gates), f"the target profile {name} (--target {config.target})")
     task = first.manifest.source.task
     task_heldout, chosen = None, None
     if config.task is not None:  # e.g. the teacher's own bundle, scored on the user's job

@@ -1,120 +1,92 @@
-"""The export steps a profile names, in one registry. Each step is ``path in -> path out``.
-
-A step is a function ``fn(src, dst, settings, profile) -> dict``: it reads the ONNX model at
-``src``, writes its result at ``dst`` (``.onnx`` with external data beside it, or ``.ort`` for
-``to_ort``), and returns facts worth recording in the manifest's recipe. ``settings`` is the
-profile's table of the same name as the step (``None`` when the step has none). Register a step
-where it is defined, with ``@step("name")``; ``tests/test_export_steps.py`` checks every name a
-shipped profile uses is here.
-
-Sources: MatMulNBits / GatherBlockQuantized are onnxruntime contrib ops (docs/ContribOperators.md);
-HQQ is Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023).
-"""
+"""Step ``matmul_nbits``: block-wise weight-only quantization of every constant-weight MatMul
+(onnxruntime's ``MatMulNBits``), by onnxruntime's quantizers or on a grid the weights already have."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from edgekd.config import power_of_two, require
 from edgekd.errors import UsageError
 from edgekd.export.grid import store_on_grid
+from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
 from edgekd.io import quiet
 
-StepFn = Callable[[Path, Path, Any, Any], dict]
-
+GPTQ_ANSWER_TOKENS = 64  # the model's own answer tokens per GPTQ calibration prompt
 
 @dataclasses.dataclass(frozen=True)
-class Step:
-    name: str
-    fn: StepFn
-    suffix: str = ".onnx"  # the file the step writes
-    doc: str = ""
+class MatMulNBits(StepSettings):
+    """Step ``matmul_nbits``: block-wise weight-only quantization of every constant-weight MatMul."""
+
+    bits: int = 8
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps); gptq:
+    # edgekd.export.gptq rounds the PyTorch model to the symmetric 4-bit grid before export, keep_grid stores it
+    gptq_prompts: int = 64  # gptq: calibration texts, shipped training prompts + the model's own greedy answers
+    int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4
+    fp32_activation_nodes: tuple[str, ...] = ()  # node-name substrings quantized with accuracy_level 0
+    int8_activation_nodes: tuple[str, ...] = ()  # node-name substrings computed with accuracy_level 4 (int8 activations)
+    keep_grid: bool = True  # a weight already on its grid (--qat-bits 4, a GGUF's Q4/Q5_0/Q6_K/Q8_0...) is stored on it, exactly
+    grid_accuracy_level: int = 0  # the accuracy_level of those weights; at 0 (fp32 activations) an 8-bit grid (Q5_0,
+    # Q6_K, Q8_0) is stored as two exact 4-bit halves: onnxruntime's 8-bit kernel is fast only at int8 activations
+    grid_offsets: Literal["float32", "float16"] = "float32"  # how a grid's per-block offsets are stored (float16: half the bytes, a Cast)
+
+    def __post_init__(self):
+        require(self.bits in (4, 8), f"matmul_nbits.bits = {self.bits}: use 4 or 8")
+        require(power_of_two(self.block_size) and self.block_size >= 16,
+                f"matmul_nbits.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
+        require(self.accuracy_level in (0, 1, 2, 3, 4),
+                f"matmul_nbits.accuracy_level = {self.accuracy_level}: use 0 (default), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)")
+        require(self.grid_accuracy_level in (0, 1, 2, 3, 4),
+                f"matmul_nbits.grid_accuracy_level = {self.grid_accuracy_level}: use 0 (fp32 activations), 1, 2, 3 or 4 (int8)")
+        require(not (self.algorithm != "rtn" and self.bits != 4), f"matmul_nbits: algorithm '{self.algorithm}' needs bits = 4 (8-bit is rtn)")
+        require(self.algorithm != "gptq" or (self.symmetric and self.keep_grid),
+                "matmul_nbits: algorithm 'gptq' rounds to the symmetric grid that keep_grid stores: set symmetric = true, keep_grid = true")
+        require(self.gptq_prompts >= 1, f"matmul_nbits.gptq_prompts = {self.gptq_prompts}: use at least 1 (64 is the usual)")
+        both = sorted(set(self.fp32_activation_nodes) & set(self.int8_activation_nodes))
+        require(not both, f"matmul_nbits: {both} is in both fp32_activation_nodes and int8_activation_nodes: name each pattern in one")
+
+    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+        """Symmetric RTN with the trained block size and at least as many bits (a 4-bit grid point is
+        also an 8-bit one: the 8-bit scale is the 4-bit scale / 16), or the weights kept on their own
+        grid (``keep_grid``, a block size dividing the trained one)."""
+        kept = self.keep_grid and qat["bits"] == 4 and qat["block_size"] % self.block_size == 0
+        return kept or (self.algorithm == "rtn" and self.symmetric and self.block_size == qat["block_size"]
+                        and self.bits >= qat["bits"])
+
+    def before_export(self, torch_model, tok, source, say: Callable[[str], None]) -> tuple[Any, dict | None]:
+        """``algorithm = "gptq"``: a copy of the model whose decoder weights GPTQ rounded to the 4-bit
+        grid (``edgekd.export.gptq``), which ``keep_grid`` then stores exactly; recorded as ``gptq``."""
+        if self.algorithm != "gptq":
+            return torch_model, None
+        if source.kind == "gguf":
+            say("gptq: not needed, a GGUF's weights are on their own grids (keep_grid stores them)")
+            return torch_model, None
+        from edgekd.export.gptq import gptq_model, node_path, off_grid
+        from edgekd.models import model_written_texts
+        from edgekd.paths import SHIPPED_TRAIN, resource
+        from edgekd.validate.data import load_records
+
+        if not off_grid(torch_model, self.block_size):
+            say("gptq: not needed, every decoder weight is on a 4-bit grid already (keep_grid stores it)")
+            return torch_model, None
+        t0 = time.time()
+        records = load_records(resource(SHIPPED_TRAIN), limit=self.gptq_prompts)
+        say(f"gptq: the model answers {len(records)} calibration prompts")
+        texts = model_written_texts(torch_model, tok, [r["prompt"] for r in records], GPTQ_ANSWER_TOKENS)
+        rounded, info = gptq_model(torch_model, texts, self.bits, self.block_size,
+                                   leave=lambda name: any(p in node_path(name) for p in self.int8_nodes),  # 8-bit RTN's
+                                   progress=lambda i, n: say(f"gptq: layer {i}/{n}") if i == n or i % 10 == 0 else None)
+        return rounded, {"gptq": {**info, "seconds": round(time.time() - t0, 1)}}
 
 
-STEPS: dict[str, Step] = {}
-
-
-def _road_order(name: str) -> int:
-    from edgekd.targets import STEP_NAMES
-
-    return STEP_NAMES.index(name) if name in STEP_NAMES else len(STEP_NAMES)
-
-
-def step(name: str, suffix: str = ".onnx") -> Callable[[StepFn], StepFn]:
-    def deco(fn: StepFn) -> StepFn:
-        if name in STEPS:
-            raise RuntimeError(f"step {name!r} registered twice")
-        STEPS[name] = Step(name, fn, suffix, (fn.__doc__ or "").strip().splitlines()[0])
-        for known in sorted(STEPS, key=_road_order):  # the road's order (targets.STEP_NAMES), whatever the imports'
-            STEPS[known] = STEPS.pop(known)
-        return fn
-
-    return deco
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving: every intermediate and final .onnx keeps its weights in one external file beside it when
-# asked or when the protobuf limit (2 GB) forces it.
-PROTOBUF_LIMIT = 2_000_000_000
-
-
-def save_onnx(model, path: Path, external: bool | None = None) -> None:
-    import onnx
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external is None:
-        external = model.ByteSize() > PROTOBUF_LIMIT
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
-def load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
-def _ensure_ms_domain(model) -> None:
-    import onnx
-
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-
-
-# ---------------------------------------------------------------------------------------------
-@step("fuse_attention")
-def fuse_attention(src: Path, dst: Path, settings, profile) -> dict:
-    """Each layer's attention as one GroupQueryAttention node, checked against the unfused graph."""
-    from edgekd.export.fuse import NotFusable, agreement, fuse_gqa
-
-    model = load_onnx(src)
-    try:
-        fused = fuse_gqa(model, settings.max_positions, settings.pack_qkv)
-    except NotFusable as e:
-        fused, why = None, str(e)
-    else:
-        _ensure_ms_domain(model)
-        save_onnx(model, dst, external=True)
-        diff = agreement(src, dst)
-        why = "" if diff <= settings.tolerance else (
-            f"the fused graph differs from the unfused one by {diff:.2g} (> fuse_attention.tolerance = {settings.tolerance})")
-    if fused is None or why:  # the graph goes on as it was
-        save_onnx(load_onnx(src), dst, external=True)
-        return {"fused_layers": 0, "not_fused": why}
-    return {"fused_layers": fused.layers, "packed_qkv_layers": fused.packed, "qk_norm_layers": fused.normed,
-            "sliding_window_layers": fused.windowed, "rotary_tables": fused.tables,
-            "context_length_cap": settings.max_positions, "max_abs_diff_vs_unfused": diff}
-
-
-# ---------------------------------------------------------------------------------------------
-@step("matmul_nbits")
-def matmul_nbits(src: Path, dst: Path, settings, profile) -> dict:
+@step("matmul_nbits", MatMulNBits)
+def matmul_nbits(src: Path, dst: Path, settings: MatMulNBits, profile) -> dict:
     """Block-wise weight-only quantization of every MatMul with a constant weight (MatMulNBits).
 
     ``algorithm``: onnxruntime's own quantizers, all of them writing MatMulNBits: ``rtn``
@@ -225,38 +197,3 @@ def _set_int_attr(node, name: str, value: int) -> None:
             a.i = value
             return
     node.attribute.append(helper.make_attribute(name, value))
-
-
-@step("quantize_dynamic")
-def quantize_dynamic(src: Path, dst: Path, settings, profile) -> dict:
-    """onnxruntime's dynamic int8 quantization (weights int8, activations quantized at run time)."""
-    from onnxruntime.quantization import QuantType
-    from onnxruntime.quantization import quantize_dynamic as qd
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with quiet():
-        qd(str(src), str(dst), per_channel=settings.per_channel, weight_type=QuantType.QInt8,
-           op_types_to_quantize=list(settings.op_types), use_external_data_format=True)
-    return {}
-
-
-@step("fp16")
-def fp16(src: Path, dst: Path, settings, profile) -> dict:
-    """Weights and ops in float16; inputs/outputs and the listed (overflow-prone) ops stay float32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    model = load_onnx(src)
-    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(settings.keep_fp32_ops))
-    nodes = [n.name for n in model.graph.node if any(p in n.name for p in settings.keep_fp32_nodes)]
-    with quiet():
-        model = convert_float_to_float16(model, keep_io_types=settings.keep_io_types, op_block_list=block,
-                                         node_block_list=nodes, disable_shape_infer=model.ByteSize() > PROTOBUF_LIMIT)
-    save_onnx(model, dst, external=True)
-    return {"fp32_nodes": len(nodes)}
-
-
-# Steps with modules of their own register here: the head and embedding (edgekd/export/head.py),
-# onnxruntime's own optimizer and its ORT format (edgekd/export/ort.py).
-from edgekd.export import head as _head  # noqa: E402,F401
-from edgekd.export import ort as _ort  # noqa: E402,F401
-

@@ -11,13 +11,60 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from edgekd.config import power_of_two, require
 from edgekd.errors import EdgekdError
 from edgekd.export.grid import exact_half, nibble_halves, pack_nibbles, splice, zero_points
-from edgekd.export.steps import PROTOBUF_LIMIT, _ensure_ms_domain, load_onnx, save_onnx, step
+from edgekd.export.steps import PROTOBUF_LIMIT, StepSettings, ensure_ms_domain, load_onnx, save_onnx, step
 
+HeadPrecision = Literal["fp32", "int8", "int4"]
 BITS = {"int8": 8, "int4": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeHeadEmbedding(StepSettings):
+    """Step ``quantize_head_embedding``: the lm_head as ``MatMulNBits`` and the embedding as
+    ``GatherBlockQuantized``, symmetric block-wise. A tied pair at the same precision shares one
+    quantized matrix (stored once)."""
+
+    head: HeadPrecision = "int8"
+    embedding: HeadPrecision = "int8"
+    block_size: int = 32
+    accuracy_level: int = 0  # the head's MatMulNBits; see MatMulNBits.accuracy_level
+    keep_grid: bool = True  # a head/embedding already on the int4 grid (--qat-head-bits 4) is stored at int4, exactly
+    # how the embedding reads its rows: "block_quantized" (onnxruntime's GatherBlockQuantized, one node) or
+    # "standard" (Gather of the same packed rows and scales, dequantized by standard operators: what
+    # onnxruntime-web's WebGPU build runs, which registers no GatherBlockQuantized on WebAssembly)
+    gather: Literal["block_quantized", "standard"] = "block_quantized"
+    # > 0: the head's k highest logits recomputed exactly (fp32 activations, the same quantized rows)
+    # after the head ran as one node at accuracy_level: greedy and top-k answers of an fp32-activation
+    # head at the speed of an int8-activation one (docs/export.md, "The head, rescored")
+    rescore_top_k: int = 0
+
+    def __post_init__(self):
+        require(0 <= self.rescore_top_k <= 1024,
+                f"quantize_head_embedding.rescore_top_k = {self.rescore_top_k}: use 0 (off) to 1024 (20 is the usual)")
+        require(not self.rescore_top_k or self.accuracy_level not in (0, 1),
+                f"quantize_head_embedding.rescore_top_k recomputes a head computed at lower precision: at accuracy_level "
+                f"{self.accuracy_level} it already runs at fp32 activations; set accuracy_level = 4 (int8), or rescore_top_k = 0")
+        require(self.accuracy_level in (0, 1, 2, 3, 4),
+                f"quantize_head_embedding.accuracy_level = {self.accuracy_level}: use 0, 1, 2, 3 or 4")
+        require(power_of_two(self.block_size) and self.block_size >= 16,
+                f"quantize_head_embedding.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
+
+    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+        """A quantized head or embedding at the trained precision and block size (int4 points are not
+        int8 points on that grid), or an int4 one kept on its grid (``keep_grid``); once the step ran,
+        an int4-trained head must have come out at int4 (``keep_grid`` decides on the weights: an int8
+        setting re-rounds a head it did not find on the grid)."""
+        want = f"int{qat.get('head_bits') or 0}"
+        kept = self.keep_grid and want == "int4"  # an int8 setting stores an int4-grid head at int4
+        if any(p != "fp32" and (p != want and not (kept and p == "int8") or self.block_size != qat["block_size"])
+               for p in (self.head, self.embedding)):
+            return False
+        return report is None or qat.get("head_bits") != 4 or all(report.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
+
 
 
 def _absmax_levels(w, bits: int, block_size: int):
@@ -335,8 +382,8 @@ def _embedding_nodes(pair: _Pair, parts: list, w: _Parts, gather_kind: str) -> l
     return nodes
 
 
-@step("quantize_head_embedding")
-def quantize_head_embedding(src: Path, dst: Path, settings, profile) -> dict:
+@step("quantize_head_embedding", QuantizeHeadEmbedding)
+def quantize_head_embedding(src: Path, dst: Path, settings: QuantizeHeadEmbedding, profile) -> dict:
     """Quantize the lm_head (MatMulNBits) and the token embedding (GatherBlockQuantized).
 
     A tied pair at the same precision shares one quantized matrix, stored once: the head reads it as
@@ -378,7 +425,7 @@ def _write(model, new_nodes: list, removed: list, w: _Parts, dst: Path) -> None:
         nodes = list(g.node)
         del g.node[:]
         g.node.extend([*w.first, *nodes])
-    _ensure_ms_domain(model)
+    ensure_ms_domain(model)
     if model.ByteSize() < PROTOBUF_LIMIT:
         onnx.checker.check_model(model)
     save_onnx(model, dst, external=True)

@@ -1,15 +1,33 @@
 """onnxruntime's own optimizer, and its ORT flatbuffer format for mobile and minimal builds.
 
 Two export steps live here: ``optimize`` (onnxruntime's offline graph fusions, saved as .onnx) and
-``to_ort`` (the same, then the ORT format). Registered in ``edgekd.export.steps.STEPS``.
+``to_ort`` (the same, then the ORT format).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from edgekd.errors import EdgekdError, first_line
-from edgekd.export.steps import load_onnx, save_onnx, step
+from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimize(StepSettings):
+    """Step ``optimize``: onnxruntime's offline graph optimization for the first execution provider."""
+
+    level: Literal["basic", "extended", "all"] = "basic"
+
+
+@dataclasses.dataclass(frozen=True)
+class OrtFormat(StepSettings):
+    """Step ``to_ort``: convert to the ORT flatbuffer format (smaller runtime, mobile builds)."""
+
+    level: Literal["disable", "basic", "extended", "all"] = "basic"
+    constant_folding: bool = True  # false keeps float16 constants and shared scales unfolded in the file (smaller)
+
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "all": "ORT_ENABLE_ALL"}
@@ -38,15 +56,15 @@ def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool, fol
         raise EdgekdError(f"onnxruntime could not optimize/convert the model: {first}") from None
 
 
-@step("optimize")
-def optimize(src: Path, dst: Path, settings, profile) -> dict:
+@step("optimize", Optimize)
+def optimize(src: Path, dst: Path, settings: Optimize, profile) -> dict:
     """onnxruntime's offline graph optimizations (fusions) for the profile's first execution provider."""
     _ort_save(src, dst, settings.level, profile.execution_providers, ort_format=False)
     return {}
 
 
-@step("to_ort", suffix=".ort")
-def to_ort(src: Path, dst: Path, settings, profile) -> dict:
+@step("to_ort", OrtFormat, suffix=".ort")
+def to_ort(src: Path, dst: Path, settings: OrtFormat, profile) -> dict:
     """Convert to the ORT flatbuffer format, for onnxruntime's mobile and minimal builds.
 
     The graph is optimized at the profile's level and saved as .onnx first, its inner names
