@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from edgekd.distill.data import encode_chat, generate_answers
+from edgekd.distill.data import encode_chat
+from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import label_token_groups
 from edgekd.io import iter_jsonl
 from edgekd.models import load_model

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from edgekd.distill.data import collate, encode_chat, generate_answers, prompt_text
+from edgekd.distill.data import collate, encode_chat, prompt_text
+from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import calibration_batches
 from edgekd.distill.students import build_student
 from edgekd.io import iter_jsonl

@@ -44,17 +44,22 @@ class Example:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a ``.jsonl`` file, or one ``{"text"}`` record for a ``.txt`` file."""
-    path = Path(path)
+def _read_text(path: Path, kind: str) -> str:
+    """A UTF-8 file's text; one line saying what to fix where it is missing, not UTF-8 or unreadable."""
     if not path.is_file():
-        raise UsageError(f"data file {path} does not exist")
+        raise UsageError(f"{kind} file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``.jsonl`` file, or one ``{"text"}`` record for a ``.txt`` file."""
+    path = Path(path)
+    text = _read_text(path, "data")
     if not text.strip():
         raise UsageError(f"{path} is empty: give it some data")
     if path.suffix.lower() == ".txt":
@@ -97,13 +102,7 @@ def read_prompts(path: Path) -> list[str]:
     """Prompts from a ``.jsonl`` of ``{"prompt"}`` records or a ``.txt`` with one prompt a line."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
-        if not path.is_file():
-            raise UsageError(f"prompts file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: not UTF-8 text (byte {e.start}): convert the file to UTF-8") from None
-        prompts = [line.strip() for line in jsonl_lines(text) if line.strip()]
+        prompts = [line.strip() for line in jsonl_lines(_read_text(path, "prompts")) if line.strip()]
         if not prompts:
             raise UsageError(f"{path} is empty: give it one prompt a line")
         return prompts
