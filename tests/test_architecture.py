@@ -66,6 +66,7 @@ def test_every_name_imported_from_edgekd_exists():
     """A move inside edgekd/ updates every script that imports what moved (benchmarks/ and examples/
     have no test that runs them all); imports inside functions count too."""
     import importlib
+    import importlib.util
 
     missing = []
     scripts = [*ROOT.rglob("*.py"), *(ROOT.parent / "benchmarks").glob("*.py"), *(ROOT.parent / "examples").rglob("*.py")]

@@ -77,8 +77,7 @@ def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any], steps_run: 
     every step's answer (``StepSettings.reproduces_qat_grid``), given what it reported where it ran
     (``steps_run``: the recipe's entries). Weights no step touches stay exact."""
     reports = {r["step"]: r for r in steps_run or ()}
-    return all(profile.step_settings(name) is None or profile.step_settings(name).reproduces_qat_grid(qat, reports.get(name))
-               for name in profile.steps)
+    return all((s := profile.step_settings(name)) is None or s.reproduces_qat_grid(qat, reports.get(name)) for name in profile.steps)
 
 
 def _io_table(sess) -> tuple[list[dict], list[dict]]:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekd.config import from_mapping, read_toml, require, to_dict
+from edgekd import config
+from edgekd.config import read_toml, require, to_dict
 from edgekd.errors import UsageError
 from edgekd.export.steps import STEPS
 from edgekd.targets import Gates, target_path
@@ -58,8 +60,9 @@ class TargetProfile:
     # with a name and the tables it overrides (checked like the profile itself; see edgekd/search/).
     candidates: tuple[dict, ...] = ()
     # every registered step's settings by the step's name (in the file: the table of that name),
-    # its class's defaults where the file has no table: settings["matmul_nbits"].bits
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    # its class's defaults where the file has no table: settings["matmul_nbits"].bits. Read-only:
+    # with_settings gives a profile with other settings
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self):
         require(14 <= self.opset <= 21, f"opset = {self.opset}: use 14..21 (17 is what optimum-onnx tests)")
@@ -70,11 +73,12 @@ class TargetProfile:
         require("to_ort" not in self.steps or self.steps[-1] == "to_ort", "to_ort must be the last step")
         require(self.layout != "transformers.js" or ("to_ort" not in self.steps and not self.external_data),
                 'layout = "transformers.js" loads one .onnx file: drop to_ort from steps and set external_data = false')
-        tables = _tables()
+        classes = _settings_classes()
         for name, value in self.settings.items():
-            require(name in tables and isinstance(value, tables[name]),
-                    f"settings[{name!r}]: expected the step's {tables[name].__name__ if name in tables else 'registered name'}")
-        object.__setattr__(self, "settings", {name: self.settings.get(name) or cls() for name, cls in tables.items()})
+            require(name in classes, f"settings[{name!r}]: no registered step has that name")
+            require(isinstance(value, classes[name]), f"settings[{name!r}] must be a {classes[name].__name__}")
+        settings = {name: self.settings[name] if name in self.settings else cls() for name, cls in classes.items()}
+        object.__setattr__(self, "settings", types.MappingProxyType(settings))
         if self.candidates:
             resolve_candidates(self)  # an unknown key or a wrong type in a candidate fails at load
 
@@ -82,37 +86,48 @@ class TargetProfile:
         """The settings a step reads (its table in the file), or None for a step without one."""
         return self.settings.get(step)
 
-    def with_settings(self, **tables: Any) -> TargetProfile:
+    def with_settings(self, **settings: Any) -> TargetProfile:
         """This profile with some steps' settings replaced: ``with_settings(matmul_nbits=...)``."""
-        return dataclasses.replace(self, settings={**self.settings, **tables})
+        return dataclasses.replace(self, settings={**self.settings, **settings})
 
     def to_dict(self) -> dict[str, Any]:
-        """The profile as its file has it: each step's settings a table named as the step."""
-        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "settings"}
-        return {**out, **{name: to_dict(s) for name, s in self.settings.items()}}
+        """The profile as its file has it: each step's settings a table named as the step, after
+        ``check`` (where the manifest's ``target`` table has always had them)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name != "settings":
+                out[f.name] = to_dict(getattr(self, f.name))
+            if f.name == "check":
+                out.update({name: to_dict(s) for name, s in self.settings.items()})
+        return out
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], where: str) -> TargetProfile:
-        """A profile from a file's table (or ``to_dict``'s): the errors name the key and ``where``."""
+        """A profile from a file's table (or ``to_dict``'s): the errors name the key and ``where``,
+        in the file's order."""
         if not isinstance(data, Mapping):
             raise UsageError(f"{where}: expected a table of settings")
-        tables = _tables()
-        known = sorted({f.name for f in dataclasses.fields(cls)} - {"settings"} | set(tables))
-        unknown = sorted(set(data) - set(known))
+        classes = _settings_classes()
+        known = sorted({f.name for f in dataclasses.fields(cls)} - {"settings"} | set(classes))
+        unknown = [key for key in data if key not in known]
         if unknown:
             raise UsageError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(known)})")
         settings: dict[str, Any] = {}
-        for name in set(data) & set(tables):
+        for name in (key for key in data if key in classes):
             if not isinstance(data[name], Mapping):
                 raise UsageError(f"{where}: [{name}] must be a table")
-            settings[name] = from_mapping(tables[name], data[name], where, prefix=f"{name}.")
-        own = {k: v for k, v in data.items() if k not in tables}
-        return from_mapping(cls, {**own, "settings": settings}, where)
+            settings[name] = config.from_mapping(classes[name], data[name], where, prefix=f"{name}.")
+        own = {k: v for k, v in data.items() if k not in classes}
+        return config.from_mapping(cls, {**own, "settings": settings}, where)
 
 
-def _tables() -> dict[str, type]:
+def _settings_classes() -> dict[str, type]:
     """Each registered step's settings class, by the step's name."""
-    return {name: s.settings for name, s in STEPS.items() if s.settings is not None}
+    classes = {name: s.settings for name, s in STEPS.items() if s.settings is not None}
+    taken = sorted(set(classes) & {f.name for f in dataclasses.fields(TargetProfile)})
+    if taken:
+        raise RuntimeError(f"export step {taken[0]!r} is named as a profile key: its table would be that key; rename the step")
+    return classes
 
 
 def load_target(target: str | Path) -> TargetProfile:
@@ -178,7 +193,7 @@ def resolve_candidates(profile) -> list[Candidate]:
         if "name" not in raw:
             raise UsageError(f"{where}: has no name: add name = \"...\"")
         where = f"target {profile.name!r}, candidate {raw['name']!r}"
-        meta = from_mapping(CandidateMeta, {k: raw[k] for k in OWN_KEYS if k in raw}, where)
+        meta = config.from_mapping(CandidateMeta, {k: raw[k] for k in OWN_KEYS if k in raw}, where)
         overrides = {k: v for k, v in raw.items() if k not in OWN_KEYS}
         for key in FIXED_KEYS:
             if key in overrides:

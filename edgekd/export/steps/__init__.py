@@ -18,9 +18,6 @@ does it change the PyTorch model before the trace) is a method of ``StepSettings
 settings override. Every module of this package is imported at the end of this file, so a new step
 is one new module plus its profile lines; ``tests/test_export_steps.py`` checks every registered step
 has a test.
-
-Sources: MatMulNBits / GatherBlockQuantized are onnxruntime contrib ops (docs/ContribOperators.md);
-HQQ is Badri & Shaji, "Half-Quadratic Quantization of Large Machine Learning Models" (2023).
 """
 
 from __future__ import annotations
@@ -59,7 +56,6 @@ class Step:
     fn: StepFn
     settings: type[StepSettings] | None = None  # the profile table's class; None: the step has no table
     suffix: str = ".onnx"  # the file the step writes
-    doc: str = ""
 
 
 STEPS: dict[str, Step] = {}
@@ -70,7 +66,7 @@ def step(name: str, settings: type[StepSettings] | None = None, suffix: str = ".
     def deco(fn: StepFn) -> StepFn:
         if name in STEPS:
             raise RuntimeError(f"step {name!r} registered twice")
-        STEPS[name] = Step(name, fn, settings, suffix, (fn.__doc__ or "").strip().splitlines()[0])
+        STEPS[name] = Step(name, fn, settings, suffix)
         return fn
 
     return deco

@@ -1,5 +1,9 @@
 """Step ``matmul_nbits``: block-wise weight-only quantization of every constant-weight MatMul
-(onnxruntime's ``MatMulNBits``), by onnxruntime's quantizers or on a grid the weights already have."""
+(onnxruntime's ``MatMulNBits``), by onnxruntime's quantizers or on a grid the weights already have.
+
+Sources: MatMulNBits is an onnxruntime contrib op (docs/ContribOperators.md); HQQ is Badri & Shaji,
+"Half-Quadratic Quantization of Large Machine Learning Models" (2023).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from edgekd.io import quiet
 
 GPTQ_ANSWER_TOKENS = 64  # the model's own answer tokens per GPTQ calibration prompt
 
+
 @dataclasses.dataclass(frozen=True)
 class MatMulNBits(StepSettings):
     """Step ``matmul_nbits``: block-wise weight-only quantization of every constant-weight MatMul."""
@@ -25,7 +30,7 @@ class MatMulNBits(StepSettings):
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 0
-    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = "rtn"  # onnxruntime's quantizers (edgekd.export.steps); gptq:
+    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = "rtn"  # onnxruntime's quantizers (matmul_nbits below); gptq:
     # edgekd.export.gptq rounds the PyTorch model to the symmetric 4-bit grid before export, keep_grid stores it
     gptq_prompts: int = 64  # gptq: calibration texts, shipped training prompts + the model's own greedy answers
     int8_nodes: tuple[str, ...] = ()  # node-name substrings kept at 8 bits when bits = 4

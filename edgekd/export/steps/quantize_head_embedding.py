@@ -3,6 +3,8 @@ GatherBlockQuantized (or standard operators, for onnxruntime-web), one quantized
 two are tied. The largest size win the stock quantizer leaves (FACTS.md): it skips a head fed by a
 Transpose and refuses 8-bit Gathers.
 
+Sources: MatMulNBits and GatherBlockQuantized are onnxruntime contrib ops (docs/ContribOperators.md).
+
 The step reads as stages: find the pair in the graph (``_find_pair``), decide each one's precision
 (``_precisions``), quantize the matrices (``_Parts``), write the head's and the embedding's nodes.
 """
@@ -64,7 +66,6 @@ class QuantizeHeadEmbedding(StepSettings):
                for p in (self.head, self.embedding)):
             return False
         return report is None or qat.get("head_bits") != 4 or all(report.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
-
 
 
 def _absmax_levels(w, bits: int, block_size: int):
