@@ -31,7 +31,7 @@ def run_target(model: str, target: str, work: Path, vcfg) -> dict:
     from edgekd.config import to_dict
     from edgekd.export import export_bundle
     from edgekd.export.profile import load_target
-    from edgekd.search import NoCandidatePasses, resolve_candidates, search_export
+    from edgekd.search import NoCandidatePasses, Tried, resolve_candidates, search_export
     from edgekd.validate import validate
 
     profile = load_target(target)
@@ -61,13 +61,9 @@ def run_target(model: str, target: str, work: Path, vcfg) -> dict:
             "default": not c.mixed_precision and c.profile.to_dict() == default,
             "kept": i == result.chosen_index,
         })
-    rows.append({"name": "quantize_dynamic (anchor)", "kind": "anchor", "default": False, "kept": False,
-                 "passed": anchor.passed, "size_mb": anchor.metric("cost", "size_mb"),
-                 "decode_tokens_per_s": anchor.metric("cost", "decode_tokens_per_s"),
-                 "top1_vs_reference": anchor.metric("fidelity", "reference", "top1"),
-                 "kl_vs_reference": anchor.metric("fidelity", "reference", "kl_mean"),
-                 "top1_vs_teacher": anchor.metric("fidelity", "teacher", "top1"),
-                 "gates": [dataclasses.asdict(g) for g in anchor.gates], "error": None})
+    anchor_row = Tried("quantize_dynamic (anchor)", "onnxruntime's dynamic int8", {"steps": ["quantize_dynamic"]}, anchor_dir,
+                       report=anchor).record()
+    rows.append({**anchor_row, "kind": "anchor", "default": False, "kept": False})
     return {"model": model, "target": target, "gates": to_dict(profile.gates), "rows": rows,
             "sensitivity": result.sensitivity, "search_seconds": round(search_s, 1), "chosen": result.chosen}
 
