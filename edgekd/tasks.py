@@ -48,6 +48,10 @@ class TaskFile:
     # "Review: {prompt}\nSentiment (positive or negative):" for a base model without a chat template
     # (Gemma 3 270M); the chat template, where the model has one, is applied around it.
     prompt_template: str = "{prompt}"
+    # The share of each label among the training prompts (in the order of ``labels``), where the
+    # user knows it: distill's calibration (``calibrate = "prior"``) moves the teacher's cut until its
+    # decisions on those prompts split this way.
+    label_prior: tuple[float, ...] = ()
 
     def __post_init__(self):
         if not self.description.strip():
@@ -58,6 +62,8 @@ class TaskFile:
             raise UsageError("labels must differ (case-insensitively)")
         if len(self.labels) == 1:
             raise UsageError("labels needs at least two entries (or none, for a generative task)")
+        if self.label_prior and (len(self.label_prior) != len(self.labels) or min(self.label_prior) <= 0):
+            raise UsageError(f"label_prior needs one positive share per label ({len(self.labels)}), in the order of labels")
         if self.prompt_template.count("{prompt}") != 1:
             raise UsageError('prompt_template must hold "{prompt}" exactly once, where the prompt goes')
         if self.validate_prompts < 1 or self.validate_answer_tokens < 1:
@@ -107,7 +113,7 @@ class Task:
                 "description": self.spec.description,
                 "gates": {k: v for k, v in dataclasses.asdict(self.spec.gates).items() if v is not None},
                 "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens,
-                "prompt_template": self.spec.prompt_template}
+                "prompt_template": self.spec.prompt_template, **({"label_prior": list(self.spec.label_prior)} if self.spec.label_prior else {})}
 
 
 def load_task(name_or_dir: str | Path) -> Task:

@@ -263,3 +263,68 @@ def teacher_cache(run: TeacherRun, examples: list[Example], vocab: int, device):
     if table is None:
         raise EdgekdError(f"the teacher cache in {folder} could not be read back: is the disk full?")
     return table
+
+
+def fit_calibration(run: TeacherRun):
+    """The run's ``Calibration`` (``edgekd.distill.calibrate``), or None where it does not apply.
+
+    ``auto``: from labels where the calibration data (``--calibration-data``, else the training
+    prompts) carry them, else from the task's ``label_prior``, else off. The teacher answers the
+    fitting prompts once, greedily and bare, keeping its label tokens' logits; the fit is kept in
+    ``data/calibration.json`` and reused by a rerun with the same key."""
+    from edgekd.distill import calibrate as cal
+    from edgekd.distill.loop import label_token_groups
+
+    cfg, say = run.cfg, run.say
+    task = task_of(cfg) if cfg.task else None
+    if cfg.calibrate == "off" or task is None or not task.labels:
+        if cfg.calibrate in ("prior", "labels"):
+            raise UsageError(f"--calibrate {cfg.calibrate} needs a labelled task (--task with labels = [...] in its task.toml)")
+        return None
+    if cfg.data and not cfg.calibration_data:
+        if cfg.calibrate != "auto":
+            raise UsageError(f"--calibrate {cfg.calibrate} with --data: the answers are yours, not the teacher's; pass --calibration-data to calibrate the teacher's targets")
+        return None
+    if cfg.calibration_data:
+        rows = read_records(Path(cfg.calibration_data))
+    else:
+        rows = task.records(read_records(task.train)) if not cfg.prompts else read_records(Path(cfg.prompts))
+    rows = [r for r in rows if isinstance(r.get("prompt"), str)][: cfg.calibration_records]
+    truths = [r.get("label") if isinstance(r.get("label"), str) else None for r in rows]
+    has_labels = sum(t is not None for t in truths) >= 2 * len(task.labels)
+    method = cfg.calibrate if cfg.calibrate != "auto" else "labels" if has_labels else "prior" if task.spec.label_prior else None
+    if method is None:
+        say("no calibration: the task declares no label_prior and its prompts carry no labels (calibrate = auto)", style="yellow")
+        return None
+    groups = label_token_groups(run.tok, task.labels)
+    prompts = [r["prompt"] for r in rows]
+    key = json.dumps([run.fingerprint, prompts, truths, method, list(task.spec.label_prior), cfg.max_new_tokens, "cal-v1"])
+    key = __import__("hashlib").sha256(key.encode()).hexdigest()
+    path = run.out / "data" / "calibration.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            found = cal.Calibration.from_record(saved["calibration"])
+            say(f"reusing {path}: {found.describe()}")
+            return found
+    say(f"calibrating the teacher's labels ({method}) on {len(prompts)} prompts ...")
+    answers, _ = generate_answers(run.teacher, run.tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
+                                  batch_size=cfg.gen_batch_size, seed=cfg.seed, max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens),
+                                  keep_logits_of=[i for g in groups for i in g])
+    z, named_truths = [], []
+    for a, t in zip(answers, truths):
+        j = cal.label_step(a["answer_ids"], groups)
+        if j is not None:
+            z.append(cal.label_scores(a["kept_logits"][j], groups))
+            named_truths.append(t)
+    import numpy as np
+
+    found = cal.fit(method, task.labels, groups, np.array(z).reshape(len(z), len(groups)),
+                    truths=named_truths if any(named_truths) else None, prior=task.spec.label_prior or None)
+    if run.accel.is_main_process:
+        from edgekd.io import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps({"key": key, "calibration": found.record()}, indent=1).encode())
+    run.accel.wait_for_everyone()
+    say(found.describe())
+    return found

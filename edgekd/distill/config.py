@@ -14,6 +14,7 @@ from typing import Literal
 from edgekd.errors import UsageError
 
 Loss = Literal["fkl", "rkl", "jsd", "skl"]
+Calibrate = Literal["auto", "off", "prior", "labels"]
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -59,6 +60,12 @@ class DistillConfig:
     # Off by default until measured better (benchmarks/RESULTS-students.md): the sentiment teacher
     # calls 71% of the balanced training reviews positive, and its student learned that lean.
     balance_labels: bool = _f(False, "Labelled tasks: draw the training prompts so that each label the teacher answers with is seen as often as its most common one (the rarer ones repeat within an epoch): the student learns to read the input, not the teacher's prior.")
+    # On by default for a labelled task that can be calibrated: the SmolLM2 teacher says "positive"
+    # on ~70% of balanced reviews; its score cut at the balance point is right far more often
+    # (docs/students.md has the measurements on real, human-labelled sets).
+    calibrate: Calibrate = _f("auto", "Labelled tasks: take the teacher's lean out of its labels before they become targets (edgekd/distill/calibrate.py): a bias per label on the logits of the tokens that name it. labels = fit on records that carry a person's 'label' (--calibration-data, else the training prompts when they carry labels); prior = with no labels, so that the teacher's decisions on the training prompts split as the task's label_prior says; auto = labels where there are labels, else prior where the task declares one, else off. It moves the teacher's cut, not its ranking: it cannot help a teacher that orders the inputs badly (validate reports the teacher's AUC).")
+    calibration_data: str = _f("", "A .jsonl of {\"prompt\", \"label\"} records (a few hundred at most, never your evaluation set) that the calibration is fit on.")
+    calibration_records: int = _f(320, "At most this many records the calibration is fit on (the teacher answers each once, greedily).")
     label_loss: float = _f(0.0, "Labelled tasks: weight of an extra KL on the teacher's choice among the task's labels, renormalised over them, at the positions where it names one (0 = off).")
     label_hard: bool = _f(False, "With --label-loss: cross-entropy on the label the teacher picks (its greedy decision) instead of the KL on its label probabilities: a near-tie is taught as the decision the teacher makes.")
     # Off by default: it needs the teacher in the loop (no top-k cache), a cost when epochs > 1.
@@ -111,7 +118,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in ["max_steps", "max_prompts", "max_heldout", "eval_every", "checkpoint_every", "weight_decay",
-                     "max_grad_norm", "gen_temperature", "label_loss", "hidden_loss"]:
+                     "max_grad_norm", "gen_temperature", "label_loss", "hidden_loss", "calibration_records"]:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} = {getattr(self, name)} must not be negative")
         if self.temperature <= 0:

@@ -3,8 +3,9 @@ the shared prompt prefix's cache, with the teacher's top-k log-probabilities kep
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from edgekd.distill.data import common_prefix, expand_cache, prefill, prompt_text
@@ -26,6 +27,7 @@ def generate_answers(
     keep_topk: int = 0,
     kd_temperature: float = 1.0,
     vocab: int | None = None,
+    keep_logits_of: Sequence[int] = (),
 ) -> tuple[list[dict], int]:
     """Sample the teacher's answers to ``prompts``, batched, shortest prompts together.
 
@@ -39,6 +41,9 @@ def generate_answers(
     at every answer position (``"topk": (logp (n, k), idx (n, k))``), read off the logits the
     generation computed anyway: the teacher-logit cache then needs no second teacher pass over
     prompt + answer (``edgekd.distill.cache``).
+
+    ``keep_logits_of=ids``: also keep, per record, the logits of those token ids at every answer
+    step (``"kept_logits"``: ``(n, len(ids))`` float32), e.g. a task's label tokens for calibration.
     """
     device = next(model.parameters()).device
     encoded, cut = _encode_prompts(tok, prompts, max_prompt_tokens)
@@ -67,7 +72,7 @@ def generate_answers(
             top_k=None,
             pad_token_id=pad,
             eos_token_id=sorted(eos),
-            output_logits=bool(keep_topk),
+            output_logits=bool(keep_topk or keep_logits_of),
             return_dict_in_generate=True,
         )
         new = out.sequences[:, ids.shape[1]:].cpu()
@@ -77,6 +82,10 @@ def generate_answers(
             n_tokens += len(record["answer_ids"])
             if keep_topk:
                 record["topk"] = _topk_of(out.logits, row, len(record["answer_ids"]), keep_topk, kd_temperature, vocab)
+            if keep_logits_of:
+                n = len(record["answer_ids"])
+                record["kept_logits"] = (torch.stack([out.logits[s][row, list(keep_logits_of)] for s in range(n)]).float().cpu().numpy()
+                                         if n else np.zeros((0, len(keep_logits_of)), dtype=np.float32))
         if on_batch:
             on_batch(len(idx), n_tokens)
     done = [r for r in results if r is not None]

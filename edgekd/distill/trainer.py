@@ -93,12 +93,14 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.t_start = time.time()
         self.setup()
-        self.prepare_data()
-        self.build_student()
-        self.prepare_targets()
-        self.prepare_optimizer()
-        self.train()
-        return self.save()
+        with contextlib.ExitStack() as calibrated:  # the calibrated teacher teaches; a preloaded one is given back bare
+            self.calibrate_teacher(calibrated)
+            self.prepare_data()
+            self.build_student()
+            self.prepare_targets()
+            self.prepare_optimizer()
+            self.train()
+            return self.save()
 
     # ---- setup: device, output folder, teacher -----------------------------------------------
     def setup(self) -> None:
@@ -130,11 +132,26 @@ class Trainer:
         self.fingerprint = source.fingerprint()
         self.teacher.to(self.device)
 
+    # ---- calibration: the teacher's lean taken out of a labelled task's labels ----------------
+    def calibrate_teacher(self, stack: contextlib.ExitStack) -> None:
+        """Fit the per-label bias (``edgekd.distill.calibrate``) and put it on the teacher's head for
+        the rest of the run; answers and caches are keyed by the calibrated teacher."""
+        from edgekd.distill.calibrate import calibrated
+
+        t0 = time.time()
+        bare = answers.TeacherRun(self.cfg, self.out, self.teacher, self.tok, self.fingerprint, self.accel, self.say)
+        self.calibration = answers.fit_calibration(bare)
+        self.keyed_fingerprint = self.fingerprint
+        if self.calibration is not None:
+            stack.enter_context(calibrated(self.teacher, self.calibration))
+            self.keyed_fingerprint += "+calibrated:" + ",".join(f"{b:.6f}" for b in self.calibration.bias)
+            self.timings["calibration_s"] = round(time.time() - t0, 1)
+
     # ---- data: files, or prompts the teacher answers ------------------------------------------
     def prepare_data(self) -> None:
         cfg, say = self.cfg, self.say
         t0 = time.time()
-        self.teacher_run = answers.TeacherRun(cfg, self.out, self.teacher, self.tok, self.fingerprint, self.accel, say)
+        self.teacher_run = answers.TeacherRun(cfg, self.out, self.teacher, self.tok, self.keyed_fingerprint, self.accel, say)
         self.records, self.data_info = answers.training_records(self.teacher_run)
         heldout_records = answers.heldout_records_for(self.teacher_run)
         self.timings["teacher_answers_s"] = round(time.time() - t0, 1)
@@ -380,6 +397,16 @@ class Trainer:
         helpers.log_row(self.metrics_path, self.main, row)
         return loss, tps
 
+    def task_record(self) -> dict[str, Any] | None:
+        """The task as distill.json (and so the bundle's manifest) records it, with the calibration
+        its teacher taught under (validate compares with the teacher as it taught)."""
+        if not self.cfg.task:
+            return None
+        record = answers.task_of(self.cfg).record()
+        if self.calibration is not None:
+            record["calibration"] = self.calibration.record()
+        return record
+
     # ---- final evaluation and outputs (main process) -------------------------------------------
     def save(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -392,7 +419,7 @@ class Trainer:
             "teacher": cfg.teacher,
             "teacher_fingerprint": self.fingerprint,
             "heldout": answers.HELDOUT,
-            "task": answers.task_of(cfg).record() if cfg.task else None,
+            "task": self.task_record(),
             "student": self.student.describe,
             "config": to_dict(cfg),
             "data": {**self.data_info, "train": self.summary, "heldout": self.held_summary, "shared_prefix_tokens": self.prefix_len,
