@@ -158,3 +158,23 @@ def test_a_leaning_teacher_is_calibrated_before_it_teaches(tokenizer, tmp_path):
     said_off = first_labels(tokenizer, tmp_path / "off")
     assert np.mean([s == "capital" for s in said_off]) > 0.7  # off: the teacher's own lean
     assert np.mean([s == t for s, t in zip(said_off, truth)]) < 0.8
+
+
+def test_validate_reads_the_teacher_as_it_taught_and_the_bare_one_beside_it(tiny_teacher_dir):
+    from edgekd.validate import _Models, _teacher_judgement, calibrated_name
+
+    c = cal.Calibration("prior", ("a", "b"), (-1.0, 1.0), ((10,), (20,)), 8, {}, {})
+    models = _Models(4, lambda m: None)
+    bare, calibrated = models.get(str(tiny_teacher_dir), "teacher"), models.get(str(tiny_teacher_dir), "teacher", c.record())
+    assert bare is not calibrated and calibrated_name(str(tiny_teacher_dir)) in models.models
+    ids = torch.tensor([[5, 9, 11]])
+    delta = calibrated.model(input_ids=ids).logits[0, -1] - bare.model(input_ids=ids).logits[0, -1]
+    assert float(delta[10]) == pytest.approx(-1.0, abs=1e-5) and float(delta[20]) == pytest.approx(1.0, abs=1e-5)
+    # the calibrated teacher said "b" at step 1 (logits there: a 0.5, b 1.0); bare it would have said "a"
+    logits = np.zeros((2, 32))
+    logits[1, 10], logits[1, 20] = 0.5, 1.0
+    answers, read = [[3, 20]], [logits]
+    assert np.argmax(cal.bare_read(answers, read, c)[0]) == 0
+    records = [{"prompt": "p", "label": "a"}]
+    figures = _teacher_judgement({"calibration": c.record()}, records, (answers, read), ["a", "b"], ())
+    assert figures["teacher_bare_accuracy"] == 1.0

@@ -82,21 +82,39 @@ def calibrated(model, calibration: Calibration | None) -> Iterator[Any]:
 
     The head's ``bias`` (a new one where it had none) is what every teacher pass reads: the module's
     forward, and the loss and cache that multiply by ``head.weight`` and add ``head.bias``."""
-    import torch
-
     if calibration is None:
         yield model
         return
     head = model.get_output_embeddings()
     old = head.bias
-    vec = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
-    for ids, b in zip(calibration.token_ids, calibration.bias):
-        vec[[i for i in ids if i < vec.shape[0]]] += b
-    head.bias = torch.nn.Parameter(vec if old is None else old.detach() + vec, requires_grad=False)
+    apply_bias(model, calibration)
     try:
         yield model
     finally:
         head.bias = old
+
+
+def apply_bias(model, calibration: Calibration) -> None:
+    """Put the calibration's bias on ``model``'s output head for good (``calibrated`` undoes it)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    vec = torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
+    for ids, b in zip(calibration.token_ids, calibration.bias):
+        vec[[i for i in ids if i < vec.shape[0]]] += b
+    old = head.bias
+    head.bias = torch.nn.Parameter(vec if old is None else old.detach() + vec, requires_grad=False)
+
+
+def bare_read(answers: Sequence[Sequence[int]], logits: Sequence[np.ndarray], calibration: Calibration) -> list[np.ndarray | None]:
+    """The uncalibrated teacher's label scores ``(G,)`` at the step where each of the calibrated
+    teacher's answers names a label (its logits there, ``(answer_len, vocab)`` per answer, less the
+    bias), None where an answer names none: what the bare teacher would have chosen there."""
+    out: list[np.ndarray | None] = []
+    for ids, lg in zip(answers, logits):
+        j = label_step(ids, calibration.token_ids)
+        out.append(None if j is None else label_scores(np.asarray(lg[j]), calibration.token_ids) - np.array(calibration.bias))
+    return out
 
 
 def label_step(answer_ids: Sequence[int], token_ids: Sequence[Sequence[int]]) -> int | None:

@@ -81,19 +81,31 @@ class _Models:
         self.models: dict[str, Any] = {}
         self.cache: dict[tuple, Any] = {}
 
-    def get(self, spec: str, role: str):
-        if spec not in self.models:
+    def get(self, spec: str, role: str, calibration: dict[str, Any] | None = None):
+        """The model of ``spec``; ``calibration`` (a task's record of it): a copy of its own whose
+        head carries the calibration's bias, under the name ``calibrated_name(spec)``."""
+        key = calibrated_name(spec) if calibration else spec
+        if key not in self.models:
             from edgekd.validate.fidelity import TorchModel
 
-            self.log(f"loading the {role} {spec} with PyTorch ...")
-            self.models[spec] = TorchModel(spec, role, self.batch_size)
-        return self.models[spec]
+            self.log(f"loading the {role} {key} with PyTorch ...")
+            self.models[key] = TorchModel(spec, role, self.batch_size)
+            if calibration:
+                from edgekd.distill.calibrate import Calibration, apply_bias
+
+                apply_bias(self.models[key].model, Calibration.from_record(calibration))
+        return self.models[key]
 
     def memo(self, key: tuple, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, computed once per ``key``."""
         if key not in self.cache:
             self.cache[key] = fn(*args)
         return self.cache[key]
+
+
+def calibrated_name(spec: str) -> str:
+    """How a calibrated teacher is named in a report (and keyed in validate's caches)."""
+    return f"{spec} (calibrated)"
 
 
 def answer_room(n: int, prompts: list[list[int]], context: int) -> int:
@@ -104,10 +116,12 @@ def answer_room(n: int, prompts: list[list[int]], context: int) -> int:
     return min(n, context - longest - 1)
 
 
-def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, list[str]], rt, teacher_read) -> dict[str, Any]:
+def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, list[str]], rt, teacher_read,
+                  label_tokens: tuple[tuple[int, ...], ...] = ()) -> dict[str, Any]:
     """The task's figures of the bundle's answers against the teacher's (``tasks.score_answers``),
     the reference's beside them, and, for a labelled task, how decided the teacher's labels were
-    (``teacher_read``: the teacher's answers, its greedy ones or the split's, and its logits on them)."""
+    (``teacher_read``: the teacher's answers, its greedy ones or the split's, and its logits on them;
+    ``label_tokens``: the tokens naming each label, for the teacher's ranking)."""
     from edgekd.metrics import TASK_FIGURES
     from edgekd.tasks import label_margins, score_answers, task_inputs
     from edgekd.validate.data import record_truths
@@ -123,7 +137,35 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
                                                          inputs=task_inputs([r["prompt"] for r in records]), teacher_margins=margins)}
     reference = score_answers(texts["reference"], texts["teacher"], labels)  # only its gated figures are kept
     figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
+    if labels and teacher_read is not None and isinstance(figures.get("truth"), dict) and figures["truth"].get("labelled"):
+        figures["truth"].update(_teacher_judgement(task, records, teacher_read, labels, label_tokens))
     return figures
+
+
+def _teacher_judgement(task: dict[str, Any], records: list[dict], teacher_read, labels, label_tokens) -> dict[str, Any]:
+    """Where the records carry labels: how well the teacher ranks them (AUC of its label score, two
+    labels) and, when it taught calibrated, how often it was right without the calibration."""
+    from edgekd.distill import calibrate as cal
+    from edgekd.validate.data import record_truths
+
+    if task.get("calibration"):
+        calibration = cal.Calibration.from_record(task["calibration"])
+    elif label_tokens:  # a teacher that taught bare: its label tokens, no bias
+        calibration = cal.Calibration("none", tuple(labels), (0.0,) * len(labels), tuple(label_tokens), 0, {}, {})
+    else:
+        return {}
+    truths = record_truths(records, task.get("folder"), task.get("prompt_template") or "{prompt}") or []
+    answers, logits = teacher_read
+    scores = cal.bare_read(answers, logits, calibration)
+    lower = [label.lower() for label in labels]
+    rows = [(z, lower.index(t.lower())) for z, t in zip(scores, truths) if z is not None and t and t.lower() in lower]
+    out: dict[str, Any] = {}
+    if rows and task.get("calibration"):
+        out["teacher_bare_accuracy"] = sum(int(np.argmax(z)) == y for z, y in rows) / len(rows)
+    if rows and len(labels) == 2:
+        z = np.array([r[0] for r in rows])
+        out["teacher_auc"] = cal.auc(z[:, 0] - z[:, 1], np.array([r[1] == 0 for r in rows]))
+    return out
 
 
 @dataclasses.dataclass
@@ -260,8 +302,11 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
     cost = _cost(run, p, rt, name)
     reference = run.models.get(ref_spec, "reference")
     reference.check_tokenizer(rt.tokenizer)
-    teacher = run.models.get(teacher_spec, "teacher")
+    calibration = (run.task or {}).get("calibration")  # the teacher as it taught: calibrated where it was
+    teacher = run.models.get(teacher_spec, "teacher", calibration)
     teacher.check_tokenizer(rt.tokenizer)
+    if calibration:
+        teacher_spec = calibrated_name(teacher_spec)
     compared = _compare(run, p, rt, name, {"reference": (ref_spec, reference), "teacher": (teacher_spec, teacher)})
     texts, records = compared.texts, run.records
     cost["reference_fp32_mb"] = (manifest.export_check.get("fp32_model_bytes") or 0) / 1e6 or None
@@ -272,7 +317,7 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
         name=name, bundle=str(p.resolve()), target=manifest.target_name,
         environment=environment(config.threads, rt.session.get_providers()),
         fidelity=compared.fidelity,
-        task=_task_figures(run.task, records, texts, rt, compared.teacher_read) if run.task else None,
+        task=_task_figures(run.task, records, texts, rt, compared.teacher_read, _label_tokens(run.task, teacher)) if run.task else None,
         examples=[{"prompt": records[i]["prompt"], "teacher": texts["teacher"][i], "reference": texts["reference"][i],
                    "bundle": texts["bundle"][i]} for i in range(min(EXAMPLES_SHOWN, len(records)))],
         cost=cost,
@@ -284,6 +329,17 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
     )
     _apply_gates(report, run, manifest)
     return report
+
+
+def _label_tokens(task: dict[str, Any] | None, teacher) -> tuple[tuple[int, ...], ...]:
+    """The teacher's tokens naming each of a labelled task's labels (``label_token_groups``), or ()."""
+    from edgekd.distill.loop import label_token_groups
+
+    labels = (task or {}).get("labels") or ()
+    try:
+        return label_token_groups(teacher.tokenizer, labels) if labels else ()
+    except UsageError:  # a label no token names alone: no ranking figure
+        return ()
 
 
 def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
