@@ -7,7 +7,8 @@ their ``eval`` splits, never trained or calibrated on) and on the project's own 
 (``tasks/sentiment/heldout.jsonl``, ``benchmarks/data/sentiment-independent.jsonl``), the accuracy
 against the people's label of: a constant answer; a TF-IDF (1-2-grams) + logistic regression trained
 on 25,000 IMDB reviews that no set here holds (scikit-learn); the teacher's greedy answers, bare and
-with the calibration the first student was distilled under (its distill.json); and each student
+with the calibration (and the task's answer opening) the first student was distilled under (its
+distill.json), i.e. the teacher as it taught; and each student
 (a distilled folder, PyTorch greedy) or bundle (an ``edgekd export`` folder, onnxruntime greedy).
 Beside each accuracy, how often that answerer said "positive" (the sets are balanced: 50% is no
 lean), and for students the agreement with the calibrated teacher, overall and per label. Prints
@@ -65,11 +66,11 @@ def tfidf_baseline(seed: int = 0):
     return lambda prompts: list(clf.predict(vec.transform([p.split("Review:", 1)[-1] for p in prompts])))  # the review alone
 
 
-def torch_labels(model, tok, prompts: list[str], max_new_tokens: int) -> list[str | None]:
+def torch_labels(model, tok, prompts: list[str], max_new_tokens: int, answer_prefix: str = "") -> list[str | None]:
     from edgekd.distill.generate import generate_answers
 
     answers, _ = generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
-                                  batch_size=32, seed=0, max_prompt_tokens=448)
+                                  batch_size=32, seed=0, max_prompt_tokens=448, answer_prefix=answer_prefix)
     return [label_of(a["response"], LABELS) for a in answers]
 
 
@@ -110,12 +111,13 @@ def main() -> None:
 
     torch.set_num_threads(2)
     sets = eval_sets(args.n)
-    calibration = None
+    calibration, prefix = None, ""
     for m in args.models:
         record = Path(m) / "distill.json"
-        if record.is_file() and (json.loads(record.read_text()).get("task") or {}).get("calibration"):
-            calibration = Calibration.from_record(json.loads(record.read_text())["task"]["calibration"])
-            print(f"calibration from {record}: {calibration.describe()}", file=sys.stderr)
+        task = (json.loads(record.read_text()).get("task") or {}) if record.is_file() else {}
+        if task.get("calibration"):
+            calibration, prefix = Calibration.from_record(task["calibration"]), task.get("answer_prefix") or ""
+            print(f"calibration from {record}: {calibration.describe()}; answers open {prefix!r}", file=sys.stderr)
             break
     said: dict[str, dict[str, list]] = {name: {} for name in sets}
     t0 = time.time()
@@ -133,13 +135,14 @@ def main() -> None:
         for role, cal in (("teacher", None), ("teacher, calibrated", calibration)):
             if role.endswith("calibrated") and cal is None:
                 continue
-            key = json.dumps([args.teacher, cal.bias if cal else None, name, prompts, args.max_new_tokens])
+            opening = prefix if cal else ""  # the teacher as it taught: calibrated, its answers opened as the task says
+            key = json.dumps([args.teacher, cal.bias if cal else None, opening, name, prompts, args.max_new_tokens])
             key = hashlib.sha256(key.encode()).hexdigest()
             if key not in memo:
                 if teacher is None:
                     teacher, tok = load_model(resolve_source(args.teacher), dtype=torch.float32)
                 with calibrated(teacher, cal):
-                    memo[key] = torch_labels(teacher, tok, prompts, args.max_new_tokens)
+                    memo[key] = torch_labels(teacher, tok, prompts, args.max_new_tokens, opening)
                 CACHE.mkdir(parents=True, exist_ok=True)
                 memo_path.write_text(json.dumps(memo))
             said[name][role] = memo[key]

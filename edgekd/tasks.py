@@ -52,6 +52,10 @@ class TaskFile:
     # user knows it: distill's calibration (``calibrate = "prior"``) moves the teacher's cut until its
     # decisions on those prompts split this way.
     label_prior: tuple[float, ...] = ()
+    # How the teacher's answers open, given rather than generated (e.g. "The review is"): its
+    # decision is then always made in the same words, where its label score ranks best; the
+    # student learns answers that open this way.
+    answer_prefix: str = ""
 
     def __post_init__(self):
         if not self.description.strip():
@@ -113,7 +117,8 @@ class Task:
                 "description": self.spec.description,
                 "gates": {k: v for k, v in dataclasses.asdict(self.spec.gates).items() if v is not None},
                 "validate_prompts": self.spec.validate_prompts, "validate_answer_tokens": self.spec.validate_answer_tokens,
-                "prompt_template": self.spec.prompt_template, **({"label_prior": list(self.spec.label_prior)} if self.spec.label_prior else {})}
+                "prompt_template": self.spec.prompt_template, **({"label_prior": list(self.spec.label_prior)} if self.spec.label_prior else {}),
+                **({"answer_prefix": self.spec.answer_prefix} if self.spec.answer_prefix else {})}
 
 
 def load_task(name_or_dir: str | Path) -> Task:

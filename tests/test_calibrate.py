@@ -136,12 +136,13 @@ def test_a_leaning_teacher_is_calibrated_before_it_teaches(tokenizer, tmp_path):
 
     train = [f"Tell me about the {a} and the {b}" for a in WORDS for b in WORDS if a != b][:80]
     held = [f"Write about the {a} near the {b}" for a, b in zip(WORDS, WORDS[3:] + WORDS[:3])][:8]
-    truth = leaning_teacher(tokenizer, train, tmp_path / "teacher")
+    truth = leaning_teacher(tokenizer, train + held, tmp_path / "teacher")
+    truth, held_truth = truth[: len(train)], truth[len(train) :]
     task = tmp_path / "task"
     task.mkdir()
     (task / "task.toml").write_text('description = "which word"\nlabels = ["capital", "poem"]\nlabel_prior = [0.5, 0.5]\n')
     (task / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in train))
-    (task / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in held))
+    (task / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p, "label": t}) + "\n" for p, t in zip(held, held_truth)))
     flags = dict(teacher=str(tmp_path / "teacher"), task=str(task), out=str(tmp_path / "run"), student="layers:1",
                  max_new_tokens=3, max_steps=1, batch_size=8, gen_temperature=0.0, qat_bits=0, calibration_records=80)
     result = distill(resolve(None, flags))
@@ -152,6 +153,24 @@ def test_a_leaning_teacher_is_calibrated_before_it_teaches(tokenizer, tmp_path):
     said = first_labels(tokenizer, tmp_path / "run")
     assert np.mean([s == t for s, t in zip(said, truth)]) >= 0.9  # the labels it should: its ranking, its lean gone
     assert (tmp_path / "run" / "data" / "calibration.json").is_file()
+
+    # export and validate: the manifest carries the calibration; validate compares with the teacher
+    # as it taught and reports the bare teacher and its ranking beside it
+    from typer.testing import CliRunner
+
+    from edgekd.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["export", str(tmp_path / "run"), "--target", "cpu", "--out", str(tmp_path / "bundle")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["task"]["calibration"]["bias"] == record["bias"]
+    r = runner.invoke(app, ["validate", str(tmp_path / "bundle"), "--out", str(tmp_path / "report"), "--no-speed", "--answer-tokens", "3"])
+    (b,) = json.loads((tmp_path / "report" / "report.json").read_text())["bundles"]
+    assert b["fidelity"]["teacher"]["model"].endswith("(calibrated)")
+    truth_figures = b["task"]["truth"]
+    assert truth_figures["labelled"] == len(held) and truth_figures["teacher_auc"] > 0.9  # it ranks well: that is why calibration helps
+    assert "teacher_bare_accuracy" in truth_figures and "majority_baseline" in truth_figures
 
     off = distill(resolve(None, {**flags, "out": str(tmp_path / "off"), "calibrate": "off"}))
     assert "calibration" not in off["task"]
@@ -178,3 +197,16 @@ def test_validate_reads_the_teacher_as_it_taught_and_the_bare_one_beside_it(tiny
     records = [{"prompt": "p", "label": "a"}]
     figures = _teacher_judgement({"calibration": c.record()}, records, (answers, read), ["a", "b"], ())
     assert figures["teacher_bare_accuracy"] == 1.0
+
+
+def test_an_answer_prefix_is_given_not_generated(tiny_teacher_dir):
+    from edgekd.distill.generate import generate_answers
+    from edgekd.models import load_model, resolve_source
+
+    model, tok = load_model(resolve_source(str(tiny_teacher_dir)))
+    prefix_ids = tok(" The capital", add_special_tokens=False)["input_ids"]
+    records, _ = generate_answers(model, tok, ["Tell me about the sea", "and the stars"], max_new_tokens=3, temperature=0.0, top_p=1.0,
+                                  batch_size=2, seed=0, max_prompt_tokens=64, keep_logits_of=[5, 6], answer_prefix=" The capital")
+    for r in records:
+        assert r["response"].startswith("The capital") and r["answer_ids"][: len(prefix_ids)] == prefix_ids
+        assert r["prefix_tokens"] == len(prefix_ids) and r["kept_logits"].shape == (len(r["answer_ids"]) - len(prefix_ids), 2)

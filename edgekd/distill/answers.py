@@ -129,15 +129,23 @@ def heldout_records_for(run: TeacherRun) -> list[dict]:
 
 def answers_key(cfg, fingerprint: str, prompts: list[str]) -> str:
     """What the teacher's answers depend on: a rerun with the same key reuses them."""
-    key = json.dumps([fingerprint, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, cfg.max_length, "v2"], sort_keys=True)
+    prefix = answer_prefix(cfg)
+    key = json.dumps([fingerprint, prompts, cfg.max_new_tokens, cfg.gen_temperature, cfg.gen_top_p, cfg.seed, cfg.max_length, "v2"]
+                     + ([prefix] if prefix else []), sort_keys=True)
     return __import__("hashlib").sha256(key.encode()).hexdigest()
+
+
+def answer_prefix(cfg) -> str:
+    """How the task's answers open (``answer_prefix`` in task.toml), given to the teacher."""
+    return task_of(cfg).spec.answer_prefix if cfg.task else ""
 
 
 def captures_topk(cfg) -> bool:
     """Whether the training answers keep the teacher's top-k as they are generated (then the
     teacher cache needs no second pass): answer-only loss, with the cache on (and no
-    intermediate-state KD, whose teacher runs in the loop)."""
-    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0 and not cfg.hidden_loss
+    intermediate-state KD, whose teacher runs in the loop, nor an answer prefix, whose positions
+    the generation does not compute)."""
+    return cfg.cache_teacher and not cfg.train_on_prompt and cfg.alpha > 0 and not cfg.hidden_loss and not answer_prefix(cfg)
 
 
 def teacher_answers(run: TeacherRun, path: Path, prompts: list[str], what: str, capture: bool = False) -> list[dict]:
@@ -166,7 +174,7 @@ def teacher_answers(run: TeacherRun, path: Path, prompts: list[str], what: str, 
             top_p=cfg.gen_top_p, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1000 * rank,
             max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens), on_batch=on_batch,
             keep_topk=cfg.top_k if capture else 0, kd_temperature=cfg.temperature,
-            vocab=teacher.get_output_embeddings().weight.shape[0])
+            vocab=teacher.get_output_embeddings().weight.shape[0], answer_prefix=answer_prefix(cfg))
     if capture:
         tcache.write_part(path.parent / "topk", key, rank, world, _captured_part(answers, mine))
     if truncated:
@@ -298,7 +306,7 @@ def fit_calibration(run: TeacherRun):
         return None
     groups = label_token_groups(run.tok, task.labels)
     prompts = [r["prompt"] for r in rows]
-    key = json.dumps([run.fingerprint, prompts, truths, method, list(task.spec.label_prior), cfg.max_new_tokens, "cal-v1"])
+    key = json.dumps([run.fingerprint, prompts, truths, method, list(task.spec.label_prior), cfg.max_new_tokens, task.spec.answer_prefix, "cal-v1"])
     key = __import__("hashlib").sha256(key.encode()).hexdigest()
     path = run.out / "data" / "calibration.json"
     if path.is_file():
@@ -310,10 +318,10 @@ def fit_calibration(run: TeacherRun):
     say(f"calibrating the teacher's labels ({method}) on {len(prompts)} prompts ...")
     answers, _ = generate_answers(run.teacher, run.tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.gen_batch_size, seed=cfg.seed, max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens),
-                                  keep_logits_of=[i for g in groups for i in g])
+                                  keep_logits_of=[i for g in groups for i in g], answer_prefix=task.spec.answer_prefix)
     z, named_truths = [], []
     for a, t in zip(answers, truths):
-        j = cal.label_step(a["answer_ids"], groups)
+        j = cal.label_step(a["answer_ids"][a.get("prefix_tokens", 0):], groups)
         if j is not None:
             z.append(cal.label_scores(a["kept_logits"][j], groups))
             named_truths.append(t)

@@ -28,6 +28,7 @@ def generate_answers(
     kd_temperature: float = 1.0,
     vocab: int | None = None,
     keep_logits_of: Sequence[int] = (),
+    answer_prefix: str = "",
 ) -> tuple[list[dict], int]:
     """Sample the teacher's answers to ``prompts``, batched, shortest prompts together.
 
@@ -44,9 +45,17 @@ def generate_answers(
 
     ``keep_logits_of=ids``: also keep, per record, the logits of those token ids at every answer
     step (``"kept_logits"``: ``(n, len(ids))`` float32), e.g. a task's label tokens for calibration.
+
+    ``answer_prefix``: every answer starts with this text, given, not generated (a task's fixed
+    opening, e.g. "The review is"): the record's ``response`` and ``answer_ids`` include it, and
+    ``"prefix_tokens"`` says how many of ``answer_ids`` it is (kept logits start after it).
     """
+    if answer_prefix and keep_topk:
+        raise ValueError("keep_topk covers generated steps only: not with an answer_prefix")
     device = next(model.parameters()).device
     encoded, cut = _encode_prompts(tok, prompts, max_prompt_tokens)
+    prefix_ids = tok(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+    encoded = [e + prefix_ids for e in encoded]  # the chat template ends its generation prompt with a newline: no merge
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos = _eos_ids(model, tok)
     results: list[dict | None] = [None] * len(prompts)
@@ -78,12 +87,12 @@ def generate_answers(
         new = out.sequences[:, ids.shape[1]:].cpu()
         n_tokens = 0
         for row, i in enumerate(idx):
-            results[i] = record = _answer_record(tok, prompts[i], new[row], eos, i in cut)
-            n_tokens += len(record["answer_ids"])
+            results[i] = record = _answer_record(tok, prompts[i], new[row], eos, i in cut, prefix_ids)
+            n_tokens += len(record["answer_ids"]) - len(prefix_ids)
             if keep_topk:
                 record["topk"] = _topk_of(out.logits, row, len(record["answer_ids"]), keep_topk, kd_temperature, vocab)
             if keep_logits_of:
-                n = len(record["answer_ids"])
+                n = len(record["answer_ids"]) - len(prefix_ids)
                 record["kept_logits"] = (torch.stack([out.logits[s][row, list(keep_logits_of)] for s in range(n)]).float().cpu().numpy()
                                          if n else np.zeros((0, len(keep_logits_of)), dtype=np.float32))
         if on_batch:
@@ -128,17 +137,21 @@ def _left_padded(rows: list[list[int]], P: int, pad: int) -> tuple[torch.Tensor,
     return ids, attn
 
 
-def _answer_record(tok, prompt: str, new: torch.Tensor, eos: set[int], truncated: bool) -> dict:
-    """One prompt's answer from its generated tokens, cut at the first eos (kept in ``answer_ids``)."""
+def _answer_record(tok, prompt: str, new: torch.Tensor, eos: set[int], truncated: bool, prefix_ids: list[int]) -> dict:
+    """One prompt's answer from its generated tokens, cut at the first eos (kept in ``answer_ids``),
+    after the given ``prefix_ids``."""
     toks = new.tolist()
     finished = False
     for j, t in enumerate(toks):
         if t in eos:
             toks, finished = toks[:j], True
             break
-    answer_ids = toks + [new[len(toks)].item()] if finished else toks
-    return {"prompt": prompt, "response": tok.decode(toks, skip_special_tokens=True).strip(), "finished": finished,
-            "answer_ids": answer_ids, "prompt_truncated": truncated}
+    answer_ids = prefix_ids + (toks + [new[len(toks)].item()] if finished else toks)
+    record = {"prompt": prompt, "response": tok.decode(prefix_ids + toks, skip_special_tokens=True).strip(), "finished": finished,
+              "answer_ids": answer_ids, "prompt_truncated": truncated}
+    if prefix_ids:
+        record["prefix_tokens"] = len(prefix_ids)
+    return record
 
 
 def _topk_of(logits, row: int, n: int, k: int, kd_temperature: float, vocab: int | None):
