@@ -152,10 +152,12 @@ def main() -> None:
         if (path / "manifest.json").is_file():
             for name, rows in sets.items():
                 said[name][path.name] = bundle_labels(path, [p for p, _ in rows], args.max_new_tokens)
-        else:
+        else:  # a student is asked as its task asks: its answers open with the task's prefix, given
+            record = path / "distill.json"
+            opening = ((json.loads(record.read_text()).get("task") or {}).get("answer_prefix") or "") if record.is_file() else ""
             model, mtok = load_model(resolve_source(str(path)), dtype=torch.float32)
             for name, rows in sets.items():
-                said[name][path.name] = torch_labels(model, mtok, [p for p, _ in rows], args.max_new_tokens)
+                said[name][path.name] = torch_labels(model, mtok, [p for p, _ in rows], args.max_new_tokens, opening)
         print(f"[{time.time() - t0:.0f} s] {path}", file=sys.stderr)
 
     results: dict = {}

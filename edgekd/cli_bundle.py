@@ -35,6 +35,8 @@ def generate(
     rt = Runtime(bundle, threads=threads, session_config=parse_session_config(session_config or []))
     for note in rt.warnings:
         err_console.print(Text.assemble(("warning:", "yellow"), f" {note}"), soft_wrap=True)
+    if rt.answer_prefix and not raw:  # the task's answers open with given words: the model continues them
+        console.out(rt.answer_prefix, end="", highlight=False)
     for piece in rt.stream(prompt, max_new_tokens=max_new_tokens, sampling=sampling, chat=not raw):
         console.out(piece, end="", highlight=False)
         console.file.flush()

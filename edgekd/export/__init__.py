@@ -314,7 +314,8 @@ def _make_golden(torch_model, tmp: Path, origin: dict[str, Any], prompts: int, d
 
     records, where = golden_records(origin, prompts, data)
     n = (origin.get("task") or {}).get("validate_answer_tokens") or GOLDEN_ANSWER_TOKENS
-    return make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say)
+    return make_golden(torch_model, tmp, records, n, facts["eos_token_ids"], where, say,
+                       answer_prefix=(origin.get("task") or {}).get("answer_prefix") or "")
 
 
 def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[str, Any]], torch_model, tok,

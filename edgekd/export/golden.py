@@ -29,9 +29,9 @@ def golden_records(origin: dict[str, Any], limit: int, data: Path | None = None)
 
 
 def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answer_tokens: int, eos_ids: Sequence[int],
-                prompts_from: str, say: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                prompts_from: str, say: Callable[[str], None] = lambda m: None, answer_prefix: str = "") -> dict[str, Any]:
     """Greedy answers and top-k log-probs of the PyTorch ``model`` on ``records``' prompts, encoded by
-    the tokenizer and chat template already written into ``bundle_dir``."""
+    the tokenizer and chat template already written into ``bundle_dir`` (then the task's ``answer_prefix``)."""
     import torch
     from tokenizers import Tokenizer
 
@@ -46,7 +46,7 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
     say(f"golden reference: greedy answers and top-{GOLDEN_TOP_K} log-probs on {len(records)} held-out prompts")
     with torch.no_grad():
         for rec in records:
-            ids = encode_prompt(tokenizer, template, rec["prompt"])
+            ids = encode_prompt(tokenizer, template, rec["prompt"], answer_prefix if template is not None else "")
             x = torch.tensor([ids], device=device)
             past, answer, top_ids, top_lp = None, [], [], []
             for _ in range(answer_tokens):  # greedy with the model's own KV cache, one token at a time

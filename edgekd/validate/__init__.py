@@ -366,7 +366,8 @@ def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any
     from edgekd.validate.fidelity import Example, bundle_greedy, bundle_logits, compare_greedy, compare_logits
 
     config, records, say, memo = run.config, run.records, run.say, run.models.memo
-    prompts = [rt.encode_prompt(r["prompt"]) for r in records]
+    prefix = (run.task or {}).get("answer_prefix") or ""  # the task's answers open with it, given
+    prompts = [rt.encode_prompt(r["prompt"], answer_prefix=prefix) for r in records]
     pkey = tuple(map(tuple, prompts))
     eos = sorted(rt.eos_token_ids)
     n = config.answer_tokens or (run.task or {}).get("validate_answer_tokens") or DEFAULT_ANSWER_TOKENS
