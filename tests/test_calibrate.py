@@ -210,3 +210,20 @@ def test_an_answer_prefix_is_given_not_generated(tiny_teacher_dir):
     for r in records:
         assert r["response"].startswith("The capital") and r["answer_ids"][: len(prefix_ids)] == prefix_ids
         assert r["prefix_tokens"] == len(prefix_ids) and r["kept_logits"].shape == (len(r["answer_ids"]) - len(prefix_ids), 2)
+
+
+def test_after_the_answer_prefix_the_label_is_taught_over_the_labels_alone():
+    from edgekd.distill.answers import label_rows, restrict_to_labels
+    from edgekd.distill.data import Example
+
+    # prompt 1 2 | prefix 7 8 | label 30 | 4 (eos); targets on the answer only
+    ex = Example(ids=[1, 2, 7, 8, 30, 4], target=[0, 0, 1, 1, 1, 1])
+    assert label_rows([ex], [7, 8], {30, 31}) == {0: 2}  # the loss rows predict 7, 8, 30, 4: the label's is row 2
+    assert label_rows([Example(ids=[1, 7, 8, 9, 4], target=[0, 1, 1, 1, 1])], [7, 8], {30, 31}) == {}  # no label after it
+    logp = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.5, 0.0]] * 4), -1)
+    idx = torch.tensor([[5, 30, 31, 6]] * 4, dtype=torch.int32)  # " overwhelmingly" (5) leads; then the two labels
+    table = {0: (logp, idx)}
+    assert restrict_to_labels(table, [ex], [7, 8], ((30,), (31,))) == 1
+    new, _ = table[0]
+    assert torch.allclose(new[2, 1:3].exp(), torch.softmax(torch.tensor([1.0, 0.5]), -1), atol=1e-6)  # the labels, renormalised
+    assert new[2, 0] < -30 and new[2, 3] < -30 and torch.equal(new[1], logp[1])  # other tokens out; other rows untouched

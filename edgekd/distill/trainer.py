@@ -226,6 +226,12 @@ class Trainer:
             if self.cached is None:
                 self.cached = answers.teacher_cache(self.teacher_run, self.examples, self.student.vocab, self.device)
             self.timings["teacher_cache_s"] = round(time.time() - t0, 1)
+            prefix = answers.answer_prefix(cfg)
+            if prefix and cfg.task and answers.task_of(cfg).labels:  # after the opening comes the label: taught over the labels alone
+                groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels)
+                n = answers.restrict_to_labels(self.cached, self.examples, self.tok(prefix, add_special_tokens=False)["input_ids"], groups)
+                self.summary["label_targets_after_prefix"] = n
+                self.say(f"{n} of {len(self.examples)} answers name their label right after {prefix!r}: taught there over the labels alone")
 
     # ---- the model on its device, the optimizer, the step plan, resume ----------------------
     def prepare_optimizer(self) -> None:
