@@ -72,6 +72,8 @@ METRICS: tuple[Metric, ...] = (
     _task("truth.accuracy", "accuracy vs the records' labels"),
     _task("truth.teacher_accuracy", "teacher accuracy vs the records' labels"),
     _task("truth.teacher_bare_accuracy", "uncalibrated teacher accuracy vs the records' labels"),
+    _task("truth.accuracy_gain_vs_bare_teacher", "accuracy gain vs the uncalibrated teacher", gate="min_accuracy_gain_vs_bare_teacher",
+          meaning="the bundle's accuracy minus the uncalibrated teacher's, against the held-out records' own labels"),
     _task("truth.teacher_auc", "teacher's ranking vs the records' labels (AUC of its label score)"),
     _task("truth.majority_baseline", "a constant answer's accuracy vs the records' labels"),
     _task("truth.accuracy_drop_vs_teacher", "accuracy drop vs the teacher", gate="max_accuracy_drop_vs_teacher",

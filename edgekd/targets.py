@@ -39,6 +39,9 @@ class Gates:
     min_label_agreement_vs_teacher: Optional[float] = None
     min_balanced_label_agreement_vs_teacher: Optional[float] = None
     max_accuracy_drop_vs_teacher: Optional[float] = None
+    # against the people's labels where the held-out records carry them: the bundle's accuracy minus
+    # the uncalibrated teacher's (0: right at least as often as the teacher as it comes)
+    min_accuracy_gain_vs_bare_teacher: Optional[float] = None
     min_exact_match_vs_teacher: Optional[float] = None
     min_rouge_l_vs_teacher: Optional[float] = None
     # decode tokens/s at batch 1 where validate or check runs (a device's own profile sets it)
@@ -50,6 +53,8 @@ class Gates:
                      "min_rouge_l_vs_teacher"):
             v = getattr(self, name)
             require(v is None or 0.0 <= v <= 1.0, f"gates.{name} = {v}: use a fraction between 0 and 1")
+        v = self.min_accuracy_gain_vs_bare_teacher
+        require(v is None or -1.0 <= v <= 1.0, f"gates.min_accuracy_gain_vs_bare_teacher = {v}: use a difference of fractions, -1 to 1")
         for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference", "min_decode_tokens_per_s"):
             v = getattr(self, name)
             require(v is None or v >= 0.0, f"gates.{name} = {v}: must be >= 0")

@@ -96,7 +96,7 @@ WORDS = ["sea", "stars", "wind", "Paris", "Rome", "blue", "sky", "numbers", "tea
 
 def leaning_teacher(tokenizer, prompts: list[str], folder: Path) -> list[str]:
     """A tiny teacher whose first answer token is always a label, ranked by one direction of its
-    last hidden state but leaning ~2 nats toward "capital". Returns the truth per prompt: its
+    last hidden state but leaning ~3 nats toward "capital". Returns the truth per prompt: its
     ranking cut at the median (a teacher whose order is right and whose cut is not)."""
     from edgekd.distill.data import prompt_text
     from edgekd.distill.loop import label_token_groups
@@ -113,7 +113,7 @@ def leaning_teacher(tokenizer, prompts: list[str], folder: Path) -> list[str]:
         head.mul_(0.01)
         common = mean / mean.dot(mean)  # a row r = c * common adds about c nats to every prompt's logit
         cap, poem = label_token_groups(tokenizer, LABELS)
-        head[list(cap)] = spread / 2 * direction + 12.0 * common + 2.0 * common  # the lean: +2 nats for "capital"
+        head[list(cap)] = spread / 2 * direction + 12.0 * common + 3.0 * common  # the lean: +3 nats for "capital"
         head[list(poem)] = -spread / 2 * direction + 12.0 * common
         score = (h @ head[cap[0]]) - (h @ head[poem[0]])  # the teacher's ranking
     save_model(model, tokenizer, folder)
@@ -134,8 +134,8 @@ def test_a_leaning_teacher_is_calibrated_before_it_teaches(tokenizer, tmp_path):
     from edgekd.distill.config_io import resolve
     from edgekd.distill.trainer import distill
 
-    train = [f"Tell me about the {a} and the {b}" for a in WORDS for b in WORDS if a != b][:80]
-    held = [f"Write about the {a} near the {b}" for a, b in zip(WORDS, WORDS[3:] + WORDS[:3])][:8]
+    pairs = [f"Tell me about the {a} and the {b}" for a in WORDS for b in WORDS if a != b]
+    train, held = pairs[:80], pairs[80:96]
     truth = leaning_teacher(tokenizer, train + held, tmp_path / "teacher")
     truth, held_truth = truth[: len(train)], truth[len(train) :]
     task = tmp_path / "task"

@@ -138,7 +138,10 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
     reference = score_answers(texts["reference"], texts["teacher"], labels)  # only its gated figures are kept
     figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
     if labels and teacher_read is not None and isinstance(figures.get("truth"), dict) and figures["truth"].get("labelled"):
-        figures["truth"].update(_teacher_judgement(task, records, teacher_read, labels, label_tokens))
+        truth = figures["truth"]
+        truth.update(_teacher_judgement(task, records, teacher_read, labels, label_tokens))
+        if truth.get("teacher_bare_accuracy") is not None:
+            truth["accuracy_gain_vs_bare_teacher"] = truth["accuracy"] - truth["teacher_bare_accuracy"]
     return figures
 
 
@@ -160,8 +163,9 @@ def _teacher_judgement(task: dict[str, Any], records: list[dict], teacher_read, 
     lower = [label.lower() for label in labels]
     rows = [(z, lower.index(t.lower())) for z, t in zip(scores, truths) if z is not None and t and t.lower() in lower]
     out: dict[str, Any] = {}
-    if rows and task.get("calibration"):
-        out["teacher_bare_accuracy"] = sum(int(np.argmax(z)) == y for z, y in rows) / len(rows)
+    labelled = sum(1 for t in truths if t)
+    if rows and task.get("calibration"):  # over every labelled record, as the bundle's accuracy: no label named is wrong
+        out["teacher_bare_accuracy"] = sum(int(np.argmax(z)) == y for z, y in rows) / labelled
     if rows and len(labels) == 2:
         z = np.array([r[0] for r in rows])
         out["teacher_auc"] = cal.auc(z[:, 0] - z[:, 1], np.array([r[1] == 0 for r in rows]))
