@@ -67,15 +67,13 @@ def answer_text(tokenizer, ids: Sequence[int], eos_ids: Container[int]) -> str:
 
 
 def format_prompt(chat_template: ChatTemplate | None, prompt: str, answer_prefix: str = "") -> str:
-    """The prompt as the model sees it: the chat template around one user message, then the
-    task's ``answer_prefix`` (the words every answer opens with, given: "The review is")."""
+    """The chat template around one user message, then the task's ``answer_prefix`` (given words every answer opens with)."""
     text = chat_template.render([{"role": "user", "content": prompt}]) if chat_template is not None else prompt
     return text + answer_prefix
 
 
 def encode_prompt(tokenizer, chat_template: ChatTemplate | None, prompt: str, answer_prefix: str = "") -> list[int]:
-    """Token ids of a prompt as a bundle's app sends them (``Runtime.encode_prompt`` without the
-    context check); refuses an empty prompt."""
+    """Token ids of a prompt as a bundle's app sends them (``Runtime.encode_prompt`` less the context check)."""
     if not prompt or not prompt.strip():
         raise UsageError("the prompt is empty: pass some text to answer")
     # A chat template writes its own special tokens, as transformers' apply_chat_template does.
@@ -159,8 +157,7 @@ class Runtime:
         except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
             raise UsageError(f"{tok_path} is not a tokenizer file ({first_line(e, 120)}): re-export the bundle") from None
         self.chat_template = load_chat_template(self.root)
-        # a task whose answers open with given words ("The review is"): they follow every chat prompt
-        self.answer_prefix: str = str((self.manifest.source.task or {}).get("answer_prefix") or "")
+        self.answer_prefix: str = str((self.manifest.source.task or {}).get("answer_prefix") or "")  # given words answers open with
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
         # a bundle that does not know its context (null) gets the exporter's default: the KV cache is
         # sized from it, never from a requested length alone
@@ -250,13 +247,11 @@ class Runtime:
     # -- text -----------------------------------------------------------------------------------
 
     def format_prompt(self, prompt: str, chat: bool = True) -> str:
-        """The prompt as the model sees it: the chat template around one user message, then the
-        bundle's task's answer prefix."""
+        """The prompt as the model sees it (``format_prompt`` with the bundle's task's answer prefix)."""
         return format_prompt(self.chat_template if chat else None, prompt, self.answer_prefix if chat else "")
 
     def encode_prompt(self, prompt: str, chat: bool = True, answer_prefix: str | None = None) -> list[int]:
-        """Token ids of a prompt (then ``answer_prefix``, default the bundle's task's, with ``chat``);
-        refuses an empty one and one that leaves no room to answer."""
+        """Token ids of a prompt (+ ``answer_prefix``, default the task's); refuses one that is empty or leaves no room."""
         prefix = (self.answer_prefix if answer_prefix is None else answer_prefix) if chat else ""
         ids = encode_prompt(self.tokenizer, self.chat_template if chat else None, prompt, prefix)
         if self.context_length and len(ids) >= self.context_length:

@@ -21,10 +21,15 @@ def test_distill_real_teacher_small(tmp_path):
     that moved toward the teacher."""
     out = tmp_path / "student"
     r = CliRunner().invoke(app, ["distill", "--task", "sentiment", "--out", str(out), "--student", "layers:8",
-                                 "--max-prompts", "24", "--max-heldout", "8", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3"])
+                                 "--max-prompts", "24", "--max-heldout", "8", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
+                                 "--calibration-records", "48"])
     assert r.exit_code == 0, r.output
     info = json.loads((out / "distill.json").read_text())
     assert info["teacher"] == "smollm2-135m-instruct" and info["task"]["name"] == "sentiment"
+    calibration = info["task"]["calibration"]  # the task's label_prior: the real teacher's lean taken out
+    assert calibration["method"] == "prior" and calibration["label_share_before"]["positive"] > 0.55
+    assert abs(calibration["label_share_after"]["positive"] - 0.5) < 0.05
+    assert info["task"]["answer_prefix"] == "The review is"
     layers, scan = info["student"]["layers"], info["student"]["scan"]
     # block influence: layer 0 turns the residual stream most, the last layer next (FACTS.md)
     bi = scan["block_influence"]

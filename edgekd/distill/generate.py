@@ -70,20 +70,10 @@ def generate_answers(
         torch.manual_seed(seed * 7919 + idx[0])
         sample = temperature > 0
         extra = {"past_key_values": expand_cache(prefix_cache, len(idx))} if P else {}
-        out = model.generate(
-            **extra,
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=None,
-            pad_token_id=pad,
-            eos_token_id=sorted(eos),
-            output_logits=bool(keep_topk or keep_logits_of),
-            return_dict_in_generate=True,
-        )
+        out = model.generate(**extra, input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
+                             top_k=None, pad_token_id=pad, eos_token_id=sorted(eos), output_logits=bool(keep_topk or keep_logits_of),
+                             return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:].cpu()
         n_tokens = 0
         for row, i in enumerate(idx):
@@ -92,9 +82,7 @@ def generate_answers(
             if keep_topk:
                 record["topk"] = _topk_of(out.logits, row, len(record["answer_ids"]), keep_topk, kd_temperature, vocab)
             if keep_logits_of:
-                n = len(record["answer_ids"]) - len(prefix_ids)
-                record["kept_logits"] = (torch.stack([out.logits[s][row, list(keep_logits_of)] for s in range(n)]).float().cpu().numpy()
-                                         if n else np.zeros((0, len(keep_logits_of)), dtype=np.float32))
+                record["kept_logits"] = _kept_logits(out.logits, row, len(record["answer_ids"]) - len(prefix_ids), keep_logits_of)
         if on_batch:
             on_batch(len(idx), n_tokens)
     done = [r for r in results if r is not None]
@@ -152,6 +140,13 @@ def _answer_record(tok, prompt: str, new: torch.Tensor, eos: set[int], truncated
     if prefix_ids:
         record["prefix_tokens"] = len(prefix_ids)
     return record
+
+
+def _kept_logits(logits, row: int, n: int, ids: Sequence[int]) -> np.ndarray:
+    """The logits of token ``ids`` at a row's ``n`` generated steps: ``(n, len(ids))`` float32."""
+    if not n:
+        return np.zeros((0, len(ids)), dtype=np.float32)
+    return torch.stack([logits[s][row, list(ids)] for s in range(n)]).float().cpu().numpy()
 
 
 def _topk_of(logits, row: int, n: int, k: int, kd_temperature: float, vocab: int | None):
