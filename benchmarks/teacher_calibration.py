@@ -8,7 +8,7 @@ scores z (``edgekd.distill.calibrate``: the largest logit of each label's tokens
 answer names a label), read two ways: after its own free opening, and after the fixed opening
 "The review is" (a task's ``answer_prefix``). Then its accuracy against the people's labels: bare
 (argmax z), with each fitted bias (``prior`` on the task's 640 unlabelled training reviews, declared
-half and half; ``labels`` on the first 320 of ``train-more.jsonl``'s labelled reviews; ``labels`` on
+half and half; ``labels`` on 320 of its labelled training reviews (lines 641-960); ``labels`` on
 100 labelled Yelp sentences of the calib split), and cut at each set's own balance point (an oracle:
 it looks at the set); and the AUC of z(positive) - z(negative), the teacher's ranking, which no
 bias changes. Prints one Markdown table per opening.
@@ -71,7 +71,8 @@ def main() -> None:
     evals = {name: [(real_sets.PROMPT.format(text=t), y) for t, y in parts["eval"]] for name, parts in splits.items()}
     evals["task heldout"] = read(ROOT / "tasks/sentiment/heldout.jsonl")
     evals["independent"] = read(ROOT / "benchmarks/data/sentiment-independent.jsonl")
-    fitting = {"train": read(ROOT / "tasks/sentiment/train.jsonl"), "train-more": read(ROOT / "tasks/sentiment/train-more.jsonl")[:320],
+    train = read(ROOT / "tasks/sentiment/train.jsonl")  # 640 unlabelled reviews, then 640 with their writer's label
+    fitting = {"train": train[:640], "train-more": train[640:960],
                "yelp calib": [(real_sets.PROMPT.format(text=t), y) for t, y in splits["uci-yelp"]["calib"]]}
     results: dict = {}
     t0 = time.time()
