@@ -380,7 +380,9 @@ def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any
         say(f"{name}: answers capped at {n} tokens (asked {asked}): the longest prompt and its answer fill the bundle's {rt.context_length}-token context")
     given = None
     if all("response" in r for r in records):
-        given = [rt.tokenizer.encode(r["response"], add_special_tokens=False).ids[:n] or eos[:1] for r in records]
+        # a split written with the task's answer prefix: the prompts carry it, the answers go on after it
+        texts_given = [r["response"][len(prefix):] if prefix and r["response"].startswith(prefix) else r["response"] for r in records]
+        given = [rt.tokenizer.encode(t, add_special_tokens=False).ids[:n] or eos[:1] for t in texts_given]
         answers_from = f"{run.data_source} (teacher-forced)"
     else:
         # Each model is compared on its own greedy answers: the reference's for "vs reference",

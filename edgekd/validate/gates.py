@@ -24,7 +24,7 @@ class GateFailed(EdgekdError):
 def gate_side(name: str) -> str:
     """Which verdict a gate belongs to: "teacher" (does the job the way the teacher does) or
     "reference" (is still the model it was exported from; size included)."""
-    return "teacher" if name.endswith("_vs_teacher") else "reference"
+    return "teacher" if name.endswith(("_vs_teacher", "_vs_bare_teacher")) else "reference"
 
 
 @dataclasses.dataclass(frozen=True)
