@@ -46,12 +46,7 @@ def scores(teacher, tok, prompts: list[str], opening: str) -> np.ndarray:
     groups = label_token_groups(tok, LABELS)
     answers, _ = generate_answers(teacher, tok, prompts, max_new_tokens=8, temperature=0.0, top_p=1.0, batch_size=32, seed=0,
                                   max_prompt_tokens=448, keep_logits_of=[i for g in groups for i in g], answer_prefix=opening)
-    out = np.full((len(prompts), 2), np.nan)
-    for i, a in enumerate(answers):
-        j = cal.label_step(a["answer_ids"][a.get("prefix_tokens", 0):], groups)
-        if j is not None:
-            out[i] = cal.label_scores(a["kept_logits"][j], groups)
-    return out
+    return np.array([np.full(2, np.nan) if z is None else z for z in cal.generated_scores(answers, groups)]).reshape(len(prompts), 2)
 
 
 def main() -> None:

@@ -193,9 +193,8 @@ def test_validate_reads_the_teacher_as_it_taught_and_the_bare_one_beside_it(tiny
     logits = np.zeros((2, 32))
     logits[1, 10], logits[1, 20] = 0.5, 1.0
     answers, read = [[3, 20]], [logits]
-    assert np.argmax(cal.bare_read(answers, read, c)[0]) == 0
-    records = [{"prompt": "p", "label": "a"}]
-    figures = _teacher_judgement({"calibration": c.record()}, records, (answers, read), ["a", "b"], ())
+    assert np.argmax(cal.read_scores(answers, read, c.token_ids, c.bias)[0]) == 0
+    figures = _teacher_judgement({"calibration": c.record()}, ["a"], (answers, read), ["a", "b"], ())
     assert figures["teacher_bare_accuracy"] == 1.0
 
 

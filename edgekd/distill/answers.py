@@ -319,13 +319,10 @@ def fit_calibration(run: TeacherRun):
     answers, _ = generate_answers(run.teacher, run.tok, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                                   batch_size=cfg.gen_batch_size, seed=cfg.seed, max_prompt_tokens=max(8, cfg.max_length - cfg.max_new_tokens),
                                   keep_logits_of=[i for g in groups for i in g], answer_prefix=task.spec.answer_prefix)
-    z, named_truths = [], []
-    for a, t in zip(answers, truths):
-        j = cal.label_step(a["answer_ids"][a.get("prefix_tokens", 0):], groups)
-        if j is not None:
-            z.append(cal.label_scores(a["kept_logits"][j], groups))
-            named_truths.append(t)
     import numpy as np
+
+    named = [(z, t) for z, t in zip(cal.generated_scores(answers, groups), truths) if z is not None]
+    z, named_truths = [z for z, _ in named], [t for _, t in named]
 
     found = cal.fit(method, task.labels, groups, np.array(z).reshape(len(z), len(groups)),
                     truths=named_truths if any(named_truths) else None, prior=task.spec.label_prior or None)
@@ -344,10 +341,10 @@ def label_rows(examples: Sequence[Example], prefix_ids: Sequence[int], names: se
     out: dict[int, int] = {}
     n = len(prefix_ids)
     for i, ex in enumerate(examples):
-        ends = [p + n for p in range(len(ex.ids) - n, -1, -1) if ex.ids[p : p + n] == list(prefix_ids)]
-        if not ends or ends[0] >= len(ex.ids) or ex.ids[ends[0]] not in names or not ex.target[ends[0]]:
+        end = next((p + n for p in range(len(ex.ids) - n, -1, -1) if ex.ids[p : p + n] == list(prefix_ids)), None)
+        if end is None or end >= len(ex.ids) or ex.ids[end] not in names or not ex.target[end]:
             continue
-        out[i] = sum(ex.target[1 : ends[0]])  # loss rows before it: position p predicts token p + 1
+        out[i] = sum(ex.target[1:end])  # loss rows before it: position p predicts token p + 1
     return out
 
 

@@ -106,15 +106,24 @@ def apply_bias(model, calibration: Calibration) -> None:
     head.bias = torch.nn.Parameter(vec if old is None else old.detach() + vec, requires_grad=False)
 
 
-def bare_read(answers: Sequence[Sequence[int]], logits: Sequence[np.ndarray], calibration: Calibration) -> list[np.ndarray | None]:
-    """The uncalibrated teacher's label scores ``(G,)`` at the step where each of the calibrated
-    teacher's answers names a label (its logits there, ``(answer_len, vocab)`` per answer, less the
-    bias), None where an answer names none: what the bare teacher would have chosen there."""
+def read_scores(answers: Sequence[Sequence[int]], logits: Sequence[np.ndarray], token_ids: Sequence[Sequence[int]],
+                bias: Sequence[float] | None = None) -> list[np.ndarray | None]:
+    """Each answer's label scores ``(G,)`` at the step where it names a label (``label_step``,
+    ``label_scores``), None where it names none. ``logits``: per answer, its step logits ``(steps,
+    vocab)`` or those of the flattened ``token_ids``. ``bias``: subtracted, e.g. a calibration's, to
+    read the uncalibrated teacher off a calibrated one's logits (what it would have chosen there)."""
+    less = np.zeros(len(token_ids)) if bias is None else np.asarray(bias, dtype=np.float64)
     out: list[np.ndarray | None] = []
     for ids, lg in zip(answers, logits):
-        j = label_step(ids, calibration.token_ids)
-        out.append(None if j is None else label_scores(np.asarray(lg[j]), calibration.token_ids) - np.array(calibration.bias))
+        j = label_step(ids, token_ids)
+        out.append(None if j is None else label_scores(np.asarray(lg[j]), token_ids) - less)
     return out
+
+
+def generated_scores(records: Sequence[dict[str, Any]], token_ids: Sequence[Sequence[int]]) -> list[np.ndarray | None]:
+    """``read_scores`` of ``generate_answers`` records kept with ``keep_logits_of`` the flattened
+    ``token_ids`` (their generated steps: after an answer prefix)."""
+    return read_scores([r["answer_ids"][r.get("prefix_tokens", 0):] for r in records], [r["kept_logits"] for r in records], token_ids)
 
 
 def label_step(answer_ids: Sequence[int], token_ids: Sequence[Sequence[int]]) -> int | None:

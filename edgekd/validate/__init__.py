@@ -132,39 +132,35 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
         answers, logits = teacher_read
         margins = label_margins(answers, logits, labels, lambda ids: rt.tokenizer.decode(list(ids)),
                                 lambda text: rt.tokenizer.encode(text, add_special_tokens=False).ids)
-    figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels,
-                                                         truths=record_truths(records, task.get("folder"), task.get("prompt_template") or "{prompt}"),
+    truths = record_truths(records, task.get("folder"), task.get("prompt_template") or "{prompt}")
+    figures = {"name": task.get("name"), **score_answers(texts["bundle"], texts["teacher"], labels, truths=truths,
                                                          inputs=task_inputs([r["prompt"] for r in records]), teacher_margins=margins)}
     reference = score_answers(texts["reference"], texts["teacher"], labels)  # only its gated figures are kept
     figures["reference_vs_teacher"] = {k: reference[k] for k in TASK_FIGURES if k in reference}
-    if labels and teacher_read is not None and isinstance(figures.get("truth"), dict) and figures["truth"].get("labelled"):
+    if labels and truths and teacher_read is not None and isinstance(figures.get("truth"), dict) and figures["truth"].get("labelled"):
         truth = figures["truth"]
-        truth.update(_teacher_judgement(task, records, teacher_read, labels, label_tokens))
+        truth.update(_teacher_judgement(task, list(truths), teacher_read, labels, label_tokens))
         if truth.get("teacher_bare_accuracy") is not None:
             truth["accuracy_gain_vs_bare_teacher"] = truth["accuracy"] - truth["teacher_bare_accuracy"]
     return figures
 
 
-def _teacher_judgement(task: dict[str, Any], records: list[dict], teacher_read, labels, label_tokens) -> dict[str, Any]:
-    """Where the records carry labels: how well the teacher ranks them (AUC of its label score, two
-    labels) and, when it taught calibrated, how often it was right without the calibration."""
+def _teacher_judgement(task: dict[str, Any], truths: list[str | None], teacher_read, labels, label_tokens) -> dict[str, Any]:
+    """Where the records carry labels (``truths``): how well the teacher ranks them (AUC of its label
+    score, two labels) and, when it taught calibrated, how often it was right without the calibration."""
     from edgekd.distill import calibrate as cal
-    from edgekd.validate.data import record_truths
 
-    if task.get("calibration"):
-        calibration = cal.Calibration.from_record(task["calibration"])
-    elif label_tokens:  # a teacher that taught bare: its label tokens, no bias
-        calibration = cal.Calibration("none", tuple(labels), (0.0,) * len(labels), tuple(label_tokens), 0, {}, {})
-    else:
+    calibration = cal.Calibration.from_record(task["calibration"]) if task.get("calibration") else None
+    token_ids = calibration.token_ids if calibration is not None else label_tokens
+    if not token_ids:
         return {}
-    truths = record_truths(records, task.get("folder"), task.get("prompt_template") or "{prompt}") or []
     answers, logits = teacher_read
-    scores = cal.bare_read(answers, logits, calibration)
+    scores = cal.read_scores(answers, logits, token_ids, calibration.bias if calibration is not None else None)
     lower = [label.lower() for label in labels]
     rows = [(z, lower.index(t.lower())) for z, t in zip(scores, truths) if z is not None and t and t.lower() in lower]
     out: dict[str, Any] = {}
     labelled = sum(1 for t in truths if t)
-    if rows and task.get("calibration"):  # over every labelled record, as the bundle's accuracy: no label named is wrong
+    if rows and calibration is not None:  # over every labelled record, as the bundle's accuracy: no label named is wrong
         out["teacher_bare_accuracy"] = sum(int(np.argmax(z)) == y for z, y in rows) / labelled
     if rows and len(labels) == 2:
         z = np.array([r[0] for r in rows])
