@@ -7,7 +7,7 @@
 Each ``--edgekd`` bundle is timed twice: in edgekd's own runtime (``edgekd.runtime.Runtime``) and
 in onnxruntime-genai (every edgekd bundle carries a ``genai_config.json``). Each ``--genai`` folder
 is a bundle written by onnxruntime-genai's model builder, timed in onnxruntime-genai. The builder
-needs transformers 5 and so runs in a venv of its own (FACTS.md), e.g.:
+needs transformers 5 and so runs in a venv of its own (its own requirement, incompatible with optimum-onnx's transformers<4.58), e.g.:
 
     python -m venv /tmp/genai-venv && /tmp/genai-venv/bin/pip install torch==2.13.0 "transformers>=5" onnxruntime-genai onnx
     /tmp/genai-venv/bin/python -m onnxruntime_genai.models.builder -i runs/teacher-hf -o runs/genai-int4-acc4 -p int4 -e cpu \\

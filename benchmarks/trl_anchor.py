@@ -1,7 +1,7 @@
 """The TRL anchor of issue 3: TRL's GKDTrainer (off-policy, forward KL) on the same teacher, student
 and teacher-written answers as an `edgekd distill` run, one epoch, batch 4, lr 5e-4; prints its
 training tokens/s. Run it in a separate environment (trl pulls datasets, which this stack does not
-need; FACTS.md gives the versions that install together):
+need; the README's Install section and pyproject.toml give the versions that install together):
 
     python3 -m venv /tmp/trlenv && /tmp/trlenv/bin/pip install torch==2.13.0 \\
         "trl==1.16.0" "datasets>=4.7,<5" "transformers==4.57.*" accelerate gguf

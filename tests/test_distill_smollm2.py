@@ -31,7 +31,7 @@ def test_distill_real_teacher_small(tmp_path):
     assert abs(calibration["label_share_after"]["positive"] - 0.5) < 0.05
     assert info["task"]["answer_prefix"] == "The review is"
     layers, scan = info["student"]["layers"], info["student"]["scan"]
-    # block influence: layer 0 turns the residual stream most, the last layer next (FACTS.md)
+    # block influence: layer 0 turns the residual stream most, the last layer next (benchmarks/RESULTS-students.md, "Which layers matter")
     bi = scan["block_influence"]
     assert len(layers) == 8 and {0, 29} <= set(layers) and bi[0] == max(bi)
     before, after = info["metrics"]["before"], info["metrics"]["after"]

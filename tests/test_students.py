@@ -12,7 +12,7 @@ from tests.conftest import build_model, save_model, tiny_llama_config
 
 
 def test_evenly_spaced_keeps_first_and_last():
-    assert evenly_spaced(30, 6) == [0, 6, 12, 18, 24, 29]  # the student measured in FACTS.md
+    assert evenly_spaced(30, 6) == [0, 6, 12, 18, 24, 29]  # the even student of benchmarks/RESULTS-distill.md
     assert evenly_spaced(4, 2) == [0, 3]
     assert evenly_spaced(5, 5) == [0, 1, 2, 3, 4]
     assert evenly_spaced(7, 1) == [0]

@@ -39,7 +39,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def break_with_quantize_dynamic(good: Path, out: Path) -> Path:
-    """What a user reaches for first, onnxruntime's dynamic int8 (FACTS.md: it breaks models),
+    """What a user reaches for first, onnxruntime's dynamic int8 (docs/export.md: it breaks models),
     applied to a copy of the fp32 bundle, whose manifest is then re-written: a bundle that is
     internally consistent, so only measuring it against the reference can catch it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -282,7 +282,7 @@ def test_validate_the_smollm2_teacher_cpu_bundle(tmp_path, smollm2_cpu_bundle):
     (b,) = report["bundles"]
     assert (r.returncode == 0) == report["passed"]
     ref = b["fidelity"]["reference"]
-    # 8-bit weights with an int8 head: close to the fp32 model (FACTS.md: top-1 0.97-0.98, KL < 0.01)
+    # 8-bit weights with an int8 head: close to the fp32 model (benchmarks/RESULTS-export.md: top-1 0.97-0.98, KL < 0.01)
     assert ref["top1"] > 0.9 and ref["kl_mean"] < 0.05 and ref["ppl_ratio"] < 1.1
     assert b["reference"] == b["teacher"] == "smollm2-135m-instruct"
     assert b["cost"]["decode_tokens_per_s"] > 1 and b["cost"]["size_mb"] < 300

@@ -75,7 +75,7 @@ class DistillConfig:
     # --- optimisation --------------------------------------------------------------------
     epochs: int = _f(3, "Passes over the training data (ignored when --max-steps is set).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
-    # 5e-4 reached 0.70 top-1 in 3 epochs on this teacher (FACTS.md); a pruned student starts close to a good model.
+    # 5e-4: a pruned student starts close to a good model (benchmarks/RESULTS-distill.md has the learning-rate runs).
     lr: float = _f(5e-4, "Peak learning rate of AdamW.")
     # No decay: short runs, and decaying the tied 49k-token embedding hurts rare tokens.
     weight_decay: float = _f(0.0, "AdamW weight decay.")

@@ -43,7 +43,7 @@ class Student:
 def evenly_spaced(n_teacher: int, n: int) -> list[int]:
     """``n`` of ``n_teacher`` layer indices, evenly spaced, always keeping the first and the last.
 
-    ``evenly_spaced(30, 6) == [0, 6, 12, 18, 24, 29]`` (the student measured in FACTS.md).
+    ``evenly_spaced(30, 6) == [0, 6, 12, 18, 24, 29]`` (the even student of benchmarks/RESULTS-distill.md).
     """
     if not 1 <= n <= n_teacher:
         raise UsageError(f"layers:{n} must be between 1 and the teacher's {n_teacher} layers")

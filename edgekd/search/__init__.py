@@ -30,7 +30,7 @@ the KL(fp32 || that model) on calibration text is the layer's
 sensitivity. The mixed models are spliced from the real 4-bit and 8-bit outputs of the
 ``matmul_nbits`` step (same kernels as the shipped bundle), and a proxy (KL and top-1 on the
 calibration text, with a safety margin against the gates) picks how many layers go to 8 bits. The scan keeps
-the other layers at 8 bits rather than fp32 (FACTS.md: 8-bit costs KL 0.005 on SmolLM2): the same
+the other layers at 8 bits rather than fp32 (8-bit costs KL 0.005 on SmolLM2, benchmarks/RESULTS-export.md): the same
 ranking from graphs a third of the size, which load and run faster.
 """
 

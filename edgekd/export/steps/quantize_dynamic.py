@@ -1,4 +1,4 @@
-"""Step ``quantize_dynamic``: onnxruntime's dynamic int8 quantization, the naive anchor (FACTS.md)."""
+"""Step ``quantize_dynamic``: onnxruntime's dynamic int8 quantization, the naive anchor (it breaks SmolLM2: top-1 0.586; docs/export.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from edgekd.io import quiet
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeDynamic(StepSettings):
-    """Step ``quantize_dynamic``: onnxruntime's dynamic int8 (the naive anchor; see FACTS.md)."""
+    """Step ``quantize_dynamic``: onnxruntime's dynamic int8 (the naive anchor; docs/export.md)."""
 
     per_channel: bool = True
     op_types: tuple[str, ...] = ("MatMul", "Gather")

@@ -1,6 +1,6 @@
 """The ``quantize_head_embedding`` export step: the lm_head as MatMulNBits, the token embedding as
 GatherBlockQuantized (or standard operators, for onnxruntime-web), one quantized matrix where the
-two are tied. The largest size win the stock quantizer leaves (FACTS.md): it skips a head fed by a
+two are tied. The largest size win the stock quantizer leaves: it skips a head fed by a
 Transpose and refuses 8-bit Gathers.
 
 Sources: MatMulNBits and GatherBlockQuantized are onnxruntime contrib ops (docs/ContribOperators.md).
