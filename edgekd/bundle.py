@@ -232,7 +232,11 @@ def check_external_data(model_path: Path) -> None:
     """Refuse an ONNX file whose external-data locations escape its folder, before loading weights.
 
     Without the ``onnx`` package (a runtime-only install) the check is onnxruntime's own: it refuses
-    an absolute or escaping external-data path when it loads the model (seen with onnxruntime 1.32)."""
+    an absolute or escaping external-data path when it loads the model (seen with onnxruntime 1.32).
+    A file that never spells ``location`` (the key every external-data entry has) has none, and is not
+    parsed: parsing a model with its weights inside would hold them in memory a second time."""
+    if not _mentions(model_path, b"location"):
+        return
     try:
         import onnx
     except ModuleNotFoundError:
@@ -245,6 +249,17 @@ def check_external_data(model_path: Path) -> None:
             for kv in tensor.external_data:
                 if kv.key == "location":
                     inside(root, kv.value)
+
+
+def _mentions(path: Path, word: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds ``word``, read a chunk at a time (the page cache, not this process, holds it)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if word in tail + block:
+                return True
+            tail = block[-len(word):]
+    return False
 
 
 def _all_tensors(graph):

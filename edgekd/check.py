@@ -49,6 +49,7 @@ class CheckConfig:
     providers: tuple[str, ...] | None = None  # override the target's execution providers
     target: str | None = None  # a profile whose [gates] apply whatever the bundle's manifest says
     session_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries, e.g. (("mlas.disable_kleidiai", "1"),)
+    prepared: Path | None = None  # a cache folder for the model prepared for this machine (edgekd.prepared)
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -138,13 +139,14 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
                  log: Callable[[str], None] = lambda m: None) -> BundleReport:
     """Measure ``bundle`` against its golden reference on this machine; return the report (with
     ``gates``, ``not_checked`` and ``passed``). A failed gate is not an exception (see the CLI)."""
-    from edgekd.runtime import Runtime, answer_text, environment
+    from edgekd.runtime import Runtime, answer_text
     from edgekd.tasks import label_of
     from edgekd.validate.bundle_report import BundleReport
-    from edgekd.validate.speed import read_bandwidth, roofline, time_runtime
+    from edgekd.validate.speed import environment, measure_memory, memory_cost, read_bandwidth, roofline, time_runtime
 
     log(f"opening {bundle} (checking file hashes) ...")
-    rt = Runtime(bundle, providers=config.providers, threads=config.threads, session_config=dict(config.session_config))
+    rt = Runtime(bundle, providers=config.providers, threads=config.threads, session_config=dict(config.session_config),
+                 prepared=config.prepared)
     manifest = rt.manifest
     golden = read_golden(rt.root, manifest)
     examples = golden["examples"][: config.num_prompts or None]
@@ -160,6 +162,9 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
         weight_bytes = manifest.model.get("decode_weight_bytes")  # recorded at export (the device has no onnx to count them)
         if weight_bytes:  # else no roofline: a 256 MiB bandwidth pass would be spent for nothing
             cost.update(roofline(cost["decode_tokens_per_s"], weight_bytes, read_bandwidth(config.threads)))
+        log("measuring resident memory, a long prompt, in a fresh process ...")
+        cost.update(memory_cost(measure_memory(rt.root, list(config.providers or ()) or None, config.threads,
+                                                dict(config.session_config), config.prepared)))
 
     answers = [answer_text(rt.tokenizer, a, rt.eos_token_ids) for a in ours]
     task = manifest.source.task or {}

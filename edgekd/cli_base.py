@@ -12,6 +12,7 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
@@ -181,4 +182,9 @@ Threads = Annotated[Optional[int], typer.Option("--threads", help="onnxruntime i
 SessionConfig = Annotated[Optional[list[str]], typer.Option(
     "--session-config", metavar="KEY=VALUE",
     help="An onnxruntime session config entry, repeatable; e.g. mlas.disable_kleidiai=1 makes an ARM CPU's "
-         "int8-activation MatMulNBits quantize activations per block as x86 does (docs/devices.md).")]
+         "int8-activation MatMulNBits quantize activations per block as x86 does (docs/devices.md); "
+         "enable_cpu_mem_arena=0 (also enable_mem_pattern, enable_mem_reuse) sets that SessionOptions switch.")]
+Prepared = Annotated[Optional[Path], typer.Option(
+    "--prepared", metavar="DIR",
+    help="Keep the model optimized and its weights packed for this machine under DIR (made at the first run, "
+         "then mapped from disk at each load: less resident memory; an .onnx bundle only; docs/runtime.md).")]

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from edgekd.cli_base import SessionConfig, Threads, _progress, command, console, err_console
+from edgekd.cli_base import Prepared, SessionConfig, Threads, _progress, command, console, err_console
 from edgekd.errors import UsageError
 
 
@@ -26,13 +26,15 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt as it is, without the chat template.", metavar="")] = False,
     threads: Threads = None,
     session_config: SessionConfig = None,
+    prepared: Prepared = None,
 ) -> None:
     """Answer a prompt with a bundle (onnxruntime, KV cache), streaming the text, then print tokens/s."""
-    from edgekd.runtime import Runtime, parse_session_config
+    from edgekd.runtime import Runtime
     from edgekd.sampling import Sampling
+    from edgekd.session import parse_session_config
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    rt = Runtime(bundle, threads=threads, session_config=parse_session_config(session_config or []))
+    rt = Runtime(bundle, threads=threads, session_config=parse_session_config(session_config or []), prepared=prepared)
     for note in rt.warnings:
         err_console.print(Text.assemble(("warning:", "yellow"), f" {note}"), soft_wrap=True)
     if rt.answer_prefix and not raw:  # the task's answers open with given words: the model continues them
@@ -117,6 +119,7 @@ def check(
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Apply this profile's [gates] (a shipped name or a .toml) instead of the bundle's own.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report to this JSON file.")] = None,
     session_config: SessionConfig = None,
+    prepared: Prepared = None,
 ) -> None:
     """Check a bundle on the machine that ships it, without torch or the teacher: replay the golden
     reference export wrote into it (the unquantized model's answers and top-k log-probs) and apply
@@ -130,10 +133,10 @@ def check(
         if json_out.is_dir():
             raise UsageError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'check.json'}")
         check_writable(json_out.parent)
-    from edgekd.runtime import parse_session_config
+    from edgekd.session import parse_session_config
 
     config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target,
-                         session_config=tuple(parse_session_config(session_config or []).items()))
+                         session_config=tuple(parse_session_config(session_config or []).items()), prepared=prepared)
     with console.status("checking ...") as status:
         report = check_bundle(bundle, config, log=_progress(status))
     if json_out is not None:
@@ -159,6 +162,10 @@ def check(
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    if "memory" in cost:
+        from edgekd.validate.speed import memory_line
+
+        console.print(memory_line(cost["memory"]), highlight=False, markup=False)
     for g in report.gates:
         console.print(("PASS " if g.passed else "FAIL ") + g.line(), highlight=False, markup=False)
     if report.not_checked:

@@ -98,7 +98,12 @@ METRICS: tuple[Metric, ...] = (
     _cost("read_bandwidth_gb_s", "read bandwidth (GB/s, measured)", "{:.1f}"),
     _cost("decode_roofline_tokens_per_s", "decode roofline (tokens/s)", "{:.0f}"),
     _cost("decode_roofline_share", "decode, share of the bandwidth roofline", "{:.0%}"),
-    _cost("peak_rss_mb", "peak RSS (MB)", "{:.0f}"),
+    # resident memory while the bundle answers a 480-token prompt (validate.speed.memory_by_stage, a fresh process)
+    _cost("peak_rss_mb", "peak RSS (MB, the process)", "{:.0f}"),
+    _cost("bundle_peak_rss_mb", "peak RSS above the bare interpreter (MB)", "{:.0f}", gate="max_peak_rss_mb",
+          meaning="peak resident memory the bundle adds to its process answering a 480-token prompt, MB (1e6 bytes)",
+          on_device=True),
+    _cost("peak_rss_over_model", "peak RSS above the interpreter / model file", "{:.2f}"),
 )
 
 # gate name -> (where the value is in a bundle report, "min" or "max", what it means)

@@ -12,23 +12,21 @@ and the cache, and gets the next logits and the cache grown by one position.
 
 The exported decoder (optimum's ``text-generation-with-past``) takes ``past_key_values.{i}.key``
 of shape ``(batch, kv_heads, past, head_dim)`` and returns ``present.{i}.key`` with ``past + 1``
-positions. The cache lives in two preallocated flat buffers per tensor, bound with IO binding:
-step t reads ``past`` from buffer A and onnxruntime writes ``present`` straight into buffer B,
-which becomes the next step's ``past``. No array is allocated or copied by Python per token, and
-on CUDA the cache never leaves the GPU (only the logits come back).
+positions. The cache lives in preallocated flat buffers, bound with IO binding: where every layer's
+attention is one GroupQueryAttention node, one buffer per tensor that the kernel appends to in
+place; otherwise two, step t reading ``past`` from buffer A while onnxruntime writes ``present``
+straight into buffer B, which becomes the next step's ``past``. No array is allocated or copied by
+Python per token, and on CUDA the cache never leaves the GPU (only the logits come back). A prefill
+returns the last position's logits only where the graph has export's ``logits_to_keep`` input.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import platform
 import re
 import time
-import warnings
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,29 +34,12 @@ from edgekd.bundle import DEFAULT_CONTEXT, Manifest, check_external_data, read_m
 from edgekd.errors import UsageError, first_line
 from edgekd.paths import inside
 from edgekd.sampling import Sampling, TextStream, pick_token
+from edgekd.session import choose_providers, missing_operator, session_options
 from edgekd.templates import ChatTemplate, load_chat_template
 
 MAX_THREADS = 4096  # intra-op threads; beyond any machine edgekd runs on
 _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": None}
-
-
-_MISSING_OP = re.compile(r"(?:([\w.]+):)?(\w+)\((-?\d+)\) is not a registered function/op|"
-                         r"Could not find an implementation for (\w+)\((\d+)\)")
-
-
-def missing_operator(message: str, exported_with: str | None = None) -> str | None:
-    """One line naming the operator an onnxruntime error says it lacks, and the release to install:
-    the one the bundle was exported and checked with (``exported_with``, from its manifest)."""
-    import onnxruntime as ort
-
-    m = _MISSING_OP.search(message)
-    if not m:
-        return None
-    domain, op = (m.group(1) or "ai.onnx", m.group(2)) if m.group(2) else ("ai.onnx", m.group(4))
-    need = (f"install onnxruntime >= {exported_with} (the release the bundle was exported and checked with)" if exported_with
-            else "install a newer onnxruntime, or re-export the bundle with this one")
-    return f"this onnxruntime ({ort.__version__}) has no operator {domain}:{op}, which the bundle uses: {need}"
 
 
 def answer_text(tokenizer, ids: Sequence[int], eos_ids: Container[int]) -> str:
@@ -101,7 +82,10 @@ class _KVBuffers:
 
     Sized for ``capacity`` positions; a tensor of ``n`` positions occupies the first
     ``kv_heads * n * head_dim`` elements, which is exactly the contiguous layout
-    ``(1, kv_heads, n, head_dim)`` that the graph reads and writes.
+    ``(1, kv_heads, n, head_dim)`` that the graph reads and writes. A graph whose attention is
+    GroupQueryAttention in every layer (the manifest's ``past_present_share_buffer``) gets one buffer
+    per tensor, bound as both past and present at ``(1, kv_heads, capacity, head_dim)``: the kernel
+    writes the new positions in place and reads as many as the attention mask says.
     """
 
     def __init__(self, rt: Runtime, capacity: int):
@@ -111,7 +95,7 @@ class _KVBuffers:
         n = rt.num_kv_heads * capacity * rt.head_dim
         self.buffers = [
             [ort.OrtValue.ortvalue_from_shape_and_type([n], rt.kv_dtype, rt.device, 0) for _ in rt.past_names]
-            for _ in range(2)
+            for _ in range(1 if rt.shares_kv else 2)
         ]
         self.pointers = [[v.data_ptr() for v in group] for group in self.buffers]
         self.current = 0  # which of the two sets holds the valid past
@@ -124,6 +108,8 @@ class Runtime:
     build lacks is dropped with a warning naming it (kept in ``self.warnings``), and the CPU
     provider is always last. ``threads`` sets intra-op threads (None: onnxruntime's default, one
     per physical core). ``verify`` checks every file's SHA-256 against the manifest first.
+    ``prepared``: a cache folder where an ``.onnx`` model is kept optimized and packed for this
+    machine, its weights mapped from disk at each load (``edgekd.prepared``; made at the first).
     """
 
     def __init__(
@@ -134,6 +120,7 @@ class Runtime:
         threads: int | None = None,
         verify: bool = True,
         session_config: dict[str, str] | None = None,
+        prepared: str | Path | None = None,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -159,35 +146,38 @@ class Runtime:
         self.chat_template = load_chat_template(self.root)
         self.answer_prefix: str = str((self.manifest.source.task or {}).get("answer_prefix") or "")  # given words answers open with
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))
+        self.shares_kv = bool(model.get("past_present_share_buffer"))  # one cache buffer, written in place
         # a bundle that does not know its context (null) gets the exporter's default: the KV cache is
         # sized from it, never from a requested length alone
         self.context_length = int(model.get("context_length") or 0) or DEFAULT_CONTEXT
 
         wanted = list(providers) if providers else self.manifest.execution_providers
         self.providers, self.warnings = choose_providers(wanted)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
         self.session_config = dict(session_config or {})
-        for key, value in self.session_config.items():  # e.g. mlas.disable_kleidiai = 1 (docs/devices.md)
-            opts.add_session_config_entry(key, value)
+        self.threads = threads
+        path = self.model_path
+        if prepared is not None and path.suffix == ".onnx":  # its packed weights mapped from disk (edgekd.prepared)
+            from edgekd.prepared import prepared_model
+
+            path = prepared_model(path, self.manifest.model_sha256 or f"mtime-{path.stat().st_mtime_ns}", Path(prepared),
+                                  self._session_options, self.providers)
+        self.session_path = path
         try:
-            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), sess_options=self._session_options(), providers=self.providers)
         except Exception as e:
             missing = missing_operator(str(e), self.manifest.export_check.get("onnxruntime"))
             if missing:
                 raise UsageError(f"{self.model_path}: {missing}") from None
             first = first_line(e)
-            raise UsageError(f"onnxruntime could not load {self.model_path}: {first}") from None
+            raise UsageError(f"onnxruntime could not load {path}: {first}") from None
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._bind_names()
         self._make_binding()
         self.load_s = time.perf_counter() - t0
         self.last = Timing()
+
+    def _session_options(self):
+        return session_options(self.threads, self.session_config)
 
     # -- graph introspection ------------------------------------------------------------------
 
@@ -211,6 +201,8 @@ class Runtime:
             raise UsageError(f"{self.model_path} lacks cache outputs {missing[:2]}: not a KV-cache decoder")
         self.past_names, self.present_names = past, present
         self.has_position_ids = "position_ids" in inputs
+        # export's logits_to_keep step: the head runs on the last position unless fed otherwise (an input with a default)
+        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         first = inputs[past[0]]
         self.kv_dtype = _ORT_TO_NUMPY.get(first.type)
         if self.kv_dtype is None:
@@ -266,7 +258,8 @@ class Runtime:
     # -- the decoder loop -------------------------------------------------------------------------
 
     def _start(self, prompt_ids: Sequence[int], capacity: int) -> np.ndarray:
-        """Prefill: run the whole prompt, fill the cache; return its logits ``(seq, vocab)``."""
+        """Prefill: run the whole prompt, fill the cache; return its logits: the last position's
+        ``(1, vocab)`` (a graph with ``logits_to_keep``), or every position's ``(seq, vocab)``."""
         n = len(prompt_ids)
         if n == 0:
             raise UsageError("the prompt has no tokens")
@@ -284,7 +277,9 @@ class Runtime:
         return self._run(ids)[0]
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        """One run over ``ids (1, s)`` after ``self._len`` cached positions; returns logits ``(1, s, vocab)``.
+        """One run over ``ids (1, s)`` after ``self._len`` cached positions; returns logits ``(1, rows, vocab)``:
+        the last position's where the graph takes ``logits_to_keep`` (left at its default, 1: onnxruntime
+        binds no input that has a default), else every position's.
 
         The logits land in a preallocated host buffer; the cache goes from one buffer set to the
         other. Python allocates nothing per step but the small ids/positions arrays.
@@ -299,17 +294,22 @@ class Runtime:
         self._binding.bind_cpu_input("attention_mask", self._mask[:, :total])
         if self.has_position_ids:
             self._binding.bind_cpu_input("position_ids", np.arange(past, total, dtype=np.int64).reshape(1, s))
-        src, dst = kv.pointers[kv.current], kv.pointers[1 - kv.current]
-        past_shape = [1, self.num_kv_heads, past, self.head_dim]
-        present_shape = [1, self.num_kv_heads, total, self.head_dim]
+        if self.shares_kv:  # one buffer, its whole length bound as past and present
+            src = dst = kv.pointers[0]
+            past_shape = present_shape = [1, self.num_kv_heads, kv.capacity, self.head_dim]
+        else:
+            src, dst = kv.pointers[kv.current], kv.pointers[1 - kv.current]
+            past_shape = [1, self.num_kv_heads, past, self.head_dim]
+            present_shape = [1, self.num_kv_heads, total, self.head_dim]
         for name, ptr in zip(self.past_names, src):
             bind_in(name, self._device, self.kv_dtype, past_shape, ptr)
         for name, ptr in zip(self.present_names, dst):
             bind_out(name, self._device, self.kv_dtype, present_shape, ptr)
-        logits = self._logits if s == 1 else np.empty((1, s, self.vocab_size), dtype=self.logits_dtype)
+        rows = 1 if self.keeps_logits else s
+        logits = self._logits if rows == 1 else np.empty((1, rows, self.vocab_size), dtype=self.logits_dtype)
         bind_out("logits", self._cpu, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(self._binding)
-        kv.current = 1 - kv.current
+        kv.current = 0 if self.shares_kv else 1 - kv.current
         self._len = total
         return logits
 
@@ -372,79 +372,18 @@ class Runtime:
         """
         if not response_ids:
             raise UsageError("nothing to score: the response has no tokens")
-        rows = [self._start(prompt_ids, len(prompt_ids) + len(response_ids))[-1]]
+        rows = [self._start(prompt_ids, len(prompt_ids) + len(response_ids))[-1].copy()]  # the buffer the steps reuse
         for token in response_ids[:-1]:
             rows.append(self._step(int(token)).copy())
         return np.stack(rows).astype(np.float32, copy=False)
 
     def prefill_logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits ``(seq, vocab)`` of one prefill run over ``ids`` (used for prefill timing)."""
+        """Logits of one prefill run over ``ids``, as generation computes them (prefill timing): the
+        last position's ``(1, vocab)``, or ``(seq, vocab)`` from a graph without ``logits_to_keep``."""
         return self._start(ids, len(ids) + 1)
-
-
-def parse_session_config(items: Sequence[str]) -> dict[str, str]:
-    """``["mlas.disable_kleidiai=1"]`` -> ``{"mlas.disable_kleidiai": "1"}``: onnxruntime session
-    config entries (``SessionOptions.add_session_config_entry``), as ``--session-config`` gives them."""
-    entries = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UsageError(f"--session-config {item!r}: give KEY=VALUE, e.g. mlas.disable_kleidiai=1")
-        entries[key.strip()] = value.strip()
-    return entries
 
 
 def _kv_key(name: str) -> tuple[int, int]:
     m = _KV_NAME.match(name)
     assert m is not None  # only called on names that match
     return int(m.group(2)), 0 if m.group(3) == "key" else 1
-
-
-def choose_providers(wanted: Sequence[str], warn: bool = True) -> tuple[list[str], list[str]]:
-    """Keep the providers this onnxruntime build has, CPU last; warn (unless not ``warn``) for each
-    one it lacks. Every session edgekd opens, at export and at run time, chooses through this."""
-    import onnxruntime as ort
-
-    available = set(ort.get_available_providers())
-    chosen, notes = [], []
-    for p in wanted:
-        if p in available:
-            if p not in chosen and p != "CPUExecutionProvider":
-                chosen.append(p)
-        else:
-            notes.append(
-                f"execution provider {p} is not in this onnxruntime build ({ort.__version__}, has "
-                f"{', '.join(sorted(available))}): falling back to CPUExecutionProvider"
-            )
-    for note in notes if warn else ():
-        warnings.warn(note, RuntimeWarning, stacklevel=3)
-    return chosen + ["CPUExecutionProvider"], notes
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(threads: int | None, providers: list[str]) -> dict[str, Any]:
-    """Where a figure was measured: versions, CPU, threads, provider (report.json's ``environment``)."""
-    import onnxruntime
-
-    from edgekd import __version__
-
-    env = {"edgekd": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-           "system": f"{platform.system()} {platform.release()}", "machine": platform.machine(), "cpu": _cpu_model(),
-           "cpu_count": os.cpu_count(), "threads": threads or "onnxruntime default (one per physical core)",
-           "providers": providers}
-    try:
-        import torch  # only to say which one, when the machine has it; check itself never uses it
-
-        env["torch"] = torch.__version__
-    except ImportError:
-        env["torch"] = None
-    return env

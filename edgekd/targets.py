@@ -46,6 +46,8 @@ class Gates:
     min_rouge_l_vs_teacher: Optional[float] = None
     # decode tokens/s at batch 1 where validate or check runs (a device's own profile sets it)
     min_decode_tokens_per_s: Optional[float] = None
+    # resident memory the bundle adds to its process answering a 480-token prompt, MB (validate and check measure it)
+    max_peak_rss_mb: Optional[float] = None
 
     def __post_init__(self):
         for name in ("min_top1_vs_reference", "min_top1_vs_teacher", "min_greedy_exact_vs_reference", "min_label_agreement_vs_teacher",
@@ -58,7 +60,7 @@ class Gates:
         for name in ("max_kl_vs_reference", "max_kl_vs_teacher", "min_greedy_prefix_vs_reference", "min_decode_tokens_per_s"):
             v = getattr(self, name)
             require(v is None or v >= 0.0, f"gates.{name} = {v}: must be >= 0")
-        for name in ("max_ppl_ratio_vs_reference", "max_ppl_ratio_vs_teacher", "max_size_mb"):
+        for name in ("max_ppl_ratio_vs_reference", "max_ppl_ratio_vs_teacher", "max_size_mb", "max_peak_rss_mb"):
             v = getattr(self, name)
             require(v is None or v > 0.0, f"gates.{name} = {v}: must be > 0")
 

@@ -50,7 +50,7 @@ def test_no_import_cycle_between_units():
 
 
 def test_the_runtime_side_imports_no_toolchain_at_module_level():
-    runtime_side = ["edgekd.cli", "edgekd.cli_base", "edgekd.cli_bundle", "edgekd.sampling", "edgekd.outputs", "edgekd.check", "edgekd.runtime", "edgekd.bundle", "edgekd.targets", "edgekd.tasks",
+    runtime_side = ["edgekd.cli", "edgekd.cli_base", "edgekd.cli_bundle", "edgekd.sampling", "edgekd.outputs", "edgekd.check", "edgekd.runtime", "edgekd.session", "edgekd.prepared", "edgekd.bundle", "edgekd.targets", "edgekd.tasks",
                     "edgekd.stats", "edgekd.config", "edgekd.io", "edgekd.paths", "edgekd.errors", "edgekd.export",
                     "edgekd.export.golden", "edgekd.validate", "edgekd.validate.fidelity", "edgekd.validate.gates",
                     "edgekd.validate.speed", "edgekd.validate.data", "edgekd.templates", "edgekd.metrics",

@@ -90,7 +90,8 @@ def test_check_passes_an_fp32_bundle_without_torch(fp32_bundle, tmp_path):
 def test_session_config_entries_reach_onnxruntime_and_the_report(fp32_bundle, tmp_path):
     """`--session-config KEY=VALUE` (the setting that makes an ARM CPU's int8-activation kernel agree
     with x86's, docs/devices.md): applied to the session, recorded; a malformed entry is one line."""
-    from edgekd.runtime import Runtime, parse_session_config
+    from edgekd.runtime import Runtime
+    from edgekd.session import parse_session_config
 
     report_file = tmp_path / "check.json"
     r = run_torch_free("check", str(fp32_bundle), "--no-speed", "--json", str(report_file),

@@ -70,9 +70,11 @@ def test_bundle_files_and_manifest(bundles, sources, name):
     model_file = {"mobile": "model.ort", "web": "onnx/model_q4.onnx"}.get(name, "model.onnx")
     # an ORT-format bundle carries the operator lists onnxruntime's reduced-size (Android) build reads
     reduced = {"required_operators.config", "required_operators_and_types.config"} if name == "mobile" else set()
+    # the cpu profile keeps the weights beside the graph, for onnxruntime to map them from disk
+    model_files = {model_file} | ({model_file + ".data"} if load_target(name).external_data else set())
     assert {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} == \
-        TOKENIZER_FILES | CONFIG_FILES | REPLAY_FILES | {model_file} | reduced
-    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | REPLAY_FILES | {model_file} | reduced
+        TOKENIZER_FILES | CONFIG_FILES | REPLAY_FILES | model_files | reduced
+    assert {f["path"] for f in manifest["files"]} == TOKENIZER_FILES | CONFIG_FILES - {"manifest.json"} | REPLAY_FILES | model_files | reduced
     if reduced:
         ops = (root / "required_operators.config").read_text()
         assert "com.microsoft;1;" in ops and "MatMulNBits" in ops and "GroupQueryAttention" in ops and str(root) not in ops

@@ -12,6 +12,7 @@ from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
 from edgekd.export.profile import load_target
 from edgekd.export.steps import STEPS
 from edgekd.export.steps.fuse_attention import FuseAttention
+from edgekd.export.steps.logits_to_keep import LogitsToKeep
 from edgekd.export.steps.matmul_nbits import MatMulNBits
 from edgekd.export.steps.ort import OrtFormat
 from edgekd.export.steps.quantize_head_embedding import QuantizeHeadEmbedding, _quantize_rows
@@ -32,6 +33,7 @@ CASES = {
     "quantize_dynamic": [(load_target("cpu").settings["quantize_dynamic"], 1.5)],
     "fp16": [(load_target("cuda").settings["fp16"], 0.05)],
     "optimize": [(load_target("cpu").settings["optimize"], 1e-3)],
+    "logits_to_keep": [(LogitsToKeep(), 1e-5)],  # asked for every row (ort_forward): the graph's own logits
     "to_ort": [(load_target("mobile").settings["to_ort"], 1e-3), (OrtFormat(constant_folding=False), 1e-3)],
 }
 

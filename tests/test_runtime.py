@@ -239,7 +239,7 @@ def test_manifest_path_escaping_the_bundle_is_refused(fp32_bundle, tmp_path):
 
 
 def test_an_operator_this_onnxruntime_lacks_is_named_with_the_release_to_install():
-    from edgekd.runtime import missing_operator
+    from edgekd.session import missing_operator
 
     line = missing_operator("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Fatal error: "
                             "com.microsoft:MatMulNBits(-1) is not a registered function/op", "1.32.0")

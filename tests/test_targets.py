@@ -54,7 +54,7 @@ def write(tmp_path: Path, text: str) -> Path:
         (("bits = 8 ", "bitz = 8 "), "unknown key 'matmul_nbits.bitz'"),
         (("opset = 17", "opset = \"17\""), "opset must be an integer"),
         (("block_size = 32       # power of two >= 16; 32", "block_size = 48       #"), "matmul_nbits.block_size = 48"),
-        (("steps = [\"fuse_attention\", \"quantize_head_embedding\", \"matmul_nbits\"]", "steps = [\"quantise\"]"), "unknown step 'quantise'"),
+        (("steps = [\"fuse_attention\", \"quantize_head_embedding\", \"matmul_nbits\", \"logits_to_keep\"]", "steps = [\"quantise\"]"), "unknown step 'quantise'"),
         (("min_top1_vs_reference = 0.90", "min_top1_vs_reference = 90"), "gates.min_top1_vs_reference = 90"),
         (("bits = 8 ", "bits = 3 "), "matmul_nbits.bits = 3"),
         (("head = \"int8\"", "head = \"int2\""), "head = 'int2' is not one of"),

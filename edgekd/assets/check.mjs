@@ -89,7 +89,8 @@ class Decoder {
     this.cache = Object.fromEntries(this.past.map((n) => [n, new this.ort.Tensor("float32", new Float32Array(0), [1, this.heads, 0, this.headDim])]));
   }
 
-  // Run `ids` after the cached positions; return the logits (Float32Array, ids.length x vocab).
+  // Run `ids` after the cached positions; return the logits (Float32Array, rows x vocab): a row per id,
+  // or the last id's alone where the graph has edgekd's logits_to_keep input (left at its default).
   async run(ids) {
     const { Tensor } = this.ort, s = ids.length, total = this.len + s;
     const feeds = {
@@ -102,6 +103,7 @@ class Decoder {
     for (const n of this.past) this.cache[n] = out[n.replace(/^past_key_values\./, "present.")];
     this.len = total;
     this.vocab = out.logits.dims[2];
+    this.rows = out.logits.dims[1];
     return out.logits.data;
   }
 }
@@ -124,7 +126,7 @@ export async function replay(ort, session, manifest, golden, { numPrompts = 0, l
   log(`${examples.length} golden prompts: the reference's answers teacher-forced, then the bundle's own ...`);
   for (const ex of examples) {  // teacher-forced: the prompt, then the answer a token at a time (as an app decodes)
     dec.reset();
-    let logits = await dec.run(ex.prompt_ids), row = ex.prompt_ids.length - 1;
+    let logits = await dec.run(ex.prompt_ids), row = dec.rows - 1;
     for (let pos = 0; pos < ex.answer_ids.length; pos++) {
       if (pos > 0) { logits = await dec.run([ex.answer_ids[pos - 1]]); row = 0; }
       const lb = logSoftmax(logits, row * dec.vocab, dec.vocab);
@@ -141,7 +143,7 @@ export async function replay(ort, session, manifest, golden, { numPrompts = 0, l
   let decodeSeconds = 0, decodeSteps = 0;
   for (const ex of examples) {  // greedy, as edgekd.validate.fidelity.bundle_greedy: an eos ends and is kept
     dec.reset();
-    let logits = await dec.run(ex.prompt_ids), offset = (ex.prompt_ids.length - 1) * dec.vocab;
+    let logits = await dec.run(ex.prompt_ids), offset = (dec.rows - 1) * dec.vocab;
     const answer = [];
     for (let i = 0; i < n; i++) {
       const token = argmax(logits, offset, dec.vocab);

@@ -235,7 +235,8 @@ def _fp32_probe(torch_model, tok, path: Path, facts: dict[str, Any], profile: Ta
 def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_run: list[dict[str, Any]], config,
                           facts: dict[str, Any], say: Callable[[str], None]) -> None:
     """What the steps imply for the manifest: whether they reproduce a quantization-aware
-    student's grid, and the context fused attention caps (its rotary tables; a sliding window)."""
+    student's grid, the context fused attention caps (its rotary tables; a sliding window), and
+    whether the KV cache's past and present can share one buffer (attention fused in every layer)."""
     qat = origin.get("quantization_aware")
     if qat:
         qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat, steps_run)
@@ -247,6 +248,9 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
     if cap and (facts["context_length"] or cap) > cap:  # fused attention's rotary tables end there
         say(f"context capped at {cap} tokens (fused attention)")
         facts["context_length"] = cap
+    # every layer's attention one GroupQueryAttention node: it appends to the cache where it lies, so
+    # past and present can be one buffer sized for the context (the runtime then keeps one copy)
+    facts["past_present_share_buffer"] = any(r.get("fused_layers") == facts["num_layers"] for r in steps_run)
 
 
 def _model_file(path: Path, profile: TargetProfile) -> str:

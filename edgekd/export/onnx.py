@@ -103,7 +103,7 @@ def session(path: Path, providers: tuple[str, ...] | list[str] = ("CPUExecutionP
     """An onnxruntime session on the providers this build has (the CPU provider as the fallback)."""
     import onnxruntime as ort
 
-    from edgekd.runtime import choose_providers
+    from edgekd.session import choose_providers
 
     chosen, _ = choose_providers(providers, warn=False)
     so = ort.SessionOptions()
@@ -148,8 +148,11 @@ def feeds_for(inputs, input_ids: np.ndarray, past: dict[str, np.ndarray] | None,
 
 
 def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None, facts: dict[str, Any]):
-    """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present)."""
+    """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present).
+    A graph with a ``logits_to_keep`` input (the step of that name) is asked for every position."""
     feeds = feeds_for(sess.get_inputs(), input_ids, past, facts)
+    if any(i.name == "logits_to_keep" for i in sess.get_overridable_initializers()):
+        feeds["logits_to_keep"] = np.array(0, dtype=np.int64)
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, feeds)))
     present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}

@@ -288,7 +288,7 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
 def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
     """One bundle's report: its cost, its fidelity to the reference and the teacher, its task
     figures and its gates."""
-    from edgekd.runtime import environment
+    from edgekd.validate.speed import environment
 
     manifest, source, config = rt.manifest, rt.manifest.source, run.config
     notes = list(run.data_notes)
@@ -346,7 +346,7 @@ def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
     """Size, and (``config.speed``) load time, prefill, decode, peak memory and the decode's share
     of the bandwidth roofline, measured in a fresh process."""
     from edgekd.bundle import bundle_decode_weight_bytes
-    from edgekd.validate.speed import measure_speed, roofline
+    from edgekd.validate.speed import measure_memory, measure_speed, memory_cost, roofline
 
     manifest, config = rt.manifest, run.config
     cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6, "bundle_mb": manifest.bundle_bytes / 1e6}
@@ -354,7 +354,7 @@ def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
         run.say(f"{name}: measuring load time, prefill, decode and peak memory ...")
         speed = measure_speed(p, list(config.providers) if config.providers else None, config.threads)
         cost.update({k: speed[k] for k in ("load_s", "prefill_ms", "prefill_tokens", "decode_tokens_per_s")})
-        cost["peak_rss_mb"] = speed["peak_rss_bytes"] / 1e6
+        cost.update(memory_cost(measure_memory(p, list(config.providers) if config.providers else None, config.threads)))
         cost.update(roofline(speed["decode_tokens_per_s"], bundle_decode_weight_bytes(p, manifest), speed["read_bandwidth_bytes_per_s"]))
     return cost
 

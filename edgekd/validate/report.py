@@ -132,6 +132,10 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
         if cost.get("teacher_fp32_mb"):
             ref = f", {cost['size_mb'] / cost['reference_fp32_mb']:.0%} of the reference's fp32 export ({cost['reference_fp32_mb']:.1f} MB)" if cost.get("reference_fp32_mb") else ""
             parts.append(f"  - model {cost['size_mb']:.1f} MB: {cost['size_vs_teacher_fp32']:.0%} of the teacher at fp32 ({cost['teacher_fp32_mb']:.1f} MB){ref}")
+        if cost.get("memory"):
+            from edgekd.validate.speed import memory_line
+
+            parts.append(f"  - {memory_line(cost['memory'])}")
         ci = [f"{label} {lo:.3f}-{hi:.3f}" for label, (lo, hi) in _intervals(r)]
         if ci:
             parts.append(f"  - 95% intervals (over prompts; {r['data']['prompts']} prompts): " + "; ".join(ci))

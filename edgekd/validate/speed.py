@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from edgekd.io import proc_kib_field
 PREFILL_TOKENS = 128  # the prompt length prefill is timed at (issue 5)
 DECODE_TOKENS = 64  # decode steps timed (batch 1, greedy, eos ignored)
 BANDWIDTH_MIB = 256  # the array the read bandwidth is measured on: larger than the caches
+MEMORY_PROMPT_TOKENS = 480  # memory is measured at a long prompt: what a prefill holds grows with it
+MEMORY_NEW_TOKENS = 16
 SPEED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -92,8 +95,9 @@ def roofline(decode_tokens_per_s: float, weight_bytes: int | None, bandwidth: fl
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process. On Linux from ``VmHWM``: ``ru_maxrss`` would
-    include the parent's resident memory at fork (the kernel carries it across exec)."""
+    """Peak resident memory of this process (since the last ``reset_peak``). On Linux from
+    ``VmHWM``: ``ru_maxrss`` would include the parent's resident memory at fork (the kernel carries
+    it across exec)."""
     peak = proc_kib_field("/proc/self/status", "VmHWM")
     if peak is not None:
         return peak
@@ -101,6 +105,68 @@ def peak_rss_bytes() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux; None elsewhere)."""
+    return proc_kib_field("/proc/self/status", "VmRSS")
+
+
+def reset_peak() -> bool:
+    """Start the peak (``VmHWM``) afresh at the present resident size (Linux >= 4.0: ``5`` into
+    ``/proc/self/clear_refs``); False where the system cannot, and the peaks then accumulate."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_by_stage(bundle: str, providers: list[str] | None = None, threads: int | None = None,
+                    session_config: dict[str, str] | None = None, prompt_tokens: int = MEMORY_PROMPT_TOKENS,
+                    new_tokens: int = MEMORY_NEW_TOKENS, prepared: str | None = None) -> dict[str, Any]:
+    """What the bundle costs in resident memory, stage by stage, in this process (run it in a fresh one:
+    ``measure_memory``). The bare interpreter is this process with onnxruntime, tokenizers, numpy and
+    the runtime imported, before the bundle opens; then the peak while its tokenizer loads (a large
+    vocabulary's is hundreds of MB in the ``tokenizers`` library), while the session is created, while
+    a prompt of ``prompt_tokens`` is prefilled, and while ``new_tokens`` are decoded, and the resident
+    size after each, with its part in pages of mapped files (``file_mb``: the weights onnxruntime maps
+    from an external data file, and the libraries), which the system can drop and read again, where
+    the rest, anonymous memory, stays until freed (what a phone's memory killer counts)."""
+    import onnxruntime  # noqa: F401  (what an app has loaded before it opens a bundle)
+    import tokenizers
+
+    from edgekd.runtime import Runtime
+
+    mb = 1e6
+    base, fresh = rss_bytes() or peak_rss_bytes(), reset_peak()
+    base_file = proc_kib_field("/proc/self/status", "RssFile") or 0
+    stages: dict[str, dict[str, float]] = {}
+
+    def stage(name: str) -> None:  # the peak since the last stage; the resident size now, and how much of it is mapped files
+        stages[name] = {"peak_mb": peak_rss_bytes() / mb, "rss_mb": (rss_bytes() or 0) / mb,
+                        "file_mb": (proc_kib_field("/proc/self/status", "RssFile") or 0) / mb}
+        reset_peak()
+
+    tokens = tokenizers.Tokenizer.from_file(str(Path(bundle) / "tokenizer.json"))
+    stage("tokenizer")  # the runtime loads its own below, into the memory this one leaves
+    del tokens
+    rt = Runtime(bundle, providers=providers, threads=threads, verify=False, session_config=session_config, prepared=prepared)
+    stage("session")
+    n = min(prompt_tokens, rt.context_length - new_tokens - 1) if rt.context_length else prompt_tokens
+    answer = rt.generate_ids(synthetic_ids(rt, n), new_tokens, stop_at_eos=False)
+    next(answer)  # the prefill's token
+    stage("prefill")
+    for _ in answer:
+        pass
+    stage("decode")
+    peak = max(v["peak_mb"] for v in stages.values()) if fresh else stages["decode"]["peak_mb"]
+    model_mb = rt.manifest.model_bytes / mb
+    return {"prompt_tokens": n, "new_tokens": new_tokens, "interpreter_mb": base / mb, "stages": stages,
+            "peak_rss_mb": peak, "bundle_peak_mb": peak - base / mb, "model_mb": model_mb,
+            "peak_over_model": (peak - base / mb) / model_mb if model_mb else None, "stage_peaks_apart": fresh,
+            "logits_to_keep": rt.keeps_logits, "kv_buffers": len(rt._kv.buffers),
+            "interpreter_file_mb": base_file / mb}
 
 
 def _measure_here(bundle: str, providers: list[str] | None, threads: int | None) -> dict[str, Any]:
@@ -114,9 +180,51 @@ def _measure_here(bundle: str, providers: list[str] | None, threads: int | None)
     return result
 
 
+def memory_cost(memory: dict[str, Any]) -> dict[str, Any]:
+    """A report's cost figures from ``memory_by_stage``: the process's peak, the peak above the bare
+    interpreter (gate ``max_peak_rss_mb``), its ratio to the model file, and the stages."""
+    return {"peak_rss_mb": memory["peak_rss_mb"], "bundle_peak_rss_mb": memory["bundle_peak_mb"],
+            "peak_rss_over_model": memory["peak_over_model"], "memory": memory}
+
+
+def memory_line(memory: dict[str, Any]) -> str:
+    """One line a person reads: what the bundle adds to its process, and where."""
+    stages = ", ".join(f"{name} {v['peak_mb'] - memory['interpreter_mb']:.0f}" for name, v in memory["stages"].items())
+    return (f"peak RSS {memory['bundle_peak_mb']:.0f} MB above the bare interpreter ({memory['interpreter_mb']:.0f} MB), "
+            f"{memory['peak_over_model']:.2f}x the model file, answering a {memory['prompt_tokens']}-token prompt "
+            f"(peak by stage, MB above the interpreter: {stages}; {mapped_mb(memory):.0f} MB of it pages mapped from files)")
+
+
+def mapped_mb(memory: dict[str, Any]) -> float:
+    """Resident pages of mapped files the bundle added (its external weights), at the stage of the peak."""
+    top = max(memory["stages"].values(), key=lambda v: v["peak_mb"])
+    return max(top.get("file_mb", 0.0) - memory.get("interpreter_file_mb", 0.0), 0.0)
+
+
 def measure_speed(bundle: Path, providers: list[str] | None = None, threads: int | None = None, timeout: float = 900) -> dict[str, Any]:
     """Speed and memory of ``bundle`` measured in a fresh process (see the module docstring)."""
-    cmd = [sys.executable, "-m", "edgekd.validate.speed", str(bundle)]
+    return _fresh_process(bundle, [], providers, threads, timeout, "speed")
+
+
+def measure_memory(bundle: Path, providers: list[str] | None = None, threads: int | None = None,
+                   session_config: dict[str, str] | None = None, prepared: Path | None = None, timeout: float = 900) -> dict[str, Any]:
+    """``memory_by_stage`` of ``bundle`` in a fresh process: its peak is the bundle's, nothing else's.
+    ``prepared``: the runtime's cache of the model prepared for this machine, made first (in another
+    process) where it is missing, so that the figure is a load's, not the preparation's."""
+    args = ["--memory"]
+    if prepared is not None:
+        from edgekd.runtime import Runtime
+
+        Runtime(bundle, providers=providers, verify=False, session_config=session_config, prepared=prepared)
+        args += ["--prepared", str(prepared)]
+    for key, value in (session_config or {}).items():
+        args += ["--session-config", f"{key}={value}"]
+    return _fresh_process(bundle, args, providers, threads, timeout, "memory")
+
+
+def _fresh_process(bundle: Path, args: list[str], providers: list[str] | None, threads: int | None, timeout: float,
+                   what: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "edgekd.validate.speed", str(bundle), *args]
     if providers:
         cmd += ["--providers", ",".join(providers)]
     if threads:
@@ -125,10 +233,10 @@ def measure_speed(bundle: Path, providers: list[str] | None = None, threads: int
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise EdgekdError(f"the speed measurement of {bundle} took over {timeout:.0f} s") from None
+        raise EdgekdError(f"the {what} measurement of {bundle} took over {timeout:.0f} s") from None
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgekdError(f"the speed measurement of {bundle} failed: {last}")
+        raise EdgekdError(f"the {what} measurement of {bundle} failed: {last}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -176,16 +284,55 @@ def bench(bundle: Path, reference: str | None = None, max_new_tokens: int = DECO
     }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads: int | None, providers: list[str]) -> dict[str, Any]:
+    """Where a figure was measured: versions, CPU, threads, provider (report.json's ``environment``)."""
+    import onnxruntime
+
+    from edgekd import __version__
+
+    env = {"edgekd": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
+           "system": f"{platform.system()} {platform.release()}", "machine": platform.machine(), "cpu": _cpu_model(),
+           "cpu_count": os.cpu_count(), "threads": threads or "onnxruntime default (one per physical core)",
+           "providers": providers}
+    try:
+        import torch  # only to say which one, when the machine has it; check itself never uses it
+
+        env["torch"] = torch.__version__
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
 def _main(argv: list[str]) -> int:
     import argparse
+
+    from edgekd.session import parse_session_config
 
     parser = argparse.ArgumentParser(prog="python -m edgekd.validate.speed", description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
     parser.add_argument("--providers", default=None, help="comma-separated execution providers")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--memory", action="store_true", help="resident memory by stage (memory_by_stage) instead of speed")
+    parser.add_argument("--session-config", action="append", default=[], help="KEY=VALUE onnxruntime session config entry")
+    parser.add_argument("--prepared", default=None, help="with --memory: the cache of the model prepared for this machine")
     args = parser.parse_args(argv)
+    providers = args.providers.split(",") if args.providers else None
     try:
-        result = _measure_here(args.bundle, args.providers.split(",") if args.providers else None, args.threads)
+        if args.memory:
+            result = memory_by_stage(args.bundle, providers, args.threads, parse_session_config(args.session_config),
+                                     prepared=args.prepared)
+        else:
+            result = _measure_here(args.bundle, providers, args.threads)
     except EdgekdError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
