@@ -187,4 +187,5 @@ SessionConfig = Annotated[Optional[list[str]], typer.Option(
 Prepared = Annotated[Optional[Path], typer.Option(
     "--prepared", metavar="DIR",
     help="Keep the model optimized and its weights packed for this machine under DIR (made at the first run, "
-         "then mapped from disk at each load: less resident memory; an .onnx bundle only; docs/runtime.md).")]
+         "then mapped from disk at each load: pages the system can drop instead of heap; the peak RSS barely "
+         "moves; an .onnx bundle only; docs/runtime.md).")]
