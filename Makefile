@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint clean js-deps
+.PHONY: install demo test test-fast lint clean js-deps
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ js-deps: $(JS_DIR)/node_modules/.package-lock.json
 
 test: install js-deps
 	$(PY) -m pytest -q -ra
+
+# The developer's loop, under 2 minutes on 2 cores: tiny models in-process (configs, data, losses,
+# students, export steps, runtime, memory, calibration); no real teacher, no kills, no subprocess
+# CLI runs, no JavaScript. `make test` runs everything, as CI does.
+FAST_TESTS := config io targets losses data tasks architecture quant export_steps runtime memory calibrate students models gptq export
+test-fast: install
+	$(PY) -m pytest -q -x -m "not smollm2" $(foreach t,$(FAST_TESTS),tests/test_$(t).py)
 
 # ruff (pyflakes, import order, bugbear, pyupgrade) and mypy (edgekd/), configured in pyproject.toml
 lint: install
