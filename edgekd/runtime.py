@@ -34,7 +34,7 @@ from edgekd.bundle import DEFAULT_CONTEXT, Manifest, check_external_data, read_m
 from edgekd.errors import UsageError, first_line
 from edgekd.paths import inside
 from edgekd.sampling import Sampling, TextStream, pick_token
-from edgekd.session import choose_providers, missing_operator, session_options
+from edgekd.session import choose_providers, keeps_logits, missing_operator, session_options
 from edgekd.templates import ChatTemplate, load_chat_template
 
 MAX_THREADS = 4096  # intra-op threads; beyond any machine edgekd runs on
@@ -202,7 +202,7 @@ class Runtime:
         self.past_names, self.present_names = past, present
         self.has_position_ids = "position_ids" in inputs
         # export's logits_to_keep step: the head runs on the last position unless fed otherwise (an input with a default)
-        self.keeps_logits = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        self.keeps_logits = keeps_logits(self.session)
         first = inputs[past[0]]
         self.kv_dtype = _ORT_TO_NUMPY.get(first.type)
         if self.kv_dtype is None:

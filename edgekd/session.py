@@ -12,6 +12,7 @@ from edgekd.errors import UsageError
 
 # SessionOptions switches ``session_config`` may set besides config entries (KEY=0|1): the memory levers
 SESSION_OPTIONS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse")
+LOGITS_TO_KEEP = "logits_to_keep"  # export's input of that name: how many last positions the head computes
 
 
 def session_options(threads: int | None, config: dict[str, str]):
@@ -32,6 +33,12 @@ def session_options(threads: int | None, config: dict[str, str]):
         else:
             opts.add_session_config_entry(key, value)
     return opts
+
+
+def keeps_logits(sess) -> bool:
+    """Whether a session's graph has export's ``logits_to_keep`` input (an input with a default, which
+    onnxruntime lists among the overridable initializers, not the inputs)."""
+    return any(i.name == LOGITS_TO_KEEP for i in sess.get_overridable_initializers())
 
 
 def parse_session_config(items: Sequence[str]) -> dict[str, str]:

@@ -12,8 +12,9 @@ from edgekd.check import CheckConfig, check_bundle
 from edgekd.export import export_bundle
 from edgekd.export.onnx import feeds_for, session
 from edgekd.export.steps import STEPS, load_onnx
-from edgekd.export.steps.logits_to_keep import LogitsToKeep, has_input, head_input
+from edgekd.export.steps.logits_to_keep import LogitsToKeep, head_input
 from edgekd.runtime import Runtime
+from edgekd.session import keeps_logits
 from edgekd.validate.speed import measure_memory, memory_line
 
 PROFILE = """
@@ -77,7 +78,7 @@ def test_generation_computes_the_head_for_the_last_position_only(bundles, tmp_pa
 def test_every_row_is_there_when_asked_for(bundles):
     """``logits_to_keep = 0`` gives every position, as the graph without the step (scoring in one run)."""
     a, b = session(bundles["kept"] / "model.onnx"), session(bundles["all"] / "model.onnx")
-    assert has_input(a) and not has_input(b)
+    assert keeps_logits(a) and not keeps_logits(b)
     first = next(i for i in a.get_inputs() if i.name.startswith("past_key_values."))
     facts = {"num_kv_heads": first.shape[1], "head_dim": first.shape[3]}
     ids = np.array([[5, 17, 99, 250, 3, 42, 7]], dtype=np.int64)
@@ -98,7 +99,7 @@ def test_the_step_keeps_the_ort_format_input_and_leaves_a_graph_it_cannot_read(t
 
     ort_file = tmp_path / "ort" / "model.ort"
     STEPS["to_ort"].fn(bundles["kept"] / "model.onnx", ort_file, STEPS["to_ort"].settings(), None)
-    assert has_input(session(ort_file))
+    assert keeps_logits(session(ort_file))
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -416,17 +415,21 @@ def _drop_dead(graph) -> None:
     set_nodes(graph, needed(list(graph.node), [o.name for o in graph.output]))
 
 
-def agreement(unfused: Path, fused: Path, seed: int = 0) -> float:
-    """Largest |difference| between the two graphs' logits and caches on a random 12-token prompt
-    and one cached step."""
-    from edgekd.export.onnx import ort_forward, session
+def random_probe(sess, seed: int = 0) -> tuple[np.ndarray, dict[str, int]]:
+    """A random 12-token prompt in the vocabulary of ``sess``'s graph (100 tokens where its logits'
+    width is symbolic), and the cache facts its past inputs declare (for ``ort_forward``)."""
+    first = next(i for i in sess.get_inputs() if i.name.startswith("past_key_values."))
+    vocab = sess.get_outputs()[0].shape[-1]
+    ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 100, size=(1, 12), dtype=np.int64)
+    return ids, {"num_kv_heads": first.shape[1], "head_dim": first.shape[3]}
 
-    a, b = session(unfused), session(fused)
-    first = next(i for i in a.get_inputs() if i.name.startswith("past_key_values."))
-    facts = {"num_kv_heads": first.shape[1], "head_dim": first.shape[3]}
-    vocab = a.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else 100
-    ids = np.random.default_rng(seed).integers(0, vocab, size=(1, 12), dtype=np.int64)
+
+def agreement(a, b, seed: int = 0) -> float:
+    """Largest |difference| between two sessions' logits (every position) and caches on a random
+    12-token prompt and one cached step."""
+    from edgekd.export.onnx import ort_forward
+
+    ids, facts = random_probe(a, seed)
     worst = 0.0
     past_a = past_b = None
     for step_ids in (ids, ids[:, -1:]):

@@ -151,8 +151,10 @@ def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None,
     """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present).
     A graph with a ``logits_to_keep`` input (the step of that name) is asked for every position."""
     feeds = feeds_for(sess.get_inputs(), input_ids, past, facts)
-    if any(i.name == "logits_to_keep" for i in sess.get_overridable_initializers()):
-        feeds["logits_to_keep"] = np.array(0, dtype=np.int64)
+    from edgekd.session import LOGITS_TO_KEEP, keeps_logits
+
+    if keeps_logits(sess):
+        feeds[LOGITS_TO_KEEP] = np.array(0, dtype=np.int64)
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, feeds)))
     present = {n.replace("present.", "past_key_values.", 1): v for n, v in outs.items() if n.startswith("present.")}

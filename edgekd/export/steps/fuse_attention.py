@@ -32,6 +32,7 @@ class FuseAttention(StepSettings):
 def fuse_attention(src: Path, dst: Path, settings: FuseAttention, profile) -> dict:
     """Each layer's attention as one GroupQueryAttention node, checked against the unfused graph."""
     from edgekd.export.fuse import NotFusable, agreement, fuse_gqa
+    from edgekd.export.onnx import session
 
     model = load_onnx(src)
     try:
@@ -41,7 +42,7 @@ def fuse_attention(src: Path, dst: Path, settings: FuseAttention, profile) -> di
     else:
         ensure_ms_domain(model)
         save_onnx(model, dst, external=True)
-        diff = agreement(src, dst)
+        diff = agreement(session(src), session(dst))
         why = "" if diff <= settings.tolerance else (
             f"the fused graph differs from the unfused one by {diff:.2g} (> fuse_attention.tolerance = {settings.tolerance})")
     if fused is None or why:  # the graph goes on as it was

@@ -31,8 +31,7 @@ import numpy as np
 
 from edgekd.config import require
 from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
-
-INPUT = "logits_to_keep"
+from edgekd.session import LOGITS_TO_KEEP as INPUT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,24 +117,17 @@ def add_input(model, tensor: str, default: int) -> None:
             dims[1].dim_value = 1
         else:
             dims[1].dim_param = "kept_positions"
-    onnx.checker.check_model(model, full_check=False) if model.ByteSize() < 2_000_000_000 else None
+    if model.ByteSize() < 2_000_000_000:  # the checker serializes the model: protobuf's limit
+        onnx.checker.check_model(model, full_check=False)
 
 
-def has_input(sess) -> bool:
-    """Whether an onnxruntime session's graph takes ``logits_to_keep`` (an input with a default)."""
-    return any(i.name == INPUT for i in sess.get_overridable_initializers())
+def _last_rows_agree(a, b, default: int, seed: int = 1) -> float:
+    """Largest |difference| between the original graph's (session ``a``) last ``default`` rows and
+    what the new graph (``b``) returns when not told, on a random 12-token prompt."""
+    from edgekd.export.fuse import random_probe
+    from edgekd.export.onnx import feeds_for
 
-
-def _last_rows_agree(src: Path, dst: Path, default: int, seed: int = 1) -> float:
-    """Largest |difference| between the original graph's last ``default`` rows and what the new graph
-    returns when not told, on a random 12-token prompt."""
-    from edgekd.export.onnx import feeds_for, session
-
-    a, b = session(src), session(dst)
-    first = next(i for i in a.get_inputs() if i.name.startswith("past_key_values."))
-    facts = {"num_kv_heads": first.shape[1], "head_dim": first.shape[3]}
-    vocab = a.get_outputs()[0].shape[-1]
-    ids = np.random.default_rng(seed).integers(0, vocab if isinstance(vocab, int) else 100, size=(1, 12), dtype=np.int64)
+    ids, facts = random_probe(a, seed)
     full = a.run(["logits"], feeds_for(a.get_inputs(), ids, None, facts))[0]
     kept = b.run(["logits"], feeds_for(b.get_inputs(), ids, None, facts))[0]
     want = full[:, -default:] if default else full
@@ -146,6 +138,7 @@ def _last_rows_agree(src: Path, dst: Path, default: int, seed: int = 1) -> float
 def logits_to_keep(src: Path, dst: Path, settings: LogitsToKeep, profile) -> dict:
     """Logits for the last ``default`` positions unless the input ``logits_to_keep`` asks for more."""
     from edgekd.export.fuse import agreement
+    from edgekd.export.onnx import session
 
     model = load_onnx(src)
     if any(i.name == INPUT for i in model.graph.input):
@@ -156,7 +149,8 @@ def logits_to_keep(src: Path, dst: Path, settings: LogitsToKeep, profile) -> dic
     if tensor:
         add_input(model, tensor, settings.default)
         save_onnx(model, dst, external=True)
-        diff = max(agreement(src, dst), _last_rows_agree(src, dst, settings.default))
+        a, b = session(src), session(dst)  # each graph opened once for both comparisons
+        diff = max(agreement(a, b), _last_rows_agree(a, b, settings.default))
         if diff > settings.tolerance:
             why = f"the graph with the input differs from the original by {diff:.2g} (> logits_to_keep.tolerance = {settings.tolerance})"
     if why:  # the graph goes on as it was
