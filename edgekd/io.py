@@ -59,6 +59,18 @@ def proc_kib_field(path: str, key: str) -> int | None:
     return None
 
 
+def cpuinfo_field(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line that starts with one of ``keys`` (lower case:
+    ``"model name"``, ``"flags"``), or None where there is no such file or line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith(keys):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def jsonl_lines(text: str) -> list[str]:
     """The lines of a JSON-lines text, split at ``\n`` only (JSON Lines' separator; ``\r\n`` too).
     ``str.splitlines`` would also split at U+2028, U+0085 and others, which JSON allows raw inside

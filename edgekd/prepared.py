@@ -28,26 +28,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgekd.errors import UsageError, first_line
+from edgekd.io import cpuinfo_field
 
 MODEL = "model.onnx"
 DONE = "prepared.json"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith(("flags", "features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def prepared_key(model_sha256: str, providers: Sequence[str]) -> str:
     """The cache subfolder's name: what the packed layout depends on."""
     import onnxruntime as ort
 
-    parts = [model_sha256, ort.__version__, platform.machine(), _cpu_flags(), ",".join(providers)]
+    parts = [model_sha256, ort.__version__, platform.machine(),
+             cpuinfo_field("flags", "features") or platform.processor(), ",".join(providers)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 

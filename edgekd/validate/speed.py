@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError, UsageError
-from edgekd.io import proc_kib_field
+from edgekd.io import cpuinfo_field, proc_kib_field
 
 PREFILL_TOKENS = 128  # the prompt length prefill is timed at (issue 5)
 DECODE_TOKENS = 64  # decode steps timed (batch 1, greedy, eos ignored)
@@ -284,16 +284,6 @@ def bench(bundle: Path, reference: str | None = None, max_new_tokens: int = DECO
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(threads: int | None, providers: list[str]) -> dict[str, Any]:
     """Where a figure was measured: versions, CPU, threads, provider (report.json's ``environment``)."""
     import onnxruntime
@@ -301,7 +291,7 @@ def environment(threads: int | None, providers: list[str]) -> dict[str, Any]:
     from edgekd import __version__
 
     env = {"edgekd": __version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-           "system": f"{platform.system()} {platform.release()}", "machine": platform.machine(), "cpu": _cpu_model(),
+           "system": f"{platform.system()} {platform.release()}", "machine": platform.machine(), "cpu": cpuinfo_field("model name", "hardware", "cpu model") or platform.processor() or platform.machine(),
            "cpu_count": os.cpu_count(), "threads": threads or "onnxruntime default (one per physical core)",
            "providers": providers}
     try:
