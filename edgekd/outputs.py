@@ -95,8 +95,12 @@ def check_writable(out: Path) -> None:
     probe = Path(out)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write into {probe} (read-only or no permission): choose a writable --out")
+    try:  # a file written and removed, not os.access: root passes that on a read-only mount, as in /sys
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".edgekd-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"cannot write into {probe} ({e.strerror or 'read-only or no permission'}): choose a writable --out") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,6 +47,11 @@ CORPUS = [
     "user assistant system hello world question answer summary list",
 ]
 VOCAB = 384
+
+
+def run_edgekd(*args, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, in a fresh process (slow: imports torch each time); text output captured."""
+    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def build_tokenizer():

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_model, save_model, tiny_llama_config
 
 from edgekd.distill import calibrate as cal
 from edgekd.errors import UsageError
-from tests.conftest import build_model, save_model, tiny_llama_config
 
 
 def leaning_scores(n: int = 2000, lean: float = 1.5, seed: int = 0):

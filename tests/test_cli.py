@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import requires_smollm2
 
 from edgekd import __version__
-from tests.conftest import requires_smollm2
 
 
 def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import requires_smollm2
 from typer.testing import CliRunner
 
 from edgekd.cli import app
 from edgekd.models import load_model
-from tests.conftest import requires_smollm2
 
 
 @requires_smollm2

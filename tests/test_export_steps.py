@@ -605,10 +605,10 @@ def test_a_gpt2_exports_for_cpu_with_its_gemms_quantized_and_its_embedding_share
     import json
 
     import torch
+    from conftest import VOCAB, save_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from edgekd.export import export_bundle
-    from tests.conftest import VOCAB, save_model
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2))

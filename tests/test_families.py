@@ -15,8 +15,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import VOCAB, build_tokenizer, genai_greedy, save_model
+from conftest import VOCAB, build_tokenizer, genai_greedy, save_model
 
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import requires_smollm2
 
 from edgekd.errors import UsageError
 from edgekd.models import describe, load_model, resolve_source
-from tests.conftest import requires_smollm2
 
 
 def test_folder_loads_with_pad_and_chat_template(tiny_teacher_dir):
@@ -121,8 +121,7 @@ def test_hub_id_from_local_cache(monkeypatch, tmp_path, tiny_teacher_dir):
 def _write_tiny_gguf(path: Path, tokenizer, config) -> None:
     """A real GGUF file (f32 tensors, llama names, gpt2-style BPE tokenizer) written by `gguf`."""
     import gguf
-
-    from tests.conftest import build_model
+    from conftest import build_model
 
     model = build_model(config)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -175,8 +174,9 @@ def _write_tiny_gguf(path: Path, tokenizer, config) -> None:
 
 
 def test_gguf_file_loads_and_matches(tmp_path, tokenizer, monkeypatch):
+    from conftest import tiny_llama_config
+
     from edgekd.models import _load_kwargs
-    from tests.conftest import tiny_llama_config
 
     monkeypatch.setenv("EDGEKD_CACHE", str(tmp_path / "cache"))
     config = tiny_llama_config(layers=2)

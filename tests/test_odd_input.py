@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_edgekd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_reliability import _one_clear_line
+from test_runtime import shared_fp32_bundle
 
 from edgekd.errors import UsageError
-from tests.test_reliability import _one_clear_line, _run
-from tests.test_runtime import shared_fp32_bundle
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_overwrite_never_replaces_a_folder_whose_edgekd_file_names_are_not_edgek
     (webapp / "index.html").write_text("<html></html>")
     (webapp / "app.js").write_text("main()")
     before = _tree(webapp)
-    _one_clear_line(_run("export", tiny_teacher_dir, "--target", "cpu", "--out", webapp, "--overwrite"), 2, "not written by edgekd")
+    _one_clear_line(run_edgekd("export", tiny_teacher_dir, "--target", "cpu", "--out", webapp, "--overwrite"), 2, "not written by edgekd")
     assert _tree(webapp) == before
 
     from edgekd.outputs import check_output_dir, edgekd_output
@@ -77,13 +78,13 @@ def test_validate_never_replaces_a_users_folder_holding_a_report_json(bundle, tm
     (proj / "report.json").write_text('{"passed": true, "bundles": []}')
     (proj / "src" / "main.py").write_text("print('mine')")
     before = _tree(proj)
-    _one_clear_line(_run("validate", bundle, "--out", proj, "--no-speed", "--num-prompts", "1", "--answer-tokens", "2"), 2,
+    _one_clear_line(run_edgekd("validate", bundle, "--out", proj, "--no-speed", "--num-prompts", "1", "--answer-tokens", "2"), 2,
                     "holds no earlier report of edgekd's")
     assert _tree(proj) == before
     # an edgekd report is replaced whole, in one rename, and carries its marker
     out = tmp_path / "report"
     for _ in range(2):
-        r = _run("validate", bundle, "--out", out, "--no-speed", "--num-prompts", "1", "--answer-tokens", "2")
+        r = run_edgekd("validate", bundle, "--out", out, "--no-speed", "--num-prompts", "1", "--answer-tokens", "2")
         assert r.returncode in (0, 1), r.stderr
         assert json.loads((out / "report.json").read_text())["format"] == "edgekd-report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["proj", "report"]  # no temporaries left
@@ -104,7 +105,7 @@ def test_distill_overwrite_refuses_a_folder_that_only_has_a_distill_toml(tmp_pat
     (folder / "checkpoints" / "mine.txt").write_text("keep")
     (folder / "distill.toml").write_text("lr = 1e-4\n")  # the user's own config, not a run of edgekd's
     assert not StudentRun(folder).is_ours()
-    r = _run("distill", "--out", folder, "--overwrite", "--max-steps", "1", "--teacher", tmp_path / "none")
+    r = run_edgekd("distill", "--out", folder, "--overwrite", "--max-steps", "1", "--teacher", tmp_path / "none")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert (folder / "checkpoints" / "mine.txt").read_text() == "keep"
 
@@ -115,7 +116,7 @@ def test_distill_overwrite_refuses_a_folder_that_only_has_a_distill_toml(tmp_pat
 @pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--temperature", "nan"),
                                          ("--gen-temperature", "nan"), ("--label-loss", "nan"), ("--alpha", "-inf")])
 def test_non_finite_flags_are_refused_naming_the_flag(tmp_path, flag, value):
-    _one_clear_line(_run("distill", "--out", tmp_path / "o", flag, value), 2, flag)
+    _one_clear_line(run_edgekd("distill", "--out", tmp_path / "o", flag, value), 2, flag)
     assert not (tmp_path / "o").exists()
 
 
@@ -141,7 +142,7 @@ def test_non_finite_numbers_in_files_are_refused_naming_the_key(tmp_path):
 
 
 def test_a_negative_count_is_a_usage_error_not_a_bug(tiny_teacher_dir, tmp_path):
-    _one_clear_line(_run("export", tiny_teacher_dir, "--target", "cpu", "--out", tmp_path / "o", "--golden-prompts", "-1"), 2,
+    _one_clear_line(run_edgekd("export", tiny_teacher_dir, "--target", "cpu", "--out", tmp_path / "o", "--golden-prompts", "-1"), 2,
                     "--golden-prompts -1")
 
 
@@ -161,7 +162,7 @@ def test_written_json_holds_no_nan(tmp_path):
     (["-n", "2", "--threads", "-1"], "--threads"),
 ])
 def test_generate_refuses_bad_sampling_in_one_line(bundle, args, words):
-    _one_clear_line(_run("generate", bundle, "hi", *args), 2, words)
+    _one_clear_line(run_edgekd("generate", bundle, "hi", *args), 2, words)
 
 
 # --- JSON lines and bounded JSON ----------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_manifest_numbers_are_type_and_range_checked(bundle, tmp_path, edit, wor
     copy = tmp_path / "c"
     shutil.copytree(bundle, copy)
     change(copy)
-    _one_clear_line(_run("generate", copy, "hi", "-n", "2"), 2, words)
+    _one_clear_line(run_edgekd("generate", copy, "hi", "-n", "2"), 2, words)
 
 
 @pytest.mark.parametrize("edit", [
@@ -235,7 +236,7 @@ def test_a_damaged_golden_is_one_line(bundle, tmp_path, edit):
 
     if not (bundle / "golden.json").is_file():
         pytest.skip("the fp32 test bundle has no golden reference")
-    r = _run("check", _resigned(bundle, tmp_path, change), "--no-speed")  # progress lines, then one error line, last
+    r = run_edgekd("check", _resigned(bundle, tmp_path, change), "--no-speed")  # progress lines, then one error line, last
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "golden.json" in r.stderr.strip().splitlines()[-1]
 
@@ -245,12 +246,12 @@ def test_a_damaged_golden_is_one_line(bundle, tmp_path, edit):
 
 def test_markup_and_newlines_in_user_text_print_as_they_are(tmp_path):
     weird = tmp_path / "[bold]x[/dim][red]"
-    _one_clear_line(_run("export", weird, "--target", "cpu", "--out", tmp_path / "o"), 2, "[bold]x[/dim][red]")
-    r = _run("export", tmp_path / "a\nb", "--target", "cpu", "--out", tmp_path / "o")
+    _one_clear_line(run_edgekd("export", weird, "--target", "cpu", "--out", tmp_path / "o"), 2, "[bold]x[/dim][red]")
+    r = run_edgekd("export", tmp_path / "a\nb", "--target", "cpu", "--out", tmp_path / "o")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "a\\nb" in r.stderr
-    r = _run("run", "--help")
+    r = run_edgekd("run", "--help")
     assert "[distill]" in r.stdout and "[[export]]" in r.stdout
-    r = _run("export", "--bogus")
+    r = run_edgekd("export", "--bogus")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--bogus" in r.stderr
 
 
@@ -364,7 +365,7 @@ def test_sweep_removes_only_marked_folders_of_dead_processes(tmp_path):
 
 
 def test_check_json_into_a_folder_is_refused_before_the_check(bundle, tmp_path):
-    _one_clear_line(_run("check", bundle, "--json", tmp_path, "--no-speed"), 2, "is a folder")
+    _one_clear_line(run_edgekd("check", bundle, "--json", tmp_path, "--no-speed"), 2, "is a folder")
 
 
 # --- bounded work ----------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def test_a_pipeline_plan_is_checked_whole_before_any_work(tmp_path, text, words)
     model = tmp_path / "m"
     model.mkdir()
     (tmp_path / "p.toml").write_text(text.format(model=model.as_posix()))
-    r = subprocess.run([sys.executable, "-m", "edgekd", "run", "p.toml"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    r = run_edgekd("run", "p.toml", cwd=tmp_path, timeout=120)
     _one_clear_line(r, 2, words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "p.toml"]
 
@@ -483,5 +484,5 @@ def test_a_torn_metrics_line_does_not_stop_a_resume(tmp_path):
 def test_a_bracketed_bundle_path_in_progress_lines_is_text(bundle, tmp_path):
     weird = tmp_path / "b[/x][bold]"
     shutil.copytree(bundle, weird)
-    r = _run("check", weird, "--no-speed", "--num-prompts", "1")
+    r = run_edgekd("check", weird, "--no-speed", "--num-prompts", "1")
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import build_model, save_model, tiny_llama_config
 
 from edgekd.distill.students import build_student, evenly_spaced, parse_layers
 from edgekd.errors import UsageError
 from edgekd.models import load_model
-from tests.conftest import build_model, save_model, tiny_llama_config
 
 
 def test_evenly_spaced_keeps_first_and_last():

