@@ -6,6 +6,8 @@ lives here.
 
 from __future__ import annotations
 
+from inspect import Parameter, Signature, signature
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -135,63 +137,28 @@ def inspect(
     console.print(table)
 
 
-def _opt(name: str, *flags: str, **kw):
-    """A `distill` option whose help text is the DistillConfig field's (said once, in config.py)."""
-    from edgekd.distill.config import help_of
+def with_distill_flags(fn: Callable) -> Callable:
+    """Give ``fn`` (which takes ``**flags``) one option per DistillConfig setting: its flags, type
+    and help come from the field (config.py), so a new setting is written there once."""
+    from edgekd.distill.config import flag_fields, help_of
 
-    return typer.Option(*flags, help=help_of(name), show_default=False, **kw)
+    def option(name: str, kind: type, flags: tuple[str, ...]) -> Parameter:
+        info = typer.Option(*flags, help=help_of(name), show_default=False, metavar="" if kind is bool else None)
+        return Parameter(name, Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], info])
+
+    own = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in signature(fn, eval_str=True).parameters.values()
+           if p.kind is not Parameter.VAR_KEYWORD]
+    fn.__signature__ = Signature([*(option(*f) for f in flag_fields()), *own])  # type: ignore[attr-defined]
+    return fn
 
 
 @command("distill")
+@with_distill_flags
 def distill(
-    out: Annotated[Optional[str], _opt("out", "--out", "-o")] = None,
-    teacher: Annotated[Optional[str], _opt("teacher", "--teacher")] = None,
-    task: Annotated[Optional[str], _opt("task", "--task")] = None,
-    student: Annotated[Optional[str], _opt("student", "--student")] = None,
-    data: Annotated[Optional[list[str]], _opt("data", "--data")] = None,
-    prompts: Annotated[Optional[str], _opt("prompts", "--prompts")] = None,
-    heldout: Annotated[Optional[str], _opt("heldout", "--heldout")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A TOML file of settings (the same names as the flags, with _); flags override it.")] = None,
-    loss: Annotated[Optional[str], _opt("loss", "--loss")] = None,
-    alpha: Annotated[Optional[float], _opt("alpha", "--alpha")] = None,
-    temperature: Annotated[Optional[float], _opt("temperature", "--temperature")] = None,
-    beta: Annotated[Optional[float], _opt("beta", "--beta")] = None,
-    skew: Annotated[Optional[float], _opt("skew", "--skew")] = None,
-    balance_labels: Annotated[Optional[bool], _opt("balance_labels", "--balance-labels/--no-balance-labels", metavar="")] = None,
-    calibrate: Annotated[Optional[str], _opt("calibrate", "--calibrate")] = None,
-    calibration_data: Annotated[Optional[str], _opt("calibration_data", "--calibration-data")] = None,
-    calibration_records: Annotated[Optional[int], _opt("calibration_records", "--calibration-records")] = None,
-    label_loss: Annotated[Optional[float], _opt("label_loss", "--label-loss")] = None,
-    label_hard: Annotated[Optional[bool], _opt("label_hard", "--label-hard/--label-soft", metavar="")] = None,
-    hidden_loss: Annotated[Optional[float], _opt("hidden_loss", "--hidden-loss")] = None,
-    on_policy: Annotated[Optional[float], _opt("on_policy", "--on-policy")] = None,
-    train_on_prompt: Annotated[Optional[bool], _opt("train_on_prompt", "--train-on-prompt/--no-train-on-prompt", metavar="")] = None,
-    epochs: Annotated[Optional[int], _opt("epochs", "--epochs")] = None,
-    max_steps: Annotated[Optional[int], _opt("max_steps", "--max-steps")] = None,
-    lr: Annotated[Optional[float], _opt("lr", "--lr")] = None,
-    batch_size: Annotated[Optional[int], _opt("batch_size", "--batch-size")] = None,
-    grad_accum: Annotated[Optional[int], _opt("grad_accum", "--grad-accum")] = None,
-    max_length: Annotated[Optional[int], _opt("max_length", "--max-length")] = None,
-    max_prompts: Annotated[Optional[int], _opt("max_prompts", "--max-prompts")] = None,
-    max_heldout: Annotated[Optional[int], _opt("max_heldout", "--max-heldout")] = None,
-    max_new_tokens: Annotated[Optional[int], _opt("max_new_tokens", "--max-new-tokens")] = None,
-    gen_temperature: Annotated[Optional[float], _opt("gen_temperature", "--gen-temperature")] = None,
-    cache_teacher: Annotated[Optional[bool], _opt("cache_teacher", "--cache-teacher/--no-cache-teacher", metavar="")] = None,
-    top_k: Annotated[Optional[int], _opt("top_k", "--top-k")] = None,
-    chunk_size: Annotated[Optional[int], _opt("chunk_size", "--chunk-size")] = None,
-    qat_bits: Annotated[Optional[int], _opt("qat_bits", "--qat-bits")] = None,
-    qat_block_size: Annotated[Optional[int], _opt("qat_block_size", "--qat-block-size")] = None,
-    qat_head_bits: Annotated[Optional[int], _opt("qat_head_bits", "--qat-head-bits")] = None,
-    eval_every: Annotated[Optional[int], _opt("eval_every", "--eval-every")] = None,
-    checkpoint_every: Annotated[Optional[int], _opt("checkpoint_every", "--checkpoint-every")] = None,
-    seed: Annotated[Optional[int], _opt("seed", "--seed")] = None,
-    teacher_dtype: Annotated[Optional[str], _opt("teacher_dtype", "--teacher-dtype")] = None,
-    student_dtype: Annotated[Optional[str], _opt("student_dtype", "--student-dtype")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt("gradient_checkpointing", "--gradient-checkpointing", metavar="")] = None,
-    trust_remote_code: Annotated[Optional[bool], _opt("trust_remote_code", "--trust-remote-code", metavar="")] = None,
-    allow_pickle: Annotated[Optional[bool], _opt("allow_pickle", "--allow-pickle", metavar="")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last complete checkpoint.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier distill run in --out (its data/ and cache/ are reused when they match).", metavar="")] = False,
+    **flags,
 ) -> None:
     """Distill a small student from a teacher: the teacher answers prompts (or you give data), the
     student learns its token distributions, and --out gets a Hugging Face folder + distill.json.
@@ -202,12 +169,12 @@ def distill(
     TOML: gen_top_p, gen_batch_size, weight_decay, warmup, min_lr_ratio,
     max_grad_norm, keep_checkpoints.
     """
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "overwrite")}
     from edgekd.distill.config_io import resolve
     from edgekd.distill.trainer import distill as run_distill
 
-    if flags["data"] is not None:
+    if flags.get("data") is not None:
         flags["data"] = tuple(flags["data"])
+    out = flags.get("out")
     resume_from = Path(out) if resume and out else None
     cfg = resolve(config, flags, resume_from=resume_from)
     result = run_distill(cfg, resume=resume, overwrite=overwrite, console=err_console)

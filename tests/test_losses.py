@@ -291,3 +291,43 @@ def test_matched_layers_pair_each_student_layer_with_the_depth_it_stands_for():
 
     assert matched_layers([0, 1, 8, 29]) == ((1, 2, 3), (1, 8, 29))
     assert matched_layers([5]) == ((), ())
+
+
+def test_label_margin_error_matches_the_teachers_score_as_a_number():
+    """Zero where the student's label score margin equals the teacher's, the squared error of the
+    margin otherwise (two labels), a sure case weighed by how sure; a label missing from the teacher's
+    top-k is clipped, and a position naming no label carries no term."""
+    from edgekd.distill.losses import label_margin_error
+
+    groups = ((2, 3), (5,))
+    s = torch.log_softmax(torch.randn(4, 10), -1)
+    s_score = torch.logsumexp(s[:, [2, 3]], -1) - s[:, 5]
+    t_group = torch.stack([torch.zeros(4), -s_score], -1)  # the teacher's margin is the student's
+    t_group = torch.log_softmax(t_group, -1)
+    assert torch.allclose(label_margin_error(s, t_group, groups), torch.zeros(4), atol=1e-5)
+    shifted = torch.log_softmax(torch.stack([torch.zeros(4), -(s_score + 1.5)], -1), -1)  # margin 1.5 nats larger
+    assert torch.allclose(label_margin_error(s, shifted, groups), torch.full((4,), 2.25), atol=1e-4)
+    missing = torch.tensor([[0.0, -60.0]] * 4)  # a label outside the top-k: the margin clipped at 10 nats
+    assert torch.allclose(label_margin_error(s, missing, groups), (s_score - 10.0).pow(2), atol=1e-4)
+    none = torch.full((4, 2), -9.0)  # the labels' mass under 0.1
+    assert (label_margin_error(s, none, groups) == 0).all()
+
+
+def test_label_margin_rides_beside_the_decision_term():
+    torch.manual_seed(5)
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(8, 4, requires_grad=True)
+    t_logp = torch.log_softmax(torch.randn(6, 8) * 3, -1)
+    labels = torch.zeros(6, dtype=torch.long)
+    targets = TeacherTargets(topk_logp=t_logp, topk_idx=torch.arange(8).expand(6, 8).to(torch.int32))
+    groups = ((1,), (2,))
+    base, _ = fused_head_loss(hidden, weight, labels, targets, LossSpec(label_groups=groups), 3)
+    with_margin, _ = fused_head_loss(hidden, weight, labels, targets, LossSpec(label_groups=groups, label_margin=2.0), 3)
+    from edgekd.distill.losses import label_margin_error
+
+    s_logp = torch.log_softmax(hidden.detach() @ weight.detach().T, -1)
+    t_group = t_logp[:, [1, 2]]
+    expected = 2.0 * label_margin_error(s_logp, t_group, groups).sum()
+    assert with_margin.item() - base.item() == pytest.approx(expected.item(), rel=1e-4)
+    with_margin.backward()
+    assert torch.isfinite(hidden.grad).all()

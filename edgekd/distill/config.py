@@ -1,8 +1,10 @@
 """``DistillConfig``: every setting of ``edgekd distill``, its default, the reason for it, and its help.
 
 Filled the same way from a TOML file, CLI flags (which override the file) or Python, through
-``edgekd.config.from_mapping``. Each field's ``help`` metadata is what ``edgekd distill --help``
-shows, so a setting is described once, here.
+``edgekd.config.from_mapping``. Each field is also a flag of ``edgekd distill`` (``flag_fields``:
+``--name-with-dashes``, a switch ``--name/--no-name``, unless the field names its own flags), its
+``help`` metadata what ``--help`` shows: a new setting is written once, here (CONFIG_ONLY: the few
+read only from a TOML).
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ Calibrate = Literal["auto", "off", "prior", "labels"]
 DType = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-def _f(default, help: str, **kw):
+def _f(default, help: str, flags: tuple[str, ...] = ()):
+    """A setting: its default, its help (``edgekd distill --help``) and, where they are not the
+    field's name (``--name-with-dashes``, ``--name/--no-name`` for a switch), its CLI flags."""
+    meta = {"help": help, "flags": flags}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda: tuple(default), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
     # --- what to distill -----------------------------------------------------------------
-    out: str = _f("", "Output folder: the student (Hugging Face format), distill.json, metrics, checkpoints.")
+    out: str = _f("", "Output folder: the student (Hugging Face format), distill.json, metrics, checkpoints.", flags=("--out", "-o"))
     teacher: str = _f("smollm2-135m-instruct", "Teacher: a known name, a Hugging Face folder, a .gguf file or a cached hub id.")
     task: str = _f("", "A task to distill for: a shipped one (sentiment, summary, grammar; see `edgekd tasks`) or a task folder. Its train/held-out prompts are the data and its task.toml's [distill] table the defaults; flags still override.")
     # The 21 of SmolLM2's 30 layers of highest block influence on the run's own data (ShortGPT): a
@@ -67,7 +72,8 @@ class DistillConfig:
     calibration_data: str = _f("", "A .jsonl of {\"prompt\", \"label\"} records (a few hundred at most, never your evaluation set) that the calibration is fit on.")
     calibration_records: int = _f(320, "At most this many records the calibration is fit on (the teacher answers each once, greedily).")
     label_loss: float = _f(0.0, "Labelled tasks: weight of an extra KL on the teacher's choice among the task's labels, renormalised over them, at the positions where it names one (0 = off).")
-    label_hard: bool = _f(False, "With --label-loss: cross-entropy on the label the teacher picks (its greedy decision) instead of the KL on its label probabilities: a near-tie is taught as the decision the teacher makes.")
+    label_hard: bool = _f(False, "With --label-loss: cross-entropy on the label the teacher picks (its greedy decision) instead of the KL on its label probabilities: a near-tie is taught as the decision the teacher makes.", flags=("--label-hard/--label-soft",))
+    label_margin: float = _f(0.0, "Labelled tasks: weight of a squared error between the student's and the (calibrated) teacher's label score margins, log P(label i) - log P(label j), where the teacher names a label: the teacher's order of the inputs taught as numbers (logit matching), beside --label-loss's decision (0 = off).")
     # Off by default: it needs the teacher in the loop (no top-k cache), a cost when epochs > 1.
     hidden_loss: float = _f(0.0, "Weight of intermediate-state KD (Minitron): each layer of a pruned student is pulled toward the teacher's residual stream at the depth it stands for (normalised squared error). Runs the teacher in the loop instead of the top-k cache (0 = off).")
     # Off by default: each on-policy step costs a student generation and a teacher pass in the loop.
@@ -107,9 +113,9 @@ class DistillConfig:
     # --- devices -------------------------------------------------------------------------
     teacher_dtype: DType = _f("auto", "Teacher weights: auto = fp32 on CPU, bf16 on CUDA.")
     student_dtype: DType = _f("auto", "Student compute: auto = fp32 on CPU, bf16 autocast over fp32 master weights on CUDA.")
-    gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory (GPU, long sequences).")
-    trust_remote_code: bool = _f(False, "Run model code shipped in a model folder (off: it can run anything).")
-    allow_pickle: bool = _f(False, "Load pickle-only *.bin weights (off: unpickling can run code).")
+    gradient_checkpointing: bool = _f(False, "Recompute student activations in backward to save memory (GPU, long sequences).", flags=("--gradient-checkpointing",))
+    trust_remote_code: bool = _f(False, "Run model code shipped in a model folder (off: it can run anything).", flags=("--trust-remote-code",))
+    allow_pickle: bool = _f(False, "Load pickle-only *.bin weights (off: unpickling can run code).", flags=("--allow-pickle",))
 
     def __post_init__(self):
         positive = ["epochs", "batch_size", "grad_accum", "top_k", "chunk_size", "max_length", "max_new_tokens",
@@ -118,7 +124,7 @@ class DistillConfig:
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in ["max_steps", "max_prompts", "max_heldout", "eval_every", "checkpoint_every", "weight_decay",
-                     "max_grad_norm", "gen_temperature", "label_loss", "hidden_loss", "calibration_records"]:
+                     "max_grad_norm", "gen_temperature", "label_loss", "label_margin", "hidden_loss", "calibration_records"]:
             if getattr(self, name) < 0:
                 raise UsageError(f"{name} = {getattr(self, name)} must not be negative")
         if self.temperature <= 0:
@@ -145,6 +151,25 @@ class DistillConfig:
 # documented on its field above. Every other field is a `edgekd distill` flag (tests/test_cli.py).
 CONFIG_ONLY = ("gen_top_p", "gen_batch_size", "weight_decay", "warmup", "min_lr_ratio",
                "max_grad_norm", "keep_checkpoints")
+
+
+def flag_fields() -> list[tuple[str, type, tuple[str, ...]]]:
+    """``(name, type, flags)`` of every setting that is an ``edgekd distill`` flag, in the order
+    they are declared: the type as the CLI reads it (a choice as text, a list as repeated flags)."""
+    import typing
+
+    hints = typing.get_type_hints(DistillConfig)
+    out = []
+    for f in dataclasses.fields(DistillConfig):
+        if f.name in CONFIG_ONLY:
+            continue
+        kind = hints[f.name]
+        origin = typing.get_origin(kind)
+        kind = list[str] if origin is tuple else str if origin is Literal else kind
+        dashed = "--" + f.name.replace("_", "-")
+        flags = f.metadata["flags"] or ((f"{dashed}/--no-{dashed[2:]}",) if kind is bool else (dashed,))
+        out.append((f.name, kind, flags))
+    return out
 
 
 def help_of(name: str) -> str:

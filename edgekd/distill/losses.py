@@ -166,6 +166,7 @@ class LossSpec:
     label_groups: tuple[tuple[int, ...], ...] = ()
     label_weight: float = 0.0
     label_hard: bool = False  # the label term as cross-entropy on the teacher's chosen label
+    label_margin: float = 0.0  # weight of ``label_margin_error``: the teacher's label scores matched as numbers
     hidden_weight: float = 0.0  # weight of ``hidden_state_loss`` (teacher states in ``TeacherTargets.states``)
 
     def __post_init__(self):
@@ -249,6 +250,33 @@ def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: 
     return out.index_put((rows,), (t_bin.exp() * (t_bin - s_bin)).sum(-1))
 
 
+def label_margin_error(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],
+                       min_mass: float = 0.1, clip: float = 10.0) -> torch.Tensor:
+    """Squared error between the student's and the teacher's label score margins, per position.
+
+    The score margin of labels i and j is log P(i) - log P(j) (each label's surface forms summed):
+    for two labels the teacher's score s = logit(" positive") - logit(" negative") that ranks the
+    inputs. ``(c, V), (c, G) -> (c,)``: the mean over label pairs of (margin_student - margin_teacher)^2,
+    the teacher's margin clipped to +-``clip`` nats (a label its cached top-k misses), zero where the
+    teacher puts less than ``min_mass`` on the labels. Logit matching (Ba & Caruana 2014) at the one
+    position where the decision is made: a near-tie is taught as a near-tie and a clear case as a clear
+    one, so the student learns the teacher's order of the inputs, which a hard label (every case as
+    sure as any other) does not carry and a softmax KL carries only weakly where the teacher is sure.
+    """
+    t_group = t_group_logp.clamp_min(-50.0)
+    named = t_group.exp().sum(-1) >= min_mass
+    out = s_logp.new_zeros(s_logp.shape[0])
+    if not bool(named.any()) or len(groups) < 2:
+        return out
+    rows = named.nonzero().squeeze(1)
+    s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
+    t_rows = t_group[rows]
+    s_pair = s_group[:, :, None] - s_group[:, None, :]
+    t_pair = (t_rows[:, :, None] - t_rows[:, None, :]).clamp(-clip, clip)
+    n_pairs = len(groups) * (len(groups) - 1)  # ordered pairs: each unordered one counted twice, as in the sum
+    return out.index_put((rows,), (s_pair - t_pair).pow(2).sum((-1, -2)) / n_pairs)
+
+
 def _teacher_group_logp(kind: str, t_val: torch.Tensor, t_idx: torch.Tensor | None, groups) -> torch.Tensor:
     """``(c, G)`` the teacher's log-prob of each label group (-inf where a cached top-k misses it)."""
     if kind == "full":
@@ -280,10 +308,13 @@ def chunk_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher, spec
         else:
             s_logp, t_logp = topk_support(s_logp, t_val, t_idx)
             t_top1 = t_idx[:, 0]
-        if spec.label_weight > 0 and spec.label_groups:
+        if (spec.label_weight > 0 or spec.label_margin > 0) and spec.label_groups:
             t_group = _teacher_group_logp(kind, t_val / T if kind == "full" else t_val, t_idx, spec.label_groups)
             full_s = F.log_softmax(student_logits / T, -1)
-            total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups, hard=spec.label_hard).sum()
+            if spec.label_weight > 0:
+                total = total + spec.label_weight * T * T * label_decision_kl(full_s, t_group, spec.label_groups, hard=spec.label_hard).sum()
+            if spec.label_margin > 0:
+                total = total + spec.label_margin * T * T * label_margin_error(full_s, t_group, spec.label_groups).sum()
         div = get_divergence(spec.loss)(s_logp, t_logp, **dict(spec.params))
         total = total + spec.alpha * T * T * div.sum()
     elif kind == "none":

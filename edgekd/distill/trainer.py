@@ -216,9 +216,11 @@ class Trainer:
     # ---- teacher targets: top-k log-probs per loss position, kept from its answers or computed once
     def prepare_targets(self) -> None:
         cfg = self.cfg
-        groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels) if cfg.label_loss and cfg.task else ()
+        labelled = (cfg.label_loss or cfg.label_margin) and cfg.task
+        groups = helpers.label_token_groups(self.tok, answers.task_of(cfg).labels) if labelled else ()
         self.spec = LossSpec(cfg.loss, cfg.alpha, cfg.temperature, hyperparameters(cfg.loss, cfg), vocab=self.student.vocab,
-                             label_groups=groups, label_weight=cfg.label_loss if groups else 0.0, label_hard=cfg.label_hard, hidden_weight=cfg.hidden_loss)
+                             label_groups=groups, label_weight=cfg.label_loss if groups else 0.0, label_hard=cfg.label_hard,
+                             label_margin=cfg.label_margin if groups else 0.0, hidden_weight=cfg.hidden_loss)
         self.cached = None
         if cfg.cache_teacher and not cfg.hidden_loss:  # intermediate states are not cached: the teacher runs in the loop
             t0 = time.time()
