@@ -78,6 +78,33 @@ def read_versioned_json(path: Path, fmt: str, version: int, what: str, fix: str 
 
 
 @dataclasses.dataclass(frozen=True)
+class QatGrid:
+    """The grid a quantization-aware student was trained on (``edgekd distill --qat-bits``): distill
+    writes it to distill.json (``student.quantization_aware``), export reads it, asks each step
+    whether it stores the weights on it, and records the answer in the manifest
+    (``source.quantization_aware.reproduced_by_recipe``)."""
+
+    bits: int  # of the linear layers' grid (4 or 8)
+    block_size: int
+    head_bits: int = 0  # the tied head and embedding's int grid (0: not trained on one)
+    grid: str = ""  # which grid, in words (edgekd.quant.GRID)
+    linear_layers: int = 0  # how many layers trained on it
+    reproduced_by_recipe: bool | None = None  # export's answer; None before export
+
+    @classmethod
+    def from_table(cls, table: Any, where: str) -> QatGrid | None:
+        """The grid from its JSON table (None for none); a malformed one is refused, naming ``where``."""
+        if not table:
+            return None
+        if not isinstance(table, dict) or not all(isinstance(table.get(k), int) for k in ("bits", "block_size")):
+            raise UsageError(f"{where}: quantization_aware must be a table with integer bits and block_size; re-run the command that wrote it")
+        return cls(**{f.name: table[f.name] for f in dataclasses.fields(cls) if f.name in table})
+
+    def table(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     """The manifest's ``source`` table: the model the bundle was exported from."""
 
@@ -87,7 +114,7 @@ class Source:
     teacher: str | None = None  # what it was distilled from (itself when not distilled)
     heldout: str | None = None  # the distillation's held-out split, or None
     task: dict[str, Any] | None = None  # the task it was distilled for (edgekd.tasks.Task.record)
-    quantization_aware: dict[str, Any] | None = None  # the --qat-bits grid it was trained on
+    quantization_aware: QatGrid | None = None  # the --qat-bits grid it was trained on
 
 
 class Manifest:
@@ -100,7 +127,9 @@ class Manifest:
     @property
     def source(self) -> Source:
         table = self.data.get("source") or {}
-        return Source(**{f.name: table.get(f.name) for f in dataclasses.fields(Source)})
+        fields: dict[str, Any] = {f.name: table.get(f.name) for f in dataclasses.fields(Source)}
+        fields["quantization_aware"] = QatGrid.from_table(fields["quantization_aware"], "manifest.json source")
+        return Source(**fields)
 
     @property
     def target(self) -> dict[str, Any]:

@@ -6,8 +6,8 @@ lives here.
 
 from __future__ import annotations
 
-from inspect import Parameter, Signature, signature
 from collections.abc import Callable
+from inspect import Parameter, Signature, signature
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -152,12 +152,13 @@ def test_the_cpu_profile_keeps_an_int4_head_on_its_grid():
     recipe reproduces the student; with keep_grid off it would re-round the head to int8."""
     import dataclasses
 
+    from edgekd.bundle import QatGrid
     from edgekd.export import reproduces_qat_grid
     from edgekd.export.profile import load_target
 
     cpu = load_target("cpu")
     for head_bits in (8, 4):
-        assert reproduces_qat_grid(cpu, {"bits": 4, "block_size": 32, "head_bits": head_bits})
+        assert reproduces_qat_grid(cpu, QatGrid(4, 32, head_bits))
     off = cpu.with_settings(quantize_head_embedding=dataclasses.replace(cpu.settings["quantize_head_embedding"], keep_grid=False))
-    assert not reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 4})
-    assert reproduces_qat_grid(off, {"bits": 4, "block_size": 32, "head_bits": 8})
+    assert not reproduces_qat_grid(off, QatGrid(4, 32, 4))
+    assert reproduces_qat_grid(off, QatGrid(4, 32, 8))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from edgekd.bundle import QatGrid
 from edgekd.distill.run import StudentRun
 from edgekd.errors import UsageError
 
@@ -29,7 +30,7 @@ def test_a_run_is_ours_then_stopped_then_complete(tmp_path):
     result = run.result()
     assert result is not None and not run.stopped_midway()
     assert result.teacher == "smollm2-135m-instruct" and result.heldout == (tmp_path / "data" / "heldout.jsonl").resolve()
-    assert result.quantization_aware == {"bits": 4, "block_size": 32} and result.task == {"name": "sentiment"}
+    assert result.quantization_aware == QatGrid(bits=4, block_size=32) and result.task == {"name": "sentiment"}
     run.result_json.write_text(json.dumps({"teacher": "t"}))  # an older run without the optional parts
     result = run.result()
     assert result is not None and result.heldout is None and result.task is None and result.quantization_aware is None
@@ -40,3 +41,12 @@ def test_a_damaged_distill_json_is_one_line(tmp_path, text, says):
     (tmp_path / "distill.json").write_text(text)
     with pytest.raises(UsageError, match=says):
         StudentRun(tmp_path).result()
+
+
+def test_a_malformed_qat_grid_is_refused_naming_its_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "distill.toml").write_text('out = "run"\n')
+    (run / "distill.json").write_text(json.dumps({"student": {"quantization_aware": {"bits": "four", "block_size": 32}}}))
+    with pytest.raises(UsageError, match="distill.json: quantization_aware must be a table"):
+        StudentRun(run).result()

@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edgekd.bundle import QatGrid
 from edgekd.errors import UsageError
 
 CONFIG_TOML = "distill.toml"
@@ -33,7 +34,7 @@ class RunResult:
     teacher: str | None  # the teacher's spec
     heldout: Path | None  # the held-out split (absolute), what validate compares on
     task: dict[str, Any] | None  # the task's record (edgekd.tasks.Task.record), or None
-    quantization_aware: dict[str, Any] | None  # the --qat-bits grid the student was trained on
+    quantization_aware: QatGrid | None  # the --qat-bits grid the student was trained on
     data: dict[str, Any]  # the whole file, for what has no field of its own
 
 
@@ -106,6 +107,6 @@ class StudentRun:
             teacher=data.get("teacher"),
             heldout=(self.folder / held).resolve() if held else None,
             task=data.get("task") or None,
-            quantization_aware=(data.get("student") or {}).get("quantization_aware") or None,
+            quantization_aware=QatGrid.from_table((data.get("student") or {}).get("quantization_aware"), str(self.result_json)),
             data=data,
         )

@@ -29,6 +29,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from edgekd import __version__
+from edgekd.bundle import QatGrid
 from edgekd.config import to_dict
 from edgekd.distill import answers
 from edgekd.distill import checkpoint as ckpt
@@ -196,8 +197,7 @@ class Trainer:
         say(f"student: {helpers.describe_student(student.describe)}")
         if cfg.qat_bits:
             n = attach_fake_quantize(student.model, cfg.qat_bits, cfg.qat_block_size, cfg.qat_head_bits)
-            student.describe["quantization_aware"] = {"bits": cfg.qat_bits, "block_size": cfg.qat_block_size, "grid": GRID,
-                                                      "head_bits": cfg.qat_head_bits, "linear_layers": n}
+            student.describe["quantization_aware"] = QatGrid(cfg.qat_bits, cfg.qat_block_size, cfg.qat_head_bits, GRID, n).table()
             head = f", head/embedding on the int{cfg.qat_head_bits} grid" if cfg.qat_head_bits else ""
             say(f"quantization-aware: {n} linear layers train on the {cfg.qat_bits}-bit grid, block {cfg.qat_block_size}{head}")
             if n == 0:

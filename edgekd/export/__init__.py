@@ -13,6 +13,7 @@ the model's own spec (it is its own teacher: validate compares against it) and `
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekd import __version__
+from edgekd.bundle import QatGrid
 from edgekd.errors import EdgekdError, UsageError
 
 if TYPE_CHECKING:  # loaded where used: `edgekd check` imports this package, and needs no export step
@@ -59,7 +61,7 @@ def source_info(source) -> dict[str, Any]:
     info = {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
     if task:
         info["task"] = task  # validate scores the task against the teacher and applies its gates
-    return {**info, "quantization_aware": qat} if qat else info
+    return {**info, "quantization_aware": qat.table()} if qat else info
 
 
 def graph_notes(source, torch_model) -> dict[str, Any] | None:
@@ -72,7 +74,7 @@ def graph_notes(source, torch_model) -> dict[str, Any] | None:
     return {GGUF_TYPES: gguf_weight_types(source.path, torch_model)}
 
 
-def reproduces_qat_grid(profile: TargetProfile, qat: dict[str, Any], steps_run: list[dict[str, Any]] | None = None) -> bool:
+def reproduces_qat_grid(profile: TargetProfile, qat: QatGrid, steps_run: list[dict[str, Any]] | None = None) -> bool:
     """Whether ``profile`` keeps a ``--qat-bits`` student's weights on the grid it was trained on:
     every step's answer (``StepSettings.reproduces_qat_grid``), given what it reported where it ran
     (``steps_run``: the recipe's entries). Weights no step touches stay exact."""
@@ -237,9 +239,9 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
     """What the steps imply for the manifest: whether they reproduce a quantization-aware
     student's grid, the context fused attention caps (its rotary tables; a sliding window), and
     whether the KV cache's past and present can share one buffer (attention fused in every layer)."""
-    qat = origin.get("quantization_aware")
+    qat = QatGrid.from_table(origin.get("quantization_aware"), "the source's distill.json")
     if qat:
-        qat["reproduced_by_recipe"] = reproduces_qat_grid(profile, qat, steps_run)
+        origin["quantization_aware"] = dataclasses.replace(qat, reproduced_by_recipe=reproduces_qat_grid(profile, qat, steps_run)).table()
     cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
     window = getattr(config, "sliding_window", None)
     windowed = any(r.get("sliding_window_layers") for r in steps_run)  # the kernel applies the windows itself

@@ -42,15 +42,15 @@ def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[
         warnings.append(f"{len(lost)} GGUF weights have no exact home in MatMulNBits and were re-quantized by the profile "
                         f"({step['bits']}-bit {step['algorithm']}): {named}{', ...' if len(lost) > 4 else ''}")
     qat = m.source.quantization_aware
-    if qat and not qat["reproduced_by_recipe"]:
+    if qat and not qat.reproduced_by_recipe:
         head_hint = ""
-        if qat.get("head_bits"):
-            head_hint = f", and quantize_head_embedding head/embedding int{qat['head_bits']} or fp32"
-            if qat["head_bits"] == 4:
+        if qat.head_bits:
+            head_hint = f", and quantize_head_embedding head/embedding int{qat.head_bits} or fp32"
+            if qat.head_bits == 4:
                 head_hint += " (or int8 with keep_grid)"
-        warnings.append(f"this student was distilled for the {qat['bits']}-bit grid, block {qat['block_size']} "
+        warnings.append(f"this student was distilled for the {qat.bits}-bit grid, block {qat.block_size} "
                         f"(--qat-bits), but {m.target_name} quantizes differently: use matmul_nbits with "
-                        f"algorithm = \"rtn\", symmetric = true, block_size = {qat['block_size']}, bits >= {qat['bits']}"
+                        f"algorithm = \"rtn\", symmetric = true, block_size = {qat.block_size}, bits >= {qat.bits}"
                         + head_hint)
     budget = m.gates.get("max_size_mb")
     if budget is not None and check["model_bytes"] / 1e6 > budget:

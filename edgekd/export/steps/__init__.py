@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgekd.bundle import QatGrid
 from edgekd.config import to_dict
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
@@ -43,9 +44,9 @@ class StepSettings:
         and what was done, recorded in the step's recipe entry; ``(torch_model, None)``: unchanged."""
         return torch_model, None
 
-    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+    def reproduces_qat_grid(self, qat: QatGrid, report: dict[str, Any] | None = None) -> bool:
         """Whether the step keeps a ``--qat-bits`` student's weights on the grid it was trained on
-        (``qat``: distill.json's ``quantization_aware``; ``report``: the step's recipe entry once it
+        (``qat``: the grid distill.json records; ``report``: the step's recipe entry once it
         ran, None before). A step that leaves weights alone, or rounds all alike (fp16), keeps it."""
         return True
 

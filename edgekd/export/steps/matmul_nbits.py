@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from edgekd.bundle import QatGrid
 from edgekd.config import power_of_two, require
 from edgekd.errors import UsageError
 from edgekd.export.grid import store_on_grid
@@ -56,13 +57,13 @@ class MatMulNBits(StepSettings):
         both = sorted(set(self.fp32_activation_nodes) & set(self.int8_activation_nodes))
         require(not both, f"matmul_nbits: {both} is in both fp32_activation_nodes and int8_activation_nodes: name each pattern in one")
 
-    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+    def reproduces_qat_grid(self, qat: QatGrid, report: dict[str, Any] | None = None) -> bool:
         """Symmetric RTN with the trained block size and at least as many bits (a 4-bit grid point is
         also an 8-bit one: the 8-bit scale is the 4-bit scale / 16), or the weights kept on their own
         grid (``keep_grid``, a block size dividing the trained one)."""
-        kept = self.keep_grid and qat["bits"] == 4 and qat["block_size"] % self.block_size == 0
-        return kept or (self.algorithm == "rtn" and self.symmetric and self.block_size == qat["block_size"]
-                        and self.bits >= qat["bits"])
+        kept = self.keep_grid and qat.bits == 4 and qat.block_size % self.block_size == 0
+        return kept or (self.algorithm == "rtn" and self.symmetric and self.block_size == qat.block_size
+                        and self.bits >= qat.bits)
 
     def before_export(self, torch_model, tok, source, say: Callable[[str], None]) -> tuple[Any, dict | None]:
         """``algorithm = "gptq"``: a copy of the model whose decoder weights GPTQ rounded to the 4-bit

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from edgekd.bundle import QatGrid
 from edgekd.export.steps import StepSettings, step
 from edgekd.io import quiet
 
@@ -17,7 +18,7 @@ class QuantizeDynamic(StepSettings):
     per_channel: bool = True
     op_types: tuple[str, ...] = ("MatMul", "Gather")
 
-    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+    def reproduces_qat_grid(self, qat: QatGrid, report: dict[str, Any] | None = None) -> bool:
         return False  # it re-rounds every weight to its own int8 grid
 
 

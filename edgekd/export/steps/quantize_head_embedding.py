@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
+from edgekd.bundle import QatGrid
 from edgekd.config import power_of_two, require
 from edgekd.errors import EdgekdError
 from edgekd.export.grid import exact_half, nibble_halves, pack_nibbles, splice, zero_points
@@ -55,17 +56,17 @@ class QuantizeHeadEmbedding(StepSettings):
         require(power_of_two(self.block_size) and self.block_size >= 16,
                 f"quantize_head_embedding.block_size = {self.block_size}: use a power of two >= 16 (32 is the usual)")
 
-    def reproduces_qat_grid(self, qat: dict[str, Any], report: dict[str, Any] | None = None) -> bool:
+    def reproduces_qat_grid(self, qat: QatGrid, report: dict[str, Any] | None = None) -> bool:
         """A quantized head or embedding at the trained precision and block size (int4 points are not
         int8 points on that grid), or an int4 one kept on its grid (``keep_grid``); once the step ran,
         an int4-trained head must have come out at int4 (``keep_grid`` decides on the weights: an int8
         setting re-rounds a head it did not find on the grid)."""
-        want = f"int{qat.get('head_bits') or 0}"
+        want = f"int{qat.head_bits}"
         kept = self.keep_grid and want == "int4"  # an int8 setting stores an int4-grid head at int4
-        if any(p != "fp32" and (p != want and not (kept and p == "int8") or self.block_size != qat["block_size"])
+        if any(p != "fp32" and (p != want and not (kept and p == "int8") or self.block_size != qat.block_size)
                for p in (self.head, self.embedding)):
             return False
-        return report is None or qat.get("head_bits") != 4 or all(report.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
+        return report is None or qat.head_bits != 4 or all(report.get(k) in ("int4", "fp32") for k in ("head", "embedding"))
 
 
 def _absmax_levels(w, bits: int, block_size: int):
