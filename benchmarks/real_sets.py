@@ -117,6 +117,28 @@ def records(rows: list[tuple[str, str]], with_label: bool = True) -> list[dict]:
     return [{"prompt": PROMPT.format(text=t), **({"label": y} if with_label else {})} for t, y in rows]
 
 
+def train_prompts(out: Path, imdb_n: int, task_n: int, cache: Path = CACHE) -> int:
+    """Write the training prompts of the real-text recipe to ``out`` (.jsonl, no labels): the first
+    ``task_n`` reviews of the shipped sentiment task (the calibration's prior is fit on these), then
+    ``imdb_n`` short IMDB reviews of the ``train`` split (never an eval or calib row). Returns the count."""
+    task = Path(__file__).resolve().parent.parent / "tasks" / "sentiment" / "train.jsonl"
+    own = [json.loads(line)["prompt"] for line in task.read_text(encoding="utf-8").splitlines() if line.strip()][:task_n]
+    rows = [{"prompt": p} for p in own] + records(splits(cache)["imdb-short"]["train"][:imdb_n], with_label=False)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return len(rows)
+
+
 if __name__ == "__main__":
-    for name, parts in splits().items():
-        print(name, {k: len(v) for k, v in parts.items()})
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Fetch the real sets and print their splits' sizes; or write the real-text recipe's training prompts.")
+    ap.add_argument("--train-prompts", type=Path, help="write the training prompts here (.jsonl): the task's own reviews, then short IMDB reviews")
+    ap.add_argument("--imdb", type=int, default=640, help="short IMDB reviews of the train split to include (at most 1,975)")
+    ap.add_argument("--task-reviews", type=int, default=640, help="the shipped task's training reviews to include, first")
+    args = ap.parse_args()
+    if args.train_prompts:
+        n = train_prompts(args.train_prompts, args.imdb, args.task_reviews)
+        print(f"{args.train_prompts}: {n} prompts; distill on them: edgekd distill --task sentiment --prompts {args.train_prompts} --out DIR")
+    else:
+        for name, parts in splits().items():
+            print(name, {k: len(v) for k, v in parts.items()})
