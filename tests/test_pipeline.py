@@ -26,7 +26,7 @@ min_top1_vs_reference = {top1}
 
 def test_shipped_example_parses():
     cfg = load_pipeline(resource("examples/pipeline-smollm2.toml"))
-    assert cfg.distill is not None and cfg.distill.task == "sentiment" and cfg.distill.student == "layers:14"  # the task's default
+    assert cfg.distill is not None and cfg.distill.task == "sentiment" and cfg.distill.student == "layers:22+mlp:0.5"  # the task's default
     assert [e.target for e in cfg.export] == ["cpu", "mobile", "cuda"] and cfg.distill.qat_bits == 4
     assert not any(e.search for e in cfg.export)  # the qat student needs no search: both profiles reproduce it
     assert cfg.validate.missing_provider == "skip"
