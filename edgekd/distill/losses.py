@@ -220,6 +220,19 @@ def hidden_state_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float =
     return err.mean(0)
 
 
+def _named_label_rows(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],
+                      min_mass: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The positions where the teacher names a label (at least ``min_mass`` on the labels), and there
+    the student's and the teacher's log-prob of each label, ``(n,), (n, G), (n, G)``; None where it names none."""
+    t_group = t_group_logp.clamp_min(-50.0)  # a label outside a cached top-k: a tiny, finite mass
+    named = t_group.exp().sum(-1) >= min_mass
+    if not bool(named.any()):
+        return None
+    rows = named.nonzero().squeeze(1)
+    s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
+    return rows, s_group, t_group[rows]
+
+
 def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: tuple[tuple[int, ...], ...],
                       min_mass: float = 0.1, hard: bool = False) -> torch.Tensor:
     """KL between the teacher's and the student's choice among a task's labels, per position.
@@ -236,14 +249,12 @@ def label_decision_kl(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups: 
     KD's hard target, Kim & Rush 2016): a near-tie the teacher breaks 0.51 / 0.49 is taught as the
     decision it makes, not as a coin flip the student may land either way.
     """
-    t_group = t_group_logp.clamp_min(-50.0)  # a label outside a cached top-k: a tiny, finite mass
-    named = t_group.exp().sum(-1) >= min_mass
     out = s_logp.new_zeros(s_logp.shape[0])
-    if not bool(named.any()):
+    named = _named_label_rows(s_logp, t_group_logp, groups, min_mass)
+    if named is None:
         return out
-    rows = named.nonzero().squeeze(1)
-    s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
-    t_bin = torch.log_softmax(t_group[rows], -1)
+    rows, s_group, t_rows = named
+    t_bin = torch.log_softmax(t_rows, -1)
     s_bin = torch.log_softmax(s_group, -1)
     if hard:
         return out.index_put((rows,), -s_bin.gather(-1, t_bin.argmax(-1, keepdim=True)).squeeze(-1))
@@ -263,14 +274,11 @@ def label_margin_error(s_logp: torch.Tensor, t_group_logp: torch.Tensor, groups:
     one, so the student learns the teacher's order of the inputs, which a hard label (every case as
     sure as any other) does not carry and a softmax KL carries only weakly where the teacher is sure.
     """
-    t_group = t_group_logp.clamp_min(-50.0)
-    named = t_group.exp().sum(-1) >= min_mass
     out = s_logp.new_zeros(s_logp.shape[0])
-    if not bool(named.any()) or len(groups) < 2:
+    named = _named_label_rows(s_logp, t_group_logp, groups, min_mass) if len(groups) >= 2 else None
+    if named is None:
         return out
-    rows = named.nonzero().squeeze(1)
-    s_group = torch.stack([torch.logsumexp(s_logp[rows][:, list(g)], -1) for g in groups], -1)
-    t_rows = t_group[rows]
+    rows, s_group, t_rows = named
     s_pair = s_group[:, :, None] - s_group[:, None, :]
     t_pair = (t_rows[:, :, None] - t_rows[:, None, :]).clamp(-clip, clip)
     n_pairs = len(groups) * (len(groups) - 1)  # ordered pairs: each unordered one counted twice, as in the sum
