@@ -46,8 +46,8 @@ def with_int8_activations(bundle: Path, dst: Path, patterns: list[str]) -> int:
 def decode_speeds(bundles: list[Path], rounds: int, threads: int) -> list[float]:
     """Each bundle's decode tokens/s (``validate.speed.time_runtime``, as validate times it), the
     median of ``rounds`` rounds in which every bundle runs once."""
-    from edgekd.runtime import Runtime
-    from edgekd.validate.speed import time_runtime
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.speed import time_runtime
 
     runtimes = [Runtime(b, verify=False, threads=threads) for b in bundles]
     speeds: list[list[float]] = [[] for _ in runtimes]
@@ -58,8 +58,8 @@ def decode_speeds(bundles: list[Path], rounds: int, threads: int) -> list[float]
 
 
 def main(argv: list[str]) -> int:
-    from edgekd.check import replay_golden
-    from edgekd.runtime import Runtime
+    from edgekd.device.check import replay_golden
+    from edgekd.device.runtime import Runtime
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", type=Path, nargs="+", help="the bundle (with --decode-only: every bundle to time)")

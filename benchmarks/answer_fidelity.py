@@ -19,9 +19,9 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.speed import time_runtime
     from edgekd.export import export_bundle
-    from edgekd.runtime import Runtime
-    from edgekd.validate.speed import time_runtime
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")

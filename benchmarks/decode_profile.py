@@ -2,7 +2,7 @@
 
     python benchmarks/decode_profile.py runs/bench-s6/smollm2-135m-instruct-cpu [more bundles ...] --tokens 32
 
-Each bundle is loaded by ``edgekd.runtime.Runtime`` (the decode loop a user runs: KV cache bound in
+Each bundle is loaded by ``edgekd.device.runtime.Runtime`` (the decode loop a user runs: KV cache bound in
 place), with onnxruntime's profiler on. One prompt is prefilled, then ``--tokens`` greedy steps are
 decoded; only the decode runs are counted. Nodes are grouped by what they do (the groups below,
 matched on op type and node name), and the table gives each group's share of the time spent inside
@@ -40,8 +40,8 @@ def group_of(op: str, name: str) -> str:
 def profile_bundle(bundle: Path, tokens: int, work: Path) -> dict:
     import onnxruntime as ort
 
-    from edgekd.runtime import Runtime
-    from edgekd.validate.speed import SPEED_PROMPT
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.speed import SPEED_PROMPT
 
     real = ort.SessionOptions
 

@@ -56,7 +56,7 @@ def eval_sequences(model, tok, new_tokens: int) -> list[np.ndarray]:
 
     import torch
 
-    from edgekd.paths import resource
+    from edgekd.device.paths import resource
 
     seqs = [np.asarray([tok(t, add_special_tokens=False)["input_ids"]], dtype=np.int64) for t in TEXTS]
     if new_tokens <= 0:
@@ -141,7 +141,7 @@ def build_variant(name: str, fp32: Path, work: Path) -> tuple[Path, str]:
         from optimum.onnxruntime import ORTQuantizer
         from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-        from edgekd.io import quiet
+        from edgekd.device.io import quiet
 
         with quiet():
             q = ORTQuantizer.from_pretrained(fp32.parent, file_name=fp32.name)

@@ -4,7 +4,7 @@
         --genai runs/genai-int4-acc4,runs/genai-int4-acc0 --tokens 96 --rounds 7 \\
         --golden runs/bundle-cpu-g50/golden.json
 
-Each ``--edgekd`` bundle is timed twice: in edgekd's own runtime (``edgekd.runtime.Runtime``) and
+Each ``--edgekd`` bundle is timed twice: in edgekd's own runtime (``edgekd.device.runtime.Runtime``) and
 in onnxruntime-genai (every edgekd bundle carries a ``genai_config.json``). Each ``--genai`` folder
 is a bundle written by onnxruntime-genai's model builder, timed in onnxruntime-genai. The builder
 needs transformers 5 and so runs in a venv of its own (its own requirement, incompatible with optimum-onnx's transformers<4.58), e.g.:
@@ -44,7 +44,7 @@ def model_mb(folder: Path) -> float:
 
 
 def time_edgekd(bundle: Path, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     rt = Runtime(bundle, verify=False)
     for _ in rt.generate_ids(prompt_ids, tokens + 1, stop_at_eos=False):
@@ -69,8 +69,8 @@ def time_genai(folder: Path, prompt_ids: list[int], tokens: int) -> tuple[float,
 
 
 def greedy_edgekd(bundle: Path, prompts: list[list[int]], tokens: int) -> list[list[int]]:
-    from edgekd.runtime import Runtime
-    from edgekd.validate.fidelity import bundle_greedy
+    from edgekd.device.fidelity import bundle_greedy
+    from edgekd.device.runtime import Runtime
 
     return bundle_greedy(Runtime(bundle, verify=False), prompts, tokens)
 
@@ -109,8 +109,8 @@ def main() -> None:
     ap.add_argument("--golden", type=Path, help="a bundle's golden.json: add each row's greedy answers against PyTorch's")
     args = ap.parse_args()
 
-    from edgekd.runtime import Runtime
-    from edgekd.validate.speed import SPEED_PROMPT
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.speed import SPEED_PROMPT
 
     edgekd_bundles = [Path(p) for p in args.edgekd.split(",") if p]
     genai_folders = [Path(p) for p in args.genai.split(",") if p]
@@ -139,7 +139,7 @@ def main() -> None:
     if args.golden:
         import json
 
-        from edgekd.validate.fidelity import compare_greedy
+        from edgekd.device.fidelity import compare_greedy
 
         golden = json.loads(args.golden.read_text(encoding="utf-8"))
         prompts = [ex["prompt_ids"] for ex in golden["examples"]]

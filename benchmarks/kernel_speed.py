@@ -66,7 +66,7 @@ def time_node(k: int, n: int, bits: int, level: int, threads: int, runs: int) ->
 
 
 def main(argv: list[str]) -> int:
-    from edgekd.validate.speed import read_bandwidth
+    from edgekd.device.speed import read_bandwidth
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)

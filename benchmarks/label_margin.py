@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from edgekd.device.io import iter_jsonl
+from edgekd.device.tasks import label_of, load_task
 from edgekd.distill.data import encode_chat
 from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import label_token_groups
-from edgekd.io import iter_jsonl
 from edgekd.models import load_model
-from edgekd.tasks import label_of, load_task
 
 BUCKETS = [(0.0, 0.1), (0.1, 0.2), (0.2, 0.4), (0.4, 1.0)]
 

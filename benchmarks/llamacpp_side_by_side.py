@@ -17,12 +17,12 @@ side has two programs:
 - ``llama-bench``, llama.cpp's own timer: prefill ("pp") and decode ("tg") tokens/s;
 - ``greedy_ids``: the answers, the decode time of each, and the peak resident memory.
 
-edgekd's bundles are timed by ``edgekd.validate.speed.measure_speed``, in a fresh process per round,
+edgekd's bundles are timed by ``edgekd.device.speed.measure_speed``, in a fresh process per round,
 as ``edgekd validate`` times them. The engines alternate round by round on the same threads (the
 machine is noisy: the medians are compared, never runs from different times). Decode tokens/s are
 also put against the machine's read bandwidth: the weight bytes a decode step reads (the bundle's
 initializers, the GGUF's tensors), times tokens/s, over the best read bandwidth measured in the
-same run (``edgekd.validate.speed.read_bandwidth`` once a round: a ceiling).
+same run (``edgekd.device.speed.read_bandwidth`` once a round: a ceiling).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekd.validate.fidelity import compare_greedy
-from edgekd.validate.speed import PREFILL_TOKENS, measure_speed
+from edgekd.device.fidelity import compare_greedy
+from edgekd.device.speed import PREFILL_TOKENS, measure_speed
 
 HERE = Path(__file__).resolve().parent
 
@@ -90,15 +90,15 @@ def llama_greedy(binary: Path, gguf: Path, threads: int, prompts: list[list[int]
 
 
 def bundle_greedy_answers(bundle: Path, prompts: list[list[int]], tokens: int, threads: int) -> list[list[int]]:
-    from edgekd.runtime import Runtime
-    from edgekd.validate.fidelity import bundle_greedy
+    from edgekd.device.fidelity import bundle_greedy
+    from edgekd.device.runtime import Runtime
 
     return bundle_greedy(Runtime(bundle, verify=False, threads=threads), prompts, tokens)
 
 
 def bundle_sizes(bundle: Path) -> tuple[float, int]:
     """The model's MB (``Manifest.model_bytes``) and the weight bytes a decode step reads."""
-    from edgekd.bundle import Manifest, bundle_decode_weight_bytes, read_manifest
+    from edgekd.device.bundle import Manifest, bundle_decode_weight_bytes, read_manifest
 
     manifest = Manifest(read_manifest(bundle, verify=False))
     return manifest.model_bytes / 1e6, bundle_decode_weight_bytes(bundle, manifest)
@@ -132,7 +132,7 @@ def main() -> None:
         rows[name].update(compare_greedy(bundle_greedy_answers(b, prompts, n, args.threads), reference, n))
     print("answers done", flush=True)
 
-    from edgekd.validate.speed import read_bandwidth
+    from edgekd.device.speed import read_bandwidth
 
     bandwidth = []
     speeds: dict[str, list[dict]] = {k: [] for k in rows}

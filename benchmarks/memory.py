@@ -6,7 +6,7 @@
 The first bundle runs once as an app would run it, then once per lever (an onnxruntime session
 setting, ``--session-config`` of ``edgekd check``, or ``--prepared``), each lever alone; each further
 bundle is a lever of its own (exported without a step, say) and runs as shipped. A row is ``edgekd check`` on the bundle
-with that setting: the peak resident memory by stage (``edgekd.validate.speed.memory_by_stage``: a
+with that setting: the peak resident memory by stage (``edgekd.device.speed.memory_by_stage``: a
 fresh process, a prompt of 480 tokens and 16 new ones; the stages' peaks are taken apart with
 ``/proc/self/clear_refs``), the greedy answers against the bundle's golden reference (the PyTorch
 model's own answers), and decode tokens/s. The levers a bundle cannot use (the .ort file's bytes
@@ -33,15 +33,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekd.check import CheckConfig, check_bundle
-from edgekd.validate.speed import MEMORY_NEW_TOKENS, MEMORY_PROMPT_TOKENS, mapped_mb, synthetic_ids
+from edgekd.device.check import CheckConfig, check_bundle
+from edgekd.device.speed import MEMORY_NEW_TOKENS, MEMORY_PROMPT_TOKENS, mapped_mb, synthetic_ids
 
 LEVERS = {
     "as shipped": {},
     "arena off": {"enable_cpu_mem_arena": "0"},
     "no memory pattern": {"enable_mem_pattern": "0"},
     "the .ort bytes used in place": {"session.use_ort_model_bytes_directly": "1", "session.use_ort_model_bytes_for_initializers": "1"},
-    "prepared for this machine (--prepared)": {"prepared": "1"},  # edgekd.prepared: packed weights mapped from disk
+    "prepared for this machine (--prepared)": {"prepared": "1"},  # edgekd.device.prepared: packed weights mapped from disk
 }
 # asked for by name only: a 4-bit weight unpacked is dequantized to fp32 at every run (the 16 golden
 # prompts take minutes a row)
@@ -77,7 +77,7 @@ def llamacpp_row(gguf_spec: str, bundle: Path, threads: int) -> dict:
     """llama.cpp's peak on the same prompt ids the bundles answered (the first bundle's tokenizer)."""
     from llamacpp_side_by_side import gguf_path, llama_greedy, llamacpp_bin
 
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     binary, gguf = llamacpp_bin(), gguf_path(gguf_spec)
     ids = synthetic_ids(Runtime(bundle, verify=False), MEMORY_PROMPT_TOKENS)
@@ -93,7 +93,7 @@ def decode_speeds(bundles: list[tuple[str, Path]], rounds: int, threads: int) ->
     processes (``measure_speed``, as validate times them): the medians, one table."""
     import statistics
 
-    from edgekd.validate.speed import measure_speed
+    from edgekd.device.speed import measure_speed
 
     runs: dict[str, list[float]] = {name: [] for name, _ in bundles}
     prefill: dict[str, list[float]] = {name: [] for name, _ in bundles}

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
+from edgekd.device.data import load_records
+from edgekd.device.paths import SHIPPED_TRAIN, resource
 from edgekd.export.gptq import decoder_layers, gptq_model
 from edgekd.models import load_model, model_written_texts
-from edgekd.paths import SHIPPED_TRAIN, resource
 from edgekd.quant import ort_symmetric_grid
-from edgekd.validate.data import load_records
 
 
 def rtn(model):

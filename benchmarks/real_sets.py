@@ -121,9 +121,9 @@ def train_prompts(out: Path, imdb_n: int, task_n: int, cache: Path = CACHE) -> i
     """Write the training prompts of the real-text recipe to ``out`` (.jsonl, no labels): the first
     ``task_n`` reviews of the shipped sentiment task (the calibration's prior is fit on these), then
     ``imdb_n`` short IMDB reviews of the ``train`` split (never an eval or calib row). Returns the count."""
+    from edgekd.device.io import jsonl_text
+    from edgekd.device.tasks import load_task
     from edgekd.distill.data import read_prompts
-    from edgekd.io import jsonl_text
-    from edgekd.tasks import load_task
 
     own = read_prompts(load_task("sentiment").train)[:task_n]
     rows = [{"prompt": p} for p in own] + records(splits(cache)["imdb-short"]["train"][:imdb_n], with_label=False)

@@ -31,22 +31,22 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekd.runtime import Runtime
-from edgekd.validate.speed import SPEED_PROMPT, synthetic_ids, time_runtime
+from edgekd.device.runtime import Runtime
+from edgekd.device.speed import SPEED_PROMPT, synthetic_ids, time_runtime
 
 STUDENT_LAYERS = "layers:0,6,12,18,24,29"
 
 
 def measure_bandwidth(threads: int | None = None) -> float:
-    """Read bandwidth in bytes/s, as validate measures it (``edgekd.validate.speed.read_bandwidth``), on 1 GiB."""
-    from edgekd.validate.speed import read_bandwidth
+    """Read bandwidth in bytes/s, as validate measures it (``edgekd.device.speed.read_bandwidth``), on 1 GiB."""
+    from edgekd.device.speed import read_bandwidth
 
     return read_bandwidth(threads, mib=1024)
 
 
 def bytes_read_per_token(bundle: Path) -> tuple[int, str]:
-    """Weight bytes a decode step reads (``edgekd.bundle.bundle_decode_weight_bytes``) and how they were counted."""
-    from edgekd.bundle import bundle_decode_weight_bytes
+    """Weight bytes a decode step reads (``edgekd.device.bundle.bundle_decode_weight_bytes``) and how they were counted."""
+    from edgekd.device.bundle import bundle_decode_weight_bytes
 
     rt = Runtime(bundle, verify=False)
     how = "file size (.ort)" if rt.model_path.suffix != ".onnx" else "initializers not read only by Gather"
@@ -120,7 +120,7 @@ def spec_layers(spec: str) -> list[str]:
 
 def relaxed_profile(target: str, folder: Path) -> str:
     """A copy of the profile whose export drift check cannot refuse (speed only)."""
-    from edgekd.paths import resource
+    from edgekd.device.paths import resource
 
     src = Path(target) if Path(target).is_file() else resource(f"targets/{target}.toml")
     lines = [line for line in src.read_text(encoding="utf-8").splitlines() if not line.strip().startswith("max_abs_logit_diff")]
@@ -136,7 +136,7 @@ def relaxed_profile(target: str, folder: Path) -> str:
 
 def ensure_bundle(spec: str, target: str, out: Path, relax_check: bool) -> Path | None:
     """Export once (reused on later runs); None, with the reason printed, when export refuses."""
-    from edgekd.errors import EdgekdError
+    from edgekd.device.errors import EdgekdError
     from edgekd.export import export_bundle
 
     if not (out / "manifest.json").is_file():

@@ -28,7 +28,7 @@ def fmt(v, f="{:.3f}"):
 
 
 def run_target(model: str, target: str, work: Path, vcfg) -> dict:
-    from edgekd.config import to_dict
+    from edgekd.device.config import to_dict
     from edgekd.export import export_bundle
     from edgekd.export.profile import load_target
     from edgekd.search import NoCandidatePasses, Tried, resolve_candidates, search_export

@@ -29,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_sets
 
-from edgekd.stats import wilson_ci
-from edgekd.tasks import label_of
+from edgekd.device.stats import wilson_ci
+from edgekd.device.tasks import label_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "sentiment_real"
@@ -75,8 +75,8 @@ def torch_labels(model, tok, prompts: list[str], max_new_tokens: int, answer_pre
 
 
 def bundle_labels(folder: Path, prompts: list[str], max_new_tokens: int) -> list[str | None]:
-    from edgekd.runtime import Runtime, answer_text
-    from edgekd.validate.fidelity import bundle_greedy
+    from edgekd.device.fidelity import bundle_greedy
+    from edgekd.device.runtime import Runtime, answer_text
 
     rt = Runtime(folder)
     ids = bundle_greedy(rt, [rt.encode_prompt(p) for p in prompts], max_new_tokens)

@@ -5,7 +5,7 @@
 
 For each model: its parameters, answer-position top-1 and KL against the teacher (teacher-forced
 on the teacher's greedy answers), and the task figures of its own greedy answers against the teacher's (label agreement,
-exact match, ROUGE-L; edgekd.tasks.score_answers). ``--zero-shot SPEC``: a pruned copy built from
+exact match, ROUGE-L; edgekd.device.tasks.score_answers). ``--zero-shot SPEC``: a pruned copy built from
 the teacher with that student spec (calibrated on the task's train prompts), without training
 (``layers:20+mlp:0.5``, ``layers:17+heads:0.5``; ``budget:F`` also prints every candidate it measured).
 Prints a Markdown table; ``--json FILE`` also writes the figures.
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from edgekd.device.data import record_truths
+from edgekd.device.io import iter_jsonl
+from edgekd.device.tasks import label_margins, load_task, score_answers, task_inputs
 from edgekd.distill.data import collate, encode_chat, prompt_text
 from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import calibration_batches
 from edgekd.distill.students import build_student
-from edgekd.io import iter_jsonl
 from edgekd.models import load_model
-from edgekd.tasks import label_margins, load_task, score_answers, task_inputs
-from edgekd.validate.data import record_truths
 
 DEVICE = torch.device("cpu")  # --device: where the models run
 
@@ -62,7 +62,7 @@ def greedy(model, tok, prompts: list[str], max_new_tokens: int, ids: bool = Fals
 
 @torch.no_grad()
 def teacher_margins(teacher, tok, prompts: list[str], answer_ids: list[list[int]], labels) -> list[float | None]:
-    """``edgekd.tasks.label_margins`` of the teacher's own greedy answers: how decided each label was."""
+    """``edgekd.device.tasks.label_margins`` of the teacher's own greedy answers: how decided each label was."""
     out = []
     for p, ans in zip(prompts, answer_ids):
         pid = tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"]
@@ -86,7 +86,7 @@ def print_generative_table(rows: list[dict]) -> None:
 
 def print_label_tables(rows: list[dict], labels, t_answers: list[str], truths) -> None:
     """Balanced figures beside their baselines: a constant answer must not pass for reading."""
-    from edgekd.tasks import NO_LABEL, label_of
+    from edgekd.device.tasks import NO_LABEL, label_of
 
     t_labels = [label_of(a, labels) for a in t_answers]
     counts = {lab: t_labels.count(lab) for lab in labels}

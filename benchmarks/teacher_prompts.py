@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from edgekd.io import iter_jsonl
+from edgekd.device.io import iter_jsonl
+from edgekd.device.tasks import label_of
 from edgekd.models import load_model
-from edgekd.tasks import label_of
 
 torch.set_num_threads(2)
 teacher, tok = load_model("smollm2-135m-instruct")

@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgekd.runtime import Runtime
-from edgekd.validate.fidelity import bundle_greedy, compare_greedy
+from edgekd.device.fidelity import bundle_greedy, compare_greedy
+from edgekd.device.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 

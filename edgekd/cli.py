@@ -28,7 +28,7 @@ from edgekd.cli_base import (
     console,
     err_console,
 )
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 __all__ = ["app", "main"]
 
@@ -71,9 +71,9 @@ def teachers() -> None:
 @command("targets")
 def targets() -> None:
     """List the shipped target profiles (`edgekd export --target NAME`) with their descriptions."""
+    from edgekd.device.paths import resource
+    from edgekd.device.targets import SHIPPED
     from edgekd.export.profile import load_target
-    from edgekd.paths import resource
-    from edgekd.targets import SHIPPED
 
     table = Table(title="Shipped target profiles (a profile .toml of your own works too: --target FILE)")
     for col in ("name", "what", "steps", "providers", "file"):
@@ -87,8 +87,8 @@ def targets() -> None:
 @command("tasks")
 def tasks() -> None:
     """List the shipped tasks (`edgekd distill --task NAME`): what each is, its data and its defaults."""
-    from edgekd.io import iter_jsonl
-    from edgekd.tasks import shipped_tasks
+    from edgekd.device.io import iter_jsonl
+    from edgekd.device.tasks import shipped_tasks
 
     table = Table(title="Shipped tasks (a task folder of your own works too: --task DIR)")
     for col in ("name", "what", "scored by", "train / held-out", "student", "gates"):
@@ -223,8 +223,8 @@ def export(
 
 def _export_search(model: str, target: str, out: Path, overwrite: bool, trust_remote_code: bool) -> None:
     """`edgekd export --search`: the search, then its table (also when no candidate passes)."""
+    from edgekd.device.report import verdict_text
     from edgekd.search import NoCandidatePasses, search_export, table_rows
-    from edgekd.validate.report import verdict_text
 
     def show(result) -> None:
         table = Table(title=f"search: target {result.target}")
@@ -254,8 +254,8 @@ def run(
     """Distill -> export -> validate from one file; each stage is skipped when its output is up to
     date (same config and inputs), so a rerun after a crash or an edit does only what is needed.
     Exit 0 when every validated bundle passes its gates, 1 when one fails."""
+    from edgekd.device.gates import GateFailed
     from edgekd.pipeline import run_pipeline
-    from edgekd.validate.gates import GateFailed
 
     results = run_pipeline(pipeline, dry_run=dry_run, log=lambda msg: err_console.print(msg, style="dim", soft_wrap=True))
     colors = {"ran": "green", "up to date": "cyan", "skipped": "yellow", "failed": "red", "would run": "magenta"}

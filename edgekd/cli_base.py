@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from edgekd import __version__
-from edgekd.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError, UsageError, first_line
+from edgekd.device.errors import EXIT_CODES, INTERNAL_ERROR, EdgekdError, UsageError, first_line
 
 if TYPE_CHECKING:
     from rich.status import Status

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgekd.cli_base import Prepared, SessionConfig, Threads, _progress, command, console, err_console
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 
 @command("generate")
@@ -29,9 +29,9 @@ def generate(
     prepared: Prepared = None,
 ) -> None:
     """Answer a prompt with a bundle (onnxruntime, KV cache), streaming the text, then print tokens/s."""
-    from edgekd.runtime import Runtime
-    from edgekd.sampling import Sampling
-    from edgekd.session import parse_session_config
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.sampling import Sampling
+    from edgekd.device.session import parse_session_config
 
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     rt = Runtime(bundle, threads=threads, session_config=parse_session_config(session_config or []), prepared=prepared)
@@ -70,10 +70,10 @@ def validate(
     speed and cost, and the target's gates. Exit 0 when every gate passes, 1 when one fails."""
     import shlex
 
+    from edgekd.device.gates import GateFailed
+    from edgekd.device.report import rich_tables
     from edgekd.validate import ValidateConfig, failed_gates
     from edgekd.validate import validate as run_validate
-    from edgekd.validate.gates import GateFailed
-    from edgekd.validate.report import rich_tables
 
     config = ValidateConfig(
         teacher=teacher, reference=reference, data=data, num_prompts=num_prompts,
@@ -93,7 +93,7 @@ def validate(
     for table in rich_tables([r.to_json() for r in reports]):
         console.print(table)
     console.print(f"report: {out_dir}/report.md, report.json, plots")
-    from edgekd.validate.gates import verdict_lines
+    from edgekd.device.gates import verdict_lines
 
     lines = [line for r in reports for line in verdict_lines(r)]
     for line in lines:
@@ -124,16 +124,16 @@ def check(
     """Check a bundle on the machine that ships it, without torch or the teacher: replay the golden
     reference export wrote into it (the unquantized model's answers and top-k log-probs) and apply
     the target's gates. Exit 0 when every gate passes, 1 when one fails, 2 for bad input."""
-    from edgekd.check import CheckConfig, check_bundle
-    from edgekd.io import write_json
-    from edgekd.outputs import check_writable
-    from edgekd.validate.gates import GateFailed
+    from edgekd.device.check import CheckConfig, check_bundle
+    from edgekd.device.gates import GateFailed
+    from edgekd.device.io import write_json
+    from edgekd.device.outputs import check_writable
 
     if json_out is not None:  # before the check runs, not after it
         if json_out.is_dir():
             raise UsageError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'check.json'}")
         check_writable(json_out.parent)
-    from edgekd.session import parse_session_config
+    from edgekd.device.session import parse_session_config
 
     config = CheckConfig(num_prompts=num_prompts, speed=speed, threads=threads, target=target,
                          session_config=tuple(parse_session_config(session_config or []).items()), prepared=prepared)
@@ -163,7 +163,7 @@ def check(
         table.add_row(*row)
     console.print(table)
     if "memory" in cost:
-        from edgekd.validate.speed import memory_line
+        from edgekd.device.speed import memory_line
 
         console.print(memory_line(cost["memory"]), highlight=False, markup=False)
     for g in report.gates:

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError, first_line
-from edgekd.io import quiet
-from edgekd.outputs import make_shareable
+from edgekd.device.errors import UsageError, first_line
+from edgekd.device.io import quiet
+from edgekd.device.outputs import make_shareable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _keep_converted(folder: Path, model, tok) -> None:
     cache) only costs the speed-up. Temporaries of conversions whose process is gone go first."""
     import shutil
 
-    from edgekd.outputs import WORK_MARKER, make_work_dir
+    from edgekd.device.outputs import WORK_MARKER, make_work_dir
 
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

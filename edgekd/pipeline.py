@@ -29,11 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from edgekd.config import from_mapping, read_toml, to_dict
+from edgekd.device.config import from_mapping, read_toml, to_dict
+from edgekd.device.errors import UsageError
+from edgekd.device.io import read_json, sha256_file, write_json
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.run import StudentRun
-from edgekd.errors import UsageError
-from edgekd.io import read_json, sha256_file, write_json
 
 __all__ = ["PipelineConfig", "load_pipeline", "run_pipeline", "StageResult"]
 
@@ -165,7 +165,7 @@ def distill_key(cfg: DistillConfig) -> dict[str, Any]:
 
 def export_up_to_date(stage: ExportStage, model_sha256: str, profile, search_validate: dict | None) -> tuple[bool, str]:
     """Whether the bundle at ``stage.out`` was made from this model and this profile."""
-    from edgekd.bundle import Manifest, read_manifest
+    from edgekd.device.bundle import Manifest, read_manifest
 
     out = Path(stage.out)
     if not (out / "manifest.json").is_file():

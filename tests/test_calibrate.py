@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import build_model, save_model, tiny_llama_config
 
+from edgekd.device.errors import UsageError
 from edgekd.distill import calibrate as cal
-from edgekd.errors import UsageError
 
 
 def leaning_scores(n: int = 2000, lean: float = 1.5, seed: int = 0):

@@ -16,10 +16,10 @@ import pytest
 from conftest import build_model, save_model, tiny_llama_config
 from typer.testing import CliRunner
 
-from edgekd.bundle import read_manifest, write_manifest
-from edgekd.check import CheckConfig, _rest_kl, check_bundle
 from edgekd.cli import app
-from edgekd.errors import UsageError
+from edgekd.device.bundle import read_manifest, write_manifest
+from edgekd.device.check import CheckConfig, _rest_kl, check_bundle
+from edgekd.device.errors import UsageError
 from edgekd.export import export_bundle
 
 # Only the figures a tiny random model reproduces exactly through an fp32 bundle.
@@ -90,8 +90,8 @@ def test_check_passes_an_fp32_bundle_without_torch(fp32_bundle, tmp_path):
 def test_session_config_entries_reach_onnxruntime_and_the_report(fp32_bundle, tmp_path):
     """`--session-config KEY=VALUE` (the setting that makes an ARM CPU's int8-activation kernel agree
     with x86's, docs/devices.md): applied to the session, recorded; a malformed entry is one line."""
-    from edgekd.runtime import Runtime
-    from edgekd.session import parse_session_config
+    from edgekd.device.runtime import Runtime
+    from edgekd.device.session import parse_session_config
 
     report_file = tmp_path / "check.json"
     r = run_torch_free("check", str(fp32_bundle), "--no-speed", "--json", str(report_file),

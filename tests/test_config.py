@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgekd.config import from_mapping, read_toml, to_dict
-from edgekd.errors import UsageError
+from edgekd.device.config import from_mapping, read_toml, to_dict
+from edgekd.device.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgekd.device.errors import UsageError
+from edgekd.device.paths import resource
 from edgekd.distill.data import collate, encode_chat, encode_records, padding_waste, plan_epoch, read_prompts, read_records
-from edgekd.errors import UsageError
-from edgekd.paths import resource
 
 
 def _write(tmp_path, name, text):

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from edgekd.cli import app
-from edgekd.config import read_toml
+from edgekd.device.config import read_toml
+from edgekd.device.paths import resource
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.config_io import resolve
 from edgekd.distill.importance import keep_most_influential
 from edgekd.models import load_model
-from edgekd.paths import resource
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT_FILES = {

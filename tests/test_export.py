@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgekd.bundle import check_external_data, read_manifest
 from edgekd.cli import app
-from edgekd.config import to_dict
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.device.bundle import check_external_data, read_manifest
+from edgekd.device.config import to_dict
+from edgekd.device.errors import EdgekdError, UsageError
+from edgekd.device.targets import SHIPPED
 from edgekd.export import export_bundle, source_info
 from edgekd.export.onnx import model_facts, ort_forward, session
 from edgekd.export.profile import load_target
 from edgekd.models import load_model, resolve_source
-from edgekd.targets import SHIPPED
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 CONFIG_FILES = {"config.json", "generation_config.json", "genai_config.json", "manifest.json", "golden.json"}
@@ -276,7 +276,7 @@ def test_fused_attention_keeps_a_sliding_window_past_the_window(tmp_path, tokeni
 def test_the_export_summary_names_gguf_weights_it_could_not_keep(bundles):
     """A GGUF weight of a type with no exact home (an IQ type) is named in one warning line with
     the quantizer that took it; the kept ones are counted by type."""
-    from edgekd.bundle import read_manifest
+    from edgekd.device.bundle import read_manifest
     from edgekd.export.summary import summary
 
     manifest = read_manifest(bundles["cpu"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import requires_smollm2
 
-from edgekd.bundle import read_manifest
+from edgekd.device.bundle import read_manifest
 
 pytestmark = [pytest.mark.smollm2, pytest.mark.slow]
 

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from edgekd.device.targets import SHIPPED
 from edgekd.export.onnx import export_onnx, model_facts, ort_forward, session
 from edgekd.export.profile import load_target
 from edgekd.export.steps import STEPS
@@ -16,7 +17,6 @@ from edgekd.export.steps.logits_to_keep import LogitsToKeep
 from edgekd.export.steps.matmul_nbits import MatMulNBits
 from edgekd.export.steps.ort import OrtFormat
 from edgekd.export.steps.quantize_head_embedding import QuantizeHeadEmbedding, _quantize_rows
-from edgekd.targets import SHIPPED
 
 # Each registered step, the settings it is tested with, and how far its logits may move (tiny model).
 CASES = {
@@ -53,8 +53,8 @@ def test_a_new_step_is_its_function_and_its_settings(tmp_path):
     file, run by run_steps with those settings, recorded in the recipe; the profile needs no change."""
     import dataclasses
 
-    from edgekd.config import require
-    from edgekd.errors import UsageError
+    from edgekd.device.config import require
+    from edgekd.device.errors import UsageError
     from edgekd.export import run_steps
     from edgekd.export.profile import TargetProfile
     from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
@@ -343,7 +343,7 @@ def test_an_untied_head_on_the_int4_grid_is_kept_alone(tmp_path):
 def test_an_algorithm_this_onnxruntime_lacks_is_one_line(tmp_path, fp32_export, monkeypatch):
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
 
-    from edgekd.errors import UsageError
+    from edgekd.device.errors import UsageError
 
     monkeypatch.delattr(mq, "KQuantWeightOnlyQuantConfig")
     with pytest.raises(UsageError, match="has no k-quant quantizer; install a newer onnxruntime"):

@@ -68,14 +68,14 @@ def family_models(tmp_path_factory) -> dict[str, Path]:
 
 def replay(bundle: Path) -> dict[str, float]:
     """The bundle against PyTorch's golden reference, as `edgekd check` measures it."""
-    from edgekd.check import CheckConfig, check_bundle
+    from edgekd.device.check import CheckConfig, check_bundle
 
     return check_bundle(bundle, CheckConfig(speed=False)).fidelity["reference"]
 
 
 def assert_genai_as_edgekd(family: str, bundle: Path, n: int = 8) -> None:
     pytest.importorskip("onnxruntime_genai")
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     rt = Runtime(bundle)
     ids = rt.encode_prompt(PROMPT)
@@ -90,7 +90,7 @@ def assert_genai_as_edgekd(family: str, bundle: Path, n: int = 8) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_exports_for_cpu(tmp_path, family_models, family):
-    from edgekd.bundle import read_manifest
+    from edgekd.device.bundle import read_manifest
     from edgekd.export import export_bundle
 
     unfused = FAMILIES[family][3]
@@ -116,7 +116,7 @@ def test_each_family_exports_for_cpu(tmp_path, family_models, family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_exports_for_mobile(tmp_path, family_models, family):
-    from edgekd.bundle import read_manifest
+    from edgekd.device.bundle import read_manifest
     from edgekd.export import export_bundle
 
     export_bundle(str(family_models[family]), "mobile", tmp_path / "bundle")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import build_model, build_tokenizer, genai_greedy, save_model, tiny_llama_config
 
+from edgekd.device.runtime import Runtime
 from edgekd.export import export_bundle
 from edgekd.export.bundle import BYTE_LEVEL_DECODER, normalize_decoder
-from edgekd.runtime import Runtime
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is a dev dependency: pip install -e '.[dev]'")
 

@@ -63,13 +63,13 @@ def test_export_with_gptq_stores_the_rounded_model_exactly(tiny_teacher_dir, tmp
     """matmul_nbits.algorithm = "gptq": export rounds the model, keep_grid stores every decoder
     weight on its grid, and the bundle computes what the rounded PyTorch model computes (the tied
     head, a MatMul on the embedding's transpose, is no constant weight here: it stays fp32)."""
+    from edgekd.device.data import load_records
+    from edgekd.device.paths import SHIPPED_TRAIN, resource
     from edgekd.export import export_bundle
     from edgekd.export.onnx import model_facts, ort_forward, session
     from edgekd.export.profile import load_target
     from edgekd.export.steps.matmul_nbits import GPTQ_ANSWER_TOKENS
     from edgekd.models import load_model, model_written_texts
-    from edgekd.paths import SHIPPED_TRAIN, resource
-    from edgekd.validate.data import load_records
 
     mobile = load_target("mobile")
     profile = dataclasses.replace(mobile, steps=("matmul_nbits",), external_data=False).with_settings(

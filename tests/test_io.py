@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.bundle import MANIFEST, read_manifest, write_manifest
-from edgekd.errors import UsageError
-from edgekd.io import atomic_write_bytes
-from edgekd.outputs import atomic_dir
-from edgekd.paths import inside
+from edgekd.device.bundle import MANIFEST, read_manifest, write_manifest
+from edgekd.device.errors import UsageError
+from edgekd.device.io import atomic_write_bytes
+from edgekd.device.outputs import atomic_dir
+from edgekd.device.paths import inside
 
 
 def test_atomic_dir_success_and_failure(tmp_path):
@@ -35,7 +35,7 @@ def test_atomic_dir_success_and_failure(tmp_path):
 
 
 def test_overwrite_replaces_only_what_edgekd_made(tmp_path):
-    from edgekd.outputs import check_output_dir, output_lock
+    from edgekd.device.outputs import check_output_dir, output_lock
 
     docs = tmp_path / "docs"
     docs.mkdir()

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgekd.device.errors import UsageError
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.losses import (
     DIVERGENCES,
@@ -20,7 +21,6 @@ from edgekd.distill.losses import (
     hidden_state_loss,
     topk_support,
 )
-from edgekd.errors import UsageError
 
 P = [0.5, 0.5]  # teacher
 Q = [0.25, 0.75]  # student

@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from edgekd.check import CheckConfig, check_bundle
+from edgekd.device.check import CheckConfig, check_bundle
+from edgekd.device.runtime import Runtime
+from edgekd.device.session import keeps_logits
+from edgekd.device.speed import measure_memory, memory_line
 from edgekd.export import export_bundle
 from edgekd.export.onnx import feeds_for, session
 from edgekd.export.steps import STEPS, load_onnx
 from edgekd.export.steps.logits_to_keep import LogitsToKeep, head_input
-from edgekd.runtime import Runtime
-from edgekd.session import keeps_logits
-from edgekd.validate.speed import measure_memory, memory_line
 
 PROFILE = """
 description = "fp32 with the head on the kept rows, for the memory tests"
@@ -141,8 +141,8 @@ def test_fused_attention_keeps_one_kv_buffer_written_in_place(bundles):
 
 
 def test_a_prepared_model_is_made_once_per_machine_and_answers_alike(bundles, tmp_path):
-    from edgekd.errors import UsageError
-    from edgekd.prepared import DONE
+    from edgekd.device.errors import UsageError
+    from edgekd.device.prepared import DONE
 
     plain = Runtime(bundles["fused"])
     first = Runtime(bundles["fused"], prepared=tmp_path / "cache")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import requires_smollm2
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 from edgekd.models import describe, load_model, resolve_source
 
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from test_reliability import _one_clear_line
 from test_runtime import shared_fp32_bundle
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_overwrite_never_replaces_a_folder_whose_edgekd_file_names_are_not_edgek
     _one_clear_line(run_edgekd("export", tiny_teacher_dir, "--target", "cpu", "--out", webapp, "--overwrite"), 2, "not written by edgekd")
     assert _tree(webapp) == before
 
-    from edgekd.outputs import check_output_dir, edgekd_output
+    from edgekd.device.outputs import check_output_dir, edgekd_output
 
     for name in ("distill.json", "report.json", "distill.toml"):  # each marker file, with the user's content
         folder = tmp_path / name.replace(".", "-")
@@ -121,7 +121,7 @@ def test_non_finite_flags_are_refused_naming_the_flag(tmp_path, flag, value):
 
 
 def test_non_finite_numbers_in_files_are_refused_naming_the_key(tmp_path):
-    from edgekd.config import from_mapping
+    from edgekd.device.config import from_mapping
     from edgekd.distill.config import DistillConfig
     from edgekd.export.profile import load_target
 
@@ -135,7 +135,7 @@ def test_non_finite_numbers_in_files_are_refused_naming_the_key(tmp_path):
     shutil.copytree(Path(__file__).parents[1] / "tasks" / "sentiment", task)
     text = (task / "task.toml").read_text().replace("min_label_agreement_vs_teacher = 0.85", "min_label_agreement_vs_teacher = nan")
     (task / "task.toml").write_text(text)
-    from edgekd.tasks import load_task
+    from edgekd.device.tasks import load_task
 
     with pytest.raises(UsageError, match="must be a finite number"):
         load_task(str(task))
@@ -147,7 +147,7 @@ def test_a_negative_count_is_a_usage_error_not_a_bug(tiny_teacher_dir, tmp_path)
 
 
 def test_written_json_holds_no_nan(tmp_path):
-    from edgekd.io import read_json, write_json
+    from edgekd.device.io import read_json, write_json
 
     write_json(tmp_path / "a.json", {"loss": float("nan"), "x": [float("inf"), 1.5]})
     assert json.loads((tmp_path / "a.json").read_text(), parse_constant=lambda c: 1 / 0) == {"loss": None, "x": [None, 1.5]}
@@ -169,7 +169,7 @@ def test_generate_refuses_bad_sampling_in_one_line(bundle, args, words):
 
 
 def test_jsonl_splits_at_newlines_only_and_writes_ascii(tmp_path):
-    from edgekd.io import iter_jsonl, jsonl_text
+    from edgekd.device.io import iter_jsonl, jsonl_text
 
     records = [{"prompt": "a\u2028b\u0085c\x1cd"}, {"prompt": "second"}]
     text = jsonl_text(records)
@@ -188,7 +188,7 @@ def test_jsonl_splits_at_newlines_only_and_writes_ascii(tmp_path):
     ("\xff", "not a UTF-8 text file"),
 ])
 def test_hostile_json_is_one_line(tmp_path, text, words):
-    from edgekd.io import read_json
+    from edgekd.device.io import read_json
 
     p = tmp_path / "x.json"
     p.write_text(text, encoding="latin-1")
@@ -197,7 +197,7 @@ def test_hostile_json_is_one_line(tmp_path, text, words):
 
 
 def _resigned(bundle: Path, tmp_path: Path, edit) -> Path:
-    from edgekd.bundle import read_manifest, write_manifest
+    from edgekd.device.bundle import read_manifest, write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -269,14 +269,14 @@ def test_markup_and_newlines_in_user_text_print_as_they_are(tmp_path):
     "{{ foo.bar.baz }}",
 ])
 def test_a_hostile_chat_template_is_bad_input(template):
-    from edgekd.templates import ChatTemplate
+    from edgekd.device.templates import ChatTemplate
 
     with pytest.raises(UsageError, match="chat template"):
         ChatTemplate(template, {}).render([{"role": "user", "content": "hi"}])
 
 
 def test_a_template_that_loops_for_ever_is_stopped(monkeypatch):
-    import edgekd.templates as templates
+    import edgekd.device.templates as templates
 
     monkeypatch.setattr(templates, "TEMPLATE_MAX_SECONDS", 0.5)
     t0 = time.time()
@@ -331,7 +331,7 @@ def _ours(tmp: Path) -> list[str]:
 
 
 def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_live_one_is_named(tmp_path):
-    from edgekd.outputs import output_lock, process_identity
+    from edgekd.device.outputs import output_lock, process_identity
 
     me = process_identity()
     (tmp_path / ".a.lock").write_text(json.dumps({**me, "start": (me["start"] or 0) + 12345}))  # this PID, another process
@@ -350,7 +350,7 @@ def test_a_lock_whose_pid_was_reused_is_taken_over_and_a_live_one_is_named(tmp_p
 
 
 def test_sweep_removes_only_marked_folders_of_dead_processes(tmp_path):
-    from edgekd.outputs import WORK_MARKER, make_work_dir, sweep_stale
+    from edgekd.device.outputs import WORK_MARKER, make_work_dir, sweep_stale
 
     dead = tmp_path / ".o.partial-dead"
     dead.mkdir()
@@ -443,7 +443,7 @@ def test_fuzz_generate_flags(bundle, capsys, flag, value, prompt):
 
 
 def test_an_output_left_aside_by_a_killed_swap_is_put_back(tmp_path):
-    from edgekd.outputs import WORK_MARKER, check_output_dir
+    from edgekd.device.outputs import WORK_MARKER, check_output_dir
 
     old = tmp_path / ".bundle.old-x"
     (old / "bundle").mkdir(parents=True)
@@ -455,8 +455,8 @@ def test_an_output_left_aside_by_a_killed_swap_is_put_back(tmp_path):
 
 
 def test_a_report_of_an_earlier_edgekd_is_still_ours_and_odd_files_are_not_read(tmp_path):
-    from edgekd.io import read_json
-    from edgekd.outputs import edgekd_output
+    from edgekd.device.io import read_json
+    from edgekd.device.outputs import edgekd_output
 
     old = tmp_path / "old-report"
     old.mkdir()

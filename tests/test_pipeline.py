@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekd.cli import app
-from edgekd.errors import UsageError
-from edgekd.paths import resource
+from edgekd.device.errors import UsageError
+from edgekd.device.paths import resource
 from edgekd.pipeline import load_pipeline, run_pipeline
 
 PROFILE = """

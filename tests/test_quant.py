@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch.nn.utils import parametrize
 from typer.testing import CliRunner
 
-from edgekd.bundle import read_manifest
 from edgekd.cli import app
+from edgekd.device.bundle import read_manifest
 from edgekd.export import export_bundle
 from edgekd.quant import absmax_grid, attach_fake_quantize, bake_fake_quantize, ort_symmetric_grid, refresh_fake_quantize
 
@@ -152,7 +152,7 @@ def test_the_cpu_profile_keeps_an_int4_head_on_its_grid():
     recipe reproduces the student; with keep_grid off it would re-round the head to int8."""
     import dataclasses
 
-    from edgekd.bundle import QatGrid
+    from edgekd.device.bundle import QatGrid
     from edgekd.export import reproduces_qat_grid
     from edgekd.export.profile import load_target
 

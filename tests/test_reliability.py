@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgekd.bundle import read_manifest
+from edgekd.device.bundle import read_manifest
 
 
 def _export(model: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -119,8 +119,8 @@ def test_validate_target_pins_the_gates_whatever_the_manifest_says(bundle, tmp_p
 
     broken = break_with_quantize_dynamic(bundle, tmp_path / "broken")
     loose = _tampered(broken, tmp_path, lambda m: m["target"].update(gates={}))
-    from edgekd.bundle import read_manifest as read
-    from edgekd.bundle import write_manifest
+    from edgekd.device.bundle import read_manifest as read
+    from edgekd.device.bundle import write_manifest
 
     m = read(loose, verify=False)
     write_manifest(loose, {k: v for k, v in m.items() if k not in ("format", "format_version", "files")})  # hashes re-signed
@@ -146,10 +146,10 @@ def test_paths_with_brackets_print_as_text(tmp_path):
 def test_a_bug_has_its_own_exit_code(tiny_teacher_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import edgekd.tasks
+    import edgekd.device.tasks
     from edgekd.cli import app
 
-    monkeypatch.setattr(edgekd.tasks, "shipped_tasks", lambda: 1 / 0)
+    monkeypatch.setattr(edgekd.device.tasks, "shipped_tasks", lambda: 1 / 0)
     r = CliRunner().invoke(app, ["tasks"])
     assert r.exit_code == 3 and "internal error, ZeroDivisionError" in r.output and "EDGEKD_DEBUG" in r.output
 
@@ -183,8 +183,8 @@ _FIELDS = ["files", "model", "target", "source", "format_version", ("model", "fi
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(_FIELDS), value=_json)
 def test_any_manifest_field_value_loads_or_is_a_usage_error(bundle, tmp_path_factory, field, value):
-    from edgekd.bundle import read_manifest as read
-    from edgekd.errors import UsageError
+    from edgekd.device.bundle import read_manifest as read
+    from edgekd.device.errors import UsageError
 
     root = tmp_path_factory.mktemp("prop")
     for name in ("manifest.json", "tokenizer.json", "tokenizer_config.json", "model.onnx"):
@@ -206,8 +206,8 @@ def test_any_manifest_field_value_loads_or_is_a_usage_error(bundle, tmp_path_fac
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_any_manifest_bytes_load_or_are_a_usage_error(tmp_path_factory, data):
-    from edgekd.bundle import read_manifest as read
-    from edgekd.errors import UsageError
+    from edgekd.device.bundle import read_manifest as read
+    from edgekd.device.errors import UsageError
 
     root = tmp_path_factory.mktemp("bytes")
     (root / "manifest.json").write_bytes(data)
@@ -223,8 +223,8 @@ def test_any_manifest_bytes_load_or_are_a_usage_error(tmp_path_factory, data):
 ])
 def test_damaged_bundle_files_re_signed_are_one_line_errors(bundle, tmp_path, name, content, words):
     """Files changed and the manifest re-signed (hashes updated): still one line naming the file."""
-    from edgekd.bundle import read_manifest as read
-    from edgekd.bundle import write_manifest
+    from edgekd.device.bundle import read_manifest as read
+    from edgekd.device.bundle import write_manifest
 
     copy = tmp_path / "damaged"
     shutil.copytree(bundle, copy)

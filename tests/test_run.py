@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from edgekd.bundle import QatGrid
+from edgekd.device.bundle import QatGrid
+from edgekd.device.errors import UsageError
 from edgekd.distill.run import StudentRun
-from edgekd.errors import UsageError
 
 
 def test_a_run_is_ours_then_stopped_then_complete(tmp_path):
@@ -17,7 +17,7 @@ def test_a_run_is_ours_then_stopped_then_complete(tmp_path):
     assert not run.is_ours() and not run.stopped_midway() and run.result() is None
     run.config_toml.write_text('teacher = "t"\n')  # a file of that name alone is not a run of ours
     assert not run.is_ours()
-    from edgekd.outputs import DISTILL_TOML_MARKER
+    from edgekd.device.outputs import DISTILL_TOML_MARKER
 
     run.config_toml.write_text(DISTILL_TOML_MARKER + '\nteacher = "t"\n')
     run.checkpoints.mkdir()

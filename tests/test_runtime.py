@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.errors import UsageError
-from edgekd.runtime import Runtime
-from edgekd.sampling import Sampling, TextStream, pick_token
+from edgekd.device.errors import UsageError
+from edgekd.device.runtime import Runtime
+from edgekd.device.sampling import Sampling, TextStream, pick_token
 
 PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "def add(a, b):"]
 
@@ -155,7 +155,7 @@ def test_pick_token_respects_top_k_and_top_p():
 def test_runtime_imports_neither_torch_nor_transformers(fp32_bundle):
     code = (
         "import sys\n"
-        "from edgekd.runtime import Runtime\n"
+        "from edgekd.device.runtime import Runtime\n"
         f"rt = Runtime({str(fp32_bundle)!r})\n"
         "text = rt.generate('What is the capital of France?', max_new_tokens=8)\n"
         "bad = [m for m in ('torch', 'transformers', 'optimum') if m in sys.modules]\n"
@@ -212,7 +212,7 @@ def test_a_changed_file_is_refused(fp32_bundle, tmp_path):
 def test_external_data_outside_the_bundle_is_refused(fp32_bundle, tmp_path):
     import onnx
 
-    from edgekd.bundle import read_manifest, write_manifest
+    from edgekd.device.bundle import read_manifest, write_manifest
 
     copy = shutil.copytree(fp32_bundle, tmp_path / "b")
     model = onnx.load(str(copy / "model.onnx"))
@@ -239,7 +239,7 @@ def test_manifest_path_escaping_the_bundle_is_refused(fp32_bundle, tmp_path):
 
 
 def test_an_operator_this_onnxruntime_lacks_is_named_with_the_release_to_install():
-    from edgekd.session import missing_operator
+    from edgekd.device.session import missing_operator
 
     line = missing_operator("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Fatal error: "
                             "com.microsoft:MatMulNBits(-1) is not a registered function/op", "1.32.0")
@@ -253,8 +253,8 @@ def test_a_bundle_with_an_unknown_operator_is_one_line(tmp_path, tiny_teacher_di
     import onnx
     from onnx import TensorProto, helper
 
-    from edgekd.bundle import read_manifest, write_manifest
-    from edgekd.errors import UsageError
+    from edgekd.device.bundle import read_manifest, write_manifest
+    from edgekd.device.errors import UsageError
     from edgekd.export import export_bundle
 
     profile = tmp_path / "fp32.toml"

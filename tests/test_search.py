@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from edgekd.bundle import read_manifest
 from edgekd.cli import app
-from edgekd.errors import UsageError
+from edgekd.device.bundle import read_manifest
+from edgekd.device.bundle_report import BundleReport
+from edgekd.device.errors import UsageError
+from edgekd.device.targets import SHIPPED
 from edgekd.export.profile import load_target
 from edgekd.export.steps import STEPS
 from edgekd.search import layer_prefixes, resolve_candidates, search_export, splice
-from edgekd.targets import SHIPPED
 from edgekd.validate import ValidateConfig
-from edgekd.validate.bundle_report import BundleReport
 
 BASE = """
 description = "test search"

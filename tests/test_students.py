@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_model, save_model, tiny_llama_config
 
+from edgekd.device.errors import UsageError
 from edgekd.distill.students import build_student, evenly_spaced, parse_layers
-from edgekd.errors import UsageError
 from edgekd.models import load_model
 
 
@@ -237,8 +237,8 @@ def test_a_head_pruned_student_exports_with_fused_attention(tiny_teacher_dir, tm
     GroupQueryAttention fusion, the bundle's description."""
     import json
 
+    from edgekd.device.runtime import Runtime
     from edgekd.export import export_bundle
-    from edgekd.runtime import Runtime
 
     teacher, tok = load_model(str(tiny_teacher_dir))
     if kv_heads == 4:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
+from edgekd.device.paths import resource
+from edgekd.device.targets import SHIPPED
 from edgekd.export.profile import TargetProfile, load_target
 from edgekd.export.steps import STEPS
-from edgekd.paths import resource
-from edgekd.targets import SHIPPED
 
 CPU_TOML = resource("targets/cpu.toml").read_text()
 

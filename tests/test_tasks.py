@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekd.cli import app
+from edgekd.device.errors import UsageError
+from edgekd.device.io import iter_jsonl
+from edgekd.device.tasks import SHIPPED_TASKS, label_margins, label_of, load_task, rouge_l, score_answers
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.config_io import resolve
-from edgekd.errors import UsageError
-from edgekd.io import iter_jsonl
-from edgekd.tasks import SHIPPED_TASKS, label_margins, label_of, load_task, rouge_l, score_answers
 
 
 def test_label_of_takes_the_first_label_named_as_a_word():
@@ -239,7 +239,7 @@ def test_a_labelled_task_whose_teacher_names_no_label_is_refused(tiny_teacher_di
 
 
 def test_a_distilled_split_gets_its_truths_from_the_task_folder(tmp_path):
-    from edgekd.validate.data import record_truths
+    from edgekd.device.data import record_truths
 
     (tmp_path / "heldout.jsonl").write_text('{"prompt": "a", "label": "positive"}\n{"prompt": "b", "label": "negative"}\n')
     split = [{"prompt": "b", "response": "The review is negative."}, {"prompt": "c", "response": "x"}]  # the teacher's answers

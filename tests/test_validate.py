@@ -13,9 +13,9 @@ import pytest
 from conftest import requires_smollm2, run_edgekd
 from test_runtime import shared_fp32_bundle
 
-from edgekd.errors import UsageError
-from edgekd.validate.fidelity import compare_greedy, compare_logits
-from edgekd.validate.gates import GATES, apply_gates
+from edgekd.device.errors import UsageError
+from edgekd.device.fidelity import compare_greedy, compare_logits
+from edgekd.device.gates import GATES, apply_gates
 
 FAST = ["--num-prompts", "3", "--answer-tokens", "12"]
 
@@ -41,7 +41,7 @@ def break_with_quantize_dynamic(good: Path, out: Path) -> Path:
     internally consistent, so only measuring it against the reference can catch it."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgekd.bundle import read_manifest, write_manifest
+    from edgekd.device.bundle import read_manifest, write_manifest
 
     shutil.copytree(good, out)
     quantize_dynamic(
@@ -148,7 +148,7 @@ def test_changed_bundle_and_foreign_out_are_refused(bundles, tmp_path):
 def test_cuda_bundle_on_a_machine_without_cuda_falls_back_with_a_message(bundles, tmp_path):
     import onnxruntime as ort
 
-    from edgekd.bundle import read_manifest, write_manifest
+    from edgekd.device.bundle import read_manifest, write_manifest
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
@@ -164,7 +164,7 @@ def test_cuda_bundle_on_a_machine_without_cuda_falls_back_with_a_message(bundles
 
 
 def test_generate_streams_and_refuses_bad_prompts(bundles):
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     rt = Runtime(bundles["good"])
     expected = rt.generate("What is the capital of France?", max_new_tokens=10)
@@ -190,7 +190,7 @@ def test_bench_reports_a_ratio_against_pytorch(bundles):
 
 
 def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
-    from edgekd.validate.data import choose_data, load_records
+    from edgekd.device.data import choose_data, load_records
 
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text('{"prompt": "Hi?", "response": "Hello."}\n\n{"prompt": "Why?"}\n')
@@ -215,7 +215,7 @@ def test_data_comes_from_the_flag_the_manifest_or_the_shipped_prompts(tmp_path):
 def test_validate_settings_record_keeps_earlier_stamps_valid():
     """The pipeline and the search record ValidateConfig; a field added later (task) is left out
     while unset, so what an earlier edgekd recorded still matches."""
-    from edgekd.config import to_dict
+    from edgekd.device.config import to_dict
     from edgekd.validate import ValidateConfig
 
     assert ValidateConfig().record() == {k: v for k, v in to_dict(ValidateConfig()).items() if k != "task"}
@@ -258,8 +258,8 @@ def test_gates_directions_missing_values_and_unknown_names():
 
 
 def test_every_gate_of_the_target_profiles_is_known():
+    from edgekd.device.targets import SHIPPED, Gates
     from edgekd.export.profile import load_target
-    from edgekd.targets import SHIPPED, Gates
 
     assert {f.name for f in __import__("dataclasses").fields(Gates)} == set(GATES)
     for name in SHIPPED:
@@ -294,8 +294,8 @@ def test_decode_roofline_counts_the_weights_a_decode_step_reads(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekd.bundle import decode_weight_bytes
-    from edgekd.validate.speed import read_bandwidth, roofline
+    from edgekd.device.bundle import decode_weight_bytes
+    from edgekd.device.speed import read_bandwidth, roofline
 
     emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")  # 3,200 bytes, gathered only
     head = numpy_helper.from_array(np.zeros((8, 50), np.float32), "head")  # 1,600 bytes, a MatMul reads it
@@ -319,7 +319,7 @@ def test_a_bundle_report_is_judged_and_round_trips_through_report_json():
     table's paths, it says which failed, and report.json holds it whole (a command's own sections too)."""
     import json
 
-    from edgekd.validate.bundle_report import BundleReport
+    from edgekd.device.bundle_report import BundleReport
 
     report = BundleReport(bundle="/b", target="cpu", fidelity={"reference": {"top1": 0.99, "kl_mean": 0.001}}, cost={"size_mb": 10.0},
                           details={"golden": {"prompts": 4}})

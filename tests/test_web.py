@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import build_model, build_tokenizer, save_model, tiny_llama_config
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 JS_MODULES = Path(os.environ.get("EDGEKD_JS_MODULES") or ROOT / ".cache" / "js" / "node_modules")
@@ -36,8 +36,8 @@ def web_bundle(tmp_path_factory) -> Path:
 def test_a_web_bundle_is_the_folder_transformers_js_loads(web_bundle):
     import onnx
 
-    from edgekd.bundle import read_manifest
-    from edgekd.check import CheckConfig, check_bundle
+    from edgekd.device.bundle import read_manifest
+    from edgekd.device.check import CheckConfig, check_bundle
 
     manifest = read_manifest(web_bundle, verify=True)
     assert manifest["model"]["file"] == "onnx/model_q4.onnx" and not (web_bundle / "model.onnx").exists()
@@ -87,7 +87,7 @@ def test_a_web_bundle_replays_its_golden_in_chromium_on_webassembly_and_webgpu(w
     SwiftShader's software adapter. Both must give what edgekd's own replay gives here."""
     import sys
 
-    from edgekd.check import CheckConfig, check_bundle
+    from edgekd.device.check import CheckConfig, check_bundle
 
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "browser_check.py"), str(web_bundle), "--num-prompts", "2",
                         "--webgpu", "--timeout", "400", "--json", str(tmp_path / "page.json")], capture_output=True, text=True, timeout=600)
@@ -107,7 +107,7 @@ def test_a_web_bundle_replays_its_golden_in_chromium_on_webassembly_and_webgpu(w
 @pytest.mark.parametrize("backend", ["node", "web"])
 def test_transformers_js_answers_like_edgekd(web_bundle, backend):
     """from_pretrained on the folder, as an app does; the same prompt ids; the same greedy tokens."""
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     rt = Runtime(web_bundle)
     ids = [rt.encode_prompt(p) for p in PROMPTS]

@@ -45,7 +45,7 @@ function argmax(logits, offset, vocab) {
 }
 
 // KL over the reference's top-k (probabilities p, the bundle's log-probs lq of the same tokens) and
-// one bucket for the rest: as edgekd.check._rest_kl.
+// one bucket for the rest: as edgekd.device.check._rest_kl.
 function restKL(p, lq) {
   let sp = 0, sq = 0, kl = 0;
   for (let i = 0; i < p.length; i++) {
@@ -66,7 +66,7 @@ function percentile(values, q) {  // numpy's default (linear interpolation)
 
 const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
 
-// A decoder session with its KV cache, fed as edgekd.runtime.Runtime feeds it.
+// A decoder session with its KV cache, fed as edgekd.device.runtime.Runtime feeds it.
 class Decoder {
   constructor(ort, session, manifest) {
     this.ort = ort;
@@ -110,7 +110,7 @@ class Decoder {
 
 class UsageError extends Error {}
 
-// The model file and its external data, MB: as edgekd.bundle.Manifest.model_bytes.
+// The model file and its external data, MB: as edgekd.device.bundle.Manifest.model_bytes.
 function modelMB(manifest) {
   const name = manifest.model.file || "model.onnx";
   return (manifest.files || []).filter((f) => f.path === name || f.path.startsWith(`${name}.`)).reduce((s, f) => s + f.bytes, 0) / 1e6;
@@ -141,7 +141,7 @@ export async function replay(ort, session, manifest, golden, { numPrompts = 0, l
   }
   const answers = [];
   let decodeSeconds = 0, decodeSteps = 0;
-  for (const ex of examples) {  // greedy, as edgekd.validate.fidelity.bundle_greedy: an eos ends and is kept
+  for (const ex of examples) {  // greedy, as edgekd.device.fidelity.bundle_greedy: an eos ends and is kept
     dec.reset();
     let logits = await dec.run(ex.prompt_ids), offset = (dec.rows - 1) * dec.vocab;
     const answer = [];

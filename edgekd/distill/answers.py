@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from edgekd.device.errors import EdgekdError, UsageError
+from edgekd.device.paths import SHIPPED_HELDOUT, SHIPPED_TRAIN, resource
 from edgekd.distill import cache as tcache
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.data import (
@@ -29,8 +31,6 @@ from edgekd.distill.data import (
 )
 from edgekd.distill.generate import generate_answers
 from edgekd.distill.loop import progress_bar
-from edgekd.errors import EdgekdError, UsageError
-from edgekd.paths import SHIPPED_HELDOUT, SHIPPED_TRAIN, resource
 
 HELDOUT = "data/heldout.jsonl"  # the held-out split distill.json names (what `edgekd validate` uses)
 
@@ -87,14 +87,14 @@ def training_records(run: TeacherRun) -> tuple[list[dict], dict]:
 
 
 def task_of(cfg: DistillConfig):
-    from edgekd.tasks import load_task
+    from edgekd.device.tasks import load_task
 
     return load_task(cfg.task)
 
 
 def check_labels(records: list[dict], labels, say) -> int:
     """Count the teacher answers that name none of the task's labels: warn, or refuse when none do."""
-    from edgekd.tasks import label_of
+    from edgekd.device.tasks import label_of
 
     missing = sum(label_of(r["response"], labels) is None for r in records)
     if missing == len(records):
@@ -210,14 +210,14 @@ def _captured_part(answers: list[dict], indices: list[int]) -> dict[str, torch.T
 
 
 def _write_jsonl(path: Path, records: Sequence[dict | None]) -> None:
-    from edgekd.io import atomic_write_bytes, jsonl_text
+    from edgekd.device.io import atomic_write_bytes, jsonl_text
 
     atomic_write_bytes(path, jsonl_text(records).encode())
 
 
 def _read_jsonl(path: Path) -> list[dict]:
     """What ``_write_jsonl`` wrote."""
-    from edgekd.io import iter_jsonl
+    from edgekd.device.io import iter_jsonl
 
     return [rec for _, rec in iter_jsonl(path)]
 
@@ -327,7 +327,7 @@ def fit_calibration(run: TeacherRun):
     found = cal.fit(method, task.labels, groups, np.array(z).reshape(len(z), len(groups)),
                     truths=named_truths if any(named_truths) else None, prior=task.spec.label_prior or None)
     if run.accel.is_main_process:
-        from edgekd.io import atomic_write_bytes
+        from edgekd.device.io import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps({"key": key, "calibration": found.record()}, indent=1).encode())
     run.accel.wait_for_everyone()

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 METHODS = ("prior", "labels")
 

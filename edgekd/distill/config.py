@@ -1,7 +1,7 @@
 """``DistillConfig``: every setting of ``edgekd distill``, its default, the reason for it, and its help.
 
 Filled the same way from a TOML file, CLI flags (which override the file) or Python, through
-``edgekd.config.from_mapping``. Each field is also a flag of ``edgekd distill`` (``flag_fields``:
+``edgekd.device.config.from_mapping``. Each field is also a flag of ``edgekd distill`` (``flag_fields``:
 ``--name-with-dashes``, a switch ``--name/--no-name``, unless the field names its own flags), its
 ``help`` metadata what ``--help`` shows: a new setting is written once, here (CONFIG_ONLY: the few
 read only from a TOML).
@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import field
 from typing import Literal
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 Loss = Literal["fkl", "rkl", "jsd", "skl"]
 Calibrate = Literal["auto", "off", "prior", "labels"]

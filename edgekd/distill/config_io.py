@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgekd.config import from_mapping, read_toml, to_dict
+from edgekd.device.config import from_mapping, read_toml, to_dict
+from edgekd.device.errors import UsageError
+from edgekd.device.io import atomic_write_bytes
+from edgekd.device.outputs import DISTILL_TOML_MARKER
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.run import StudentRun
-from edgekd.errors import UsageError
-from edgekd.io import atomic_write_bytes
-from edgekd.outputs import DISTILL_TOML_MARKER
 
 # Settings a --resume may change: they do not change what the finished steps computed.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "out"}
@@ -51,7 +51,7 @@ def with_task_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
     under every setting the user gave."""
     if not data.get("task"):
         return dict(data)
-    from edgekd.tasks import TASK_TOML, load_task
+    from edgekd.device.tasks import TASK_TOML, load_task
 
     task = load_task(data["task"])
     from_mapping(DistillConfig, task.spec.distill, f"{task.folder / TASK_TOML} [distill]")  # its keys and types

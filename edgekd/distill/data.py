@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from edgekd.errors import UsageError
-from edgekd.io import iter_jsonl, jsonl_lines
+from edgekd.device.errors import UsageError
+from edgekd.device.io import iter_jsonl, jsonl_lines
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 from edgekd.models import decoder_of
 
 # Where a decoder keeps its list of layers: ``model.layers`` (Llama, Mistral, Qwen, Gemma, Phi-3, ...),

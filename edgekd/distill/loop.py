@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from edgekd.device.errors import UsageError
+from edgekd.device.io import json_line, jsonl_lines, proc_kib_field
 from edgekd.distill.config import DistillConfig
 from edgekd.distill.data import (
     Example,
@@ -36,8 +38,6 @@ from edgekd.distill.data import (
 )
 from edgekd.distill.losses import LossSpec, TeacherTargets, fused_head_loss, hidden_state_loss
 from edgekd.distill.run import CONFIG_TOML, DISTILL_JSON, StudentRun
-from edgekd.errors import UsageError
-from edgekd.io import json_line, jsonl_lines, proc_kib_field
 from edgekd.models import decoder_of
 from edgekd.quant import bake_fake_quantize
 
@@ -131,9 +131,9 @@ def prepare_out_dir(out: Path, cfg: DistillConfig, *, resume: bool, overwrite: b
     ``--overwrite`` never deletes a folder that edgekd did not write (no ``distill.toml``): it
     removes our checkpoints, metrics and ``distill.json``, and keeps ``data/`` and ``cache/``,
     which are reused only when their keys match."""
+    from edgekd.device.outputs import refuse_unsafe_out
     from edgekd.distill.config_io import write_config_toml
     from edgekd.models import resolve_source
-    from edgekd.outputs import refuse_unsafe_out
 
     teacher = resolve_source(cfg.teacher).path
     refuse_unsafe_out(out, tuple(p for p in (teacher, Path(cfg.task) if cfg.task and Path(cfg.task).is_dir() else None) if p))
@@ -304,7 +304,7 @@ def trim_metrics(path: Path, step: int) -> None:
     if path.is_file():
         rows = [(line, _row(line)) for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
         kept = [line for line, row in rows if row is not None and row.get("step", 0) <= step]  # a torn last line goes
-        from edgekd.io import atomic_write_bytes
+        from edgekd.device.io import atomic_write_bytes
 
         atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 Divergence = Callable[..., torch.Tensor]
 DIVERGENCES: dict[str, Divergence] = {}

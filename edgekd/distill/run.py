@@ -18,8 +18,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from edgekd.bundle import QatGrid
-from edgekd.errors import UsageError
+from edgekd.device.bundle import QatGrid
+from edgekd.device.errors import UsageError
 
 CONFIG_TOML = "distill.toml"
 DISTILL_JSON = "distill.json"
@@ -33,7 +33,7 @@ class RunResult:
 
     teacher: str | None  # the teacher's spec
     heldout: Path | None  # the held-out split (absolute), what validate compares on
-    task: dict[str, Any] | None  # the task's record (edgekd.tasks.Task.record), or None
+    task: dict[str, Any] | None  # the task's record (edgekd.device.tasks.Task.record), or None
     quantization_aware: QatGrid | None  # the --qat-bits grid the student was trained on
     data: dict[str, Any]  # the whole file, for what has no field of its own
 
@@ -63,7 +63,7 @@ class StudentRun:
     def is_ours(self) -> bool:
         """edgekd distill wrote this folder: its distill.toml (written first) or distill.json carries
         edgekd's marker. A file of the user's that only has the name is not enough."""
-        from edgekd.outputs import DISTILL_RUN, edgekd_output
+        from edgekd.device.outputs import DISTILL_RUN, edgekd_output
 
         return edgekd_output(self.folder) == DISTILL_RUN
 
@@ -76,7 +76,7 @@ class StudentRun:
 
     def saved_config(self):
         """The run's ``distill.toml`` as a ``DistillConfig`` (UsageError naming the file if bad)."""
-        from edgekd.config import from_mapping, read_toml
+        from edgekd.device.config import from_mapping, read_toml
         from edgekd.distill.config import DistillConfig
 
         return from_mapping(DistillConfig, read_toml(self.config_toml), str(self.config_toml))
@@ -84,7 +84,7 @@ class StudentRun:
     def write_result(self, data: dict[str, Any]) -> RunResult:
         """Write ``distill.json`` (atomically; last, as its presence means the run is complete) from
         what the trainer measured, read back as the ``RunResult`` export and validate will see."""
-        from edgekd.io import write_json
+        from edgekd.device.io import write_json
 
         result = self._parse(data)
         write_json(self.result_json, data)
@@ -94,7 +94,7 @@ class StudentRun:
         """The complete run's ``distill.json``, or None when the run is not complete."""
         if not self.is_complete():
             return None
-        from edgekd.io import read_json
+        from edgekd.device.io import read_json
 
         data = read_json(self.result_json, ": re-run `edgekd distill` or remove it")
         if not isinstance(data, dict):

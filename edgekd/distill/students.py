@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from edgekd.config import read_toml
-from edgekd.errors import UsageError, first_line
+from edgekd.device.config import read_toml
+from edgekd.device.errors import UsageError, first_line
 
 
 @dataclasses.dataclass

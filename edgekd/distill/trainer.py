@@ -29,8 +29,9 @@ import torch
 from torch.nn.utils import parametrize
 
 from edgekd import __version__
-from edgekd.bundle import QatGrid
-from edgekd.config import to_dict
+from edgekd.device.bundle import QatGrid
+from edgekd.device.config import to_dict
+from edgekd.device.errors import EdgekdError, UsageError
 from edgekd.distill import answers
 from edgekd.distill import checkpoint as ckpt
 from edgekd.distill import loop as helpers
@@ -49,7 +50,6 @@ from edgekd.distill.generate import generate_answers
 from edgekd.distill.losses import LossSpec, TeacherTargets, hyperparameters
 from edgekd.distill.run import StudentRun
 from edgekd.distill.students import build_student
-from edgekd.errors import EdgekdError, UsageError
 from edgekd.models import decoder_of
 from edgekd.quant import GRID, attach_fake_quantize, refresh_fake_quantize
 
@@ -65,7 +65,7 @@ def distill(cfg: DistillConfig, *, resume: bool = False, overwrite: bool = False
 
     One writer per ``--out`` (a lock beside it); a run refused for bad input leaves a folder it
     created as it found it (absent)."""
-    from edgekd.outputs import output_lock
+    from edgekd.device.outputs import output_lock
 
     if not cfg.out:
         raise UsageError("no output folder: pass --out DIR")
@@ -172,7 +172,7 @@ class Trainer:
 
     def label_repeats(self) -> list[int]:
         """``balance_labels``: each example's draws per epoch, from the label of its teacher answer."""
-        from edgekd.tasks import label_of
+        from edgekd.device.tasks import label_of
 
         labels = answers.task_of(self.cfg).labels if self.cfg.task else ()
         if not labels:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgekd import __version__
-from edgekd.bundle import QatGrid
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.device.bundle import QatGrid
+from edgekd.device.errors import EdgekdError, UsageError
 
 if TYPE_CHECKING:  # loaded where used: `edgekd check` imports this package, and needs no export step
     from edgekd.export.profile import TargetProfile
@@ -134,10 +134,10 @@ def export_bundle(
     the golden replayed through the bundle (``_replay_into_manifest``); all in a temporary folder
     that replaces ``out`` only when every stage passed.
     """
-    from edgekd.bundle import write_manifest
+    from edgekd.device.bundle import write_manifest
+    from edgekd.device.outputs import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir
     from edgekd.export.onnx import export_onnx, model_facts
     from edgekd.models import load_model, resolve_source
-    from edgekd.outputs import BUNDLE, atomic_dir, check_output_dir, output_lock, work_dir
 
     say = log or (lambda msg: None)
     out = Path(out)
@@ -149,7 +149,7 @@ def export_bundle(
     check_output_dir(out, overwrite, inputs, kind=BUNDLE)  # before minutes of work
     golden_prompts = GOLDEN_PROMPTS if golden_prompts is None else golden_prompts
     if golden_data is not None and golden_prompts > 0:
-        from edgekd.validate.data import load_records
+        from edgekd.device.data import load_records
 
         load_records(Path(golden_data), limit=1)  # a missing or malformed file fails now, not after the export
     origin = source_info(source)
@@ -186,8 +186,8 @@ def export_bundle(
 
 
 def _write_golden(tmp: Path, golden: dict[str, Any]) -> None:
-    from edgekd.bundle import GOLDEN_FILE
-    from edgekd.io import atomic_write_bytes
+    from edgekd.device.bundle import GOLDEN_FILE
+    from edgekd.device.io import atomic_write_bytes
 
     atomic_write_bytes(tmp / GOLDEN_FILE, json.dumps(golden, separators=(",", ":")).encode())
 
@@ -271,7 +271,7 @@ def _write_model(path: Path, tmp: Path, model_file: str, profile: TargetProfile,
                  facts: dict[str, Any], say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[list, list]]:
     """The final model into the bundle, checked against PyTorch on the probe once more; returns
     that check and the model's input and output tables."""
-    from edgekd.bundle import check_external_data
+    from edgekd.device.bundle import check_external_data
     from edgekd.export import bundle as files
     from edgekd.export.onnx import compare, ort_probe, session
 
@@ -328,7 +328,7 @@ def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[
               facts: dict[str, Any], tmp: Path, model_file: str, io_tables: tuple[list, list], probe: dict[str, Any],
               final: dict[str, Any], tokenizer_note: str | None, seconds: float) -> dict[str, Any]:
     """The manifest's table (``write_manifest`` adds the files and their hashes)."""
-    from edgekd.bundle import decode_weight_bytes
+    from edgekd.device.bundle import decode_weight_bytes
 
     model_bytes = sum(p.stat().st_size for p in tmp.glob(model_file + "*"))
     fp32_bytes = probe["fp32_bytes"]
@@ -368,10 +368,10 @@ def _replay_into_manifest(manifest: dict[str, Any], tmp: Path, golden: dict[str,
                           say: Callable[[str], None]) -> None:
     """The bundle's greedy answers against the golden reference's, as check will see them,
     recorded in the manifest (no file changed since it was written: the hashes stand)."""
-    from edgekd.bundle import MANIFEST
-    from edgekd.check import replay_golden
-    from edgekd.io import write_json
-    from edgekd.runtime import Runtime
+    from edgekd.device.bundle import MANIFEST
+    from edgekd.device.check import replay_golden
+    from edgekd.device.io import write_json
+    from edgekd.device.runtime import Runtime
 
     say("replaying the golden reference with the bundle")
     figures, _, _ = replay_golden(Runtime(tmp, providers=profile.execution_providers, verify=False),

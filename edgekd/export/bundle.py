@@ -1,6 +1,6 @@
 """The files of a bundle besides the model: tokenizer, chat template, configs, genai_config.json.
 
-The manifest contract itself lives in ``edgekd.bundle``; this module writes what it describes.
+The manifest contract itself lives in ``edgekd.device.bundle``; this module writes what it describes.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgekd.bundle import DEFAULT_CONTEXT
-from edgekd.io import write_json
+from edgekd.device.bundle import DEFAULT_CONTEXT
+from edgekd.device.io import write_json
 
 # onnxruntime-genai's model types for the architectures optimum-onnx exports (its "type" key).
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
@@ -68,7 +68,7 @@ def write_reduced_build_configs(ort_model: Path, out_dir: Path) -> list[str]:
     ships a runtime holding only what its bundle needs."""
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    from edgekd.io import quiet
+    from edgekd.device.io import quiet
 
     written = []
     for name, with_types in REDUCED_BUILD_CONFIGS.items():

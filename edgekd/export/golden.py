@@ -6,7 +6,7 @@ as the token ids the bundle's own tokenizer and chat template give it, the model
 (up to ``answer_tokens``, its eos included), and at each answer position the model's top-k token
 ids and log-probabilities (teacher-forced on that answer, as ``Runtime.score`` reads it).
 The file is listed and hashed in ``manifest.json`` like every other bundle file. The format is
-read by ``edgekd.check``.
+read by ``edgekd.device.check``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.bundle import GOLDEN_FORMAT, GOLDEN_TOP_K, GOLDEN_VERSION
+from edgekd.device.bundle import GOLDEN_FORMAT, GOLDEN_TOP_K, GOLDEN_VERSION
 
 
 def golden_records(origin: dict[str, Any], limit: int, data: Path | None = None) -> tuple[list[dict[str, str]], str]:
     """The held-out prompts for the golden file: ``data`` when given, else the distillation's
     held-out split when the model has one, else the shipped held-out prompts
-    (``edgekd.validate.data.choose_data``)."""
-    from edgekd.validate.data import choose_data, load_records
+    (``edgekd.device.data.choose_data``)."""
+    from edgekd.device.data import choose_data, load_records
 
     path, where, _ = choose_data(data, heldout=origin.get("heldout"))
     return load_records(path, limit=limit), f"{where} ({path.name})"
@@ -35,8 +35,8 @@ def make_golden(model, bundle_dir: Path, records: Sequence[dict[str, str]], answ
     import torch
     from tokenizers import Tokenizer
 
-    from edgekd.runtime import answer_text, encode_prompt
-    from edgekd.templates import load_chat_template
+    from edgekd.device.runtime import answer_text, encode_prompt
+    from edgekd.device.templates import load_chat_template
 
     tokenizer = Tokenizer.from_file(str(Path(bundle_dir) / "tokenizer.json"))
     template = load_chat_template(Path(bundle_dir))

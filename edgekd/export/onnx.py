@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import EdgekdError, UsageError, first_line
-from edgekd.io import quiet
+from edgekd.device.errors import EdgekdError, UsageError, first_line
+from edgekd.device.io import quiet
 
 TASK = "text-generation-with-past"
 # A short, mixed probe: prose, digits, code. Export runs it as one prompt plus one cached decode step.
@@ -103,7 +103,7 @@ def session(path: Path, providers: tuple[str, ...] | list[str] = ("CPUExecutionP
     """An onnxruntime session on the providers this build has (the CPU provider as the fallback)."""
     import onnxruntime as ort
 
-    from edgekd.session import choose_providers
+    from edgekd.device.session import choose_providers
 
     chosen, _ = choose_providers(providers, warn=False)
     so = ort.SessionOptions()
@@ -151,7 +151,7 @@ def ort_forward(sess, input_ids: np.ndarray, past: dict[str, np.ndarray] | None,
     """One forward pass: ``input_ids`` (batch, seq) after ``past`` -> (logits (batch, seq, vocab), present).
     A graph with a ``logits_to_keep`` input (the step of that name) is asked for every position."""
     feeds = feeds_for(sess.get_inputs(), input_ids, past, facts)
-    from edgekd.session import LOGITS_TO_KEEP, keeps_logits
+    from edgekd.device.session import LOGITS_TO_KEEP, keeps_logits
 
     if keeps_logits(sess):
         feeds[LOGITS_TO_KEEP] = np.array(0, dtype=np.int64)

@@ -5,7 +5,7 @@ user's copy) loaded into the frozen ``TargetProfile`` below. It names the export
 order (``steps``); each step reads its settings from the table of the same name, whose keys are the
 fields of the step's settings class, declared beside the step's code (``edgekd.export.steps``).
 ``[check]`` bounds export's own probe against PyTorch; ``[gates]`` holds the fidelity thresholds
-validate applies (``edgekd.targets``); ``[[candidates]]`` are the recipes ``export --search`` tries.
+validate applies (``edgekd.device.targets``); ``[[candidates]]`` are the recipes ``export --search`` tries.
 Every key is documented in the shipped files.
 
     load_target("cpu")                # a shipped profile, by name
@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekd import config
-from edgekd.config import read_toml, require, to_dict
-from edgekd.errors import UsageError
+from edgekd.device import config
+from edgekd.device.config import read_toml, require, to_dict
+from edgekd.device.errors import UsageError
+from edgekd.device.targets import Gates, target_path
 from edgekd.export.steps import STEPS
-from edgekd.targets import Gates, target_path
 
 
 @dataclasses.dataclass(frozen=True)

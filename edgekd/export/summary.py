@@ -8,7 +8,7 @@ from typing import Any
 
 def summary(manifest_table: dict[str, Any], out: Path) -> tuple[list[str], list[str]]:
     """What ``edgekd export`` prints about the bundle it wrote: ``(lines, warnings)``."""
-    from edgekd.bundle import Manifest
+    from edgekd.device.bundle import Manifest
 
     m = Manifest(manifest_table)
     check = m.export_check

@@ -8,9 +8,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgekd.device.bundle_report import BundleReport
+from edgekd.device.gates import GateFailed, GateResult
 from edgekd.export.profile import Candidate
-from edgekd.validate.bundle_report import BundleReport
-from edgekd.validate.gates import GateFailed, GateResult
 
 SIZE_TIE = 0.02  # passing bundles within 2% of the smallest size are ranked by decode speed
 
@@ -104,7 +104,7 @@ class NoCandidatePasses(GateFailed):
 
 def _over_budget(bundle: Path, max_size_mb: float | None) -> BundleReport | None:
     """A report with only the failed size gate when the bundle is over ``max_size_mb``, else None."""
-    from edgekd.bundle import Manifest, read_manifest
+    from edgekd.device.bundle import Manifest, read_manifest
 
     if max_size_mb is None:
         return None
@@ -122,7 +122,7 @@ def model_digest(bundle: Path) -> str:
     on a student whose head export keeps on its int4 grid), so one validation speaks for both."""
     import hashlib
 
-    from edgekd.bundle import read_manifest
+    from edgekd.device.bundle import read_manifest
 
     files = read_manifest(bundle, verify=False)["files"]
     kept = sorted((f["path"], f["sha256"]) for f in files if f["path"] != "golden.json")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import EdgekdError, UsageError
+from edgekd.device.errors import EdgekdError, UsageError
 from edgekd.export.profile import Candidate, resolve_candidates
 from edgekd.search.results import NoCandidatePasses, SearchResult, Tried, _beaten, _over_budget, _pick, model_digest
 from edgekd.search.sensitivity import measure_sensitivity
@@ -38,10 +38,10 @@ def search_export(
     candidate, its layers' sensitivity measured and the number of 8-bit layers bisected on the real
     gates (``_Search.mixed_precision``) -> the smallest passing bundle moved into ``out``.
     """
+    from edgekd.device.outputs import BUNDLE, check_output_dir, make_work_dir
     from edgekd.export import graph_notes
     from edgekd.export.profile import TargetProfile, load_target
     from edgekd.models import load_model, resolve_source
-    from edgekd.outputs import BUNDLE, check_output_dir, make_work_dir
     from edgekd.validate import ValidateConfig
 
     say = log or (lambda msg: None)
@@ -180,9 +180,9 @@ class _Search:
 
 def _keep(best: Tried, result: SearchResult, profile, out: Path, overwrite: bool, inputs: tuple) -> None:
     """Move the kept candidate's bundle into ``out`` and record the search in its manifest."""
-    from edgekd.bundle import MANIFEST
-    from edgekd.io import read_json, write_json
-    from edgekd.outputs import BUNDLE, atomic_dir
+    from edgekd.device.bundle import MANIFEST
+    from edgekd.device.io import read_json, write_json
+    from edgekd.device.outputs import BUNDLE, atomic_dir
 
     assert best.bundle is not None  # a passing candidate was exported
     with atomic_dir(out, overwrite, inputs, kind=BUNDLE) as tmp:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgekd.errors import EdgekdError
+from edgekd.device.errors import EdgekdError
 from edgekd.export.profile import Candidate
 
 CALIBRATION_PROMPTS = 8  # prompts from the shipped training set (never the held-out set)
@@ -89,8 +89,8 @@ class Scorer:
         import numpy as np
         import onnxruntime as ort
 
+        from edgekd.device.fidelity import log_softmax
         from edgekd.export.onnx import ort_forward
-        from edgekd.validate.fidelity import log_softmax
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -109,9 +109,9 @@ def calibration(torch_model, tok) -> tuple[list[list[int]], list]:
     the model's fp32 logits over them ``(seq, vocab)``: the text the sensitivity is measured on."""
     import torch
 
+    from edgekd.device.data import load_records
+    from edgekd.device.paths import SHIPPED_TRAIN, resource
     from edgekd.models import model_written_texts
-    from edgekd.paths import SHIPPED_TRAIN, resource
-    from edgekd.validate.data import load_records
 
     records = load_records(resource(SHIPPED_TRAIN), limit=CALIBRATION_PROMPTS)
     seqs = model_written_texts(torch_model, tok, [r["prompt"] for r in records], CALIBRATION_TOKENS)

@@ -8,7 +8,7 @@ greedily; compare logits on those answers (teacher-forced through the bundle's K
 bundle's own greedy answers with theirs;
 apply the target's gates; write ``report.json``, ``report.md`` and plots.
 
-Imports stay lazy here: ``edgekd.validate.speed`` runs in a process that must not load torch.
+Imports stay lazy here: ``edgekd.device.speed`` runs in a process that must not load torch.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import UsageError
-from edgekd.validate.bundle_report import BundleReport
+from edgekd.device.bundle_report import BundleReport
+from edgekd.device.errors import UsageError
 
 __all__ = ["ValidateConfig", "validate", "failed_gates"]
 
@@ -56,7 +56,7 @@ class ValidateConfig:
     def record(self) -> dict[str, Any]:
         """The settings as the pipeline's stamps and a search's manifest record them. ``task`` came
         later: left out while unset, so what earlier versions recorded still matches."""
-        from edgekd.config import to_dict
+        from edgekd.device.config import to_dict
 
         table = to_dict(self)
         if table.get("task") is None:
@@ -122,9 +122,9 @@ def _task_figures(task: dict[str, Any], records: list[dict], texts: dict[str, li
     the reference's beside them, and, for a labelled task, how decided the teacher's labels were
     (``teacher_read``: the teacher's answers, its greedy ones or the split's, and its logits on them;
     ``label_tokens``: the tokens naming each label, for the teacher's ranking)."""
-    from edgekd.metrics import TASK_FIGURES
-    from edgekd.tasks import label_margins, score_answers, task_inputs
-    from edgekd.validate.data import record_truths
+    from edgekd.device.data import record_truths
+    from edgekd.device.metrics import TASK_FIGURES
+    from edgekd.device.tasks import label_margins, score_answers, task_inputs
 
     labels = task.get("labels") or ()
     margins = None
@@ -218,7 +218,7 @@ def validate(
     """
     import time
 
-    from edgekd.validate.report import check_out, write_report
+    from edgekd.device.report import check_out, write_report
 
     if not bundles:
         raise UsageError("no bundle given: pass one or more folders written by `edgekd export`")
@@ -246,7 +246,7 @@ def validate(
 
 def _open_bundles(paths: list[Path], config: ValidateConfig, say: Callable[[str], None]) -> list:
     """Every bundle opened first: a tampered or foreign folder fails before minutes of work."""
-    from edgekd.runtime import Runtime
+    from edgekd.device.runtime import Runtime
 
     runtimes = []
     for p in paths:
@@ -260,19 +260,19 @@ def _open_bundles(paths: list[Path], config: ValidateConfig, say: Callable[[str]
 
 def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
     """The gates a target pins, the task (the first bundle's, or ``config.task``) and the held-out records."""
-    from edgekd.validate.data import choose_data, load_records
+    from edgekd.device.data import choose_data, load_records
 
     pinned = None
     if config.target is not None:  # a release pipeline pins its gates: the bundle cannot loosen them
-        from edgekd.config import to_dict
-        from edgekd.targets import load_gates
+        from edgekd.device.config import to_dict
+        from edgekd.device.targets import load_gates
 
         gates, name = load_gates(config.target)
         pinned = (to_dict(gates), f"the target profile {name} (--target {config.target})")
     task = first.manifest.source.task
     task_heldout, chosen = None, None
     if config.task is not None:  # e.g. the teacher's own bundle, scored on the user's job
-        from edgekd.tasks import load_task
+        from edgekd.device.tasks import load_task
 
         chosen = load_task(config.task)
         task, task_heldout = chosen.record(), chosen.heldout
@@ -288,7 +288,7 @@ def _prepare(config: ValidateConfig, first, say: Callable[[str], None]) -> _Run:
 def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
     """One bundle's report: its cost, its fidelity to the reference and the teacher, its task
     figures and its gates."""
-    from edgekd.validate.speed import environment
+    from edgekd.device.speed import environment
 
     manifest, source, config = rt.manifest, rt.manifest.source, run.config
     notes = list(run.data_notes)
@@ -345,8 +345,8 @@ def _label_tokens(task: dict[str, Any] | None, teacher) -> tuple[tuple[int, ...]
 def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
     """Size, and (``config.speed``) load time, prefill, decode, peak memory and the decode's share
     of the bandwidth roofline, measured in a fresh process."""
-    from edgekd.bundle import bundle_decode_weight_bytes
-    from edgekd.validate.speed import measure_memory, measure_speed, memory_cost, roofline
+    from edgekd.device.bundle import bundle_decode_weight_bytes
+    from edgekd.device.speed import measure_memory, measure_speed, memory_cost, roofline
 
     manifest, config = rt.manifest, run.config
     cost: dict[str, Any] = {"size_mb": manifest.model_bytes / 1e6, "bundle_mb": manifest.bundle_bytes / 1e6}
@@ -362,8 +362,8 @@ def _cost(run: _Run, p: Path, rt, name: str) -> dict[str, Any]:
 def _compare(run: _Run, p: Path, rt, name: str, models: dict[str, tuple[str, Any]]) -> _Compared:
     """The bundle's logits and greedy answers against each of ``models`` (role -> (spec, TorchModel)).
     The same token ids go to the bundle and to PyTorch: encoded once, by the bundle's tokenizer."""
-    from edgekd.runtime import answer_text
-    from edgekd.validate.fidelity import Example, bundle_greedy, bundle_logits, compare_greedy, compare_logits
+    from edgekd.device.fidelity import Example, bundle_greedy, bundle_logits, compare_greedy, compare_logits
+    from edgekd.device.runtime import answer_text
 
     config, records, say, memo = run.config, run.records, run.say, run.models.memo
     prefix = (run.task or {}).get("answer_prefix") or ""  # the task's answers open with it, given

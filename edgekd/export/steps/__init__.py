@@ -29,8 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgekd.bundle import QatGrid
-from edgekd.config import to_dict
+from edgekd.device.bundle import QatGrid
+from edgekd.device.config import to_dict
 
 StepFn = Callable[[Path, Path, Any, Any], dict]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from edgekd.device.io import quiet
 from edgekd.export.steps import PROTOBUF_LIMIT, StepSettings, load_onnx, save_onnx, step
-from edgekd.io import quiet
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from edgekd.config import require
+from edgekd.device.config import require
 from edgekd.export.steps import StepSettings, ensure_ms_domain, load_onnx, save_onnx, step
 
 

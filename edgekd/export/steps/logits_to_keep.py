@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.config import require
+from edgekd.device.config import require
+from edgekd.device.session import LOGITS_TO_KEEP as INPUT
 from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
-from edgekd.session import LOGITS_TO_KEEP as INPUT
 
 
 @dataclasses.dataclass(frozen=True)

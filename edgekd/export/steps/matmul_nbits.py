@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekd.bundle import QatGrid
-from edgekd.config import power_of_two, require
-from edgekd.errors import UsageError
+from edgekd.device.bundle import QatGrid
+from edgekd.device.config import power_of_two, require
+from edgekd.device.errors import UsageError
+from edgekd.device.io import quiet
 from edgekd.export.grid import store_on_grid
 from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
-from edgekd.io import quiet
 
 GPTQ_ANSWER_TOKENS = 64  # the model's own answer tokens per GPTQ calibration prompt
 
@@ -73,10 +73,10 @@ class MatMulNBits(StepSettings):
         if source.kind == "gguf":
             say("gptq: not needed, a GGUF's weights are on their own grids (keep_grid stores them)")
             return torch_model, None
+        from edgekd.device.data import load_records
+        from edgekd.device.paths import SHIPPED_TRAIN, resource
         from edgekd.export.gptq import gptq_model, node_path, off_grid
         from edgekd.models import model_written_texts
-        from edgekd.paths import SHIPPED_TRAIN, resource
-        from edgekd.validate.data import load_records
 
         if not off_grid(torch_model, self.block_size):
             say("gptq: not needed, every decoder weight is on a 4-bit grid already (keep_grid stores it)")

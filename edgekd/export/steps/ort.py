@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from edgekd.errors import EdgekdError, first_line
+from edgekd.device.errors import EdgekdError, first_line
 from edgekd.export.steps import StepSettings, load_onnx, save_onnx, step
 
 
@@ -46,7 +46,7 @@ def _ort_save(src: Path, dst: Path, level: str, providers, ort_format: bool, fol
     else:
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    from edgekd.session import choose_providers
+    from edgekd.device.session import choose_providers
 
     chosen, _ = choose_providers(providers, warn=False)
     try:

@@ -6,9 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from edgekd.bundle import QatGrid
+from edgekd.device.bundle import QatGrid
+from edgekd.device.io import quiet
 from edgekd.export.steps import StepSettings, step
-from edgekd.io import quiet
 
 
 @dataclasses.dataclass(frozen=True)

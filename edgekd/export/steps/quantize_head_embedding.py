@@ -15,9 +15,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekd.bundle import QatGrid
-from edgekd.config import power_of_two, require
-from edgekd.errors import EdgekdError
+from edgekd.device.bundle import QatGrid
+from edgekd.device.config import power_of_two, require
+from edgekd.device.errors import EdgekdError
 from edgekd.export.grid import exact_half, nibble_halves, pack_nibbles, splice, zero_points
 from edgekd.export.steps import PROTOBUF_LIMIT, StepSettings, ensure_ms_domain, load_onnx, save_onnx, step
 

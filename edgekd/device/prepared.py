@@ -27,8 +27,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgekd.errors import UsageError, first_line
-from edgekd.io import cpuinfo_field
+from edgekd.device.errors import UsageError, first_line
+from edgekd.device.io import cpuinfo_field
 
 MODEL = "model.onnx"
 DONE = "prepared.json"

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.errors import UsageError
-from edgekd.io import atomic_write_bytes, write_json
-from edgekd.metrics import METRICS
-from edgekd.validate.gates import metric
+from edgekd.device.errors import UsageError
+from edgekd.device.gates import metric
+from edgekd.device.io import atomic_write_bytes, write_json
+from edgekd.device.metrics import METRICS
 
 
 def _fmt(value: Any, fmt: str) -> str:
@@ -133,7 +133,7 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
             ref = f", {cost['size_mb'] / cost['reference_fp32_mb']:.0%} of the reference's fp32 export ({cost['reference_fp32_mb']:.1f} MB)" if cost.get("reference_fp32_mb") else ""
             parts.append(f"  - model {cost['size_mb']:.1f} MB: {cost['size_vs_teacher_fp32']:.0%} of the teacher at fp32 ({cost['teacher_fp32_mb']:.1f} MB){ref}")
         if cost.get("memory"):
-            from edgekd.validate.speed import memory_line
+            from edgekd.device.speed import memory_line
 
             parts.append(f"  - {memory_line(cost['memory'])}")
         ci = [f"{label} {lo:.3f}-{hi:.3f}" for label, (lo, hi) in _intervals(r)]
@@ -153,8 +153,8 @@ def markdown(reports: Sequence[dict[str, Any]], command: str | None = None) -> s
     gates = gate_rows(reports)
     if gates:
         parts += ["## Gates", "", table(["gate"] + names, gates), ""]
-    from edgekd.validate.bundle_report import BundleReport
-    from edgekd.validate.gates import verdict_lines
+    from edgekd.device.bundle_report import BundleReport
+    from edgekd.device.gates import verdict_lines
 
     parts += ["## Plots", "", "![How far the bundle drifts, per token](kl_per_position.png)", "",
               "![Where along the answer the bundle drifts](kl_along_answer.png)", ""]
@@ -280,7 +280,7 @@ def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
     one), a non-empty folder that is not an earlier edgekd report (read from its report.json's
     marker, not its name: it is not ours to overwrite), or a folder that cannot be written.
     Checked before any work starts."""
-    from edgekd.outputs import REPORT, check_writable, edgekd_output, refuse_unsafe_out
+    from edgekd.device.outputs import REPORT, check_writable, edgekd_output, refuse_unsafe_out
 
     out = Path(out)
     refuse_unsafe_out(out, inputs)
@@ -292,7 +292,7 @@ def check_out(out: Path, inputs: tuple[Path, ...] = ()) -> None:
 def write_report(out: Path, reports: Sequence[dict[str, Any]], kls: dict[str, list[np.ndarray]], command: str | None = None) -> list[Path]:
     """Write report.json, report.md and the plots into ``out`` (a new folder, or an earlier report
     replaced in one rename once the new one is complete); return the paths written."""
-    from edgekd.outputs import REPORT, atomic_dir
+    from edgekd.device.outputs import REPORT, atomic_dir
 
     with atomic_dir(out, overwrite=True, kind=REPORT) as tmp:  # refuses a folder that is no report of ours
         written = _write_report_files(tmp, reports, kls, command)

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError, first_line
-from edgekd.io import read_json
+from edgekd.device.errors import UsageError, first_line
+from edgekd.device.io import read_json
 
 
 def _special_token(value: Any) -> str | None:

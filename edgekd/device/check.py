@@ -18,7 +18,7 @@ Figures (against the reference, the unquantized model that was exported):
   of the vocabulary, nats per position. Merging tokens never increases KL, so this is a lower bound
   of the full KL that ``edgekd validate`` reports (they agree to the mass outside the top-k).
 - ``ppl_ratio``: perplexity of the reference's answers under the bundle over under the reference.
-- ``greedy_exact``, ``greedy_prefix_tokens``: as in ``edgekd.validate.fidelity``.
+- ``greedy_exact``, ``greedy_prefix_tokens``: as in ``edgekd.device.fidelity``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.bundle import Manifest
-from edgekd.errors import UsageError
-from edgekd.metrics import CHECKED_HERE  # the gates a golden reference answers on the device
+from edgekd.device.bundle import Manifest
+from edgekd.device.errors import UsageError
+from edgekd.device.metrics import CHECKED_HERE  # the gates a golden reference answers on the device
 
 if TYPE_CHECKING:
-    from edgekd.validate.bundle_report import BundleReport
+    from edgekd.device.bundle_report import BundleReport
 
 __all__ = ["CheckConfig", "check_bundle", "read_golden"]
 
@@ -49,7 +49,7 @@ class CheckConfig:
     providers: tuple[str, ...] | None = None  # override the target's execution providers
     target: str | None = None  # a profile whose [gates] apply whatever the bundle's manifest says
     session_config: tuple[tuple[str, str], ...] = ()  # onnxruntime session config entries, e.g. (("mlas.disable_kleidiai", "1"),)
-    prepared: Path | None = None  # a cache folder for the model prepared for this machine (edgekd.prepared)
+    prepared: Path | None = None  # a cache folder for the model prepared for this machine (edgekd.device.prepared)
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -59,7 +59,7 @@ class CheckConfig:
 def read_golden(root: Path, manifest: Manifest) -> dict[str, Any]:
     """The bundle's ``golden.json``, checked: listed in the manifest (so hashed), of a known format,
     each example's fields of the right types. One-line errors say what to do."""
-    from edgekd.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION, read_versioned_json
+    from edgekd.device.bundle import GOLDEN_FILE, GOLDEN_FORMAT, GOLDEN_VERSION, read_versioned_json
 
     listed = {e["path"] for e in manifest.files}
     path = Path(root) / GOLDEN_FILE
@@ -105,7 +105,7 @@ def _rest_kl(p: np.ndarray, lq: np.ndarray) -> float:
 
 def compare_with_golden(rt, examples: list[dict[str, Any]]) -> tuple[dict[str, float], list[float]]:
     """Teacher-forced figures of the bundle against the golden top-k; returns (figures, KL per position)."""
-    from edgekd.validate.fidelity import log_softmax
+    from edgekd.device.fidelity import log_softmax
 
     agree, kls, nll_b, nll_r = [], [], [], []
     for ex in examples:
@@ -127,7 +127,7 @@ def compare_with_golden(rt, examples: list[dict[str, Any]]) -> tuple[dict[str, f
 def replay_golden(rt, examples: list[dict[str, Any]], answer_tokens: int) -> tuple[dict[str, Any], list[float], list[list[int]]]:
     """The bundle (a ``Runtime``) against golden examples: teacher-forced figures on the reference's
     answers, then its own greedy answers against them. Returns (figures, KL per position, answers)."""
-    from edgekd.validate.fidelity import bundle_greedy, compare_greedy
+    from edgekd.device.fidelity import bundle_greedy, compare_greedy
 
     figures, kls = compare_with_golden(rt, examples)
     ours = bundle_greedy(rt, [ex["prompt_ids"] for ex in examples], answer_tokens)
@@ -139,10 +139,10 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
                  log: Callable[[str], None] = lambda m: None) -> BundleReport:
     """Measure ``bundle`` against its golden reference on this machine; return the report (with
     ``gates``, ``not_checked`` and ``passed``). A failed gate is not an exception (see the CLI)."""
-    from edgekd.runtime import Runtime, answer_text
-    from edgekd.tasks import label_of
-    from edgekd.validate.bundle_report import BundleReport
-    from edgekd.validate.speed import environment, measure_memory, memory_cost, read_bandwidth, roofline, time_runtime
+    from edgekd.device.bundle_report import BundleReport
+    from edgekd.device.runtime import Runtime, answer_text
+    from edgekd.device.speed import environment, measure_memory, memory_cost, read_bandwidth, roofline, time_runtime
+    from edgekd.device.tasks import label_of
 
     log(f"opening {bundle} (checking file hashes) ...")
     rt = Runtime(bundle, providers=config.providers, threads=config.threads, session_config=dict(config.session_config),
@@ -175,8 +175,8 @@ def check_bundle(bundle: str | Path, config: CheckConfig = CheckConfig(),
         task_figures = {"name": task.get("name"), "label_agreement_vs_reference": float(np.mean(same))}
 
     if config.target is not None:
-        from edgekd.config import to_dict
-        from edgekd.targets import load_gates
+        from edgekd.device.config import to_dict
+        from edgekd.device.targets import load_gates
 
         gates_obj, name = load_gates(config.target)
         gates, gates_from = to_dict(gates_obj), f"the target profile {name} (--target {config.target})"

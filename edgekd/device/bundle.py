@@ -20,7 +20,7 @@ A bundle is a folder an app can ship::
 - ``files``: ``[{"path", "bytes", "sha256"}]`` for every file but the manifest itself
 - ``export_check``: what export measured against PyTorch (e.g. ``max_abs_logit_diff``)
 
-Every path read from a manifest goes through ``edgekd.paths.inside``: nothing escapes the bundle.
+Every path read from a manifest goes through ``edgekd.device.paths.inside``: nothing escapes the bundle.
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError
-from edgekd.io import read_json, sha256_file, write_json
-from edgekd.outputs import WORK_MARKER
-from edgekd.paths import inside
+from edgekd.device.errors import UsageError
+from edgekd.device.io import read_json, sha256_file, write_json
+from edgekd.device.outputs import WORK_MARKER
+from edgekd.device.paths import inside
 
 MANIFEST = "manifest.json"
 FORMAT = "edgekd-bundle"
 FORMAT_VERSION = 1
 # golden.json: the reference's greedy answers and top-k log-probs on held-out prompts (written by
-# edgekd.export.golden, replayed by edgekd.check on the device)
+# edgekd.export.golden, replayed by edgekd.device.check on the device)
 GOLDEN_FILE = "golden.json"
 GOLDEN_FORMAT = "edgekd-golden"
 GOLDEN_VERSION = 1
@@ -113,7 +113,7 @@ class Source:
     sha256: str | None = None  # of the source's files
     teacher: str | None = None  # what it was distilled from (itself when not distilled)
     heldout: str | None = None  # the distillation's held-out split, or None
-    task: dict[str, Any] | None = None  # the task it was distilled for (edgekd.tasks.Task.record)
+    task: dict[str, Any] | None = None  # the task it was distilled for (edgekd.device.tasks.Task.record)
     quantization_aware: QatGrid | None = None  # the --qat-bits grid it was trained on
 
 

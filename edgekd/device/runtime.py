@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekd.bundle import DEFAULT_CONTEXT, Manifest, check_external_data, read_manifest
-from edgekd.errors import UsageError, first_line
-from edgekd.paths import inside
-from edgekd.sampling import Sampling, TextStream, pick_token
-from edgekd.session import choose_providers, keeps_logits, missing_operator, session_options
-from edgekd.templates import ChatTemplate, load_chat_template
+from edgekd.device.bundle import DEFAULT_CONTEXT, Manifest, check_external_data, read_manifest
+from edgekd.device.errors import UsageError, first_line
+from edgekd.device.paths import inside
+from edgekd.device.sampling import Sampling, TextStream, pick_token
+from edgekd.device.session import choose_providers, keeps_logits, missing_operator, session_options
+from edgekd.device.templates import ChatTemplate, load_chat_template
 
 MAX_THREADS = 4096  # intra-op threads; beyond any machine edgekd runs on
 _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
@@ -109,7 +109,7 @@ class Runtime:
     provider is always last. ``threads`` sets intra-op threads (None: onnxruntime's default, one
     per physical core). ``verify`` checks every file's SHA-256 against the manifest first.
     ``prepared``: a cache folder where an ``.onnx`` model is kept optimized and packed for this
-    machine, its weights mapped from disk at each load (``edgekd.prepared``; made at the first).
+    machine, its weights mapped from disk at each load (``edgekd.device.prepared``; made at the first).
     """
 
     def __init__(
@@ -156,8 +156,8 @@ class Runtime:
         self.session_config = dict(session_config or {})
         self.threads = threads
         path = self.model_path
-        if prepared is not None and path.suffix == ".onnx":  # its packed weights mapped from disk (edgekd.prepared)
-            from edgekd.prepared import prepared_model
+        if prepared is not None and path.suffix == ".onnx":  # its packed weights mapped from disk (edgekd.device.prepared)
+            from edgekd.device.prepared import prepared_model
 
             path = prepared_model(path, self.manifest.model_sha256 or f"mtime-{path.stat().st_mtime_ns}", Path(prepared),
                                   self._session_options, self.providers)

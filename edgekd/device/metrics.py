@@ -59,7 +59,7 @@ METRICS: tuple[Metric, ...] = (
     _fid("teacher", "ppl_ratio", "ppl ratio vs teacher", gate="max_ppl_ratio_vs_teacher", meaning="perplexity ratio bundle / teacher"),
     _fid("teacher", "greedy_exact", "greedy exact match vs teacher", "{:.2f}"),
     _fid("teacher", "greedy_prefix_tokens", "greedy common prefix vs teacher (tokens)", "{:.1f}"),
-    # a task's figures (edgekd.tasks.score_answers), each beside the baseline a trivial answerer scores
+    # a task's figures (edgekd.device.tasks.score_answers), each beside the baseline a trivial answerer scores
     _task("label_agreement", "label agreement vs teacher", gate="min_label_agreement_vs_teacher",
           meaning="share of held-out prompts whose answer names the teacher's label"),
     _task("balanced_label_agreement", "balanced label agreement vs teacher", gate="min_balanced_label_agreement_vs_teacher",

@@ -15,8 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from edgekd.config import from_mapping, read_toml, require
-from edgekd.errors import UsageError
+from edgekd.device.config import from_mapping, read_toml, require
+from edgekd.device.errors import UsageError
 
 SHIPPED = ("cpu", "mobile", "cuda", "web")
 
@@ -35,7 +35,7 @@ class Gates:
     max_kl_vs_teacher: Optional[float] = None
     max_ppl_ratio_vs_teacher: Optional[float] = None
     max_size_mb: Optional[float] = None
-    # a task's figures (edgekd.tasks): usually set in the task's task.toml, a target may set them too
+    # a task's figures (edgekd.device.tasks): usually set in the task's task.toml, a target may set them too
     min_label_agreement_vs_teacher: Optional[float] = None
     min_balanced_label_agreement_vs_teacher: Optional[float] = None
     max_accuracy_drop_vs_teacher: Optional[float] = None
@@ -67,7 +67,7 @@ class Gates:
 
 def target_path(target: str | Path) -> Path:
     """The file of a shipped profile's name (``cpu``, ``mobile``, ``cuda``) or of a ``.toml`` path."""
-    from edgekd.paths import resource
+    from edgekd.device.paths import resource
 
     text = str(target)
     if text in SHIPPED:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError, first_line
+from edgekd.device.errors import UsageError, first_line
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import Sequence
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 # SessionOptions switches ``session_config`` may set besides config entries (KEY=0|1): the memory levers
 SESSION_OPTIONS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse")

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Any
 
-from edgekd.errors import EdgekdError, UsageError
-from edgekd.metrics import GATES
+from edgekd.device.errors import EdgekdError, UsageError
+from edgekd.device.metrics import GATES
 
 
 class GateFailed(EdgekdError):

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekd.errors import UsageError
-from edgekd.io import current_umask, json_object_or_none, loads_bounded
+from edgekd.device.errors import UsageError
+from edgekd.device.io import current_umask, json_object_or_none, loads_bounded
 
 # What marks a folder as edgekd's own output. Read from the file's content, never from its name
 # alone: a web app has a manifest.json of its own, a project a report.json.

@@ -2,7 +2,7 @@
 CLI, the search and the pipeline read by attribute, and what ``report.json`` holds (``to_json``,
 ``from_json``).
 
-The numbers live where ``edgekd.metrics.METRICS`` says (``fidelity[side]``, ``task``, ``cost``) and
+The numbers live where ``edgekd.device.metrics.METRICS`` says (``fidelity[side]``, ``task``, ``cost``) and
 are read through ``metric``; the gates are ``GateResult`` values. What only one command measures
 (validate's data, models and notes; check's golden replay) is in ``details``, written beside the
 common fields.
@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from edgekd.validate.gates import GateResult, apply_gates, metric
+from edgekd.device.gates import GateResult, apply_gates, metric
 
 _ORDER_FIRST = ("name", "bundle", "target", "environment")  # report.json's first keys, then the details
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekd.errors import UsageError
-from edgekd.io import iter_jsonl
-from edgekd.paths import SHIPPED_HELDOUT, resource
+from edgekd.device.errors import UsageError
+from edgekd.device.io import iter_jsonl
+from edgekd.device.paths import SHIPPED_HELDOUT, resource
 
 
 def load_records(path: Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -42,7 +42,7 @@ def record_truths(records: list[dict], task_folder: str | None, prompt_template:
     """Each record's own truth (``label`` or ``reference``); where the records carry none (a
     distillation's held-out split: the teacher's answers), the task's held-out file's, matched by
     prompt (as the task's ``prompt_template`` put it). None when nothing has one."""
-    from edgekd.tasks import fill_prompt
+    from edgekd.device.tasks import fill_prompt
 
     truths = [r.get("label") or r.get("reference") for r in records]
     if not any(truths) and task_folder and (Path(task_folder) / "heldout.jsonl").is_file():

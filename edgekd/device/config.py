@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgekd.errors import UsageError
+from edgekd.device.errors import UsageError
 
 # In a source checkout (and an editable install) the resources sit beside the package; a wheel
 # carries them as edgekd/shipped/{targets,tasks,examples} (pyproject.toml).
-_PKG = Path(__file__).resolve().parent
+_PKG = Path(__file__).resolve().parent.parent  # edgekd/, above this folder
 _ROOTS = (_PKG.parent, _PKG / "shipped")
 SHIPPED_TRAIN = "examples/prompts/train.jsonl"  # general prompts: distill's default, calibration
 SHIPPED_HELDOUT = "examples/prompts/heldout.jsonl"  # held out from them: distill's and validate's default

@@ -22,11 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.config import from_mapping, read_toml
-from edgekd.errors import UsageError
-from edgekd.metrics import TASK_GATES
-from edgekd.paths import resource
-from edgekd.targets import Gates
+from edgekd.device.config import from_mapping, read_toml
+from edgekd.device.errors import UsageError
+from edgekd.device.metrics import TASK_GATES
+from edgekd.device.paths import resource
+from edgekd.device.targets import Gates
 
 SHIPPED_TASKS = ("sentiment", "summary", "grammar")
 TASK_TOML = "task.toml"
@@ -267,7 +267,7 @@ def score_answers(answers: Sequence[str], teacher: Sequence[str], labels: Sequen
     ``teacher_margins`` (``label_margins`` of the teacher's answers): how many of the teacher's
     labels were decided rather than near-ties, and the agreement on each (``decided_split``).
     """
-    from edgekd.stats import wilson_ci
+    from edgekd.device.stats import wilson_ci
 
     n = len(answers)
     out: dict[str, Any] = {
@@ -324,7 +324,7 @@ def label_balance(labelled: Sequence[tuple[str | None, str]], labels: Sequence[s
 def truth_accuracy(answers: Sequence[str | None], teacher: Sequence[str | None], truths: Sequence[str | None]) -> dict[str, Any]:
     """Accuracy of the answers' and the teacher's labels against the records' own labels, side by
     side with 95% intervals, and the drop (teacher minus answers); records without a label are left out."""
-    from edgekd.stats import wilson_ci
+    from edgekd.device.stats import wilson_ci
 
     rows = [(a, t, y.lower()) for a, t, y in zip(answers, teacher, truths) if y]
     if not rows:
