@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgekd.cli import app
-from edgekd.device.bundle import check_external_data, read_manifest
+from edgekd.device.bundle import QatGrid, check_external_data, read_manifest
 from edgekd.device.config import to_dict
 from edgekd.device.errors import EdgekdError, UsageError
 from edgekd.device.targets import SHIPPED
@@ -215,9 +215,12 @@ def test_source_info_reads_distill_json(tmp_path, tiny_student_dir):
 
     folder = tmp_path / "student"
     shutil.copytree(tiny_student_dir, folder)
-    (folder / "distill.json").write_text(json.dumps({"teacher": "smollm2-135m-instruct", "heldout": "heldout.jsonl"}))
+    grid = {"bits": 4, "block_size": 32, "head_bits": 8, "grid": "symmetric", "linear_layers": 7}
+    (folder / "distill.json").write_text(json.dumps({"teacher": "smollm2-135m-instruct", "heldout": "heldout.jsonl",
+                                                     "student": {"quantization_aware": grid}}))
     info = source_info(resolve_source(str(folder)))
     assert info["teacher"] == "smollm2-135m-instruct"
+    assert info["quantization_aware"] == QatGrid(4, 32, 8, "symmetric", 7)  # typed from distill.json to the manifest
     assert info["heldout"] == str((folder / "heldout.jsonl").resolve())
     assert info["spec"] == str(folder.resolve())
 

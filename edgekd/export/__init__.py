@@ -43,7 +43,8 @@ def _onnxruntime_version() -> str:
 
 
 def source_info(source) -> dict[str, Any]:
-    """The manifest's ``source`` table (see the module docstring)."""
+    """The manifest's ``source`` table (see the module docstring); a quantization-aware student's grid
+    stays a ``QatGrid`` here, for the steps to be asked about, and ``_manifest`` writes its table."""
     from edgekd.models import KNOWN_TEACHERS
 
     if source.spec in KNOWN_TEACHERS or source.kind == "hub":
@@ -61,7 +62,7 @@ def source_info(source) -> dict[str, Any]:
     info = {"spec": spec, "kind": source.kind, "sha256": source.fingerprint(), "teacher": teacher, "heldout": heldout}
     if task:
         info["task"] = task  # validate scores the task against the teacher and applies its gates
-    return {**info, "quantization_aware": qat.table()} if qat else info
+    return {**info, "quantization_aware": qat} if qat else info  # a QatGrid until the manifest is written
 
 
 def graph_notes(source, torch_model) -> dict[str, Any] | None:
@@ -172,13 +173,13 @@ def export_bundle(
         recipe = [{"step": "export", "task": "text-generation-with-past", "opset": profile.opset}, *steps_run]
         model_file = _model_file(path, profile)
         final, io_tables = _write_model(path, tmp, model_file, profile, probe, facts, say)
-        tokenizer_note = _write_configs(torch_model, tok, tmp, facts, model_file, profile, say)
+        tokenizer = _write_configs(torch_model, tok, tmp, facts, model_file, profile, say)
         if golden is None and golden_prompts > 0:
             golden = _make_golden(torch_model, tmp, origin, golden_prompts, golden_data, facts, say)
         if golden is not None:
             _write_golden(tmp, golden)
         manifest = write_manifest(tmp, _manifest(origin, profile, recipe, torch_model, tok, facts, tmp, model_file, io_tables,
-                                                 probe, final, tokenizer_note, time.time() - t0))
+                                                 probe, final, tokenizer, time.time() - t0))
         if golden is not None:
             _replay_into_manifest(manifest, tmp, golden, profile, say)
     _warn_over_budget(manifest, profile, say)
@@ -239,9 +240,9 @@ def _note_qat_and_context(origin: dict[str, Any], profile: TargetProfile, steps_
     """What the steps imply for the manifest: whether they reproduce a quantization-aware
     student's grid, the context fused attention caps (its rotary tables; a sliding window), and
     whether the KV cache's past and present can share one buffer (attention fused in every layer)."""
-    qat = QatGrid.from_table(origin.get("quantization_aware"), "the source's distill.json")
+    qat: QatGrid | None = origin.get("quantization_aware")
     if qat:
-        origin["quantization_aware"] = dataclasses.replace(qat, reproduced_by_recipe=reproduces_qat_grid(profile, qat, steps_run)).table()
+        origin["quantization_aware"] = dataclasses.replace(qat, reproduced_by_recipe=reproduces_qat_grid(profile, qat, steps_run))
     cap = min((r["context_length_cap"] for r in steps_run if r.get("context_length_cap")), default=None)
     window = getattr(config, "sliding_window", None)
     windowed = any(r.get("sliding_window_layers") for r in steps_run)  # the kernel applies the windows itself
@@ -296,21 +297,30 @@ def _write_model(path: Path, tmp: Path, model_file: str, profile: TargetProfile,
 
 
 def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_file: str, profile: TargetProfile,
-                   say: Callable[[str], None]) -> str | None:
-    """Tokenizer, configs, onnxruntime-genai's config and the JavaScript replay; returns what
-    was changed in the tokenizer's decoder (None: nothing)."""
+                   say: Callable[[str], None]) -> dict[str, Any]:
+    """Tokenizer, configs, onnxruntime-genai's config and the JavaScript replay; returns the
+    manifest's ``tokenizer`` table: what was changed in the decoder, and the SentencePiece model
+    the runtime opens in less memory where there is one (``edgekd.export.sentencepiece``)."""
+    from edgekd.device.data import load_records
+    from edgekd.device.paths import SHIPPED_HELDOUT, resource
     from edgekd.export import bundle as files
+    from edgekd.export.sentencepiece import write_sentencepiece
 
     files.write_tokenizer_and_configs(torch_model, tok, tmp)
     tokenizer_note = files.normalize_decoder(tmp)  # so onnxruntime-genai tokenizes as edgekd does
     if tokenizer_note:
         say(f"tokenizer: {tokenizer_note}")
+    table: dict[str, Any] = {"decoder": tokenizer_note or "as the model's tokenizer has it"}
+    spm = write_sentencepiece(tmp, [r["prompt"] for r in load_records(resource(SHIPPED_HELDOUT))])
+    if spm:
+        table["sentencepiece"] = spm
+        say(f"tokenizer: also as a SentencePiece model ({spm['file']}), the same ids on {spm['probes']} probe texts")
     files.write_genai_config(tmp, files.genai_config(facts, torch_model.config.model_type, model_file,
                                                      profile.execution_providers, tok.pad_token_id))
     files.write_js_check(tmp)
     if profile.layout == "transformers.js":
         files.write_transformers_js_config(tmp, files.web_dtype(profile.steps, profile.settings["matmul_nbits"].bits))
-    return tokenizer_note
+    return table
 
 
 def _make_golden(torch_model, tmp: Path, origin: dict[str, Any], prompts: int, data: Path | None,
@@ -326,7 +336,7 @@ def _make_golden(torch_model, tmp: Path, origin: dict[str, Any], prompts: int, d
 
 def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[str, Any]], torch_model, tok,
               facts: dict[str, Any], tmp: Path, model_file: str, io_tables: tuple[list, list], probe: dict[str, Any],
-              final: dict[str, Any], tokenizer_note: str | None, seconds: float) -> dict[str, Any]:
+              final: dict[str, Any], tokenizer: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The manifest's table (``write_manifest`` adds the files and their hashes)."""
     from edgekd.device.bundle import decode_weight_bytes
 
@@ -335,7 +345,7 @@ def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[
     return {
         "edgekd_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": origin,
+        "source": {**origin, "quantization_aware": origin["quantization_aware"].table()} if origin.get("quantization_aware") else origin,
         "target": profile.to_dict(),
         "recipe": recipe,
         "model": {
@@ -360,7 +370,7 @@ def _manifest(origin: dict[str, Any], profile: TargetProfile, recipe: list[dict[
             "seconds": round(seconds, 1),
             "onnxruntime": _onnxruntime_version(),  # the release the bundle was checked with (check names it)
         },
-        "tokenizer": {"decoder": tokenizer_note or "as the model's tokenizer has it"},
+        "tokenizer": tokenizer,
     }
 
 
