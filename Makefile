@@ -57,7 +57,7 @@ test: install js-deps
 # The developer's loop, under 2 minutes on 2 cores: tiny models in-process (configs, data, losses,
 # students, export steps, runtime, memory, calibration); no real teacher, no kills, no subprocess
 # CLI runs, no JavaScript. `make test` runs everything, as CI does.
-FAST_TESTS := config io targets losses data tasks architecture quant export_steps runtime memory calibrate students models gptq export
+FAST_TESTS := config io targets losses data tasks architecture quant export_steps runtime tokenizer memory calibrate students models gptq export
 test-fast: install
 	$(PY) -m pytest -q -x -m "not smollm2" $(foreach t,$(FAST_TESTS),tests/test_$(t).py)
 

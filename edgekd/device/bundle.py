@@ -5,6 +5,7 @@ A bundle is a folder an app can ship::
     manifest.json        what is in the bundle and how it was made (see ``Manifest`` below)
     model.onnx           decoder with KV cache (+ model.onnx.data when weights are external)
     tokenizer.json ...   tokenizer files, chat template, generation_config.json, config.json
+    tokenizer.model      the same tokenizer as a SentencePiece model, where export wrote one
     genai_config.json    for onnxruntime-genai
 
 ``manifest.json`` keys (format_version 1):
@@ -17,6 +18,9 @@ A bundle is a folder an app can ship::
 - ``model``: ``{"file", "opset", "inputs", "outputs", "num_layers", "num_kv_heads", "head_dim",
   "vocab_size", "context_length", "bos_token_id", "eos_token_ids", "pad_token_id"}``; inputs and
   outputs are ``[{"name", "dtype", "shape"}]`` with symbolic dims as strings
+- ``tokenizer``: ``{"decoder"}``, what export changed in tokenizer.json's decoder, and
+  ``"sentencepiece": {"file", "prefix", "suffix", "added_tokens", "probes"}`` where the bundle also
+  ships its Unigram tokenizer as a SentencePiece model (``edgekd.device.tokenizer``)
 - ``files``: ``[{"path", "bytes", "sha256"}]`` for every file but the manifest itself
 - ``export_check``: what export measured against PyTorch (e.g. ``max_abs_logit_diff``)
 
@@ -218,7 +222,7 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
 
 
 # The files of a bundle that edgekd or onnxruntime-genai open besides the model: each must be hashed.
-USED_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+USED_FILES = {"tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
               "config.json", "generation_config.json", "genai_config.json", GOLDEN_FILE}
 
 
@@ -247,6 +251,11 @@ def check_types(manifest: dict[str, Any], path: Path) -> None:
     if "eos_token_ids" in model:
         need(isinstance(model["eos_token_ids"], list) and all(isinstance(t, int) for t in model["eos_token_ids"]), "model.eos_token_ids", "a list of integers")
     need(isinstance(manifest.get("source", {}), (dict, type(None))), "source", "a table")
+    tokenizer: Any = manifest.get("tokenizer") or {}
+    need(isinstance(tokenizer, dict), "tokenizer", "a table")
+    if tokenizer.get("sentencepiece") is not None:
+        need(_sentencepiece_table(tokenizer["sentencepiece"]), "tokenizer.sentencepiece",
+             "{file: str, prefix: [int], suffix: [int], added_tokens: [{id: int, content: str}]}")
     target = manifest.get("target", {})
     need(isinstance(target, dict), "target", "a table")
     providers = target.get("execution_providers", [])
@@ -255,6 +264,16 @@ def check_types(manifest: dict[str, Any], path: Path) -> None:
     need(isinstance(gates, dict), "target.gates", "a table")
     for name, v in gates.items():
         need(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)), f"target.gates.{name}", "a finite number or null")
+
+
+def _sentencepiece_table(table: Any) -> bool:
+    def ints(v: Any) -> bool:
+        return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+
+    added = table.get("added_tokens", []) if isinstance(table, dict) else None
+    return (isinstance(table, dict) and isinstance(table.get("file"), str) and ints(table.get("prefix", []))
+            and ints(table.get("suffix", [])) and isinstance(added, list)
+            and all(isinstance(t, dict) and ints([t.get("id")]) and isinstance(t.get("content"), str) for t in added))
 
 
 def check_external_data(model_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Run a bundle the way an app would: onnxruntime, numpy, ``tokenizers`` and jinja2 only.
+"""Run a bundle the way an app would: onnxruntime, numpy, ``tokenizers`` (or ``sentencepiece``) and jinja2 only.
 
 No torch, no transformers: an app can copy this file and the bundle and generate::
 
@@ -36,6 +36,7 @@ from edgekd.device.paths import inside
 from edgekd.device.sampling import Sampling, TextStream, pick_token
 from edgekd.device.session import choose_providers, keeps_logits, missing_operator, session_options
 from edgekd.device.templates import ChatTemplate, load_chat_template
+from edgekd.device.tokenizer import open_tokenizer
 
 MAX_THREADS = 4096  # intra-op threads; beyond any machine edgekd runs on
 _KV_NAME = re.compile(r"^(past_key_values|present)\.(\d+)\.(key|value)$")
@@ -123,8 +124,6 @@ class Runtime:
         prepared: str | Path | None = None,
     ):
         import onnxruntime as ort
-        from tokenizers import Tokenizer
-
         if threads is not None and not 0 <= threads <= MAX_THREADS:  # onnxruntime takes a C int: a huge one is a TypeError
             raise UsageError(f"--threads {threads}: give 1 to {MAX_THREADS} (0 or none: one per physical core)")
         t0 = time.perf_counter()
@@ -136,13 +135,7 @@ class Runtime:
             raise UsageError(f"bundle {self.root} has no model file {model.get('file')!r}")
         if self.model_path.suffix == ".onnx":  # an .ort flatbuffer holds its weights inside
             check_external_data(self.model_path)
-        tok_path = self.root / "tokenizer.json"
-        if not tok_path.is_file():
-            raise UsageError(f"bundle {self.root} has no tokenizer.json: re-export it with `edgekd export`")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # the tokenizers library raises a bare Exception on a damaged file
-            raise UsageError(f"{tok_path} is not a tokenizer file ({first_line(e, 120)}): re-export the bundle") from None
+        self.tokenizer = open_tokenizer(self.root, self.manifest.data.get("tokenizer"))
         self.chat_template = load_chat_template(self.root)
         self.answer_prefix: str = str((self.manifest.source.task or {}).get("answer_prefix") or "")  # given words answers open with
         self.eos_token_ids = set(int(i) for i in (model.get("eos_token_ids") or []))

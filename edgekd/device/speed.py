@@ -128,15 +128,17 @@ def memory_by_stage(bundle: str, providers: list[str] | None = None, threads: in
     """What the bundle costs in resident memory, stage by stage, in this process (run it in a fresh one:
     ``measure_memory``). The bare interpreter is this process with onnxruntime, tokenizers, numpy and
     the runtime imported, before the bundle opens; then the peak while its tokenizer loads (a large
-    vocabulary's is hundreds of MB in the ``tokenizers`` library), while the session is created, while
+    Unigram vocabulary's is hundreds of MB in the ``tokenizers`` library, ``edgekd.device.tokenizer``), while the session is created, while
     a prompt of ``prompt_tokens`` is prefilled, and while ``new_tokens`` are decoded, and the resident
     size after each, with its part in pages of mapped files (``file_mb``: the weights onnxruntime maps
     from an external data file, and the libraries), which the system can drop and read again, where
     the rest, anonymous memory, stays until freed (what a phone's memory killer counts)."""
     import onnxruntime  # noqa: F401  (what an app has loaded before it opens a bundle)
-    import tokenizers
+    import tokenizers  # noqa: F401  (the bare interpreter has it whichever tokenizer the bundle opens)
 
+    from edgekd.device.bundle import read_manifest
     from edgekd.device.runtime import Runtime
+    from edgekd.device.tokenizer import open_tokenizer
 
     mb = 1e6
     base, fresh = rss_bytes() or peak_rss_bytes(), reset_peak()
@@ -148,7 +150,7 @@ def memory_by_stage(bundle: str, providers: list[str] | None = None, threads: in
                         "file_mb": (proc_kib_field("/proc/self/status", "RssFile") or 0) / mb}
         reset_peak()
 
-    tokens = tokenizers.Tokenizer.from_file(str(Path(bundle) / "tokenizer.json"))
+    tokens = open_tokenizer(Path(bundle), read_manifest(Path(bundle), verify=False).get("tokenizer"))
     stage("tokenizer")  # the runtime loads its own below, into the memory this one leaves
     del tokens
     rt = Runtime(bundle, providers=providers, threads=threads, verify=False, session_config=session_config, prepared=prepared)

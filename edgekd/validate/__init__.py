@@ -300,11 +300,14 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
         teacher_spec = ref_spec
         notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
     cost = _cost(run, p, rt, name)
+    from tokenizers import Tokenizer
+
+    vocabulary = Tokenizer.from_file(str(p / "tokenizer.json"))  # the runtime's may be its SentencePiece twin
     reference = run.models.get(ref_spec, "reference")
-    reference.check_tokenizer(rt.tokenizer)
+    reference.check_tokenizer(vocabulary)
     calibration = (run.task or {}).get("calibration")  # the teacher as it taught: calibrated where it was
     teacher = run.models.get(teacher_spec, "teacher", calibration)
-    teacher.check_tokenizer(rt.tokenizer)
+    teacher.check_tokenizer(vocabulary)
     if calibration:
         teacher_spec = calibrated_name(teacher_spec)
     compared = _compare(run, p, rt, name, {"reference": (ref_spec, reference), "teacher": (teacher_spec, teacher)})
