@@ -152,13 +152,29 @@ requires_smollm2 = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def smollm2_cpu_bundle(tmp_path_factory):
+def smollm2_fp32_onnx(tmp_path_factory) -> Path:
+    """The real teacher's fp32 ONNX at the shipped profiles' opset, traced once: the cpu and mobile
+    exports start from it (``export_bundle(fp32_onnx=...)``, as the search shares one), and each
+    still checks it against PyTorch."""
+    from edgekd.export import graph_notes
+    from edgekd.export.onnx import export_onnx
+    from edgekd.export.profile import load_target
+    from edgekd.models import load_model, resolve_source
+
+    source = resolve_source("smollm2-135m-instruct")
+    model, _ = load_model(source)
+    assert load_target("cpu").opset == load_target("mobile").opset
+    return export_onnx(model, tmp_path_factory.mktemp("smollm2-fp32"), load_target("cpu").opset, graph_notes(source, model))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cpu_bundle(tmp_path_factory, smollm2_fp32_onnx):
     """The real teacher exported once with the shipped cpu profile: ``(bundle_dir, manifest)``.
     Shared by the export and validate end-to-end tests (an export takes minutes on 2 cores)."""
     from edgekd.export import export_bundle
 
     out = tmp_path_factory.mktemp("smollm2") / "cpu"
-    return out, export_bundle("smollm2-135m-instruct", "cpu", out)
+    return out, export_bundle("smollm2-135m-instruct", "cpu", out, fp32_onnx=smollm2_fp32_onnx)
 
 
 def genai_greedy(bundle: Path, ids: list[int], n: int) -> list[int]:

@@ -41,12 +41,12 @@ def test_onnxruntime_genai_answers_as_edgekd_on_the_real_teacher(smollm2_cpu_bun
 
 
 @requires_smollm2
-def test_smollm2_mobile_bundle(tmp_path):
+def test_smollm2_mobile_bundle(tmp_path, smollm2_fp32_onnx):
     """The mobile profile's ORT file on the real teacher, whose Q8_0 embedding has float16 scales:
     the int8 head at int8 activations once read them as zeros in the .ort (40 logits of drift, top-1 0)."""
     from edgekd.export import export_bundle
 
-    manifest = export_bundle("smollm2-135m-instruct", "mobile", tmp_path / "mobile", golden_prompts=0)
+    manifest = export_bundle("smollm2-135m-instruct", "mobile", tmp_path / "mobile", golden_prompts=0, fp32_onnx=smollm2_fp32_onnx)
     check = manifest["export_check"]
     assert manifest["model"]["file"] == "model.ort"
     assert check["top1_agreement"] >= 0.9 and check["max_abs_logit_diff"] < 4.0
