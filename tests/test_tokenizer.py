@@ -112,3 +112,14 @@ def test_a_damaged_tokenizer_table_is_one_line(unigram_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UsageError, match="tokenizer.sentencepiece must be"):
         read_manifest(bundle)
+
+
+def test_without_the_sentencepiece_library_the_runtime_reads_tokenizer_json(unigram_bundle, monkeypatch):
+    import sys
+
+    from edgekd.device.runtime import Runtime
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # `import sentencepiece` raises ImportError
+    rt = Runtime(unigram_bundle[0])
+    assert not isinstance(rt.tokenizer, SentencePieceTokenizer)
+    assert rt.tokenizer.encode("tab\there", add_special_tokens=False).ids
