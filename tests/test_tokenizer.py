@@ -88,16 +88,23 @@ def test_the_answers_are_the_same_with_either_tokenizer(unigram_bundle, monkeypa
 
 
 def test_no_sentencepiece_model_where_a_probe_differs_or_the_tokenizer_is_bpe(tmp_path, monkeypatch, tokenizer):
+    from tokenizers import AddedToken
+
     from edgekd.export import sentencepiece
 
     tok, _ = unigram_tokenizer()
     tok.save_pretrained(tmp_path / "unigram")
-    monkeypatch.setattr(SentencePieceTokenizer, "decode", lambda self, ids, skip_special_tokens=True: "?")
-    assert sentencepiece.write_sentencepiece(tmp_path / "unigram") is None
-    assert not (tmp_path / "unigram" / SENTENCEPIECE_FILE).exists()  # nothing half-kept
+    assert sentencepiece.write_sentencepiece(tmp_path / "unigram") is not None  # the same tokenizer converts
+    tok.add_tokens([AddedToken("<extra>", lstrip=True)])  # tokenizers eats the space before it; the runtime would not
+    tok.save_pretrained(tmp_path / "lstrip")
+    assert sentencepiece.write_sentencepiece(tmp_path / "lstrip") is None
     tokenizer.save_pretrained(tmp_path / "bpe")  # byte-level BPE (SmolLM2's kind): tokenizer.json only
     assert json.loads((tmp_path / "bpe" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     assert sentencepiece.write_sentencepiece(tmp_path / "bpe") is None
+    (tmp_path / "unigram" / SENTENCEPIECE_FILE).unlink()
+    monkeypatch.setattr(SentencePieceTokenizer, "decode", lambda self, ids, skip_special_tokens=True: "?")
+    assert sentencepiece.write_sentencepiece(tmp_path / "unigram") is None  # a probe that differs
+    assert not (tmp_path / "unigram" / SENTENCEPIECE_FILE).exists()  # nothing half-kept
 
 
 def test_a_damaged_tokenizer_table_is_one_line(unigram_bundle, tmp_path):

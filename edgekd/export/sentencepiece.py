@@ -38,8 +38,10 @@ def _convertible(data: dict[str, Any]) -> bool:
     pre = data.get("pre_tokenizer")
     spaces = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
     split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    plain = all(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word") or t.get("normalized"))
+                for t in data.get("added_tokens") or [])  # matched as the runtime cuts them out: verbatim
     return (model.get("type") == "Unigram" and bool(model.get("byte_fallback")) and norm == spaces
-            and pre in (None, split))  # after the Replace the text has no space left to split on
+            and pre in (None, split) and plain)  # after the Replace the text has no space left to split on
 
 
 def _model_proto(data: dict[str, Any]) -> bytes:
