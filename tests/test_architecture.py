@@ -55,6 +55,10 @@ FLOORS = [{"edgekd.device"}, {"edgekd.models", "edgekd.quant"}, {"edgekd.distill
           {"edgekd.validate"}, {"edgekd.search"}, {"edgekd.pipeline"}]
 
 
+def _toolchain_at_module_level(path: Path) -> set[str]:
+    return {n for n in _imports(path, top_level_only=True) if n.split(".")[0] in TOOLCHAIN}
+
+
 def _edgekd_imports(path: Path) -> set[str]:
     return {n for n in _imports(path) if n == "edgekd" or n.startswith("edgekd.")}
 
@@ -67,7 +71,7 @@ def test_the_device_folder_imports_nothing_above_it():
     for name, path in device.items():
         above = {n for n in _edgekd_imports(path) if _unit(n) != "edgekd.device"}
         assert not above, f"{name} imports {above}: the device folder imports nothing above it"
-        heavy = {n for n in _imports(path, top_level_only=True) if n.split(".")[0] in TOOLCHAIN}
+        heavy = _toolchain_at_module_level(path)
         assert not heavy, f"{name} imports {heavy} at module level: `pip install edgekd` (no torch) could not run it"
 
 
@@ -93,7 +97,7 @@ def test_the_cli_and_the_profiles_load_without_the_toolchain():
              *[m for m in _modules() if m.startswith("edgekd.export.steps")]]
     modules = _modules()
     for name in light:
-        heavy = {n for n in _imports(modules[name], top_level_only=True) if n.split(".")[0] in TOOLCHAIN}
+        heavy = _toolchain_at_module_level(modules[name])
         assert not heavy, f"{name} imports {heavy} at module level: `pip install edgekd` (no torch) could not run it"
 
 

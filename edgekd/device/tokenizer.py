@@ -73,21 +73,25 @@ class SentencePieceTokenizer:
         return "".join(out)
 
 
+def sentencepiece_available() -> bool:
+    try:
+        import sentencepiece  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def open_tokenizer(root: Path, table: dict[str, Any] | None) -> Any:
     """The bundle's tokenizer: its SentencePiece model where the manifest's ``tokenizer`` table names
-    one and the ``sentencepiece`` library is here, else ``tokenizer.json``."""
+    one and the ``sentencepiece`` library is here, else ``tokenizer.json`` (which says the same, in
+    more memory; ``table`` None asks for it)."""
     spm = (table or {}).get("sentencepiece")
-    if spm and os.environ.get("EDGEKD_TOKENIZER", "") != "json":
+    if spm and os.environ.get("EDGEKD_TOKENIZER", "") != "json" and sentencepiece_available():
+        path = inside(root, str(spm.get("file") or SENTENCEPIECE_FILE))
         try:
-            import sentencepiece  # noqa: F401
-        except ImportError:
-            spm = None  # tokenizer.json says the same, in more memory
-        if spm:
-            path = inside(root, str(spm.get("file") or SENTENCEPIECE_FILE))
-            try:
-                return SentencePieceTokenizer(path, spm)
-            except (OSError, RuntimeError) as e:  # the library raises RuntimeError on a damaged file
-                raise UsageError(f"{path} is not a SentencePiece model ({first_line(e, 120)}): re-export the bundle") from None
+            return SentencePieceTokenizer(path, spm)
+        except (OSError, RuntimeError) as e:  # the library raises RuntimeError on a damaged file
+            raise UsageError(f"{path} is not a SentencePiece model ({first_line(e, 120)}): re-export the bundle") from None
     from tokenizers import Tokenizer
 
     path = root / "tokenizer.json"

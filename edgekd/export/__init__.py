@@ -301,8 +301,6 @@ def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_fil
     """Tokenizer, configs, onnxruntime-genai's config and the JavaScript replay; returns the
     manifest's ``tokenizer`` table: what was changed in the decoder, and the SentencePiece model
     the runtime opens in less memory where there is one (``edgekd.export.sentencepiece``)."""
-    from edgekd.device.data import load_records
-    from edgekd.device.paths import SHIPPED_HELDOUT, resource
     from edgekd.export import bundle as files
     from edgekd.export.sentencepiece import write_sentencepiece
 
@@ -311,7 +309,7 @@ def _write_configs(torch_model, tok, tmp: Path, facts: dict[str, Any], model_fil
     if tokenizer_note:
         say(f"tokenizer: {tokenizer_note}")
     table: dict[str, Any] = {"decoder": tokenizer_note or "as the model's tokenizer has it"}
-    spm = write_sentencepiece(tmp, [r["prompt"] for r in load_records(resource(SHIPPED_HELDOUT))])
+    spm = write_sentencepiece(tmp)
     if spm:
         table["sentencepiece"] = spm
         say(f"tokenizer: also as a SentencePiece model ({spm['file']}), the same ids on {spm['probes']} probe texts")

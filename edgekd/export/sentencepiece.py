@@ -8,18 +8,17 @@ same scores. What differs is written so that the two agree: the added tokens are
 text by the runtime, as ``tokenizers`` does; a piece whose text appears again later in the
 vocabulary (``tokenizers`` keeps the last) is the byte piece that is missing from the vocabulary
 when it is one (Gemma 3's tab), else never emitted. Then both are run on probe texts (prose, code,
-whitespace runs, scripts, the chat template's markers, the prompts the export already reads) and
+whitespace runs, scripts, the chat template's markers, the shipped held-out prompts) and
 the model is kept only where every id and every decoded text agree.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekd.device.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
+from edgekd.device.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer, sentencepiece_available
 
 BYTE = re.compile(r"<0x[0-9A-F]{2}>")
 PROBES = [
@@ -82,33 +81,35 @@ def _special_ids(tokenizer) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(bare) :]
 
 
-def write_sentencepiece(out_dir: Path, texts: Sequence[str] = ()) -> dict[str, Any] | None:
+def write_sentencepiece(out_dir: Path) -> dict[str, Any] | None:
     """Write ``tokenizer.model`` beside a Unigram ``tokenizer.json`` when both give the same ids and
-    text on ``PROBES`` and ``texts``; returns the manifest's ``tokenizer.sentencepiece`` table, or
-    None (another kind of tokenizer, the library missing, or a probe that differs: no file)."""
+    text on ``PROBES`` and the shipped held-out prompts; returns the manifest's
+    ``tokenizer.sentencepiece`` table, or None (another kind of tokenizer, the library missing, or a
+    probe that differs: no file)."""
     import json
 
     from tokenizers import Tokenizer
 
-    data = json.loads((Path(out_dir) / "tokenizer.json").read_text(encoding="utf-8"))
-    if not _convertible(data):
-        return None
-    try:
-        import sentencepiece  # noqa: F401
-    except ImportError:
+    from edgekd.device.data import load_records
+    from edgekd.device.paths import SHIPPED_HELDOUT, resource
+
+    text = (Path(out_dir) / "tokenizer.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    if not _convertible(data) or not sentencepiece_available():
         return None
     path = Path(out_dir) / SENTENCEPIECE_FILE
     path.write_bytes(_model_proto(data))
-    prefix, suffix = _special_ids(reference := Tokenizer.from_file(str(Path(out_dir) / "tokenizer.json")))
+    prefix, suffix = _special_ids(reference := Tokenizer.from_str(text))
     table: dict[str, Any] = {"file": SENTENCEPIECE_FILE, "prefix": prefix, "suffix": suffix,
-             "added_tokens": [{"id": t["id"], "content": t["content"], "special": bool(t.get("special"))}
-                              for t in data.get("added_tokens") or []]}
+                             "added_tokens": [{"id": t["id"], "content": t["content"], "special": bool(t.get("special"))}
+                                              for t in data.get("added_tokens") or []]}
     ours = SentencePieceTokenizer(path, table)
-    for text in [*PROBES, *texts]:
+    probes = [*PROBES, *(r["prompt"] for r in load_records(resource(SHIPPED_HELDOUT)))]
+    for probe in probes:
         for special in (False, True):
-            ids = reference.encode(text, add_special_tokens=special).ids
-            if ours.encode(text, add_special_tokens=special).ids != ids or ours.decode(ids) != reference.decode(ids):
+            ids = reference.encode(probe, add_special_tokens=special).ids
+            if ours.encode(probe, add_special_tokens=special).ids != ids or ours.decode(ids) != reference.decode(ids):
                 path.unlink()
                 return None
-    table["probes"] = len(PROBES) + len(texts)
+    table["probes"] = len(probes)
     return table

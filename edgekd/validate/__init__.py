@@ -300,9 +300,10 @@ def _validate_bundle(run: _Run, p: Path, rt, name: str) -> BundleReport:
         teacher_spec = ref_spec
         notes.append("no teacher recorded in the manifest: the reference is compared as the teacher")
     cost = _cost(run, p, rt, name)
-    from tokenizers import Tokenizer
+    from edgekd.device.tokenizer import SentencePieceTokenizer, open_tokenizer
 
-    vocabulary = Tokenizer.from_file(str(p / "tokenizer.json"))  # the runtime's may be its SentencePiece twin
+    # the models' vocabularies are compared with tokenizer.json's, which the runtime may have opened as its SentencePiece twin
+    vocabulary = open_tokenizer(p, None) if isinstance(rt.tokenizer, SentencePieceTokenizer) else rt.tokenizer
     reference = run.models.get(ref_spec, "reference")
     reference.check_tokenizer(vocabulary)
     calibration = (run.task or {}).get("calibration")  # the teacher as it taught: calibrated where it was
